@@ -1,0 +1,22 @@
+"""Memory-efficient optimizers for training large language models.
+
+Drop-in replacements for ``torch.optim.AdamW``: GaLore-family optimizers that keep Adam's
+state in a low-rank subspace of each weight matrix's gradient.
+"""
+
+from lowmem_optim.engine import LowRankOptimizer
+from lowmem_optim.groups import lowrank_param_groups
+from lowmem_optim.optimizers import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from lowmem_optim.registry import available_optimizers, get_optimizer_class
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LowRankOptimizer",
+    "GaLoreAdamW",
+    "GaLoreAdamW8bit",
+    "GaLoreAdafactor",
+    "lowrank_param_groups",
+    "available_optimizers",
+    "get_optimizer_class",
+]

@@ -1,0 +1,63 @@
+"""AdamW's rule (Loshchilov & Hutter, 2019), with torch.optim.AdamW's exact equations.
+
+    M_t = b1 M_{t-1} + (1 - b1) g          V_t = b2 V_{t-1} + (1 - b2) g^2
+    update = lr / (1 - b1^t) * M_t / (sqrt(V_t) / sqrt(1 - b2^t) + eps)
+
+eps is added after the bias correction, as torch does (galore-torch adds it before), and the
+floating-point operations come in torch's order, so on the full gradient this rule reproduces
+torch.optim.AdamW bit for bit. Applied to the projected gradient it is GaLore's inner rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lowmem_optim.rules.base import SubspaceChange, check_betas, check_nonnegative, reindex_along
+
+
+def adam_update(
+    g: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> torch.Tensor:
+    """Advance the moments in place and return the step-size-scaled update (torch's op order)."""
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+    return (exp_avg * step_size).div_(denom)
+
+
+class AdamRule:
+    """Adam moments in the tensor's own dtype (as torch.optim.AdamW keeps them)."""
+
+    fixed_dtype_keys: frozenset[str] = frozenset()
+
+    def validate(self, group: dict[str, Any]) -> None:
+        check_betas(group)
+        check_nonnegative(group, "lr", "eps", "weight_decay")
+
+    def update(
+        self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        update = adam_update(
+            g, state["exp_avg"], state["exp_avg_sq"], int(state["step"]), group["lr"], beta1, beta2, group["eps"]
+        )
+        return update, group["lr"]
+
+    def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int) -> None:
+        if change.kept is None or "exp_avg" not in state:
+            return
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = reindex_along(state[key], change.kept, dim)
