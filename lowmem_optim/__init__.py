@@ -7,7 +7,7 @@ state in a low-rank subspace of each weight matrix's gradient.
 from lowmem_optim.engine import LowRankOptimizer
 from lowmem_optim.groups import lowrank_param_groups
 from lowmem_optim.optimizers import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
-from lowmem_optim.registry import available_optimizers, get_optimizer_class
+from lowmem_optim.registry import available_optimizers, build_optimizer, get_optimizer_class
 
 __version__ = "0.1.0"
 
@@ -19,4 +19,5 @@ __all__ = [
     "lowrank_param_groups",
     "available_optimizers",
     "get_optimizer_class",
+    "build_optimizer",
 ]

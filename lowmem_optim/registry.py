@@ -2,12 +2,16 @@
 
 Names are snake_case; the baselines are ``adamw`` (torch.optim.AdamW) and ``adamw8bit``
 (bitsandbytes' AdamW8bit). Entries are import paths so a missing optional package fails only
-when its optimizer is asked for.
+when its optimizer is asked for. :func:`build_optimizer` turns a name, a model and flat
+hyperparameters into an optimizer with the right param groups.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
+
+from torch import nn
 
 OPTIMIZERS: dict[str, str] = {
     "adamw": "torch.optim:AdamW",
@@ -20,6 +24,9 @@ OPTIMIZERS: dict[str, str] = {
 #: registry names of the optimizers that take low-rank param groups (``rank`` etc.)
 LOWRANK_OPTIMIZERS: frozenset[str] = frozenset({"galore_adamw", "galore_adafactor", "galore_adamw8bit"})
 
+#: low-rank group keys that :func:`build_optimizer` routes to the low-rank group
+LOWRANK_KEYS: tuple[str, ...] = ("rank", "update_proj_gap", "scale", "proj_type")
+
 
 def available_optimizers() -> list[str]:
     return sorted(OPTIMIZERS)
@@ -31,3 +38,26 @@ def get_optimizer_class(name: str) -> type:
         raise ValueError(f"Unknown optimizer: {name!r} (allowed: {', '.join(available_optimizers())})")
     module, attr = OPTIMIZERS[name].split(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def build_optimizer(
+    name: str, model: nn.Module, *, target_modules: str | list[str] = "all-linear", **hparams: Any
+) -> Any:
+    """The optimizer ``name`` over ``model``'s parameters, with its param groups built.
+
+    For low-rank optimizers the keys in :data:`LOWRANK_KEYS` (``rank`` required) go to the
+    group of the linear layers selected by ``target_modules``; every other hyperparameter goes
+    to the constructor. Keys whose value is None are dropped (the class default applies).
+    """
+    from lowmem_optim.groups import lowrank_param_groups
+
+    cls = get_optimizer_class(name)
+    hparams = {k: v for k, v in hparams.items() if v is not None}
+    if name in LOWRANK_OPTIMIZERS:
+        lowrank = {k: hparams.pop(k) for k in LOWRANK_KEYS if k in hparams}
+        return cls(lowrank_param_groups(model, target_modules, **lowrank), **hparams)
+    unused = [k for k in LOWRANK_KEYS if k in hparams]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} given for optimizer {name!r}, which takes no low-rank groups "
+                         f"(low-rank optimizers: {', '.join(sorted(LOWRANK_OPTIMIZERS))})")
+    return cls(model.parameters(), **hparams)
