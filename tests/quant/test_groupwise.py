@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from lowmem_optim.quant.groupwise import dequantize_groupwise, pack_int4, quantize_groupwise, unpack_int4
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("numel", [256 * 3, 1000])
+def test_roundtrip_error_is_at_most_half_a_step(bits, numel):
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(0))
+    codes, scale, zero = quantize_groupwise(x, bits, 256)
+    y = dequantize_groupwise(codes, scale, zero, x.shape, group_size=256)
+    steps = scale.repeat_interleave(256)[:numel]
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**bits - 1
+    assert bool(((y - x).abs() <= 0.5 * steps + 1e-6).all())
+
+
+def test_single_sign_groups_keep_their_range():
+    x = torch.linspace(1.0, 2.0, 256)  # Q-GaLore's clamped zero point collapses this to [1, 1]
+    codes, scale, zero = quantize_groupwise(x, 4, 256)
+    y = dequantize_groupwise(codes, scale, zero, x.shape)
+    assert len(codes.unique()) == 16
+    assert abs(float(y.min()) - 1.0) < 1e-6 and abs(float(y.max()) - 2.0) < 1e-6
+    assert float((y - x).abs().max()) <= 0.5 / 15 + 1e-6
+
+
+def test_constant_group_decodes_exactly():
+    x = torch.full((256,), -3.25)
+    codes, scale, zero = quantize_groupwise(x, 8)
+    assert torch.equal(dequantize_groupwise(codes, scale, zero, x.shape), x)
+
+
+def test_stochastic_rounding_is_unbiased_for_sub_step_values():
+    step = 1.0 / 255
+    x = torch.cat([torch.tensor([0.0, 1.0]), torch.full((254,), 0.1 * step + 0.5)])  # 0.1 step above a grid point
+    gen = torch.Generator().manual_seed(0)
+    means = torch.stack([
+        dequantize_groupwise(*quantize_groupwise(x, 8, stochastic=True, generator=gen), x.shape)[2:]
+        for _ in range(400)
+    ]).mean()
+    deterministic = dequantize_groupwise(*quantize_groupwise(x, 8), x.shape)[2:].mean()
+    assert abs(float(means) - float(x[2:].mean())) < 0.02 * step
+    assert abs(float(deterministic) - float(x[2:].mean())) > 0.05 * step  # the sub-step part vanishes
+
+
+@pytest.mark.parametrize("numel", [10, 11])
+def test_int4_packing_roundtrips_two_codes_per_byte(numel):
+    codes = torch.randint(0, 16, (numel,), dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.numel() == (numel + 1) // 2
+    assert torch.equal(unpack_int4(packed, numel), codes)
+
+
+def test_bad_bits_name_the_parameter():
+    with pytest.raises(ValueError, match="bits"):
+        quantize_groupwise(torch.zeros(4), 3)
