@@ -2,7 +2,10 @@
 
     G = U S V^T (float32),   P = U[:, :r] (left),   Q^T = V^T[:r] (right)
 
-computed at each refresh and stored in the parameter's dtype. SVD of an ill-conditioned or
+computed at each refresh and stored in the parameter's dtype. Each singular vector's sign is
+fixed so that its largest-magnitude entry is positive: LAPACK's sign is arbitrary and differs
+between devices and libraries, and since moments are carried across refreshes unrotated, a
+flipped vector would flip the sign of that coordinate's momentum. SVD of an ill-conditioned or
 degenerate gradient can fail to converge (galore-torch then produces NaN): this projector
 retries in float64, then falls back to a symmetric eigendecomposition of G G^T (or G^T G),
 and never stores a non-finite basis. A non-finite gradient at a refresh is an error, since
@@ -16,8 +19,7 @@ from typing import Any
 
 import torch
 
-from lowmem_optim.projection.base import PROJ_TYPES, MatrixProjector, leading_similarity, projection_sides
-from lowmem_optim.rules.base import SubspaceChange
+from lowmem_optim.projection.base import MatrixProjector
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,13 @@ def _eigh_fallback(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u.flip(1), v.flip(1).T
 
 
+def fix_signs(vectors: torch.Tensor, dim: int) -> torch.Tensor:
+    """Flip each vector (a column for dim=0, a row for dim=1) so its largest |entry| is positive."""
+    pivot = vectors.abs().argmax(dim=dim, keepdim=True)
+    signs = torch.sign(vectors.gather(dim, pivot))
+    return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
 def singular_vectors(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, V^T) of ``grad`` in float32, robust to convergence failures."""
     a = grad.float()
@@ -49,7 +58,7 @@ def singular_vectors(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logger.warning("GaLore projector: %s failed (%s); trying the next method", name, err)
             continue
         if torch.isfinite(u).all() and torch.isfinite(vh).all():
-            return u.float(), vh.float()
+            return fix_signs(u.float(), dim=0), fix_signs(vh.float(), dim=1)
         logger.warning("GaLore projector: %s returned non-finite vectors; trying the next method", name)
     raise FloatingPointError("GaLore projector: every SVD method failed on a finite gradient")
 
@@ -57,27 +66,5 @@ def singular_vectors(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class SVDProjector(MatrixProjector):
     """Exact SVD subspace, GaLore's ``proj_type`` sides (std, reverse_std, left, right, full)."""
 
-    def validate(self, group: dict[str, Any]) -> None:
-        if group["proj_type"] not in PROJ_TYPES:
-            raise ValueError(f"Invalid proj_type: {group['proj_type']!r} (allowed: {', '.join(PROJ_TYPES)})")
-
-    def refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int) -> SubspaceChange:
-        if not torch.isfinite(grad).all():
-            raise FloatingPointError(
-                "GaLore projector: the gradient holds inf/NaN at a subspace refresh; no subspace can be "
-                "chosen from it (use torch.amp.GradScaler, which skips such steps, or clip gradients)"
-            )
-        left, right = projection_sides(tuple(grad.shape), group["proj_type"])
-        rank = group["rank"]
-        u, vh = singular_vectors(grad)
-        similarity = None
-        if left:
-            new = u[:, :rank].to(grad.dtype)
-            similarity = leading_similarity(state.get("proj_left"), new, vector_dim=1)
-            state["proj_left"] = new
-        if right:
-            new = vh[:rank].contiguous().to(grad.dtype)
-            right_similarity = leading_similarity(state.get("proj_right"), new, vector_dim=0)
-            similarity = right_similarity if similarity is None else similarity
-            state["proj_right"] = new
-        return SubspaceChange(similarity=similarity)
+    def factors(self, grad: torch.Tensor, group: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return singular_vectors(grad)

@@ -1,0 +1,60 @@
+"""Float64 references of the equations each optimizer claims, written independently of the
+package (plain loops over dense matrices, SVD in float64)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def svd_basis(g: torch.Tensor, rank: int, side: str) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    basis = u[:, :rank] if side == "left" else vh[:rank].T  # both as (dim x r), orthonormal columns
+    pivot = basis.abs().argmax(dim=0)  # sign convention: largest |entry| of each vector positive
+    return basis * torch.sign(basis[pivot, torch.arange(rank)])
+
+
+def adam_ref(state: dict, r: torch.Tensor, t: int, lr: float, betas=(0.9, 0.999), eps=1e-8) -> torch.Tensor:
+    """torch.optim.AdamW's moments and bias-corrected step (eps after the correction)."""
+    b1, b2 = betas
+    state["m"] = b1 * state.get("m", torch.zeros_like(r)) + (1 - b1) * r
+    state["v"] = b2 * state.get("v", torch.zeros_like(r)) + (1 - b2) * r * r
+    m_hat = state["m"] / (1 - b1**t)
+    v_hat = state["v"] / (1 - b2**t)
+    return lr * m_hat / (v_hat.sqrt() + eps)
+
+
+def adafactor_ref(state: dict, r: torch.Tensor, w: torch.Tensor, t: int, eps=(1e-30, 1e-3), clip=1.0,
+                  decay_rate=-0.8) -> tuple[torch.Tensor, float]:
+    """HF Adafactor with relative_step, scale_parameter, beta1=None (factored for 2-D)."""
+    rms = lambda x: float(x.pow(2).mean().sqrt())  # noqa: E731
+    lr = min(1e-2, 1 / math.sqrt(t)) * max(eps[1], rms(w))
+    beta2t = 1 - t**decay_rate
+    sq = r * r + eps[0]
+    state["row"] = beta2t * state.get("row", torch.zeros(r.shape[0], dtype=r.dtype)) + (1 - beta2t) * sq.mean(1)
+    state["col"] = beta2t * state.get("col", torch.zeros(r.shape[1], dtype=r.dtype)) + (1 - beta2t) * sq.mean(0)
+    v_hat = torch.outer(state["row"] / state["row"].mean(), state["col"])
+    u = r / v_hat.sqrt()
+    u = u / max(1.0, rms(u) / clip)
+    return lr * u, lr
+
+
+def galore_ref(w0: torch.Tensor, grads: list[torch.Tensor], *, rank: int, gap: int, scale: float, side: str,
+               lr: float, weight_decay: float, rule: str = "adam") -> torch.Tensor:
+    """GaLore: refresh P at steps 1, gap+1, ...; R = projection; rule(R); W -= scale * back(N)."""
+    w = w0.double().clone()
+    state: dict = {}
+    basis = None
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        if (t - 1) % gap == 0:
+            basis = svd_basis(g, rank, side)
+        r = basis.T @ g if side == "left" else g @ basis
+        if rule == "adam":
+            n, lr_t = adam_ref(state, r, t, lr), lr
+        else:
+            n, lr_t = adafactor_ref(state, r, w, t)
+        w = w * (1 - lr_t * weight_decay)
+        w = w - scale * (basis @ n if side == "left" else n @ basis.T)
+    return w
