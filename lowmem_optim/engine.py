@@ -227,7 +227,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """torch casts every tensor of a floating parameter's state to the parameter's dtype;
         integer codes/indices and float32 scales must keep their saved dtype."""
         super().load_state_dict(state_dict)
-        fixed = set(chain.from_iterable(cls.fixed_dtype_keys for cls in (*RULES.values(), *PROJECTORS.values())))
+        parts = (*RULES.values(), *PROJECTORS.values(), *SCHEDULES.values())
+        fixed = set(chain.from_iterable(cls.fixed_dtype_keys for cls in parts))
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):

@@ -3,15 +3,21 @@
 Convention (GaLore's): the first refresh happens at step 1, then whenever
 ``step >= next_refresh``, after which ``next_refresh = step + gap``; with a fixed gap T the
 refreshes fall on steps 1, T+1, 2T+1, ... State (``next_refresh``, ``refreshes``,
-``last_similarity``) is plain numbers in the parameter's optimizer state.
+``last_similarity``) is plain numbers in the parameter's optimizer state; the adaptive
+schedule adds its current ``gap`` (a number) and ``sim_queue`` (a float64 tensor).
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
+import torch
+
 
 class RefreshSchedule(Protocol):
+    #: state keys whose floating dtype is fixed (never cast to the param dtype on load)
+    fixed_dtype_keys: frozenset[str]
+
     def validate(self, group: dict[str, Any]) -> None:
         """Raise ValueError naming a bad hyperparameter of ``group``."""
 
@@ -34,6 +40,8 @@ def _check_positive_int(group: dict[str, Any], key: str) -> None:
 class FixedRefresh:
     """Refresh every ``update_proj_gap`` steps (the group's value, read at each refresh)."""
 
+    fixed_dtype_keys: frozenset[str] = frozenset()
+
     def validate(self, group: dict[str, Any]) -> None:
         _check_positive_int(group, "update_proj_gap")
 
@@ -50,4 +58,62 @@ class FixedRefresh:
             state["last_similarity"] = similarity
 
 
-SCHEDULES: dict[str, type] = {"fixed": FixedRefresh}
+#: defaults of the adaptive schedule's group keys (Q-GaLore's values; max_gap None = 10x the initial gap)
+ADAPTIVE_DEFAULTS: dict[str, Any] = {"queue_size": 5, "cos_threshold": 0.4, "gamma_proj": 2, "max_gap": None}
+
+
+def _adaptive_hparams(group: dict[str, Any]) -> dict[str, Any]:
+    return {**ADAPTIVE_DEFAULTS, **{k: group[k] for k in ADAPTIVE_DEFAULTS if k in group}}
+
+
+class AdaptiveRefresh(FixedRefresh):
+    """Q-GaLore's layer-adaptive (lazy) refresh (Zhang et al. 2024, arXiv 2407.08296), per parameter.
+
+    After each refresh the projector's similarity s (|cos| of the leading vectors of the old
+    and new projection; for DCT the index overlap |old & new| / r) joins a queue of the last
+    ``queue_size`` records. When the queue is full and mean(queue) >= ``cos_threshold``:
+
+        gap <- min(gap * gamma_proj, max_gap),   queue cleared,
+
+    so each growth needs ``queue_size`` fresh records. The gap starts at ``update_proj_gap``;
+    ``max_gap`` defaults to 10x that. Unlike the reference, |cos| is used (a singular vector's
+    sign is arbitrary), the gap is capped and the queue is cleared. State: ``gap`` (number),
+    ``sim_queue`` (float64 tensor of up to ``queue_size`` records), plus the fixed schedule's.
+    """
+
+    fixed_dtype_keys: frozenset[str] = frozenset({"sim_queue"})
+
+    def validate(self, group: dict[str, Any]) -> None:
+        super().validate(group)
+        hp = _adaptive_hparams(group)
+        if isinstance(hp["queue_size"], bool) or not isinstance(hp["queue_size"], int) or hp["queue_size"] < 1:
+            raise ValueError(f"Invalid queue_size: {hp['queue_size']!r} (allowed: an int >= 1)")
+        if isinstance(hp["cos_threshold"], bool) or not isinstance(hp["cos_threshold"], (int, float)) \
+                or not 0.0 <= hp["cos_threshold"] <= 1.0:
+            raise ValueError(f"Invalid cos_threshold: {hp['cos_threshold']!r} (allowed: a number in [0, 1])")
+        if isinstance(hp["gamma_proj"], bool) or not isinstance(hp["gamma_proj"], (int, float)) or not hp["gamma_proj"] >= 1:
+            raise ValueError(f"Invalid gamma_proj: {hp['gamma_proj']!r} (allowed: a number >= 1)")
+        max_gap = hp["max_gap"]
+        if max_gap is not None and (isinstance(max_gap, bool) or not isinstance(max_gap, int)
+                                    or max_gap < group["update_proj_gap"]):
+            raise ValueError(f"Invalid max_gap: {max_gap!r} (allowed: None, or an int >= update_proj_gap "
+                             f"= {group['update_proj_gap']})")
+
+    def gap(self, state: dict[str, Any], group: dict[str, Any]) -> int:
+        return state.get("gap", group["update_proj_gap"])
+
+    def record(self, state: dict[str, Any], step: int, group: dict[str, Any], similarity: float | None) -> None:
+        hp = _adaptive_hparams(group)
+        gap = self.gap(state, group)
+        queue = state.get("sim_queue", torch.zeros(0, dtype=torch.float64))
+        if similarity is not None:
+            queue = torch.cat([queue, queue.new_tensor([similarity])])[-hp["queue_size"]:].clone()
+        if queue.numel() == hp["queue_size"] and float(queue.mean()) >= hp["cos_threshold"]:
+            max_gap = 10 * group["update_proj_gap"] if hp["max_gap"] is None else hp["max_gap"]
+            gap = min(int(gap * hp["gamma_proj"]), max_gap)
+            queue = queue.new_zeros(0)
+        state["gap"], state["sim_queue"] = gap, queue
+        super().record(state, step, group, similarity)
+
+
+SCHEDULES: dict[str, type] = {"fixed": FixedRefresh, "adaptive": AdaptiveRefresh}

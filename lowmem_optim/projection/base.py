@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
+from lowmem_optim.projection.storage import load_basis, quantized_float_keys, store_basis, validate_storage
 from lowmem_optim.rules.base import SubspaceChange
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -59,28 +60,60 @@ class Projector(Protocol):
 
 
 class MatrixProjector:
-    """Shared apply logic for projectors that store dense orthonormal bases.
+    """Shared logic of projectors that store dense orthonormal bases (SVD, randomized SVD).
 
-    State: ``proj_left`` (m x r) and/or ``proj_right`` (r x n, rows spanning the right subspace,
-    as galore-torch stores Vh[:r]).
+    A subclass supplies :meth:`factors`, (U, V^T) of the gradient whose leading ``rank``
+    columns / rows span the chosen subspace. State: ``proj_left`` (P = U[:, :r], m x r) and/or
+    ``proj_right`` (V^T[:r], r x n, as galore-torch stores it), kept as the group's
+    ``proj_bits`` asks (:mod:`lowmem_optim.projection.storage`: gradient dtype, or INT8/INT4).
     """
 
-    fixed_dtype_keys: frozenset[str] = frozenset()
+    fixed_dtype_keys: frozenset[str] = quantized_float_keys("proj_left", "proj_right")
+
+    def validate(self, group: dict[str, Any]) -> None:
+        if group["proj_type"] not in PROJ_TYPES:
+            raise ValueError(f"Invalid proj_type: {group['proj_type']!r} (allowed: {', '.join(PROJ_TYPES)})")
+        validate_storage(group)
+
+    def factors(self, grad: torch.Tensor, group: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V^T) in float32 with at least ``group['rank']`` leading singular vectors."""
+        raise NotImplementedError
+
+    def refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int) -> SubspaceChange:
+        if not torch.isfinite(grad).all():
+            raise FloatingPointError(
+                f"{type(self).__name__}: the gradient holds inf/NaN at a subspace refresh; no subspace can be "
+                "chosen from it (use torch.amp.GradScaler, which skips such steps, or clip gradients)"
+            )
+        left, right = projection_sides(tuple(grad.shape), group["proj_type"])
+        rank = group["rank"]
+        u, vh = self.factors(grad, group, seed)
+        similarity = None
+        for key, used, new, vector_dim in (("proj_left", left, u[:, :rank], 1), ("proj_right", right, vh[:rank], 0)):
+            if not used:
+                continue
+            new = new.contiguous().to(grad.dtype)
+            moved = leading_similarity(load_basis(state, key, torch.float32), new, vector_dim)
+            similarity = moved if similarity is None else similarity
+            store_basis(state, key, new, group)
+        return SubspaceChange(similarity=similarity)
 
     def project(self, grad: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         out = grad
-        if "proj_left" in state:
-            out = state["proj_left"].to(grad.dtype).t() @ out
-        if "proj_right" in state:
-            out = out @ state["proj_right"].to(grad.dtype).t()
+        left, right = load_basis(state, "proj_left", grad.dtype), load_basis(state, "proj_right", grad.dtype)
+        if left is not None:
+            out = left.t() @ out
+        if right is not None:
+            out = out @ right.t()
         return out
 
     def back_project(self, low: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         out = low
-        if "proj_left" in state:
-            out = state["proj_left"].to(low.dtype) @ out
-        if "proj_right" in state:
-            out = out @ state["proj_right"].to(low.dtype)
+        left, right = load_basis(state, "proj_left", low.dtype), load_basis(state, "proj_right", low.dtype)
+        if left is not None:
+            out = left @ out
+        if right is not None:
+            out = out @ right
         return out
 
 

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from lowmem_optim import GaLoreAdamW
+from lowmem_optim.schedules import AdaptiveRefresh
+
+
+def _stream(fixed: bool, steps: int, m: int = 48, n: int = 24, seed: int = 0):
+    """Gradients of a fixed rank-3 subspace (distinct singular values, small noise), or a fresh random one each step."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, 3, generator=gen))[0]
+    v = torch.linalg.qr(torch.randn(n, 3, generator=gen))[0]
+    for _ in range(steps):
+        if not fixed:
+            u = torch.linalg.qr(torch.randn(m, 3, generator=gen))[0]
+            v = torch.linalg.qr(torch.randn(n, 3, generator=gen))[0]
+        yield u @ torch.diag(torch.tensor([10.0, 5.0, 2.0])) @ v.T + 1e-3 * torch.randn(m, n, generator=gen)
+
+
+def _refresh_steps(fixed: bool, steps: int, **group):
+    w = torch.nn.Parameter(torch.zeros(48, 24))
+    opt = GaLoreAdamW([{"params": [w], "rank": 2, "refresh": "adaptive", **group}], lr=1e-3)
+    done, refreshes = [], 0
+    for step, g in enumerate(_stream(fixed, steps), start=1):
+        w.grad = g
+        opt.step()
+        if opt.state[w]["refreshes"] != refreshes:
+            refreshes = opt.state[w]["refreshes"]
+            done.append(step)
+    return done, opt, w
+
+
+def test_adaptive_gap_doubles_after_each_full_queue_of_similar_subspaces_up_to_max_gap():
+    done, opt, w = _refresh_steps(True, 130, update_proj_gap=2, max_gap=12)
+    # gap 2 until 5 similarities are queued (refreshes 2-6), then 4, 8, and capped at 12
+    assert done == [1, 3, 5, 7, 9, 11, 15, 19, 23, 27, 31, 39, 47, 55, 63, 71, 83, 95, 107, 119]
+    assert opt.state[w]["gap"] == 12
+    assert opt.layer_stats()[0]["gap"] == 12
+    assert opt.layer_stats()[0]["last_similarity"] > 0.99
+
+
+def test_adaptive_default_max_gap_is_ten_times_the_initial_gap():
+    done, opt, w = _refresh_steps(True, 120, update_proj_gap=1)
+    gaps = [b - a for a, b in zip(done, done[1:])]
+    assert max(gaps) == 10 and gaps[-1] == 10
+    assert gaps[:6] == [1, 1, 1, 1, 1, 2]
+
+
+def test_adaptive_gap_stays_on_a_rotating_subspace():
+    done, opt, w = _refresh_steps(False, 40, update_proj_gap=2)
+    assert done == list(range(1, 41, 2))
+    assert opt.state[w]["gap"] == 2
+    assert opt.state[w]["sim_queue"].numel() == 5  # full but below cos_threshold
+    assert float(opt.state[w]["sim_queue"].mean()) < 0.4
+
+
+def test_adaptive_queue_is_cleared_at_growth_so_the_next_growth_needs_fresh_records():
+    state, group, schedule = {}, {"update_proj_gap": 3, "queue_size": 2, "cos_threshold": 0.5, "gamma_proj": 2}, AdaptiveRefresh()
+    schedule.record(state, 1, group, None)
+    schedule.record(state, 4, group, 0.9)
+    assert state["gap"] == 3 and state["sim_queue"].tolist() == [0.9]
+    schedule.record(state, 7, group, 0.2)  # mean 0.55 >= 0.5: grows, queue cleared
+    assert state["gap"] == 6 and state["sim_queue"].numel() == 0 and state["next_refresh"] == 13
+    schedule.record(state, 13, group, 1.0)
+    assert state["gap"] == 6 and state["refreshes"] == 4
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("queue_size", 0), ("queue_size", 2.5), ("cos_threshold", 1.5), ("cos_threshold", -0.1),
+     ("gamma_proj", 0.5), ("max_gap", 1), ("max_gap", 3.0)],
+)
+def test_adaptive_rejects_bad_hyperparameters_by_name(key, value):
+    w = torch.nn.Parameter(torch.zeros(8, 4))
+    with pytest.raises(ValueError, match=key):
+        GaLoreAdamW([{"params": [w], "rank": 2, "refresh": "adaptive", "update_proj_gap": 2, key: value}])
+
+
+def test_unknown_refresh_is_rejected_listing_the_schedules():
+    w = torch.nn.Parameter(torch.zeros(8, 4))
+    with pytest.raises(ValueError, match="adaptive"):
+        GaLoreAdamW([{"params": [w], "rank": 2, "refresh": "lazy"}])
