@@ -1,0 +1,165 @@
+"""Layer-wise updates: each parameter is stepped inside backward, then its gradient is freed.
+
+GaLore's per-layer weight update (Zhao et al., 2024, section 4.3; also Lv et al.'s LOMO): a
+hook registered with ``Tensor.register_post_accumulate_grad_hook`` runs as soon as a
+parameter's gradient is complete, applies that parameter's share of the optimizer step and
+sets ``param.grad = None``, so the gradients of the whole model never exist at once (peak
+gradient memory: the largest few parameters, not all of them).
+
+Usage (one optimizer holds all state, so its ``state_dict()`` is the real one and an LR
+scheduler on it works unchanged)::
+
+    optimizer = GaLoreAdamW(lowrank_param_groups(model, rank=128), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    handle = layerwise.attach(optimizer, accumulation_steps=4, max_grad_norm=1.0)
+    for batch in loader:                       # one training step = accumulation_steps micro-batches
+        for micro in split(batch, 4):
+            (model(micro).loss / 4).backward()  # the last backward of a step updates every parameter
+        scheduler.step()                       # once per training step, as without layer-wise
+    handle.remove()                            # back to ordinary optimizer.step()
+
+Never call ``optimizer.step()`` or ``optimizer.zero_grad()`` while attached: the hooks step
+and free each gradient themselves.
+
+Optimizers. Ours (:class:`~lowmem_optim.engine.LowRankOptimizer`) step one parameter with
+``step_param``; its random draws (randomized SVD, stochastic rounding) are seeded per
+parameter and step, so hook order does not matter and layer-wise and ordinary stepping give
+the same parameters. Any other ``torch.optim.Optimizer`` (``torch.optim.AdamW``,
+bitsandbytes' ``AdamW8bit``) is stepped for one parameter by calling its ``step()`` with its
+param groups narrowed to that parameter for the call (per-parameter overrides registered with
+bitsandbytes' ``GlobalOptimManager`` are looked up by position and are not supported).
+
+Gradient accumulation (``accumulation_steps=k``): the hooks leave the gradient of the first
+k - 1 backward passes accumulating in ``param.grad`` (as ordinary training does) and step and
+free it in the k-th, so the result equals ordinary accumulation exactly. During a step's first
+k - 1 micro-batches every gradient exists, so the peak gradient memory of accumulation is that
+of ordinary training; use ``accumulation_steps=1`` and a larger micro-batch where memory is
+the limit. Micro-batches are counted per parameter: every parameter must receive a gradient
+in every backward pass (true of a language model's forward).
+
+Gradient clipping (``max_grad_norm``): per parameter, not global. Each gradient is scaled by
+``min(1, max_grad_norm / (||g|| + 1e-6))`` with its own norm, i.e. what
+``torch.nn.utils.clip_grad_norm_([p], max_grad_norm)`` does for that one parameter. A global
+norm needs every gradient before the first update, which layer-wise stepping exists to avoid.
+
+Data parallel: DDP all-reduces its gradient buckets after the hooks have run, so a
+DDP-wrapped model would be stepped with each rank's local gradient and the ranks would drift.
+Instead, do not wrap the model in DDP and pass ``process_group`` (e.g.
+``torch.distributed.group.WORLD``): each hook then averages its gradient over the group with
+a blocking all-reduce before stepping (one collective per parameter, no bucketing). Attaching
+while torch.distributed is initialized with more than one rank and no ``process_group`` is an
+error.
+
+Handles also work with the INT8 weights of :mod:`lowmem_optim.quant.int8_linear`: their
+gradient arrives in the proxy parameter like any other and ``step_param`` applies it to the
+INT8 codes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class LayerwiseHandle:
+    """The hooks of one attached optimizer; :func:`attach` builds it."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        accumulation_steps: int,
+        max_grad_norm: float | None,
+        process_group: Any,
+    ) -> None:
+        self.optimizer = optimizer
+        self.accumulation_steps = accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.process_group = process_group
+        self._micro: dict[torch.Tensor, int] = {}
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(self._hook)
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.requires_grad
+        ]
+
+    def remove(self) -> None:
+        """Detach the hooks: the optimizer is stepped with ``optimizer.step()`` again."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._micro.clear()
+
+    @torch.no_grad()
+    def _hook(self, param: torch.Tensor) -> None:
+        seen = self._micro.get(param, 0) + 1
+        if seen < self.accumulation_steps:
+            self._micro[param] = seen
+            return
+        self._micro[param] = 0
+        grad = param.grad
+        if self.process_group is not None:
+            dist.all_reduce(grad, group=self.process_group)
+            grad.div_(dist.get_world_size(self.process_group))
+        if self.max_grad_norm is not None:
+            # torch.nn.utils.clip_grad_norm_'s coefficient, for this parameter alone
+            grad.mul_((self.max_grad_norm / (grad.norm() + 1e-6)).clamp(max=1.0))
+        step_param = getattr(self.optimizer, "step_param", None)
+        if step_param is not None:
+            step_param(param, grad)
+        else:
+            self._step_one(param)
+        param.grad = None
+        # LR schedulers warn when they step before the optimizer; this optimizer did step
+        self.optimizer._opt_called = True  # type: ignore[attr-defined]
+
+    def _step_one(self, param: torch.Tensor) -> None:
+        """``optimizer.step()`` over ``param`` alone: its param groups are narrowed for the call."""
+        groups = self.optimizer.param_groups
+        saved = [group["params"] for group in groups]
+        try:
+            for group, params in zip(groups, saved):
+                group["params"] = [p for p in params if p is param]
+            self.optimizer.step()
+        finally:
+            for group, params in zip(groups, saved):
+                group["params"] = params
+
+
+def attach(
+    optimizer: torch.optim.Optimizer,
+    *,
+    accumulation_steps: int = 1,
+    max_grad_norm: float | None = None,
+    process_group: Any = None,
+) -> LayerwiseHandle:
+    """Step ``optimizer`` layer-wise: each parameter inside backward, its gradient freed after.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (see the module docstring for how ours and
+            others are stepped).
+        accumulation_steps: backward passes per training step (k >= 1); the k-th steps.
+        max_grad_norm: per-parameter gradient clipping threshold (> 0), or None.
+        process_group: a torch.distributed group to average each gradient over (data
+            parallel without DDP); required when torch.distributed runs with several ranks.
+
+    Returns the handle; ``handle.remove()`` detaches the hooks.
+    """
+    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+        raise ValueError(f"Invalid accumulation_steps: {accumulation_steps!r} (allowed: an int >= 1)")
+    if max_grad_norm is not None and (
+        isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+        or not (math.isfinite(max_grad_norm) and max_grad_norm > 0)
+    ):
+        raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (allowed: a finite number > 0, or None)")
+    if process_group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(
+            "Invalid process_group: None while torch.distributed runs with "
+            f"{dist.get_world_size()} ranks (allowed: a process group, e.g. torch.distributed.group.WORLD). "
+            "Layer-wise steps run inside backward, before DDP's bucketed all-reduce: do not wrap the "
+            "model in DDP, and pass process_group so each gradient is averaged in its hook"
+        )
+    return LayerwiseHandle(optimizer, accumulation_steps, max_grad_norm, process_group)
