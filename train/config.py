@@ -1,0 +1,182 @@
+"""The training configuration: one dataclass, and the command line generated from it.
+
+Every field is a flag in kebab-case (``--update-proj-gap 200``); the snake_case spelling
+(``--update_proj_gap``) and the ``--key=value`` form that wandb's sweep agent renders
+(``--activation-checkpointing=True``, ``--rank=None``) parse too. Flag names are a contract:
+sweeps, the memory CLI and the scripts use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+#: accepted spellings of ``--dtype`` and the torch dtype name each resolves to
+DTYPES: dict[str, str] = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+SCHEDULERS = ("cosine", "linear", "constant")
+PARALLEL = ("ddp", "fsdp")
+WANDB_MODES = ("off", "offline", "online")
+
+#: fields a resumed run may change; any other difference from the checkpoint's config is an error
+RESUMABLE_CHANGES = frozenset({
+    "max_steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every",
+    "wandb", "wandb_project", "run_name", "resume", "output_dir", "progress",
+})
+
+
+def _opt(default: Any, help: str, **more: Any) -> Any:
+    return field(default=default, metadata={"help": help, **more})
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model_config: str = _opt("", "path of a LLaMA config JSON, e.g. configs/llama_60m.json (required)")
+    dtype: str = _opt("float32", "weight and compute dtype", choices=tuple(DTYPES))
+    activation_checkpointing: bool = _opt(False, "recompute activations in backward (saves memory)")
+    weight_bits: int = _opt(16, "8: INT8 weights in the linear layers (Q-GaLore); 16: weights in --dtype",
+                            choices=(8, 16))
+    # optimizer
+    optimizer: str = _opt("adamw", "a name from lowmem_optim.available_optimizers()")
+    lr: float = _opt(1e-3, "peak learning rate")
+    weight_decay: float = _opt(0.0, "decoupled weight decay")
+    beta1: float | None = _opt(None, "Adam beta1 (default: the optimizer's)")
+    beta2: float | None = _opt(None, "Adam beta2 (default: the optimizer's)")
+    grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: no clipping)")
+    rank: int | None = _opt(None, "subspace rank of the low-rank optimizers (required for them)")
+    update_proj_gap: int | None = _opt(None, "steps between subspace refreshes (default: the optimizer's)")
+    scale: float | None = _opt(None, "scale of the low-rank update (default: the optimizer's)")
+    proj_type: str | None = _opt(None, "which side is projected: std, reverse_std, left, right, full")
+    proj_bits: int | None = _opt(None, "bits of the stored projection (4: INT4, Q-GaLore)")
+    refresh: str | None = _opt(None, "refresh schedule: fixed, or adaptive (lazy, per layer)")
+    target_modules: str = _opt("all-linear", "low-rank linear layers: all-linear, a regex, or comma-separated name fragments")
+    layerwise: bool = _opt(False, "update each parameter inside backward and free its gradient (layer-wise)")
+    # schedule
+    max_steps: int = _opt(1000, "optimizer steps to train")
+    warmup_steps: int = _opt(0, "linear warm-up steps")
+    scheduler: str = _opt("cosine", "learning-rate schedule after warm-up", choices=SCHEDULERS)
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (cosine, linear)")
+    # batch and data
+    batch_size: int = _opt(16, "sequences per micro-batch per process")
+    total_batch_size: int | None = _opt(None, "sequences per optimizer step over all processes and "
+                                              "accumulation steps (default: batch-size x processes)")
+    seq_len: int = _opt(256, "tokens per sequence")
+    data: str = _opt("builtin", "builtin (offline text corpus), c4 (streaming, online), or a .txt/.jsonl file or folder")
+    tokenizer: str | None = _opt(None, "bytes, or an HF tokenizer name/path (default: bytes; t5-base for c4)")
+    val_fraction: float = _opt(0.05, "held-out share of a local corpus")
+    # evaluation, logging, checkpoints
+    eval_every: int = _opt(100, "evaluate every N steps (and at the end)")
+    eval_batches: int = _opt(10, "validation micro-batches per evaluation")
+    log_every: int = _opt(1, "write a metrics line every N steps")
+    save_every: int = _opt(0, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _opt(2, "checkpoints kept in the output dir (oldest removed)")
+    output_dir: str = _opt("runs/default", "where metrics.jsonl, config.json and checkpoints go")
+    resume: bool = _opt(False, "continue from the latest checkpoint in --output-dir")
+    wandb: str = _opt("off", "wandb logging (online without WANDB_API_KEY logs offline)", choices=WANDB_MODES)
+    wandb_project: str = _opt("lowmem_optim", "wandb project")
+    run_name: str | None = _opt(None, "run name (default: the output dir's name)")
+    progress: bool = _opt(True, "show a progress bar on rank 0")
+    # parallelism and reproducibility
+    parallel: str = _opt("ddp", "multi-process strategy under torchrun: ddp, or fsdp (FSDP2 fully_shard)",
+                         choices=PARALLEL)
+    seed: int = _opt(0, "seed of the model init, the data order and the optimizer")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """ValueError naming the first bad flag and its allowed values."""
+        from lowmem_optim import available_optimizers
+
+        if not self.model_config:
+            raise ValueError("--model-config is required (a LLaMA config JSON, e.g. configs/llama_60m.json)")
+        if self.optimizer not in available_optimizers():
+            raise ValueError(f"Invalid --optimizer: {self.optimizer!r} (allowed: {', '.join(available_optimizers())})")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f"Invalid --{_kebab(f.name)}: {getattr(self, f.name)!r} "
+                                 f"(allowed: {', '.join(map(str, choices))})")
+        positive = ["max_steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every", "keep_checkpoints"]
+        for name in positive + ["rank", "update_proj_gap", "total_batch_size"]:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"Invalid --{_kebab(name)}: {value!r} (allowed: an int >= 1)")
+        for name in ("warmup_steps", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Invalid --{_kebab(name)}: {getattr(self, name)!r} (allowed: an int >= 0)")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"Invalid --lr: {self.lr!r} (allowed: a finite number >= 0)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"Invalid --min-lr-ratio: {self.min_lr_ratio!r} (allowed: 0 <= ratio <= 1)")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"Invalid --val-fraction: {self.val_fraction!r} (allowed: 0 < fraction < 1)")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError(f"Invalid --grad-clip {self.grad_clip!r} / --weight-decay {self.weight_decay!r} "
+                             "(allowed: numbers >= 0)")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"Invalid --warmup-steps: {self.warmup_steps} (allowed: <= --max-steps {self.max_steps})")
+
+    @property
+    def torch_dtype_name(self) -> str:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def parse_bool(text: str) -> bool:
+    """``True/False`` as wandb renders them, and the usual spellings."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (allowed: True, False, 1, 0, yes, no)")
+
+
+def _optional(convert: type):
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "null", "") else convert(text)
+    parse.__name__ = convert.__name__
+    return parse
+
+
+def _field_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """(base type, whether None is allowed) of a field annotated as a string like 'int | None'."""
+    annotation = str(f.type).replace(" ", "")
+    optional = annotation.endswith("|None")
+    base = {"int": int, "float": float, "str": str, "bool": bool}[annotation.removesuffix("|None")]
+    return base, optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Pretrain a LLaMA model with a lowmem_optim optimizer (or a torch/bitsandbytes baseline).",
+        allow_abbrev=False,
+    )
+    for f in dataclasses.fields(TrainConfig):
+        names = [f"--{_kebab(f.name)}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        base, optional = _field_type(f)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": f.metadata["help"]}
+        if base is bool:
+            # "--flag" alone means True; "--flag=False" / "--flag False" as wandb's agent writes them
+            kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kwargs["type"] = _optional(base) if optional else base
+        parser.add_argument(*names, **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The configuration from command-line arguments (``sys.argv[1:]`` when ``argv`` is None)."""
+    parser = build_parser()
+    return TrainConfig(**vars(parser.parse_args(argv)))

@@ -1,0 +1,282 @@
+"""Training data: token windows in a deterministic, resumable order, and a held-out split.
+
+Sources (``--data``):
+
+- ``builtin`` (default, offline): the docstrings of the Python standard library on this
+  machine (read with ``ast`` from the source files, nothing imported), about 1.5 MB of English
+  technical prose. Built once into a cache (``$LOWMEM_OPTIM_CACHE`` or
+  ``~/.cache/lowmem_optim``), documents shuffled with a fixed seed so the held-out split mixes
+  modules. It depends on the Python version, which the cache file's name records.
+- a ``.txt``/``.jsonl`` file or a folder of them: each .txt file is a document, each .jsonl line
+  a document (its ``"text"`` field). Files are read in sorted path order.
+- ``c4``: allenai/c4 ``en`` streamed through ``datasets`` (needs the network), shuffled with
+  the seed (buffer 10,000 documents), t5-base tokenizer by default, as GaLore trained.
+
+Documents are tokenized, each followed by the tokenizer's end-of-document id, and packed into
+windows of ``seq_len`` tokens. Local corpora: the last ``val_fraction`` of the tokens is held
+out; the training windows are visited in a fresh permutation each epoch, drawn from a generator
+seeded with (seed, epoch). The data position is the number of windows consumed by all ranks
+together; a run resumed at position p sees exactly the batches an uninterrupted run sees after p.
+Under data parallelism each global micro-batch of ``batch_size x world`` windows is cut into
+per-rank slices, so the order does not depend on the number of processes' layout.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import sys
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+#: stdlib folders that hold tests, GUIs or vendored code rather than documentation
+_STDLIB_SKIP = frozenset({"test", "tests", "idlelib", "site-packages", "lib2to3", "tkinter", "turtledemo",
+                          "ensurepip", "__pycache__"})
+_MIN_DOC_CHARS = 40
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+    eos_token_id: int
+
+    def encode(self, text: str) -> torch.Tensor: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0-255 and 256 as end of document: needs no download and no training."""
+
+    name = "bytes"
+    vocab_size = 257
+    eos_token_id = 256
+
+    def encode(self, text: str) -> torch.Tensor:
+        data = text.encode("utf-8")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int32) if data else torch.empty(0, dtype=torch.int32)
+
+
+class HFTokenizer:
+    """A ``transformers`` tokenizer by hub name or local path (t5-base for C4, as GaLore)."""
+
+    def __init__(self, name: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.name = name
+        self._tok = AutoTokenizer.from_pretrained(name)
+        self.vocab_size = len(self._tok)
+        if self._tok.eos_token_id is None:
+            raise ValueError(f"--tokenizer {name!r} has no end-of-sequence token; documents could not be separated")
+        self.eos_token_id = self._tok.eos_token_id
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self._tok(text, add_special_tokens=False)["input_ids"], dtype=torch.int32)
+
+
+def load_tokenizer(name: str) -> Tokenizer:
+    return ByteTokenizer() if name == "bytes" else HFTokenizer(name)
+
+
+# ---- the built-in corpus --------------------------------------------------------------------
+def cache_dir() -> Path:
+    return Path(os.environ.get("LOWMEM_OPTIM_CACHE", Path.home() / ".cache" / "lowmem_optim"))
+
+
+def _stdlib_docstrings() -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs: list[str] = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in _STDLIB_SKIP and not d.startswith("."))
+        for name in sorted(f for f in files if f.endswith(".py")):
+            try:
+                tree = ast.parse(Path(folder, name).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError):  # a few stdlib files are templates or legacy encodings
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc) >= _MIN_DOC_CHARS:
+                        docs.append(doc)
+    random.Random(0).shuffle(docs)  # fixed seed: the same corpus and split on every run
+    return docs
+
+
+def builtin_corpus() -> Path:
+    """The cached .jsonl of the built-in corpus, built on first use (atomically: concurrent
+    first runs each write a private temp file and the last rename wins, with equal content)."""
+    v = sys.version_info
+    path = cache_dir() / f"stdlib_docstrings_py{v.major}.{v.minor}.{v.micro}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as out:
+            for doc in _stdlib_docstrings():
+                out.write(json.dumps({"text": doc}) + "\n")
+        os.replace(tmp, path)
+    return path
+
+
+# ---- local files ----------------------------------------------------------------------------
+def read_documents(path: str | Path) -> list[str]:
+    """Documents of a .txt/.jsonl file or of a folder of them (sorted by path)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"--data {str(path)!r} does not exist (allowed: builtin, c4, or a .txt/.jsonl file or folder)")
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()) if path.is_dir() else [path]
+    if not files or any(f.suffix not in (".txt", ".jsonl") for f in files):
+        raise ValueError(f"--data {str(path)!r} holds no .txt or .jsonl file (allowed: a .txt/.jsonl file or a folder of them)")
+    docs: list[str] = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"--data: cannot read {str(f)!r} as UTF-8 text: {err}") from err
+        if f.suffix == ".txt":
+            docs.append(text)
+            continue
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    docs.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise ValueError(f"--data: {str(f)!r} line {line_no} is not a JSON object with a 'text' field") from err
+    return docs
+
+
+def pack(docs: list[str], tokenizer: Tokenizer) -> torch.Tensor:
+    """All documents as one token stream, each followed by the end-of-document id."""
+    eos = torch.tensor([tokenizer.eos_token_id], dtype=torch.int32)
+    return torch.cat([t for doc in docs for t in (tokenizer.encode(doc), eos)])
+
+
+# ---- batches ----------------------------------------------------------------------------------
+class TrainStream(Protocol):
+    position: int
+
+    def next_batch(self) -> torch.Tensor:
+        """This rank's micro-batch, (batch_size, seq_len) int64."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ShuffledWindows:
+    """Non-overlapping windows of a token tensor, a new seeded permutation every epoch."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int, rank: int, world: int) -> None:
+        self.windows = tokens[: len(tokens) // seq_len * seq_len].view(-1, seq_len)
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.position = 0
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.int64)
+
+    def _window(self, position: int) -> torch.Tensor:
+        epoch, offset = divmod(position, len(self.windows))
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self.windows), generator=generator)
+        return self.windows[self._order[offset]]
+
+    def next_batch(self) -> torch.Tensor:
+        start = self.position + self.rank * self.batch_size
+        batch = torch.stack([self._window(start + i) for i in range(self.batch_size)])
+        self.position += self.batch_size * self.world
+        return batch.long()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+
+def _pack_windows(docs: Iterator[str], tokenizer: Tokenizer, seq_len: int) -> Iterator[torch.Tensor]:
+    buffer = torch.empty(0, dtype=torch.int32)
+    eos = torch.tensor([tokenizer.eos_token_id], dtype=torch.int32)
+    for doc in docs:
+        buffer = torch.cat([buffer, tokenizer.encode(doc), eos])
+        while len(buffer) >= seq_len:
+            yield buffer[:seq_len]
+            buffer = buffer[seq_len:]
+
+
+class C4Stream:
+    """allenai/c4 en, streamed and packed; resuming re-reads and skips the consumed windows."""
+
+    def __init__(self, tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int, rank: int, world: int) -> None:
+        self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.position = 0
+        self._windows = self._open()
+
+    def _open(self) -> Iterator[torch.Tensor]:
+        from datasets import load_dataset
+
+        dataset = load_dataset("allenai/c4", "en", split="train", streaming=True).shuffle(seed=self.seed, buffer_size=10_000)
+        return _pack_windows((row["text"] for row in dataset), self.tokenizer, self.seq_len)
+
+    def next_batch(self) -> torch.Tensor:
+        windows = [next(self._windows) for _ in range(self.batch_size * self.world)]
+        self.position += len(windows)
+        mine = windows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return torch.stack(mine).long()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._windows = self._open()
+        for _ in range(int(state["position"])):
+            next(self._windows)
+        self.position = int(state["position"])
+
+
+def c4_validation(tokenizer: Tokenizer, seq_len: int, n_windows: int) -> torch.Tensor:
+    from datasets import load_dataset
+
+    dataset = load_dataset("allenai/c4", "en", split="validation", streaming=True)
+    windows = _pack_windows((row["text"] for row in dataset), tokenizer, seq_len)
+    return torch.stack([next(windows) for _ in range(n_windows)])
+
+
+# ---- wiring -----------------------------------------------------------------------------------
+@dataclass
+class Data:
+    train: TrainStream
+    val: list[torch.Tensor]  # this rank's validation micro-batches, the same at every evaluation
+    tokenizer: Tokenizer
+
+
+def _val_batches(windows: torch.Tensor, batch_size: int, n_batches: int, rank: int, world: int) -> list[torch.Tensor]:
+    per_step = batch_size * world
+    n = min(n_batches, len(windows) // per_step)
+    if n == 0:
+        raise ValueError(f"the validation split has {len(windows)} windows, fewer than --batch-size x processes "
+                         f"= {per_step}; lower --batch-size or --seq-len, or raise --val-fraction")
+    return [windows[k * per_step + rank * batch_size:k * per_step + (rank + 1) * batch_size].long() for k in range(n)]
+
+
+def build_data(source: str, tokenizer_name: str | None, seq_len: int, batch_size: int, *, seed: int,
+               val_fraction: float, eval_batches: int, rank: int = 0, world: int = 1) -> Data:
+    """The training stream and validation batches of ``source`` for this rank."""
+    tokenizer = load_tokenizer(tokenizer_name or ("t5-base" if source == "c4" else "bytes"))
+    if source == "c4":
+        val = c4_validation(tokenizer, seq_len, eval_batches * batch_size * world)
+        train = C4Stream(tokenizer, seq_len, batch_size, seed, rank, world)
+        return Data(train, _val_batches(val, batch_size, eval_batches, rank, world), tokenizer)
+    docs = read_documents(builtin_corpus() if source == "builtin" else source)
+    tokens = pack(docs, tokenizer)
+    split = int(len(tokens) * (1 - val_fraction))
+    train_tokens, val_tokens = tokens[:split], tokens[split:]
+    if len(train_tokens) < seq_len * batch_size * world:
+        raise ValueError(f"--data {source!r} has {len(train_tokens)} training tokens, fewer than one step needs "
+                         f"(--batch-size x processes x --seq-len = {seq_len * batch_size * world})")
+    val_windows = val_tokens[: len(val_tokens) // seq_len * seq_len].view(-1, seq_len)
+    return Data(ShuffledWindows(train_tokens, seq_len, batch_size, seed, rank, world),
+                _val_batches(val_windows, batch_size, eval_batches, rank, world), tokenizer)

@@ -1,0 +1,111 @@
+"""Where a run's numbers go: ``metrics.jsonl``, ``layer_stats.jsonl``, wandb, a progress bar.
+
+``metrics.jsonl`` gets one JSON object per logged step: ``step``, ``loss`` (mean over the
+step's micro-batches and ranks), ``lr`` (the one used by that step), ``tokens_per_s`` (tokens
+of all ranks since the previous line over the training time in between, evaluation and saving
+excluded), ``peak_mem_bytes`` (CUDA: ``max_memory_allocated``, plus ``peak_mem_reserved_bytes``;
+CPU: the process's peak RSS; the maximum over ranks), ``opt_state_bytes`` (optimizer state held
+by one process) and, on evaluation steps, ``val_loss`` and ``val_ppl``. ``layer_stats.jsonl``
+gets the optimizer's per-layer subspace statistics on evaluation steps.
+
+wandb (imported only when asked for): ``offline`` writes under ``<output-dir>/wandb`` for a later
+``wandb sync``; ``online`` without a ``WANDB_API_KEY`` logs offline and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    if device.type == "cuda":
+        return {"peak_mem_bytes": torch.cuda.max_memory_allocated(device),
+                "peak_mem_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+    # ru_maxrss is in KiB on Linux (bytes on macOS)
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {"peak_mem_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _json_default(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return str(value)
+
+
+class Metrics:
+    """The run's sinks; on ranks other than 0 every call does nothing."""
+
+    def __init__(self, output_dir: str | Path, config: dict[str, Any], *, enabled: bool, wandb_mode: str,
+                 project: str, run_name: str, resume_step: int | None) -> None:
+        self.enabled = enabled
+        self.records: list[dict[str, Any]] = []
+        self._wandb = None
+        if not enabled:
+            return
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.json").write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
+        if resume_step is not None:
+            self._drop_after(resume_step)
+        self._file = open(self.dir / "metrics.jsonl", "a")
+        self._layers = open(self.dir / "layer_stats.jsonl", "a")
+        if wandb_mode != "off":
+            self._wandb = self._start_wandb(wandb_mode, project, run_name, config)
+
+    def _drop_after(self, step: int) -> None:
+        """A resumed run re-logs the steps after its checkpoint: drop the interrupted run's lines."""
+        for name in ("metrics.jsonl", "layer_stats.jsonl"):
+            path = self.dir / name
+            if path.exists():
+                kept = [r for r in read_jsonl(path) if r["step"] <= step]
+                tmp = path.with_name(f".{name}.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                os.replace(tmp, path)
+
+    def _start_wandb(self, mode: str, project: str, run_name: str, config: dict[str, Any]) -> Any:
+        import wandb
+
+        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+            print("wandb: no WANDB_API_KEY, logging offline (upload later with `wandb sync`)", file=sys.stderr)
+            mode = "offline"
+        return wandb.init(project=project, name=run_name, config=config, mode=mode, dir=str(self.dir),
+                          resume="allow", id=run_name)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.records.append(record)
+        self._file.write(json.dumps(record, default=_json_default) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(record, step=record["step"])
+
+    def log_layers(self, step: int, layers: list[dict[str, Any]]) -> None:
+        if not self.enabled:
+            return
+        self._layers.write(json.dumps({"step": step, "layers": layers}, default=_json_default) + "\n")
+        self._layers.flush()
+        if self._wandb is not None:
+            flat = {f"layers/{layer['name']}/{key}": value for layer in layers
+                    for key, value in layer.items() if isinstance(value, (int, float)) and key != "index"}
+            self._wandb.log(flat, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        self._layers.close()
+        if self._wandb is not None:
+            self._wandb.finish()

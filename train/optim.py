@@ -1,0 +1,113 @@
+"""The optimizer (from the package registry) and the learning-rate schedule of a run.
+
+Everything about an optimizer comes from :mod:`lowmem_optim.registry`: the names ``--optimizer``
+accepts, which of them take low-rank groups, and how groups are built. The loop only knows
+``step``, ``zero_grad``, ``param_groups`` and, when the optimizer has them, ``layer_stats`` and
+``state_bytes``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowmem_optim.engine import matrix_shape
+from lowmem_optim.groups import lowrank_param_groups
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer, get_optimizer_class
+from train.config import TrainConfig
+
+#: flags that configure low-rank groups (group key = flag name in snake_case)
+LOWRANK_FLAGS = ("rank", "update_proj_gap", "scale", "proj_type", "proj_bits", "refresh")
+
+#: constructor settings a learning-rate schedule needs: GaLore's reference script builds
+#: GaLoreAdafactor with a fixed lr and relative_step=False, so the schedule owns the lr
+SCHEDULE_COMPATIBLE: dict[str, dict[str, Any]] = {
+    "galore_adafactor": {"relative_step": False, "scale_parameter": False, "warmup_init": False},
+}
+
+
+def target_modules(spec: str) -> str | list[str]:
+    """``all-linear``; ``re:<regex>`` (full match of module names); or comma-separated name fragments."""
+    if spec == "all-linear":
+        return spec
+    if spec.startswith("re:"):
+        return spec[3:]
+    return [fragment.strip() for fragment in spec.split(",") if fragment.strip()]
+
+
+def _check_some_matrix_projected(model: nn.Module, cfg: TrainConfig) -> None:
+    groups = lowrank_param_groups(model, target_modules(cfg.target_modules), rank=cfg.rank)
+    min_dims = [min(matrix_shape(p)) for g in groups if g.get("rank") is not None for p in g["params"]]
+    if not any(cfg.rank < d for d in min_dims):
+        raise ValueError(f"Invalid --rank: {cfg.rank} is >= min(rows, cols) of every low-rank matrix (largest: "
+                         f"{max(min_dims)}), so nothing would be projected (allowed: --rank < {max(min_dims)})")
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over ``model`` with the run's hyperparameters."""
+    name = cfg.optimizer
+    cls = get_optimizer_class(name)
+    hparams: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, **SCHEDULE_COMPATIBLE.get(name, {})}
+    if cfg.beta1 is not None or cfg.beta2 is not None:
+        hparams["betas"] = (0.9 if cfg.beta1 is None else cfg.beta1, 0.999 if cfg.beta2 is None else cfg.beta2)
+    if "seed" in inspect.signature(cls).parameters:
+        hparams["seed"] = cfg.seed
+    lowrank = {flag: getattr(cfg, flag) for flag in LOWRANK_FLAGS if getattr(cfg, flag) is not None}
+    if name in LOWRANK_OPTIMIZERS:
+        if cfg.rank is None:
+            raise ValueError(f"--rank is required for --optimizer {name} (a low-rank optimizer)")
+        _check_some_matrix_projected(model, cfg)
+        hparams.update(lowrank)
+        kwargs = {"target_modules": target_modules(cfg.target_modules)}
+    else:
+        if lowrank:
+            # a sweep may grid over optimizers with fixed low-rank flags: say so, but do not fail
+            print(f"note: --optimizer {name} takes no low-rank groups; ignoring "
+                  f"{', '.join('--' + k.replace('_', '-') for k in lowrank)}", file=sys.stderr)
+        kwargs = {}
+    try:
+        return build_optimizer(name, model, **kwargs, **hparams)
+    except TypeError as err:  # a flag the optimizer's constructor does not take
+        raise ValueError(f"--optimizer {name} does not accept one of {sorted(hparams)}: {err}") from err
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier of --lr after ``done`` completed steps: linear warm-up to 1 over
+    ``warmup_steps`` (step 1 already gets lr / warmup), then cosine or linear decay to
+    ``min_lr_ratio`` at ``max_steps``, or constant."""
+    warmup, total, floor = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
+
+    def factor(done: int) -> float:
+        if done < warmup:
+            return (done + 1) / warmup
+        progress = (done - warmup) / max(1, total - warmup)
+        if cfg.scheduler == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.scheduler == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return 1.0
+
+    return factor
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state on this process: ``state_bytes()`` where the optimizer
+    has it, else the bytes of every tensor in ``optimizer.state`` (local shards under FSDP2)."""
+    if hasattr(optimizer, "state_bytes"):
+        return int(optimizer.state_bytes())
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                local = value.to_local() if hasattr(value, "to_local") else value
+                total += local.numel() * local.element_size()
+    return total
