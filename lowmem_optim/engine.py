@@ -194,8 +194,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         step = int(state["step"])
         if not uses_projection(p, group):
             update, lr_t = parts.rule.update(grad, state, group, p)
-            self._decay(p, group, lr_t)
-            p.sub_(update)
+            self._apply_update(p, update, 1.0, group, lr_t, index, step)
             return
         g = grad.reshape(matrix_shape(p))
         if parts.schedule.due(state, step):
@@ -206,13 +205,22 @@ class LowRankOptimizer(torch.optim.Optimizer):
         low = parts.projector.project(g, state)
         update, lr_t = parts.rule.update(low, state, group, p)
         full = parts.projector.back_project(update, state)
-        self._decay(p, group, lr_t)
-        p.sub_(full.view(p.shape), alpha=group["scale"])
+        self._apply_update(p, full.view(p.shape), group["scale"], group, lr_t, index, step)
 
     @staticmethod
-    def _decay(p: torch.Tensor, group: dict[str, Any], lr_t: float) -> None:
+    def _apply_update(p: torch.Tensor, update: torch.Tensor, alpha: float, group: dict[str, Any], lr_t: float,
+                      index: int, step: int) -> None:
+        """W <- W (1 - lr_t wd) - alpha * update. A parameter that stores its values itself
+        (an INT8 weight, :mod:`lowmem_optim.quant.int8_linear`) does both in its ``apply_update``,
+        with random rounding draws seeded per (seed, parameter, step)."""
+        apply_update = getattr(p, "apply_update", None)
+        if apply_update is not None:
+            apply_update(update, alpha=alpha, decay=1 - lr_t * group["weight_decay"],
+                         seed=_refresh_seed(group.get("seed", 0), index, step))
+            return
         if group["weight_decay"] != 0:
             p.mul_(1 - lr_t * group["weight_decay"])
+        p.sub_(update, alpha=alpha)
 
     def _warn_if_full_rank(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         if is_lowrank_group(group) and not uses_projection(p, group) and index not in self._warned_full_rank:
@@ -225,7 +233,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
     # ---- state ----------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch casts every tensor of a floating parameter's state to the parameter's dtype;
-        integer codes/indices and float32 scales must keep their saved dtype."""
+        integer codes/indices, float32 scales, and the float32 moments kept for float16
+        parameters (see :mod:`lowmem_optim.rules.adam`) keep their saved dtype."""
         super().load_state_dict(state_dict)
         parts = (*RULES.values(), *PROJECTORS.values(), *SCHEDULES.values())
         fixed = set(chain.from_iterable(cls.fixed_dtype_keys for cls in parts))
@@ -233,7 +242,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
-                if torch.is_tensor(value) and key != "step" and (not value.is_floating_point() or key in fixed):
+                keep = not value.is_floating_point() or key in fixed or (
+                    value.dtype == torch.float32 and p.dtype == torch.float16
+                ) if torch.is_tensor(value) else False
+                if keep and key != "step":
                     self.state[p][key] = value.to(device=p.device)
 
     def layer_stats(self) -> list[dict[str, Any]]:

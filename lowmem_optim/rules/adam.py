@@ -6,6 +6,10 @@
 eps is added after the bias correction, as torch does (galore-torch adds it before), and the
 floating-point operations come in torch's order, so on the full gradient this rule reproduces
 torch.optim.AdamW bit for bit. Applied to the projected gradient it is GaLore's inner rule.
+
+Moments live in the tensor's dtype (torch's convention), except for float16, where they are
+kept in float32: in float16, (1 - b2) g^2 underflows to zero for |g| below ~1e-2 while M does
+not, and eps = 1e-8 itself rounds to zero, so M / (sqrt(V) + eps) blows up.
 """
 
 from __future__ import annotations
@@ -48,11 +52,12 @@ class AdamRule:
         self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor
     ) -> tuple[torch.Tensor, float]:
         if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(g, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+            dtype = torch.float32 if g.dtype == torch.float16 else g.dtype
+            state["exp_avg"] = torch.zeros_like(g, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(g, dtype=dtype, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
         update = adam_update(
-            g, state["exp_avg"], state["exp_avg_sq"], int(state["step"]), group["lr"], beta1, beta2, group["eps"]
+            g.to(state["exp_avg"].dtype), state["exp_avg"], state["exp_avg_sq"], int(state["step"]), group["lr"], beta1, beta2, group["eps"]
         )
         return update, group["lr"]
 
