@@ -5,8 +5,9 @@ state in a low-rank subspace of each weight matrix's gradient.
 """
 
 from lowmem_optim.engine import LowRankOptimizer
-from lowmem_optim.groups import lowrank_param_groups
+from lowmem_optim.groups import lowrank_param_groups, normalized_param_groups
 from lowmem_optim.optimizers import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from lowmem_optim.optimizers import AuON, HybridAuON, Muon
 from lowmem_optim.registry import available_optimizers, build_optimizer, get_optimizer_class
 
 __version__ = "0.1.0"
@@ -16,7 +17,11 @@ __all__ = [
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "GaLoreAdafactor",
+    "AuON",
+    "HybridAuON",
+    "Muon",
     "lowrank_param_groups",
+    "normalized_param_groups",
     "available_optimizers",
     "get_optimizer_class",
     "build_optimizer",

@@ -4,7 +4,9 @@
 a list of name fragments (a module matches when a fragment occurs in its name), a regex
 string (full match of the module name), or ``"all-linear"`` (every linear layer but the
 output head). Only the ``weight`` of a selected linear layer is low-rank; embeddings, the
-output head, norms and biases land in the full-rank group.
+output head, norms and biases land in the full-rank group. The normalized-momentum optimizers
+(AuON, Hybrid-AuON, Muon) select linear and convolution weights the same way and send the
+rest to their AdamW rule.
 """
 
 from __future__ import annotations
@@ -39,6 +41,58 @@ def _selector(target_modules: str | list[str] | tuple[str, ...]):
     )
 
 
+def selected_modules(
+    model: nn.Module,
+    target_modules: str | list[str] | tuple[str, ...] = "all-linear",
+    module_types: tuple[type[nn.Module], ...] = (nn.Linear,),
+) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of each module of ``module_types`` that ``target_modules`` selects
+    (``"all-linear"`` spares the output head); also what INT8 conversion replaces."""
+    selected = _selector(target_modules)
+    heads = _head_weights(model) if target_modules == "all-linear" else set()
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, module_types) and selected(name) and id(module.weight) not in heads]
+
+
+def matrix_param_groups(
+    model: nn.Module,
+    target_modules: str | list[str] | tuple[str, ...] = "all-linear",
+    *,
+    module_types: tuple[type[nn.Module], ...] = (nn.Linear,),
+    rest: dict[str, Any] | None = None,
+    **matrix_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """``[{"params": rest..., **rest}, {"params": matrices..., **matrix_kwargs}]`` for ``model``.
+
+    The matrices are the ``weight`` of each module of ``module_types`` selected by
+    ``target_modules``; every other trainable parameter lands in the first group (omitted when
+    empty). Each group carries ``param_names``. Tied weights appear once. Raises ValueError
+    when no module matches.
+    """
+    matrix_ids = {id(module.weight) for _, module in selected_modules(model, target_modules, module_types)}
+    if not matrix_ids:
+        candidates = [n for n, m in model.named_modules() if isinstance(m, module_types)]
+        kinds = "/".join(f"nn.{t.__name__}" for t in module_types)
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no {kinds} module of {type(model).__name__}; "
+            f"its {kinds} modules are: {', '.join(candidates[:8]) or 'none'}{' ...' if len(candidates) > 8 else ''}"
+        )
+    other: list[torch.nn.Parameter] = []
+    other_names: list[str] = []
+    matrices: list[torch.nn.Parameter] = []
+    matrix_names: list[str] = []
+    for name, param in model.named_parameters():  # named_parameters yields tied weights once
+        if not param.requires_grad:
+            continue
+        params, names = (matrices, matrix_names) if id(param) in matrix_ids else (other, other_names)
+        params.append(param)
+        names.append(name)
+    groups = [{"params": matrices, "param_names": matrix_names, **matrix_kwargs}]
+    if other:
+        groups.insert(0, {"params": other, "param_names": other_names, **(rest or {})})
+    return groups
+
+
 def lowrank_param_groups(
     model: nn.Module,
     target_modules: str | list[str] | tuple[str, ...] = "all-linear",
@@ -47,34 +101,30 @@ def lowrank_param_groups(
     """``[{"params": full-rank...}, {"params": low-rank..., "rank": ..., ...}]`` for ``model``.
 
     ``lowrank_kwargs`` (``rank`` required; ``update_proj_gap``, ``scale``, ``proj_type``, ...)
-    go to the low-rank group. Each group carries ``param_names``. Tied weights appear once.
-    Raises ValueError when no linear layer matches.
+    go to the low-rank group, made of the selected ``nn.Linear`` weights. Each group carries
+    ``param_names``. Tied weights appear once. Raises ValueError when no linear layer matches.
     """
     if lowrank_kwargs.get("rank") is None:
         raise ValueError("lowrank_param_groups: 'rank' is required (an int >= 1)")
-    selected = _selector(target_modules)
-    heads = _head_weights(model) if target_modules == "all-linear" else set()
-    lowrank_ids: set[int] = set()
-    for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and selected(module_name) and id(module.weight) not in heads:
-            lowrank_ids.add(id(module.weight))
-    if not lowrank_ids:
-        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise ValueError(
-            f"target_modules={target_modules!r} matched no nn.Linear module of {type(model).__name__}; "
-            f"its linear modules are: {', '.join(linear[:8]) or 'none'}{' ...' if len(linear) > 8 else ''}"
-        )
-    full: list[torch.nn.Parameter] = []
-    full_names: list[str] = []
-    low: list[torch.nn.Parameter] = []
-    low_names: list[str] = []
-    for name, param in model.named_parameters():  # named_parameters yields tied weights once
-        if not param.requires_grad:
-            continue
-        params, names = (low, low_names) if id(param) in lowrank_ids else (full, full_names)
-        params.append(param)
-        names.append(name)
-    groups = [{"params": low, "param_names": low_names, **lowrank_kwargs}]
-    if full:
-        groups.insert(0, {"params": full, "param_names": full_names})
-    return groups
+    return matrix_param_groups(model, target_modules, **lowrank_kwargs)
+
+
+#: the hidden weights AuON, Hybrid-AuON and Muon update: linear layers and convolutions
+NORMALIZED_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def normalized_param_groups(
+    model: nn.Module,
+    target_modules: str | list[str] | tuple[str, ...] = "all-linear",
+    **matrix_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Groups for :class:`~lowmem_optim.AuON`, :class:`~lowmem_optim.HybridAuON` and
+    :class:`~lowmem_optim.Muon`: ``[{"params": ..., "rule": "adam"}, {"params": matrices...}]``.
+
+    The matrices are the weights of the selected linear and convolution layers (conv weights
+    are updated as (out, -1) matrices); embeddings, the output head (excluded by
+    ``"all-linear"``), norms and biases get the optimizer's AdamW rule. ``matrix_kwargs``
+    (``lr``, ``rank``, ...) go to the matrix group.
+    """
+    return matrix_param_groups(model, target_modules, module_types=NORMALIZED_MODULE_TYPES,
+                               rest={"rule": "adam"}, **matrix_kwargs)

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from lowmem_optim.engine import LOWRANK_DEFAULTS, LowRankOptimizer
+from lowmem_optim.rules.base import check_betas, check_nonnegative
+from lowmem_optim.rules.normalized import MUON_COEFFICIENTS
 
 
 def _lowrank(rank: int | None, update_proj_gap: int, scale: float, proj_type: str, **more: Any) -> dict[str, Any]:
@@ -113,3 +115,158 @@ class GaLoreAdafactor(LowRankOptimizer):
                         **_lowrank(rank, update_proj_gap, scale, proj_type, proj_method=proj_method,
                                    refresh=refresh, seed=seed))
         super().__init__(params, defaults)
+
+class NormalizedMomentumOptimizer(LowRankOptimizer):
+    """Base of AuON, HybridAuON and Muon: weight matrices get a normalized-momentum rule, every
+    other parameter an AdamW rule, in one optimizer (the ``rule`` key of each param group, as
+    Muon implementations do with a ``use_muon`` flag).
+
+    A group that names ``rule="adam"`` is filled with the ``adamw_*`` defaults (``lr``, ``betas``,
+    ``eps``, ``weight_decay``) instead of the matrix rule's; any key it gives itself wins. Build
+    the groups from a model with :func:`lowmem_optim.normalized_param_groups`. A matrix group
+    with ``rank`` runs its rule inside a low-rank subspace (momentum r x n instead of m x n;
+    ``scale`` defaults to 1 here, since the rule already fixes the update's size).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        matrix_defaults: dict[str, Any],
+        adamw_lr: float,
+        adamw_betas: tuple[float, float],
+        adamw_eps: float,
+        adamw_weight_decay: float,
+        lowrank_defaults: dict[str, Any],
+    ) -> None:
+        adamw = {"adamw_lr": adamw_lr, "adamw_eps": adamw_eps, "adamw_weight_decay": adamw_weight_decay}
+        check_nonnegative(adamw, *adamw)
+        check_betas({"betas": adamw_betas})
+        self._adamw_defaults = {"rule": "adam", "lr": adamw_lr, "betas": adamw_betas, "eps": adamw_eps,
+                                "weight_decay": adamw_weight_decay}
+        super().__init__(params, {**lowrank_defaults, "betas": adamw_betas, "eps": adamw_eps, **matrix_defaults})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if param_group.get("rule", self.defaults["rule"]) == "adam":
+            param_group = {**self._adamw_defaults, **param_group}
+        super().add_param_group(param_group)
+
+
+class AuON(NormalizedMomentumOptimizer):
+    """AuON (Maity, arXiv 2509.24320) on weight matrices, AdamW on the other parameters.
+
+    With Nesterov momentum D (beta = ``momentum``) of the gradient viewed as m x n:
+    X = D / (||D||_F + 1e-7);  r = sqrt(mean(cosh(gamma X)^2));  U = X / (r + 1e-8);
+    W <- W (1 - lr wd) - lr s U,  s = sqrt(max(1, m/n)) (``adjust_lr_fn``; ``"none"``: s = 1).
+    Linear in the number of entries. Since r = 1 + O(1/(m n)), this is Frobenius-normalized
+    Nesterov SGD in practice. ``normalize=False`` and ``gamma=1.5`` give the authors' later
+    code (U = D / (r + 1e-8): the step then scales with the gradient).
+    Defaults: lr 0.24 with gamma 1 as in the authors' training script; weight decay 0 as in
+    their optimizer class.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.24,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        *,
+        gamma: float = 1.0,
+        normalize: bool = True,
+        adjust_lr_fn: str = "original",
+        adamw_lr: float = 1e-3,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 1e-2,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        proj_method: str = "svd",
+        refresh: str = "fixed",
+        seed: int = 0,
+    ) -> None:
+        matrix = dict(rule="auon", lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                      gamma=gamma, normalize=normalize, adjust_lr_fn=adjust_lr_fn)
+        super().__init__(params, matrix, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay,
+                         _lowrank(None, update_proj_gap, scale, proj_type, proj_method=proj_method,
+                                  refresh=refresh, seed=seed))
+
+
+class HybridAuON(NormalizedMomentumOptimizer):
+    """Hybrid-AuON (same paper): ``ns_steps`` Newton-Schulz iterations (paper: 1) before AuON's
+    cosh scaling:  Y = NS^k(X);  U = Y / (sqrt(mean(cosh(gamma Y)^2)) + 1e-8);  W <- W - lr s U.
+    ``ns_steps=5`` is what the authors' later code runs (then U is Muon's update up to r).
+    Newton-Schulz runs in ``ns_dtype`` (bfloat16, as the authors' code and torch.optim.Muon).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.24,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        *,
+        gamma: float = 1.0,
+        ns_steps: int = 1,
+        ns_coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
+        ns_dtype: str = "bfloat16",
+        adjust_lr_fn: str = "original",
+        adamw_lr: float = 1e-3,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 1e-2,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        proj_method: str = "svd",
+        refresh: str = "fixed",
+        seed: int = 0,
+    ) -> None:
+        matrix = dict(rule="hybrid_auon", lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                      gamma=gamma, ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
+                      adjust_lr_fn=adjust_lr_fn)
+        super().__init__(params, matrix, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay,
+                         _lowrank(None, update_proj_gap, scale, proj_type, proj_method=proj_method,
+                                  refresh=refresh, seed=seed))
+
+
+class Muon(NormalizedMomentumOptimizer):
+    """Muon (Jordan et al., 2024) on weight matrices, AdamW on the other parameters.
+
+    U = 5 quintic Newton-Schulz iterations of X = D / (||D||_F + 1e-7) (bfloat16);
+    W <- W (1 - lr wd) - lr s U. The matrix groups equal ``torch.optim.Muon`` with the same
+    arguments; the defaults are torch's (lr 1e-3, weight decay 0.1; Keller Jordan's original
+    uses lr 0.02 and no weight decay). Cost O(m n min(m, n)) per step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        *,
+        ns_steps: int = 5,
+        ns_coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
+        ns_dtype: str = "bfloat16",
+        adjust_lr_fn: str = "original",
+        adamw_lr: float = 1e-3,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 1e-2,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        proj_method: str = "svd",
+        refresh: str = "fixed",
+        seed: int = 0,
+    ) -> None:
+        matrix = dict(rule="muon", lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                      ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
+                      adjust_lr_fn=adjust_lr_fn)
+        super().__init__(params, matrix, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay,
+                         _lowrank(None, update_proj_gap, scale, proj_type, proj_method=proj_method,
+                                  refresh=refresh, seed=seed))

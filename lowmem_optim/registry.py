@@ -19,10 +19,17 @@ OPTIMIZERS: dict[str, str] = {
     "galore_adamw": "lowmem_optim.optimizers:GaLoreAdamW",
     "galore_adafactor": "lowmem_optim.optimizers:GaLoreAdafactor",
     "galore_adamw8bit": "lowmem_optim.optimizers:GaLoreAdamW8bit",
+    "auon": "lowmem_optim.optimizers:AuON",
+    "hybrid_auon": "lowmem_optim.optimizers:HybridAuON",
+    "muon": "lowmem_optim.optimizers:Muon",
 }
 
 #: registry names of the optimizers that take low-rank param groups (``rank`` etc.)
 LOWRANK_OPTIMIZERS: frozenset[str] = frozenset({"galore_adamw", "galore_adafactor", "galore_adamw8bit"})
+
+#: registry names of the optimizers whose matrix group gets a normalized-momentum rule and whose
+#: other parameters get AdamW (groups from :func:`lowmem_optim.normalized_param_groups`)
+MATRIX_OPTIMIZERS: frozenset[str] = frozenset({"auon", "hybrid_auon", "muon"})
 
 #: low-rank group keys that :func:`build_optimizer` routes to the low-rank group
 LOWRANK_KEYS: tuple[str, ...] = ("rank", "update_proj_gap", "scale", "proj_type")
@@ -47,15 +54,18 @@ def build_optimizer(
 
     For low-rank optimizers the keys in :data:`LOWRANK_KEYS` (``rank`` required) go to the
     group of the linear layers selected by ``target_modules``; every other hyperparameter goes
-    to the constructor. Keys whose value is None are dropped (the class default applies).
+    to the constructor. For :data:`MATRIX_OPTIMIZERS` the selected linear and conv weights
+    form the matrix group (with the low-rank keys, if given: the rule then runs in a subspace)
+    and the rest gets AdamW. Keys whose value is None are dropped (the class default applies).
     """
-    from lowmem_optim.groups import lowrank_param_groups
+    from lowmem_optim.groups import lowrank_param_groups, normalized_param_groups
 
     cls = get_optimizer_class(name)
     hparams = {k: v for k, v in hparams.items() if v is not None}
-    if name in LOWRANK_OPTIMIZERS:
+    if name in LOWRANK_OPTIMIZERS or name in MATRIX_OPTIMIZERS:
         lowrank = {k: hparams.pop(k) for k in LOWRANK_KEYS if k in hparams}
-        return cls(lowrank_param_groups(model, target_modules, **lowrank), **hparams)
+        make_groups = normalized_param_groups if name in MATRIX_OPTIMIZERS else lowrank_param_groups
+        return cls(make_groups(model, target_modules, **lowrank), **hparams)
     unused = [k for k in LOWRANK_KEYS if k in hparams]
     if unused:
         raise ValueError(f"{', '.join(unused)} given for optimizer {name!r}, which takes no low-rank groups "
