@@ -53,7 +53,8 @@ class TrainConfig:
     proj_bits: int | None = _opt(None, "bits of the stored projection (4: INT4, Q-GaLore)")
     refresh: str | None = _opt(None, "refresh schedule: fixed, or adaptive (lazy, per layer)")
     target_modules: str = _opt("all-linear", "low-rank linear layers: all-linear, a regex, or comma-separated name fragments")
-    layerwise: bool = _opt(False, "update each parameter inside backward and free its gradient (layer-wise)")
+    layerwise: bool = _opt(False, "update each parameter inside backward and free its gradient (layer-wise); "
+                                 "--grad-clip then clips per parameter")
     # schedule
     max_steps: int = _opt(1000, "optimizer steps to train")
     warmup_steps: int = _opt(0, "linear warm-up steps")
@@ -117,6 +118,9 @@ class TrainConfig:
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError(f"Invalid --grad-clip {self.grad_clip!r} / --weight-decay {self.weight_decay!r} "
                              "(allowed: numbers >= 0)")
+        if self.layerwise and self.parallel == "fsdp":
+            raise ValueError("--layerwise with --parallel fsdp is not supported (allowed: --parallel ddp, where the "
+                             "layer-wise hooks average each gradient over the ranks)")
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"Invalid --warmup-steps: {self.warmup_steps} (allowed: <= --max-steps {self.max_steps})")
 

@@ -21,7 +21,7 @@ from train import checkpoint, distributed
 from train.config import RESUMABLE_CHANGES, TrainConfig
 from train.data import Data, build_data
 from train.metrics import Metrics, peak_memory
-from train.model import build_model, count_parameters
+from train.model import build_model, count_parameters, quantize_weights
 from train.optim import make_optimizer, make_scheduler, optimizer_state_bytes
 
 
@@ -42,6 +42,18 @@ def check_resumable(cfg: TrainConfig, saved: dict[str, Any]) -> None:
         diffs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise ValueError(f"--resume: the checkpoint was trained with other settings ({diffs}); "
                          "resume with the same settings or start a new --output-dir")
+
+
+def attach_layerwise(optimizer: torch.optim.Optimizer, accum: int, grad_clip: float, d: distributed.Dist) -> Any:
+    """Layer-wise updates (lowmem_optim.layerwise): each parameter stepped in its gradient hook.
+    --grad-clip then clips each parameter's gradient by its own norm (a global norm would need
+    every gradient before the first update)."""
+    import torch.distributed as torch_dist
+
+    from lowmem_optim import layerwise
+
+    return layerwise.attach(optimizer, accumulation_steps=accum, max_grad_norm=grad_clip or None,
+                            process_group=torch_dist.group.WORLD if d.world > 1 else None)
 
 
 @torch.no_grad()
@@ -82,8 +94,12 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> list[dict[str, Any]]:
     model = build_model(cfg.model_config, dtype=dtype, device=d.device, seed=cfg.seed,
                         vocab_needed=data.tokenizer.vocab_size, seq_len=cfg.seq_len,
                         activation_checkpointing=cfg.activation_checkpointing)
+    if cfg.weight_bits == 8:
+        model = quantize_weights(model, cfg.target_modules)
     n_params = count_parameters(model)
-    model = distributed.wrap(model, cfg.parallel, d)
+    # layer-wise steps run inside backward, before DDP would all-reduce: their hooks average
+    # each gradient over the ranks themselves, so the model is not wrapped in DDP
+    model = model if cfg.layerwise else distributed.wrap(model, cfg.parallel, d)
     try:
         optimizer = make_optimizer(cfg, distributed.unwrap(model))
     except ValueError as err:
@@ -92,6 +108,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> list[dict[str, Any]]:
                              f"{err}") from err
         raise
     scheduler = make_scheduler(cfg, optimizer)
+    layerwise = attach_layerwise(optimizer, accum, cfg.grad_clip, d) if cfg.layerwise else None
 
     start = 0
     if resumed is not None:
@@ -121,11 +138,12 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> list[dict[str, Any]]:
                 loss = model(input_ids=batch, labels=batch).loss
                 (loss / accum).backward()
             loss_sum += loss.item()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        if layerwise is None:  # layer-wise: every parameter was stepped (and clipped) in backward
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         steps_timed += 1
 
         if step % cfg.log_every and step % cfg.eval_every and step != cfg.max_steps:
@@ -161,6 +179,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> list[dict[str, Any]]:
             distributed.barrier()
         clock, steps_timed = time.perf_counter(), 0
 
+    if layerwise is not None:
+        layerwise.remove()
     progress.close()
     metrics.close()
     return metrics.records
