@@ -162,4 +162,12 @@ def attach(
             "Layer-wise steps run inside backward, before DDP's bucketed all-reduce: do not wrap the "
             "model in DDP, and pass process_group so each gradient is averaged in its hook"
         )
+    if not hasattr(optimizer, "step_param") and any(
+        hasattr(p, "apply_update") for group in optimizer.param_groups for p in group["params"]
+    ):
+        raise ValueError(
+            f"Invalid optimizer: {type(optimizer).__name__} writes into its parameters, but some are INT8 "
+            "weights that hold no values (lowmem_optim.quant.int8_linear); use an optimizer of lowmem_optim "
+            "(allowed: any lowmem_optim.LowRankOptimizer) or dequantize_linear_layers(model) first"
+        )
     return LayerwiseHandle(optimizer, accumulation_steps, max_grad_norm, process_group)
