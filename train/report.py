@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS
+from train.optim import LOWRANK_FLAGS
+
 #: flags that name where or how a run logs, not what it trains: never hyperparameter columns
 NOT_HYPERPARAMETERS = frozenset({"output_dir", "run_name", "wandb", "wandb_project", "resume", "progress",
                                  "save_every", "keep_checkpoints", "log_every", "optimizer"})
@@ -109,6 +112,8 @@ def build_table(runs: list[Run]) -> tuple[list[str], list[dict[str, Any]]]:
     for run in runs:
         params = run.trial["params"] if run.trial else {}
         config = {**{k.replace("-", "_"): v for k, v in params.items()}, **run.config}
+        if config.get("optimizer") not in LOWRANK_OPTIMIZERS:  # the CLI ignored its low-rank flags
+            config.update(dict.fromkeys(LOWRANK_FLAGS))
         rows.append({"run": run.name, "optimizer": config.get("optimizer"),
                      **{k: config.get(k) for k in hparams}, **summarize(run)})
     scored = [r for r in rows if r["final_val_loss"] is not None and r["opt_state_bytes"] is not None]
