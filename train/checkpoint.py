@@ -42,11 +42,15 @@ def save(output_dir: str | Path, step: int, payload: dict[str, Any], keep: int) 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:08d}.pt"
     tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+        os.replace(tmp, path)
+    except BaseException:  # interrupted or failed: the partial file never becomes a checkpoint
+        tmp.unlink(missing_ok=True)
+        raise
     for old in saved(output_dir)[:-keep]:
         old.unlink()
     return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +66,24 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device
     return distributed.mean_over_ranks(sum(losses) / len(losses), device)
 
 
+@dataclass
+class Trained:
+    records: list[dict[str, Any]]  # the metrics records (rank 0; empty on other ranks)
+    model: nn.Module  # as trained: wrapped in DDP, or sharded by FSDP2
+    optimizer: torch.optim.Optimizer
+
+
 def train(cfg: TrainConfig) -> list[dict[str, Any]]:
     """Train as ``cfg`` says; returns the metrics records (on rank 0; empty on other ranks)."""
     d = distributed.setup()
     try:
-        return _train(cfg, d)
+        return run(cfg, d).records
     finally:
         distributed.teardown(d)
 
 
-def _train(cfg: TrainConfig, d: distributed.Dist) -> list[dict[str, Any]]:
+def run(cfg: TrainConfig, d: distributed.Dist) -> Trained:
+    """The whole run in this process (``d`` from :func:`train.distributed.setup`)."""
     out = Path(cfg.output_dir)
     accum = accumulation_steps(cfg, d.world)
     dtype = getattr(torch, cfg.torch_dtype_name)
@@ -183,7 +192,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> list[dict[str, Any]]:
         layerwise.remove()
     progress.close()
     metrics.close()
-    return metrics.records
+    return Trained(metrics.records, model, optimizer)
 
 
 def _model_config(model: nn.Module) -> dict[str, Any]:

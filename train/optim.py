@@ -18,7 +18,7 @@ from torch import nn
 
 from lowmem_optim.engine import matrix_shape
 from lowmem_optim.groups import lowrank_param_groups
-from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer, get_optimizer_class
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, build_optimizer, get_optimizer_class
 from train.config import TrainConfig
 
 #: flags that configure low-rank groups (group key = flag name in snake_case)
@@ -58,16 +58,17 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if "seed" in inspect.signature(cls).parameters:
         hparams["seed"] = cfg.seed
     lowrank = {flag: getattr(cfg, flag) for flag in LOWRANK_FLAGS if getattr(cfg, flag) is not None}
-    if name in LOWRANK_OPTIMIZERS:
-        if cfg.rank is None:
-            raise ValueError(f"--rank is required for --optimizer {name} (a low-rank optimizer)")
-        _check_some_matrix_projected(model, cfg)
+    if name in LOWRANK_OPTIMIZERS and cfg.rank is None:
+        raise ValueError(f"--rank is required for --optimizer {name} (a low-rank optimizer)")
+    if name in LOWRANK_OPTIMIZERS or name in MATRIX_OPTIMIZERS:  # the registry builds their groups
+        if cfg.rank is not None:
+            _check_some_matrix_projected(model, cfg)
         hparams.update(lowrank)
         kwargs = {"target_modules": target_modules(cfg.target_modules)}
     else:
         if lowrank:
             # a sweep may grid over optimizers with fixed low-rank flags: say so, but do not fail
-            print(f"note: --optimizer {name} takes no low-rank groups; ignoring "
+            print(f"note: --optimizer {name} takes no param groups; ignoring "
                   f"{', '.join('--' + k.replace('_', '-') for k in lowrank)}", file=sys.stderr)
         kwargs = {}
     try:

@@ -1,0 +1,45 @@
+"""Run by ``torchrun --nproc_per_node 2`` from test_train_distributed.py (not a test module).
+
+Three runs in one job, so the two processes start once: DDP with GaLore; FSDP2 with AdamW;
+FSDP2 with GaLore, which must refuse the sharded parameters. Each rank writes what it holds.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from train import distributed
+from train.config import parse_args
+from train.loop import run
+
+
+def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for name, p in distributed.unwrap(model).named_parameters()}
+
+
+def main(out: Path, base: list[str]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")  # owned here, so the runs below share it
+    d = distributed.setup()
+    rank = d.rank
+    ddp = run(parse_args(base + ["--optimizer=galore_adamw", "--rank=8", "--update-proj-gap=2",
+                                 f"--output-dir={out / 'ddp'}"]), d)
+    torch.save(full_parameters(ddp.model), out / f"ddp_rank{rank}.pt")
+
+    fsdp = run(parse_args(base + ["--optimizer=adamw", "--parallel=fsdp", f"--output-dir={out / 'fsdp'}"]), d)
+    torch.save(full_parameters(fsdp.model), out / f"fsdp_rank{rank}.pt")
+
+    try:
+        run(parse_args(base + ["--optimizer=galore_adamw", "--rank=8", "--parallel=fsdp",
+                               f"--output-dir={out / 'fsdp_galore'}"]), d)
+        (out / f"fsdp_galore_rank{rank}.txt").write_text("trained")
+    except ValueError as err:
+        (out / f"fsdp_galore_rank{rank}.txt").write_text(str(err))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])

@@ -1,0 +1,80 @@
+"""Two CPU processes on gloo (torchrun): DDP keeps ranks identical and matches one process on the
+same global batch; FSDP2 trains with AdamW and a clear error refuses GaLore's sharded matrices."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import checkpoint, main
+from train.metrics import read_jsonl
+from train.model import build_model
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = ["--model-config=configs/llama_tiny.json", "--lr=0.01", "--batch-size=2", "--seq-len=32", "--max-steps=4",
+        "--eval-every=2", "--eval-batches=1", "--progress=False"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={_free_port()}",
+         str(REPO / "tests" / "train" / "ddp_worker.py"), str(out), *BASE],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def test_ddp_ranks_end_with_identical_parameters(two_ranks):
+    rank0, rank1 = _load(two_ranks / "ddp_rank0.pt"), _load(two_ranks / "ddp_rank1.pt")
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    fresh = build_model(str(REPO / "configs" / "llama_tiny.json"), dtype=torch.float32, device=torch.device("cpu"),
+                        seed=0, vocab_needed=257, seq_len=32).state_dict()
+    assert all(not torch.equal(fresh[k], rank0[k]) for k in rank0 if k.endswith("proj.weight"))  # they trained
+
+
+def test_ddp_matches_one_process_on_the_same_global_batch(two_ranks):
+    one = main(BASE + ["--optimizer=galore_adamw", "--rank=8", "--update-proj-gap=2", "--batch-size=4",
+                       f"--output-dir={two_ranks / 'single'}"])
+    ddp = read_jsonl(two_ranks / "ddp" / "metrics.jsonl")
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    assert ddp[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-5)
+    single = checkpoint.load(checkpoint.latest(two_ranks / "single"))["model"]
+    rank0 = _load(two_ranks / "ddp_rank0.pt")
+    assert all(torch.allclose(single[k], rank0[k], atol=1e-5) for k in rank0)
+
+
+def test_fsdp2_trains_adamw_with_ranks_agreeing(two_ranks):
+    rank0, rank1 = _load(two_ranks / "fsdp_rank0.pt"), _load(two_ranks / "fsdp_rank1.pt")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    records = read_jsonl(two_ranks / "fsdp" / "metrics.jsonl")
+    assert records[-1]["loss"] < records[0]["loss"]
+    saved = checkpoint.load(checkpoint.latest(two_ranks / "fsdp"))  # gathered whole on rank 0
+    assert all(torch.equal(saved["model"][k], rank0[k]) for k in rank0)
+
+
+def test_fsdp2_with_galore_is_refused_with_a_clear_error(two_ranks):
+    for rank in (0, 1):
+        message = (two_ranks / f"fsdp_galore_rank{rank}.txt").read_text()
+        assert message.startswith("--parallel fsdp: --optimizer galore_adamw cannot take FSDP2-sharded parameters")
+        assert "is a sharded DTensor (FSDP2)" in message
