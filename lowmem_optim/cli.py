@@ -1,0 +1,87 @@
+"""``lowmem-optim``: the package's console script.
+
+    lowmem-optim memory --model-config configs/llama_7b.json --optimizer q_galore_adamw8bit \\
+        --rank 1024 --weight-bits 8 --proj-bits 4 --batch-size 16 --seq-len 256 \\
+        --activation-checkpointing --layerwise [--json]
+
+prints the bytes of weights, gradients, optimizer states, projections, activations, the update's
+workspace, and the predicted peak (:mod:`lowmem_optim.memory`). Flags shared with the training
+CLI have its names; snake_case spellings are accepted too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lowmem_optim.memory import COMPONENTS, DTYPES, WEIGHT_BITS, TrainingSetup, estimate_memory
+from lowmem_optim.registry import available_optimizers
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    spellings = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
+    parser.add_argument(*spellings, **kwargs)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowmem-optim", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    memory = commands.add_parser("memory", help="predict the memory of a LLaMA training step")
+    _flag(memory, "model-config", required=True, help="LLaMA config JSON (HF LlamaConfig fields)")
+    _flag(memory, "optimizer", required=True, choices=available_optimizers())
+    _flag(memory, "rank", type=int, default=None, help="subspace rank (low-rank optimizers)")
+    _flag(memory, "weight-bits", type=int, default=16, choices=WEIGHT_BITS,
+          help="32: float32 weights; 16: weights in --dtype; 8: INT8 linear layers")
+    _flag(memory, "dtype", default=None, choices=tuple(DTYPES), help="compute dtype (default: float32 for "
+          "--weight-bits 32, else bfloat16)")
+    _flag(memory, "proj-bits", type=int, default=None, choices=(4, 8, 16), help="bits of the stored projections")
+    _flag(memory, "batch-size", type=int, required=True)
+    _flag(memory, "seq-len", type=int, required=True)
+    _flag(memory, "activation-checkpointing", action="store_true")
+    _flag(memory, "layerwise", action="store_true", help="layer-wise updates (gradients freed in backward)")
+    _flag(memory, "target-modules", default="all-linear",
+          help="low-rank/INT8 linear layers: all-linear, a regex, or comma-separated name fragments")
+    _flag(memory, "json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _targets(value: str) -> str | list[str]:
+    return [t for t in value.split(",") if t] if "," in value else value
+
+
+def memory_command(args: argparse.Namespace) -> dict[str, int]:
+    path = Path(args.model_config)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"Invalid --model-config: {str(path)!r} is not a readable JSON file ({err})") from err
+    setup = TrainingSetup(
+        optimizer=args.optimizer, rank=args.rank, weight_bits=args.weight_bits, dtype=args.dtype,
+        proj_bits=args.proj_bits, batch_size=args.batch_size, seq_len=args.seq_len,
+        activation_checkpointing=args.activation_checkpointing, layerwise=args.layerwise,
+        target_modules=_targets(args.target_modules),
+    )
+    return estimate_memory(config, setup).as_dict()
+
+
+def _table(result: dict[str, int]) -> str:
+    rows = [(name, result[f"{name}_bytes"]) for name in (*COMPONENTS, "total")]
+    return "\n".join(f"{name:<18}{value:>16,d} B {value / 2**30:>9.3f} GiB" for name, value in rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = memory_command(args)
+    except ValueError as err:
+        print(f"lowmem-optim: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else _table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

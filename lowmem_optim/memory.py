@@ -1,0 +1,342 @@
+"""The memory model: bytes of a LLaMA training step, per component, from a config and a setup.
+
+Components (each in bytes; ``total_bytes`` is the predicted peak of a training step):
+
+* weights: every parameter and buffer of the model as trained: ``--weight-bits`` 32 or 16 gives
+  each parameter numel x 4 or 2; with 8 the selected linear layers hold uint8 codes plus a
+  float32 scale and zero per group of 256 (:mod:`lowmem_optim.quant.int8_linear`), the rest
+  stays in ``--dtype``.
+* gradients: one per trainable parameter in its dtype; with ``--layerwise`` each is freed right
+  after its update, so only the largest one counts.
+* optimizer_states: the tensors of ``optimizer.state`` other than the projections: the inner
+  rule's moments (Adam: 2 x numel; 8-bit Adam: 2 bytes per value + float32 absmax per 256,
+  float32 below ``min_8bit_size``; Adafactor: row + column statistics; normalized momentum: one
+  buffer) on the projected shape (m x r or r x n) for low-rank parameters, plus the 4-byte step
+  counter and the adaptive schedule's similarity queue (float64, up to ``queue_size``).
+* projections: the stored bases (m x r or r x n in the gradient's dtype, or INT8/INT4 codes
+  with float32 scale and zero per ``proj_group_size`` and 32 bytes of metadata), or the DCT's
+  r int64 indices plus its shared d x d basis cache.
+* activations: what LlamaForCausalLM (HF transformers, SDPA attention with the flash or
+  memory-efficient kernel) keeps for backward, per token and layer, with s the dtype size,
+  h hidden, f intermediate, a heads, kv key/value heads, V vocabulary:
+
+      2 RMSNorms  2 ((4 + s) h + 4)           (float32 copy of the input + the cast output)
+      attention   s h (3 + 2 kv/a) + 4 a      (q, k, v after RoPE, output, its contiguous copy, logsumexp)
+      MLP         4 s f                       (gate, SiLU(gate), up, their product)
+
+  times layers x tokens; with activation checkpointing only each layer's input (s h per token
+  per layer) is kept, plus one layer recomputed in backward, with its gradient working set
+  s (h + 2 f) per token. On top, the loss at the start of backward: the logits held by the
+  output (s V), the float32 log-softmax output, the incoming and outgoing float32 gradients
+  (12 V), per token.
+* workspace: the transient memory of one parameter's update (the largest over parameters):
+  the back-projected update (m x n), the rule's float32 temporaries (8-bit Adam dequantizes
+  both moments), and the INT8 weight's float32 re-quantization chunk.
+
+Without ``--layerwise`` the optimizer step runs after backward, once activations are freed:
+
+    total = weights + optimizer_states + projections + gradients + max(activations, workspace)
+
+With it, each update runs inside backward: total = weights + states + projections + largest
+gradient + activations + workspace.
+
+What is exact: weights, gradients, optimizer states and projections are counted from the same
+parameter and group layout the training code builds (the model skeleton is built on the meta
+device with the real classes, the optimizer with :func:`lowmem_optim.build_optimizer`) and are
+tested equal to the bytes of the real tensors after a step. Activations and workspace are a
+model of HF's LLaMA on CUDA; CPU attention (the math path) keeps the full attention matrix
+instead and is not modelled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowmem_optim.engine import LowRankOptimizer, matrix_shape, uses_projection
+from lowmem_optim.projection.base import projection_sides
+
+WEIGHT_BITS = (32, 16, 8)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: the components every estimate reports, in this order
+COMPONENTS = ("weights", "gradients", "optimizer_states", "projections", "activations", "workspace")
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The sizes of a LLaMA config (HF ``LlamaConfig`` field names)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LlamaShape:
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in config]
+        if missing:
+            raise ValueError(f"Invalid model config: missing {', '.join(missing)} (allowed: an HF LlamaConfig JSON)")
+        return cls(config["vocab_size"], config["hidden_size"], config["intermediate_size"],
+                   config["num_hidden_layers"], config["num_attention_heads"],
+                   config.get("num_key_value_heads") or config["num_attention_heads"],
+                   bool(config.get("tie_word_embeddings", False)))
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+
+
+def llama_skeleton(shape: LlamaShape, dtype: torch.dtype) -> nn.Module:
+    """A module tree with LlamaForCausalLM's parameter names and shapes, on the meta device
+    (no memory), so that ``target_modules`` and param groups select exactly as in training."""
+    h, f = shape.hidden_size, shape.intermediate_size
+    kv = h // shape.num_attention_heads * shape.num_key_value_heads
+    with torch.device("meta"):
+        layers = nn.ModuleList()
+        for _ in range(shape.num_hidden_layers):
+            layer = nn.Module()
+            layer.self_attn = nn.Module()
+            for name, out in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
+                setattr(layer.self_attn, name, nn.Linear(h, out, bias=False, dtype=dtype))
+            layer.self_attn.o_proj = nn.Linear(h, h, bias=False, dtype=dtype)
+            layer.mlp = nn.Module()
+            layer.mlp.gate_proj = nn.Linear(h, f, bias=False, dtype=dtype)
+            layer.mlp.up_proj = nn.Linear(h, f, bias=False, dtype=dtype)
+            layer.mlp.down_proj = nn.Linear(f, h, bias=False, dtype=dtype)
+            layer.input_layernorm = _RMSNorm(h).to(dtype)
+            layer.post_attention_layernorm = _RMSNorm(h).to(dtype)
+            layers.append(layer)
+        model = nn.Module()
+        model.model = nn.Module()
+        model.model.embed_tokens = nn.Embedding(shape.vocab_size, h, dtype=dtype)
+        model.model.layers = layers
+        model.model.norm = _RMSNorm(h).to(dtype)
+        model.model.rotary_emb = nn.Module()  # RoPE frequencies, float32 buffers in HF transformers 5
+        for name in ("inv_freq", "original_inv_freq"):
+            model.model.rotary_emb.register_buffer(name, torch.empty(h // shape.num_attention_heads // 2,
+                                                                     dtype=torch.float32))
+        model.lm_head = nn.Linear(h, shape.vocab_size, bias=False, dtype=dtype)
+        if shape.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """A training setup, with the training CLI's names (``--weight-bits``, ``--proj-bits``, ...)."""
+
+    optimizer: str
+    rank: int | None = None
+    weight_bits: int = 16
+    dtype: str | None = None
+    proj_bits: int | None = None
+    batch_size: int = 1
+    seq_len: int = 256
+    activation_checkpointing: bool = False
+    layerwise: bool = False
+    target_modules: str | list[str] = "all-linear"
+    group_size: int = 256
+    optimizer_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def torch_dtype(self) -> torch.dtype:
+        """``dtype``, defaulting to float32 for 32-bit weights and bfloat16 otherwise."""
+        if self.weight_bits not in WEIGHT_BITS:
+            raise ValueError(f"Invalid weight_bits: {self.weight_bits!r} (allowed: {', '.join(map(str, WEIGHT_BITS))})")
+        name = self.dtype or ("float32" if self.weight_bits == 32 else "bfloat16")
+        if name not in DTYPES:
+            raise ValueError(f"Invalid dtype: {name!r} (allowed: {', '.join(DTYPES)})")
+        dtype = DTYPES[name]
+        if (self.weight_bits == 32) != (dtype == torch.float32):
+            raise ValueError(f"Invalid dtype: {name!r} with weight_bits={self.weight_bits} (allowed: float32 with "
+                             "32-bit weights; bfloat16 or float16 with 16- or 8-bit weights)")
+        return dtype
+
+
+@dataclass
+class MemoryEstimate:
+    weights_bytes: int
+    gradients_bytes: int
+    optimizer_states_bytes: int
+    projections_bytes: int
+    activations_bytes: int
+    workspace_bytes: int
+    total_bytes: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def build_setup_model(config: dict[str, Any], setup: TrainingSetup) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The meta-device skeleton (INT8-converted as training would) and the optimizer over it."""
+    from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, build_optimizer
+
+    dtype = setup.torch_dtype()
+    model = llama_skeleton(LlamaShape.from_config(config), dtype)
+    if setup.weight_bits == 8:
+        from lowmem_optim.quant.int8_linear import quantize_linear_layers
+
+        quantize_linear_layers(model, setup.target_modules, group_size=setup.group_size)
+    kwargs = dict(setup.optimizer_kwargs)
+    if setup.optimizer in LOWRANK_OPTIMIZERS | MATRIX_OPTIMIZERS:
+        kwargs.update(rank=setup.rank, proj_bits=setup.proj_bits)
+    elif setup.rank is not None or setup.proj_bits is not None:
+        raise ValueError(f"Invalid optimizer: {setup.optimizer!r} takes no rank or proj_bits (allowed with them: "
+                         f"{', '.join(sorted(LOWRANK_OPTIMIZERS | MATRIX_OPTIMIZERS))})")
+    return model, build_optimizer(setup.optimizer, model, target_modules=setup.target_modules, **kwargs)
+
+
+def _nbytes(numel: int, dtype: torch.dtype) -> int:
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    from lowmem_optim.quant.int8_linear import Int8Weight
+
+    params = sum(p.element_size() if isinstance(p, Int8Weight) else p.numel() * p.element_size()
+                 for p in model.parameters())
+    return params + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+# ---- optimizer state, per parameter -------------------------------------------------------
+def _rule_bytes(rule: str, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+    numel = math.prod(shape)
+    if rule == "adam":
+        return 2 * _nbytes(numel, torch.float32 if dtype == torch.float16 else dtype)
+    if rule == "adam8bit":
+        if numel < group.get("min_8bit_size", 4096):
+            return 8 * numel
+        return 2 * numel + 8 * math.ceil(numel / 256)
+    if rule == "adafactor":
+        stats = numel if len(shape) < 2 else math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
+        return 4 * stats + (4 * numel if group.get("beta1") is not None else 0)
+    if rule in ("auon", "hybrid_auon", "muon"):
+        return _nbytes(numel, dtype)
+    raise ValueError(f"Invalid rule for the memory model: {rule!r} (allowed: adam, adam8bit, adafactor, auon, "
+                     "hybrid_auon, muon)")
+
+
+def _basis_bytes(numel: int, dtype: torch.dtype, group: dict[str, Any]) -> int:
+    bits = group.get("proj_bits")
+    if bits in (None, 16):
+        return _nbytes(numel, dtype)
+    codes = math.ceil(numel / 2) if bits == 4 else numel
+    return codes + 8 * math.ceil(numel / group.get("proj_group_size", 256)) + 32
+
+
+def _projected(param: torch.Tensor, group: dict[str, Any]) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+    """(low-rank shape, projection bytes, dct basis sizes) of a projected parameter."""
+    m, n = matrix_shape(param)
+    r = group["rank"]
+    left, right = projection_sides((m, n), group["proj_type"])
+    low = (r if left else m, r if right else n)
+    if group["proj_method"] == "dct":
+        return low, 8 * r, (m if left else n,)
+    if group["proj_method"] not in ("svd", "randomized_svd"):
+        raise ValueError(f"Invalid proj_method for the memory model: {group['proj_method']!r} "
+                         "(allowed: svd, randomized_svd, dct)")
+    proj = (_basis_bytes(m * r, param.dtype, group) if left else 0) + (_basis_bytes(r * n, param.dtype, group) if right else 0)
+    return low, proj, ()
+
+
+def _baseline_state_bytes(name: str, param: torch.Tensor, optimizer: torch.optim.Optimizer) -> int:
+    if name == "adamw":  # torch.optim.AdamW: moments like the parameter, float32 step tensor
+        return 2 * param.numel() * param.element_size() + 4
+    if name == "adamw8bit":  # bitsandbytes: uint8 states + float32 absmax per 256, float32 when small
+        return _rule_bytes("adam8bit", tuple(param.shape), param.dtype, {"min_8bit_size": optimizer.args.min_8bit_size})
+    raise ValueError(f"Invalid optimizer for the memory model: {name!r} (allowed: adamw, adamw8bit, or an "
+                     "optimizer of lowmem_optim)")
+
+
+def _int8_chunk_bytes(param: torch.Tensor) -> int:
+    from lowmem_optim.quant.int8_linear import _UPDATE_CHUNK, Int8Weight
+
+    # dequantized fp32 weight, scaled values, uniform draws and their floor, per chunk
+    return 16 * min(param.numel(), _UPDATE_CHUNK) if isinstance(param, Int8Weight) else 0
+
+
+def _rule_workspace(rule: str, numel: int, dtype: torch.dtype, group: dict[str, Any]) -> int:
+    if rule == "adam8bit" and numel >= group.get("min_8bit_size", 4096):
+        # g in fp32, both moments dequantized, denominator and update (fp32), new codes
+        return 20 * numel + 2 * numel
+    if rule in ("adam", "adam8bit"):
+        return 2 * _nbytes(numel, torch.float32 if rule == "adam8bit" else dtype)
+    return 3 * 4 * numel  # Adafactor's fp32 squares/factors, normalized rules' direction and update
+
+
+def optimizer_memory(optimizer_name: str, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Predicted ``optimizer_states``, ``projections``, largest ``gradient`` and ``workspace``
+    bytes for the optimizer's param groups (after steps, adaptive queues full)."""
+    out = {"optimizer_states": 0, "projections": 0, "gradients": 0, "largest_gradient": 0, "workspace": 0}
+    dct_bases: set[tuple[int, torch.dtype]] = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            grad = p.numel() * p.element_size()
+            out["gradients"] += grad
+            out["largest_gradient"] = max(out["largest_gradient"], grad)
+            if not isinstance(optimizer, LowRankOptimizer):
+                out["optimizer_states"] += _baseline_state_bytes(optimizer_name, p, optimizer)
+                out["workspace"] = max(out["workspace"], _int8_chunk_bytes(p))
+                continue
+            states = 4  # the step counter
+            workspace = _int8_chunk_bytes(p)
+            if uses_projection(p, group):
+                low, proj, bases = _projected(p, group)
+                out["projections"] += proj
+                dct_bases.update((d, p.dtype) for d in bases)
+                states += _rule_bytes(group["rule"], low, p.dtype, group)
+                if group["refresh"] == "adaptive":
+                    states += 8 * group.get("queue_size", 5)
+                workspace += grad + _rule_workspace(group["rule"], math.prod(low), p.dtype, group)
+            else:
+                states += _rule_bytes(group["rule"], tuple(p.shape), p.dtype, group)
+                workspace += _rule_workspace(group["rule"], p.numel(), p.dtype, group)
+            out["optimizer_states"] += states
+            out["workspace"] = max(out["workspace"], workspace)
+    out["projections"] += sum(_nbytes(d * d, dtype) for d, dtype in dct_bases)  # the DCT basis cache
+    return out
+
+
+# ---- activations ----------------------------------------------------------------------------
+def activation_memory(shape: LlamaShape, setup: TrainingSetup) -> int:
+    """Peak bytes of activations (see the module docstring for the per-token terms)."""
+    s = torch.empty((), dtype=setup.torch_dtype()).element_size()
+    h, f, a, kv = shape.hidden_size, shape.intermediate_size, shape.num_attention_heads, shape.num_key_value_heads
+    tokens = setup.batch_size * setup.seq_len
+    norm = (4 + s) * h + 4
+    per_layer = 2 * norm + s * h * (3 + 2 * kv / a) + 4 * a + 4 * s * f
+    loss = (s + 12) * shape.vocab_size + norm  # the final norm's input is saved too
+    if not setup.activation_checkpointing:
+        return int(tokens * (shape.num_hidden_layers * per_layer + loss))
+    recompute = per_layer + s * (h + 2 * f)
+    return int(tokens * (shape.num_hidden_layers * s * h + max(loss, recompute)))
+
+
+def estimate_memory(config: dict[str, Any], setup: TrainingSetup) -> MemoryEstimate:
+    """The memory of one training step of the LLaMA ``config`` under ``setup``."""
+    if isinstance(setup.batch_size, bool) or not isinstance(setup.batch_size, int) or setup.batch_size < 1:
+        raise ValueError(f"Invalid batch_size: {setup.batch_size!r} (allowed: an int >= 1)")
+    if isinstance(setup.seq_len, bool) or not isinstance(setup.seq_len, int) or setup.seq_len < 1:
+        raise ValueError(f"Invalid seq_len: {setup.seq_len!r} (allowed: an int >= 1)")
+    model, optimizer = build_setup_model(config, setup)
+    opt = optimizer_memory(setup.optimizer, optimizer)
+    weights = _weight_bytes(model)
+    activations = activation_memory(LlamaShape.from_config(config), setup)
+    static = weights + opt["optimizer_states"] + opt["projections"]
+    if setup.layerwise:
+        gradients = opt["largest_gradient"]
+        total = static + gradients + activations + opt["workspace"]
+    else:
+        gradients = opt["gradients"]
+        total = static + gradients + max(activations, opt["workspace"])
+    return MemoryEstimate(weights, gradients, opt["optimizer_states"], opt["projections"], activations,
+                          opt["workspace"], total)

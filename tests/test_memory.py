@@ -1,0 +1,103 @@
+"""Memory model: weights, gradients, optimizer states and projections predicted exactly against
+the bytes of a real tiny LLaMA's tensors after a step (CPU); the console script's contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowmem_optim import build_optimizer
+from lowmem_optim.cli import main
+from lowmem_optim.memory import TrainingSetup, estimate_memory
+from lowmem_optim.quant.int8_linear import Int8Weight, quantize_linear_layers
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TINY = CONFIGS / "llama_tiny.json"
+LOWRANK = {"galore_adamw", "galore_adamw8bit", "q_galore_adamw8bit"}
+
+
+def tiny_config() -> dict:
+    return json.loads(TINY.read_text())
+
+
+def measured_bytes(setup: TrainingSetup, steps: int) -> dict[str, int]:
+    """Build the real model and optimizer as training does, step, and count tensor bytes."""
+    from train.model import build_model
+
+    model = build_model(str(TINY), dtype=setup.torch_dtype(), device=torch.device("cpu"), seed=0,
+                        vocab_needed=512, seq_len=setup.seq_len)
+    if setup.weight_bits == 8:
+        quantize_linear_layers(model, setup.target_modules)
+    extra = {"rank": setup.rank, "proj_bits": setup.proj_bits} if setup.optimizer in LOWRANK else {}
+    opt = build_optimizer(setup.optimizer, model, target_modules=setup.target_modules, **extra,
+                          **dict(setup.optimizer_kwargs))
+    tokens = torch.randint(0, 512, (setup.batch_size, setup.seq_len), generator=torch.Generator().manual_seed(0))
+    grads = 0
+    for _ in range(steps):
+        model(tokens, labels=tokens).loss.backward()
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+        opt.step()
+        opt.zero_grad()
+    weights = sum(p.element_size() if isinstance(p, Int8Weight) else p.numel() * p.element_size()
+                  for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
+    states = proj = 0
+    for state in opt.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                nbytes = value.numel() * value.element_size()
+                proj, states = (proj + nbytes, states) if key.startswith("proj_") else (proj, states + nbytes)
+    return {"weights_bytes": weights, "gradients_bytes": grads, "optimizer_states_bytes": states,
+            "projections_bytes": proj}
+
+
+@pytest.mark.parametrize("setup", [
+    TrainingSetup("adamw", weight_bits=32, batch_size=2, seq_len=16),
+    TrainingSetup("galore_adamw", rank=8, weight_bits=16, batch_size=2, seq_len=16),
+    # INT8 weights, INT4 projections, adaptive refresh whose similarity queue is full after 2 steps
+    TrainingSetup("galore_adamw8bit", rank=8, weight_bits=8, proj_bits=4, batch_size=2, seq_len=16,
+                  optimizer_kwargs=(("refresh", "adaptive"), ("update_proj_gap", 1), ("queue_size", 1),
+                                    ("cos_threshold", 1.0))),
+], ids=lambda s: f"{s.optimizer}-w{s.weight_bits}-p{s.proj_bits}")
+def test_weights_gradients_states_and_projections_match_real_tensor_bytes(setup):
+    predicted = estimate_memory(tiny_config(), setup).as_dict()
+    measured = measured_bytes(setup, steps=2)
+    assert {k: predicted[k] for k in measured} == measured
+    assert measured["projections_bytes"] > 0 if setup.rank else measured["projections_bytes"] == 0
+
+
+def test_layerwise_keeps_one_gradient_and_activation_checkpointing_shrinks_activations():
+    base = TrainingSetup("galore_adamw", rank=8, batch_size=4, seq_len=64)
+    plain = estimate_memory(tiny_config(), base)
+    lw = estimate_memory(tiny_config(), TrainingSetup(**{**base.__dict__, "layerwise": True}))
+    ckpt = estimate_memory(tiny_config(), TrainingSetup(**{**base.__dict__, "activation_checkpointing": True}))
+    assert lw.gradients_bytes == 512 * 64 * 2 < plain.gradients_bytes  # the embedding's (= head's) gradient
+    assert ckpt.activations_bytes < plain.activations_bytes
+    double = estimate_memory(tiny_config(), TrainingSetup(**{**base.__dict__, "batch_size": 8}))
+    assert double.activations_bytes == 2 * plain.activations_bytes
+
+
+def test_cli_prints_one_json_object_with_every_component(capsys):
+    code = main(["memory", "--model-config", str(TINY), "--optimizer", "galore_adamw8bit", "--rank", "8",
+                 "--weight-bits", "8", "--proj-bits", "4", "--batch-size", "2", "--seq-len", "32",
+                 "--activation-checkpointing", "--layerwise", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    parts = [k for k in result if k.endswith("_bytes") and k != "total_bytes"]
+    assert {"weights_bytes", "gradients_bytes", "optimizer_states_bytes", "projections_bytes",
+            "activations_bytes"} <= set(parts)
+    assert result["total_bytes"] == sum(result[k] for k in parts)  # layer-wise: everything at once
+
+
+def test_cli_reports_bad_input_naming_the_flag(capsys):
+    assert main(["memory", "--model-config", str(TINY), "--optimizer", "adamw", "--rank", "8",
+                 "--batch-size", "1", "--seq-len", "8"]) == 2
+    assert "rank" in capsys.readouterr().err
+    assert main(["memory", "--model-config", "nope.json", "--optimizer", "adamw", "--batch-size", "1",
+                 "--seq-len", "8"]) == 2
+    assert "--model-config" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["memory", "--model-config", str(TINY), "--optimizer", "adamw", "--weight-bits", "4",
+              "--batch-size", "1", "--seq-len", "8"])
