@@ -121,6 +121,8 @@ class TrainConfig:
         if self.layerwise and self.parallel == "fsdp":
             raise ValueError("--layerwise with --parallel fsdp is not supported (allowed: --parallel ddp, where the "
                              "layer-wise hooks average each gradient over the ranks)")
+        if self.weight_bits == 8 and self.parallel == "fsdp":
+            raise ValueError("--weight-bits 8 with --parallel fsdp is not supported (allowed: --parallel ddp)")
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"Invalid --warmup-steps: {self.warmup_steps} (allowed: <= --max-steps {self.max_steps})")
 

@@ -62,7 +62,12 @@ def wrap(model: nn.Module, parallel: str, d: Dist) -> nn.Module:
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        # INT8 weights (lowmem_optim.quant.int8_linear) hold no values to broadcast: every rank
+        # builds the same model from the seed, and their codes stay equal (same gradient, same
+        # seeded rounding), so neither the initial sync nor the buffer broadcast is needed
+        int8 = any(hasattr(p, "apply_update") for p in model.parameters())
+        return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+                                       init_sync=not int8, broadcast_buffers=not int8)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

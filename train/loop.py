@@ -23,7 +23,7 @@ from train.config import RESUMABLE_CHANGES, TrainConfig
 from train.data import Data, build_data
 from train.metrics import Metrics, peak_memory
 from train.model import build_model, count_parameters, quantize_weights
-from train.optim import make_optimizer, make_scheduler, optimizer_state_bytes
+from train.optim import make_optimizer, make_scheduler, optimizer_state_bytes, target_modules
 
 
 def accumulation_steps(cfg: TrainConfig, world: int) -> int:
@@ -104,7 +104,7 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> Trained:
                         vocab_needed=data.tokenizer.vocab_size, seq_len=cfg.seq_len,
                         activation_checkpointing=cfg.activation_checkpointing)
     if cfg.weight_bits == 8:
-        model = quantize_weights(model, cfg.target_modules)
+        model = quantize_weights(model, target_modules(cfg.target_modules))
     n_params = count_parameters(model)
     # layer-wise steps run inside backward, before DDP would all-reduce: their hooks average
     # each gradient over the ranks themselves, so the model is not wrapped in DDP

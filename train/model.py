@@ -75,17 +75,14 @@ def build_model(
     return model
 
 
-def quantize_weights(model: nn.Module, target_modules: str) -> nn.Module:
-    """INT8 weights (Q-GaLore) in the linear layers ``target_modules`` selects (``--target-modules``
-    syntax), via :mod:`lowmem_optim.quant.int8_linear`."""
-    try:
-        from lowmem_optim.quant.int8_linear import quantize_linear_layers
-    except ImportError as err:
-        raise ValueError(f"--weight-bits 8 is not available: lowmem_optim.quant.int8_linear cannot be imported "
-                         f"({err}) (allowed: --weight-bits 16)") from err
-    from train.optim import target_modules as parse_targets
+def quantize_weights(model: nn.Module, target_modules: str | list[str]) -> nn.Module:
+    """INT8 weights (Q-GaLore) in the linear layers ``target_modules`` selects, in place
+    (:mod:`lowmem_optim.quant.int8_linear`: codes + per-group scale and zero, group size 256).
+    Their updates are applied by the optimizer through ``apply_update``, so only this
+    package's optimizers can train them (checked when the optimizer is built)."""
+    from lowmem_optim.quant.int8_linear import quantize_linear_layers
 
-    return quantize_linear_layers(model, target_modules=parse_targets(target_modules), group_size=256)
+    return quantize_linear_layers(model, target_modules=target_modules, group_size=256)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowmem_optim.engine import matrix_shape
+from lowmem_optim.engine import LowRankOptimizer, matrix_shape
 from lowmem_optim.groups import lowrank_param_groups
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, build_optimizer, get_optimizer_class
 from train.config import TrainConfig
@@ -72,9 +72,13 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
                   f"{', '.join('--' + k.replace('_', '-') for k in lowrank)}", file=sys.stderr)
         kwargs = {}
     try:
-        return build_optimizer(name, model, **kwargs, **hparams)
+        optimizer = build_optimizer(name, model, **kwargs, **hparams)
     except TypeError as err:  # a flag the optimizer's constructor does not take
         raise ValueError(f"--optimizer {name} does not accept one of {sorted(hparams)}: {err}") from err
+    if not isinstance(optimizer, LowRankOptimizer) and any(hasattr(p, "apply_update") for p in model.parameters()):
+        raise ValueError(f"--weight-bits 8: --optimizer {name} writes into its parameters and cannot update INT8 "
+                         f"weights (allowed: an optimizer of this package, e.g. {', '.join(sorted(LOWRANK_OPTIMIZERS))})")
+    return optimizer
 
 
 def lr_lambda(cfg: TrainConfig):

@@ -1,7 +1,7 @@
 """Run by ``torchrun --nproc_per_node 2`` from test_train_distributed.py (not a test module).
 
-Three runs in one job, so the two processes start once: DDP with GaLore; FSDP2 with AdamW;
-FSDP2 with GaLore, which must refuse the sharded parameters. Each rank writes what it holds.
+Four runs in one job, so the two processes start once: DDP with GaLore; DDP with GaLore on
+INT8 weights; FSDP2 with AdamW; FSDP2 with GaLore, which must refuse the sharded parameters. Each rank writes what it holds.
 """
 
 import sys
@@ -28,6 +28,10 @@ def main(out: Path, base: list[str]) -> None:
     ddp = run(parse_args(base + ["--optimizer=galore_adamw", "--rank=8", "--update-proj-gap=2",
                                  f"--output-dir={out / 'ddp'}"]), d)
     torch.save(full_parameters(ddp.model), out / f"ddp_rank{rank}.pt")
+
+    int8 = run(parse_args(base + ["--optimizer=galore_adamw", "--rank=8", "--weight-bits=8",
+                                  f"--output-dir={out / 'ddp_int8'}"]), d)
+    torch.save(distributed.unwrap(int8.model).state_dict(), out / f"ddp_int8_rank{rank}.pt")
 
     fsdp = run(parse_args(base + ["--optimizer=adamw", "--parallel=fsdp", f"--output-dir={out / 'fsdp'}"]), d)
     torch.save(full_parameters(fsdp.model), out / f"fsdp_rank{rank}.pt")

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lowmem_optim import available_optimizers
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS
+from train import checkpoint
 from train.config import TrainConfig, parse_args
 from train.metrics import read_jsonl
 
@@ -85,6 +87,7 @@ def test_a_bad_boolean_or_unknown_flag_is_rejected_by_the_parser():
     ({"total-batch-size": 6}, "Invalid --total-batch-size: 6 (allowed: a multiple of --batch-size"),
     ({"seq-len": 512}, "--seq-len 512 exceeds max_position_embeddings 256"),
     ({"dtype": "float8"}, "Invalid --dtype: 'float8' (allowed: float32"),
+    ({"weight-bits": 8}, "--weight-bits 8: --optimizer adamw writes into its parameters and cannot update INT8"),
 ])
 def test_bad_input_names_the_flag_and_what_is_allowed(tmp_path, tiny_argv, flags, message):
     from train import main
@@ -121,3 +124,11 @@ def test_the_module_entry_point_exits_2_with_one_error_line(tmp_path, tiny_argv)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: Invalid --optimizer: 'nope'")
     assert not Path(tmp_path / "run").exists()
+
+
+def test_int8_weights_train_layerwise_and_are_saved_as_codes(run_tiny, tmp_path):
+    records = run_tiny("run", "galore_adamw8bit", weight_bits=8, layerwise=True, max_steps=6, eval_every=6)
+    assert records[-1]["loss"] < records[0]["loss"] - 0.2
+    saved = checkpoint.load(checkpoint.latest(tmp_path / "run"))["model"]
+    assert saved["model.layers.0.mlp.up_proj.weight_codes"].dtype == torch.uint8
+    assert "model.layers.0.mlp.up_proj.weight" not in saved and "lm_head.weight" in saved

@@ -1,5 +1,6 @@
-"""Two CPU processes on gloo (torchrun): DDP keeps ranks identical and matches one process on the
-same global batch; FSDP2 trains with AdamW and a clear error refuses GaLore's sharded matrices."""
+"""Two CPU processes on gloo (torchrun): DDP keeps ranks identical (INT8 weights included) and
+matches one process on the same global batch; FSDP2 trains with AdamW and a clear error refuses
+GaLore's sharded matrices."""
 
 from __future__ import annotations
 
@@ -62,6 +63,15 @@ def test_ddp_matches_one_process_on_the_same_global_batch(two_ranks):
     single = checkpoint.load(checkpoint.latest(two_ranks / "single"))["model"]
     rank0 = _load(two_ranks / "ddp_rank0.pt")
     assert all(torch.allclose(single[k], rank0[k], atol=1e-5) for k in rank0)
+
+
+def test_ddp_keeps_int8_weight_codes_identical_across_ranks(two_ranks):
+    rank0, rank1 = _load(two_ranks / "ddp_int8_rank0.pt"), _load(two_ranks / "ddp_int8_rank1.pt")
+    codes = [k for k in rank0 if k.endswith("weight_codes")]
+    assert codes and all(rank0[k].dtype == torch.uint8 for k in codes)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    records = read_jsonl(two_ranks / "ddp_int8" / "metrics.jsonl")
+    assert records[-1]["loss"] < records[0]["loss"]
 
 
 def test_fsdp2_trains_adamw_with_ranks_agreeing(two_ranks):
