@@ -200,6 +200,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if parts.schedule.due(state, step):
             change = parts.projector.refresh(g, state, group, _refresh_seed(group["seed"], index, step))
             parts.schedule.record(state, step, group, change.similarity)
+            if not g.any():
+                # an all-zero gradient holds no subspace (torch.distributed.checkpoint initializes
+                # empty state with one): the state now has its layout, the next gradient chooses
+                state["next_refresh"] = step + 1
             left, _ = projection_sides(matrix_shape(p), group["proj_type"])
             parts.rule.carry(state, change, 0 if left else 1)
         low = parts.projector.project(g, state)
@@ -269,7 +273,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                         "side": {(True, False): "left", (False, True): "right", (True, True): "both"}.get((left, right), "full-rank"),
                         "refreshes": state.get("refreshes", 0),
                         "gap": parts.schedule.gap(state, group) if projected else None,
-                        "last_similarity": state.get("last_similarity"),
+                        "last_similarity": _measured(state.get("last_similarity")),
                         "state_bytes": _state_bytes(state),
                     })
                 index += 1
@@ -278,6 +282,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes of every tensor in the optimizer state (moments, projections, codes, scales)."""
         return sum(_state_bytes(s) for s in self.state.values())
+
+
+def _measured(similarity: float | None) -> float | None:
+    """None until a similarity was measured (schedules store NaN before, to keep the key)."""
+    return None if similarity is None or math.isnan(similarity) else similarity
 
 
 def _state_bytes(state: dict[str, Any]) -> int:

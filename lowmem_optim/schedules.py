@@ -4,7 +4,11 @@ Convention (GaLore's): the first refresh happens at step 1, then whenever
 ``step >= next_refresh``, after which ``next_refresh = step + gap``; with a fixed gap T the
 refreshes fall on steps 1, T+1, 2T+1, ... State (``next_refresh``, ``refreshes``,
 ``last_similarity``) is plain numbers in the parameter's optimizer state; the adaptive
-schedule adds its current ``gap`` (a number) and ``sim_queue`` (a float64 tensor).
+schedule adds its current ``gap`` (a number), ``sim_queue`` (a float64 tensor) and
+``sim_count``. Every key exists, with its final shape, from the first refresh on
+(``last_similarity`` is NaN until a second refresh measures one): torch.distributed.checkpoint
+loads a checkpoint into the state of a freshly initialized optimizer and keeps only the keys
+and shapes found there.
 """
 
 from __future__ import annotations
@@ -54,8 +58,7 @@ class FixedRefresh:
     def record(self, state: dict[str, Any], step: int, group: dict[str, Any], similarity: float | None) -> None:
         state["refreshes"] = state.get("refreshes", 0) + 1
         state["next_refresh"] = step + self.gap(state, group)
-        if similarity is not None:
-            state["last_similarity"] = similarity
+        state["last_similarity"] = float("nan") if similarity is None else similarity
 
 
 #: defaults of the adaptive schedule's group keys (Q-GaLore's values; max_gap None = 10x the initial gap)
@@ -78,7 +81,9 @@ class AdaptiveRefresh(FixedRefresh):
     so each growth needs ``queue_size`` fresh records. The gap starts at ``update_proj_gap``;
     ``max_gap`` defaults to 10x that. Unlike the reference, |cos| is used (a singular vector's
     sign is arbitrary), the gap is capped and the queue is cleared. State: ``gap`` (number),
-    ``sim_queue`` (float64 tensor of up to ``queue_size`` records), plus the fixed schedule's.
+    ``sim_queue`` (float64 tensor of length ``queue_size`` whose first ``sim_count`` entries are
+    the records, oldest first; fixed length so that distributed checkpoints can load it), plus
+    the fixed schedule's.
     """
 
     fixed_dtype_keys: frozenset[str] = frozenset({"sim_queue"})
@@ -105,14 +110,17 @@ class AdaptiveRefresh(FixedRefresh):
     def record(self, state: dict[str, Any], step: int, group: dict[str, Any], similarity: float | None) -> None:
         hp = _adaptive_hparams(group)
         gap = self.gap(state, group)
-        queue = state.get("sim_queue", torch.zeros(0, dtype=torch.float64))
+        size = hp["queue_size"]
+        records = state["sim_queue"][: state["sim_count"]] if "sim_queue" in state else torch.zeros(0, dtype=torch.float64)
         if similarity is not None:
-            queue = torch.cat([queue, queue.new_tensor([similarity])])[-hp["queue_size"]:].clone()
-        if queue.numel() == hp["queue_size"] and float(queue.mean()) >= hp["cos_threshold"]:
+            records = torch.cat([records, records.new_tensor([similarity])])[-size:]
+        if records.numel() == size and float(records.mean()) >= hp["cos_threshold"]:
             max_gap = 10 * group["update_proj_gap"] if hp["max_gap"] is None else hp["max_gap"]
             gap = min(int(gap * hp["gamma_proj"]), max_gap)
-            queue = queue.new_zeros(0)
-        state["gap"], state["sim_queue"] = gap, queue
+            records = records[:0]
+        queue = torch.zeros(size, dtype=torch.float64)
+        queue[: records.numel()] = records
+        state["gap"], state["sim_queue"], state["sim_count"] = gap, queue, records.numel()
         super().record(state, step, group, similarity)
 
 

@@ -58,9 +58,9 @@ def test_adaptive_queue_is_cleared_at_growth_so_the_next_growth_needs_fresh_reco
     state, group, schedule = {}, {"update_proj_gap": 3, "queue_size": 2, "cos_threshold": 0.5, "gamma_proj": 2}, AdaptiveRefresh()
     schedule.record(state, 1, group, None)
     schedule.record(state, 4, group, 0.9)
-    assert state["gap"] == 3 and state["sim_queue"].tolist() == [0.9]
+    assert state["gap"] == 3 and state["sim_queue"][: state["sim_count"]].tolist() == [0.9]
     schedule.record(state, 7, group, 0.2)  # mean 0.55 >= 0.5: grows, queue cleared
-    assert state["gap"] == 6 and state["sim_queue"].numel() == 0 and state["next_refresh"] == 13
+    assert state["gap"] == 6 and state["sim_count"] == 0 and state["next_refresh"] == 13
     schedule.record(state, 13, group, 1.0)
     assert state["gap"] == 6 and state["refreshes"] == 4
 

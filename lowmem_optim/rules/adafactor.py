@@ -56,6 +56,10 @@ class AdafactorRule:
 
     def _lr(self, group: dict[str, Any], step: int, param: torch.Tensor) -> float:
         lr = group["lr"]
+        if lr == 0:
+            # a zeroed lr stops the step also under relative_step: torch.distributed.checkpoint
+            # initializes empty state by a step with lr 0, which must not decay the weights
+            return 0.0
         if group["relative_step"]:
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             lr = min(min_step, 1.0 / math.sqrt(step))
