@@ -1,0 +1,1 @@
+"""Glue for training stacks that build the optimizer themselves (HF transformers ``Trainer``)."""
