@@ -74,9 +74,11 @@ def newton_schulz(d: torch.Tensor, steps: int, coefficients: tuple[float, float,
     return x.T if tall else x
 
 
-def cosh_rms(x: torch.Tensor, gamma: float) -> torch.Tensor:
-    """r = sqrt(mean(cosh(gamma x)^2)): AuON's scale, >= 1, equal to 1 only at x = 0."""
-    return torch.cosh(gamma * x).square().mean().sqrt()
+def cosh_rms(x: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
+    """r = sqrt(mean(cosh(gamma x)^2)): AuON's scale, >= 1, equal to 1 only at x = 0.
+
+    Computed as ||cosh(gamma x)||_F / sqrt(N): one temporary, two passes over it."""
+    return torch.mul(x, gamma).cosh_().norm() / math.sqrt(x.numel())
 
 
 def lr_adjustment(m: int, n: int, adjust_lr_fn: str) -> float:
@@ -115,7 +117,8 @@ class NormalizedMomentumRule:
                     "group with rule='adam' (lowmem_optim.normalized_param_groups does this)"
                 )
 
-    def direction(self, d: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float) -> torch.Tensor:
+        """step_size * U for the 2-D momentum ``d``, which the rule owns and may overwrite."""
         raise NotImplementedError
 
     def update(
@@ -124,11 +127,10 @@ class NormalizedMomentumRule:
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
         d = nesterov_direction(g, state["momentum_buffer"], group["momentum"], group["nesterov"])
-        u = self.direction(d.reshape(g.shape[0], -1), group).reshape(g.shape)
         # The shape factor belongs to the weight, also when the rule sees a projected gradient.
         m = param.shape[0]
         step_size = group["lr"] * lr_adjustment(m, param.numel() // m, group["adjust_lr_fn"])
-        return u.to(g.dtype).mul_(step_size), group["lr"]
+        return self.scaled_direction(d.reshape(g.shape[0], -1), group, step_size).reshape(g.shape), group["lr"]
 
     def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int) -> None:
         if change.kept is not None and "momentum_buffer" in state:
@@ -153,7 +155,9 @@ def _validate_newton_schulz(group: dict[str, Any]) -> None:
 
 
 def _newton_schulz_of(d: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-    return newton_schulz(d.to(NS_DTYPES[group["ns_dtype"]]), group["ns_steps"], tuple(group["ns_coefficients"]))
+    """Newton-Schulz in ``ns_dtype``, returned in d's dtype."""
+    y = newton_schulz(d.to(NS_DTYPES[group["ns_dtype"]]), group["ns_steps"], tuple(group["ns_coefficients"]))
+    return y.to(d.dtype)
 
 
 class AuONRule(NormalizedMomentumRule):
@@ -165,9 +169,12 @@ class AuONRule(NormalizedMomentumRule):
         if not isinstance(group["normalize"], bool):
             raise ValueError(f"Invalid normalize: {group['normalize']!r} (allowed: True or False)")
 
-    def direction(self, d: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        x = frobenius_normalize(d)
-        return (x if group["normalize"] else d) / (cosh_rms(x, group["gamma"]) + COSH_EPS)
+    def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float) -> torch.Tensor:
+        # All scalars fold into one multiply of d, so the step makes a single temporary (the
+        # cosh): this is what keeps AuON at about AdamW's cost.
+        norm = d.norm() + NORM_EPS
+        r = cosh_rms(d, group["gamma"] / norm) + COSH_EPS
+        return d.mul_(step_size / (r * norm if group["normalize"] else r))
 
 
 class HybridAuONRule(NormalizedMomentumRule):
@@ -178,9 +185,9 @@ class HybridAuONRule(NormalizedMomentumRule):
         _validate_gamma(group)
         _validate_newton_schulz(group)
 
-    def direction(self, d: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        y = _newton_schulz_of(d, group)
-        return y / (cosh_rms(y, group["gamma"]) + COSH_EPS)
+    def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float) -> torch.Tensor:
+        y = _newton_schulz_of(d, group)  # r in d's dtype: bfloat16 would round r = 1 + O(1/N) to 1
+        return y.mul_(step_size / (cosh_rms(y, group["gamma"]) + COSH_EPS))
 
 
 class MuonRule(NormalizedMomentumRule):
@@ -190,5 +197,5 @@ class MuonRule(NormalizedMomentumRule):
         super().validate(group)
         _validate_newton_schulz(group)
 
-    def direction(self, d: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        return _newton_schulz_of(d, group)
+    def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float) -> torch.Tensor:
+        return _newton_schulz_of(d, group).mul_(step_size)

@@ -12,7 +12,7 @@ divided by the matrix's number of entries.
 ``loss``: HF ``LlamaForCausalLM`` from a config (hidden 128, intermediate 352, 2 layers, 4 heads,
 untied head), byte-level tokens (vocab 257) of the offline built-in corpus (docstrings of the
 Python standard library, ``train.data``), windows of 64 tokens, batch 16, ``--steps`` steps
-(default 300) of a fixed seeded window order, no warm-up or schedule, no weight decay anywhere,
+(default 500) of a fixed seeded window order, no warm-up or schedule, no weight decay anywhere,
 float32 on ``--device``. AuON / Hybrid-AuON / Muon update the decoder's linear weights
 (``normalized_param_groups``, "all-linear"); embeddings, head and norms get their AdamW rule at
 ``--adamw-lr``. Each optimizer runs over its lr grid; reported: the mean held-out loss over the
@@ -22,7 +22,7 @@ scale 1).
 
 Usage:
   python scripts/bench/normalized_optimizers.py steptime [--repeats 2] [--threads 2] [--device cpu]
-  python scripts/bench/normalized_optimizers.py loss [--steps 300] [--threads 2] [--device cpu]
+  python scripts/bench/normalized_optimizers.py loss [--steps 500] [--threads 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ STEP_OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 #: lr grids searched for the loss comparison (matrix lr; AdamW: its only lr)
 LR_GRID: dict[str, list[float]] = {
-    "AdamW": [1e-3, 3e-3, 1e-2],
-    "AuON": [0.05, 0.1, 0.24, 0.5],
-    "HybridAuON": [0.02, 0.05, 0.1, 0.24],
-    "Muon": [0.01, 0.02, 0.05, 0.1],
-    "AuON low-rank": [0.05, 0.1, 0.24, 0.5],
+    "AdamW": [3e-4, 1e-3, 3e-3, 1e-2],
+    "AuON": [0.01, 0.02, 0.05, 0.1, 0.24],
+    "HybridAuON": [0.005, 0.01, 0.02, 0.05],
+    "Muon": [0.0025, 0.005, 0.01, 0.02, 0.05],
+    "AuON low-rank": [0.01, 0.02, 0.05, 0.1],
 }
 
 
@@ -164,8 +164,8 @@ def main() -> None:
     st.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x11008"])
     st.add_argument("--repeats", type=int, default=2)
     lo = sub.add_parser("loss")
-    lo.add_argument("--steps", type=int, default=300)
-    lo.add_argument("--adamw-lr", type=float, default=3e-3)
+    lo.add_argument("--steps", type=int, default=500)
+    lo.add_argument("--adamw-lr", type=float, default=1e-3)
     lo.add_argument("--only", nargs="*", help="optimizer names from the grid (default: all)")
     for p in (st, lo):
         p.add_argument("--threads", type=int, default=2)
