@@ -52,6 +52,7 @@ class TrainConfig:
     proj_type: str | None = _opt(None, "which side is projected: std, reverse_std, left, right, full")
     proj_bits: int | None = _opt(None, "bits of the stored projection (4: INT4, Q-GaLore)")
     refresh: str | None = _opt(None, "refresh schedule: fixed, or adaptive (lazy, per layer)")
+    proj_method: str | None = _opt(None, "how the subspace is chosen: svd, randomized_svd, dct (default: the optimizer's)")
     target_modules: str = _opt("all-linear", "low-rank linear layers: all-linear, a regex, or comma-separated name fragments")
     layerwise: bool = _opt(False, "update each parameter inside backward and free its gradient (layer-wise); "
                                  "--grad-clip then clips per parameter")

@@ -216,9 +216,7 @@ class C4Stream:
         self._windows = self._open()
 
     def _open(self) -> Iterator[torch.Tensor]:
-        from datasets import load_dataset
-
-        dataset = load_dataset("allenai/c4", "en", split="train", streaming=True).shuffle(seed=self.seed, buffer_size=10_000)
+        dataset = _c4("train").shuffle(seed=self.seed, buffer_size=10_000)
         return _pack_windows((row["text"] for row in dataset), self.tokenizer, self.seq_len)
 
     def next_batch(self) -> torch.Tensor:
@@ -237,11 +235,18 @@ class C4Stream:
         self.position = int(state["position"])
 
 
-def c4_validation(tokenizer: Tokenizer, seq_len: int, n_windows: int) -> torch.Tensor:
-    from datasets import load_dataset
+def _c4(split: str) -> Any:
+    try:
+        from datasets import load_dataset
 
-    dataset = load_dataset("allenai/c4", "en", split="validation", streaming=True)
-    windows = _pack_windows((row["text"] for row in dataset), tokenizer, seq_len)
+        return load_dataset("allenai/c4", "en", split=split, streaming=True)
+    except Exception as err:  # no datasets package, no network, hub refusal: all mean "not here"
+        raise ValueError(f"--data c4 needs the datasets package and access to the Hugging Face hub ({type(err).__name__}: "
+                         f"{err}) (allowed offline: --data builtin, or a .txt/.jsonl file or folder)") from err
+
+
+def c4_validation(tokenizer: Tokenizer, seq_len: int, n_windows: int) -> torch.Tensor:
+    windows = _pack_windows((row["text"] for row in _c4("validation")), tokenizer, seq_len)
     return torch.stack([next(windows) for _ in range(n_windows)])
 
 

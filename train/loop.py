@@ -128,6 +128,10 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> Trained:
         start = int(resumed["step"])
         del resumed  # the loaded tensors now live in the model and optimizer
 
+    if d.device.type == "cuda":  # peak memory counts training, not building and converting the model
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(d.device)
+
     run_config = {**cfg.to_dict(), "world_size": d.world, "accumulation_steps": accum, "n_params": n_params,
                   "tokenizer": data.tokenizer.name, "model": _model_config(model)}
     metrics = Metrics(out, run_config, enabled=d.is_main, wandb_mode=cfg.wandb, project=cfg.wandb_project,

@@ -70,8 +70,12 @@ def build_model(
     with _default_dtype(dtype), torch.device(device):
         model = LlamaForCausalLM(config)
     if activation_checkpointing:
-        # non-reentrant checkpointing works with DDP, FSDP2 and gradient hooks (layer-wise updates)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant checkpointing works with DDP, FSDP2 and gradient hooks (layer-wise updates);
+        # transformers renamed the method (the older name warns from 5.2x on, older 5.x lack the new)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -22,7 +22,7 @@ from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, build_o
 from train.config import TrainConfig
 
 #: flags that configure low-rank groups (group key = flag name in snake_case)
-LOWRANK_FLAGS = ("rank", "update_proj_gap", "scale", "proj_type", "proj_bits", "refresh")
+LOWRANK_FLAGS = ("rank", "update_proj_gap", "scale", "proj_type", "proj_bits", "refresh", "proj_method")
 
 #: constructor settings a learning-rate schedule needs: GaLore's reference script builds
 #: GaLoreAdafactor with a fixed lr and relative_step=False, so the schedule owns the lr

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# LLaMA-7B pretraining on ONE GPU within 16 GB: Q-GaLore's recipe (Zhang et al., 2024).
+#   INT8 weights, INT4 projections, 8-bit Adam in a rank-1024 subspace refreshed every 500 steps
+#   with Q-GaLore's adaptive (lazy) per-layer gap, layer-wise updates (no full gradient ever
+#   held), activation checkpointing, bf16, sequence 256, lr 0.004, scale 0.25.
+#
+# Usage:  bash scripts/pretrain_llama7b.sh [extra train flags, which override the recipe's]
+#   STEPS (150000)  OUTPUT_DIR (runs/llama7b_qgalore)  BATCH_SIZE (16)  DATA (c4; builtin runs offline)
+#   OPTIMIZER (q_galore_adamw8bit)  PYTHON (python)
+#   SMOKE=1: the same recipe on llama_tiny for 3 steps, on CPU or GPU (checks the wiring, not memory)
+# Without a CUDA GPU (and without SMOKE=1) it stops with a message.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+
+if [ "${SMOKE:-0}" = 1 ]; then
+    model=configs/llama_tiny.json rank=8 steps=${STEPS:-3} batch=${BATCH_SIZE:-2} seq=32
+    data=${DATA:-builtin} out=${OUTPUT_DIR:-runs/llama7b_smoke}
+else
+    if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        echo "pretrain_llama7b.sh: no CUDA GPU is visible. This recipe trains LLaMA-7B on one GPU (16 GB or more)." >&2
+        echo "To check the wiring on this machine, run the tiny smoke variant: SMOKE=1 bash scripts/pretrain_llama7b.sh" >&2
+        exit 1
+    fi
+    model=configs/llama_7b.json rank=1024 steps=${STEPS:-150000} batch=${BATCH_SIZE:-16} seq=256
+    data=${DATA:-c4} out=${OUTPUT_DIR:-runs/llama7b_qgalore}
+fi
+
+exec "$PYTHON" -m train \
+    --model-config="$model" --optimizer="${OPTIMIZER:-q_galore_adamw8bit}" \
+    --weight-bits=8 --proj-bits=4 --refresh=adaptive --layerwise --activation-checkpointing --dtype=bfloat16 \
+    --rank="$rank" --update-proj-gap=500 --scale=0.25 --lr=0.004 --weight-decay=0 \
+    --warmup-steps=$((steps / 10)) --scheduler=cosine --min-lr-ratio=0.1 \
+    --batch-size="$batch" --seq-len="$seq" --max-steps="$steps" --data="$data" \
+    --eval-every=1000 --save-every=1000 --output-dir="$out" "$@"
