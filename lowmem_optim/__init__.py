@@ -7,6 +7,8 @@ state in a low-rank subspace of each weight matrix's gradient.
 from lowmem_optim.engine import LowRankOptimizer
 from lowmem_optim.groups import lowrank_param_groups, normalized_param_groups
 from lowmem_optim.optimizers import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from lowmem_optim.optimizers import QGaLoreAdamW8bit
+from lowmem_optim.optimizers import DCTAdamW
 from lowmem_optim.optimizers import AuON, HybridAuON, Muon
 from lowmem_optim.registry import available_optimizers, build_optimizer, get_optimizer_class
 
@@ -17,6 +19,8 @@ __all__ = [
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "GaLoreAdafactor",
+    "QGaLoreAdamW8bit",
+    "DCTAdamW",
     "AuON",
     "HybridAuON",
     "Muon",

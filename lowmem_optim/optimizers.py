@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from lowmem_optim.engine import LOWRANK_DEFAULTS, LowRankOptimizer
+from lowmem_optim.projection.dct import DCT_DEFAULTS
 from lowmem_optim.rules.base import check_betas, check_nonnegative
 from lowmem_optim.rules.normalized import MUON_COEFFICIENTS
 
@@ -55,6 +56,43 @@ class GaLoreAdamW(LowRankOptimizer):
         super().__init__(params, defaults)
 
 
+class DCTAdamW(LowRankOptimizer):
+    """AdamW in a DCT subspace: SVD-free GaLore (Modoranu et al., arXiv 2505.17967).
+
+    For a low-rank group, with I the r orthonormal DCT-II vectors that score highest on G
+    (L1 norm of the spectrum's columns, ``dct_score="l2"`` for the exact error minimizer):
+    R = G Q_I (read from the spectrum);  N = Adam(R);  W <- W (1 - lr wd) - scale * N Q_I^T.
+    Defaults follow the authors' code: the subspace is chosen again every step
+    (``update_proj_gap=1``, cheap since no SVD is done) and ``scale=1``. Unlike that code, the
+    moments of indices that stay selected move with them and new ones start at zero
+    (``dct_keep_moments``). See :mod:`lowmem_optim.projection.dct`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        rank: int | None = None,
+        update_proj_gap: int = 1,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        refresh: str = "fixed",
+        dct_score: str = DCT_DEFAULTS["dct_score"],
+        dct_keep_moments: bool = DCT_DEFAULTS["dct_keep_moments"],
+        dct_fft_threshold: int = DCT_DEFAULTS["dct_fft_threshold"],
+        seed: int = 0,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rule="adam",
+                        **_lowrank(rank, update_proj_gap, scale, proj_type, proj_method="dct", refresh=refresh,
+                                   seed=seed, dct_score=dct_score, dct_keep_moments=dct_keep_moments,
+                                   dct_fft_threshold=dct_fft_threshold))
+        super().__init__(params, defaults)
+
+
 class GaLoreAdamW8bit(LowRankOptimizer):
     """GaLore with 8-bit AdamW in the subspace: Adam's moments stored blockwise-quantized
     (uint8 codes + one float32 absmax per 256 values, bitsandbytes' dynamic map). CPU and CUDA.
@@ -82,6 +120,78 @@ class GaLoreAdamW8bit(LowRankOptimizer):
                         **_lowrank(rank, update_proj_gap, scale, proj_type, proj_method=proj_method,
                                    refresh=refresh, seed=seed))
         super().__init__(params, defaults)
+
+
+class QGaLoreAdamW8bit(LowRankOptimizer):
+    """Q-GaLore (Zhang et al., 2024, arXiv 2407.08296): GaLore with 8-bit AdamW in the subspace,
+    projections stored in INT4 and refreshed lazily, layer by layer.
+
+    For a low-rank group: P (top-r singular vectors of G) is stored as INT4 codes with a float32
+    scale and zero per ``proj_group_size`` values (``proj_bits=4``;
+    :mod:`lowmem_optim.projection.storage`) and dequantized on use; R = P^T G; N = Adam8bit(R)
+    (:mod:`lowmem_optim.rules.adam8bit`); W <- W (1 - lr wd) - scale * P N. Refreshes follow
+    :class:`~lowmem_optim.schedules.AdaptiveRefresh`: once the last ``queue_size`` |cos| of the
+    leading singular vectors of consecutive projections average >= ``cos_threshold``, the layer's
+    gap grows by ``gamma_proj`` (up to ``max_gap``). For the paper's memory figures pair it with
+    INT8 weights (:func:`lowmem_optim.quant.int8_linear.quantize_linear_layers`: the update is
+    then re-quantized by stochastic rounding in fp32) and layer-wise updates
+    (:mod:`lowmem_optim.layerwise`).
+
+    Param groups also accept q-galore-torch's keys: ``quant`` (False: no projection
+    quantization), ``quant_n_bit`` (-> ``proj_bits``) and ``quant_group_size`` (->
+    ``proj_group_size``); ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``,
+    ``cos_threshold``, ``gamma_proj`` and ``queue_size`` have its names already.
+    """
+
+    #: q-galore-torch's group keys and ours
+    QGALORE_KEYS: dict[str, str] = {"quant_n_bit": "proj_bits", "quant_group_size": "proj_group_size"}
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        min_8bit_size: int = 4096,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        proj_method: str = "svd",
+        proj_bits: int | None = 4,
+        proj_group_size: int = 256,
+        queue_size: int = 5,
+        cos_threshold: float = 0.4,
+        gamma_proj: float = 2,
+        max_gap: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rule="adam8bit",
+                        min_8bit_size=min_8bit_size,
+                        **_lowrank(rank, update_proj_gap, scale, proj_type, proj_method=proj_method,
+                                   refresh="adaptive", seed=seed, proj_bits=proj_bits,
+                                   proj_group_size=proj_group_size, queue_size=queue_size,
+                                   cos_threshold=cos_threshold, gamma_proj=gamma_proj, max_gap=max_gap))
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        quant = group.pop("quant", None)
+        for theirs, ours in self.QGALORE_KEYS.items():
+            if theirs in group:
+                value = group.pop(theirs)
+                if ours in group and group[ours] != value:
+                    raise ValueError(f"Invalid param group: {theirs}={value!r} and {ours}={group[ours]!r} disagree "
+                                     f"(allowed: one of them, or equal values)")
+                group[ours] = value
+        if quant is not None:
+            if not isinstance(quant, bool):
+                raise ValueError(f"Invalid quant: {quant!r} (allowed: True, False)")
+            if not quant:
+                group["proj_bits"] = None
+        super().add_param_group(group)
 
 
 class GaLoreAdafactor(LowRankOptimizer):
@@ -115,6 +225,7 @@ class GaLoreAdafactor(LowRankOptimizer):
                         **_lowrank(rank, update_proj_gap, scale, proj_type, proj_method=proj_method,
                                    refresh=refresh, seed=seed))
         super().__init__(params, defaults)
+
 
 class NormalizedMomentumOptimizer(LowRankOptimizer):
     """Base of AuON, HybridAuON and Muon: weight matrices get a normalized-momentum rule, every

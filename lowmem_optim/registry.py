@@ -19,20 +19,27 @@ OPTIMIZERS: dict[str, str] = {
     "galore_adamw": "lowmem_optim.optimizers:GaLoreAdamW",
     "galore_adafactor": "lowmem_optim.optimizers:GaLoreAdafactor",
     "galore_adamw8bit": "lowmem_optim.optimizers:GaLoreAdamW8bit",
+    "q_galore_adamw8bit": "lowmem_optim.optimizers:QGaLoreAdamW8bit",
+    "dct_adamw": "lowmem_optim.optimizers:DCTAdamW",
     "auon": "lowmem_optim.optimizers:AuON",
     "hybrid_auon": "lowmem_optim.optimizers:HybridAuON",
     "muon": "lowmem_optim.optimizers:Muon",
 }
 
 #: registry names of the optimizers that take low-rank param groups (``rank`` etc.)
-LOWRANK_OPTIMIZERS: frozenset[str] = frozenset({"galore_adamw", "galore_adafactor", "galore_adamw8bit"})
+LOWRANK_OPTIMIZERS: frozenset[str] = frozenset({"galore_adamw", "galore_adafactor", "galore_adamw8bit", "dct_adamw",
+                                                "q_galore_adamw8bit"})
 
 #: registry names of the optimizers whose matrix group gets a normalized-momentum rule and whose
 #: other parameters get AdamW (groups from :func:`lowmem_optim.normalized_param_groups`)
 MATRIX_OPTIMIZERS: frozenset[str] = frozenset({"auon", "hybrid_auon", "muon"})
 
 #: low-rank group keys that :func:`build_optimizer` routes to the low-rank group
-LOWRANK_KEYS: tuple[str, ...] = ("rank", "update_proj_gap", "scale", "proj_type")
+LOWRANK_KEYS: tuple[str, ...] = (
+    "rank", "update_proj_gap", "scale", "proj_type",
+    "proj_bits", "proj_group_size", "oversample", "power_iters", "dct_score", "dct_fft_threshold", "dct_keep_moments",
+    "queue_size", "cos_threshold", "gamma_proj", "max_gap",
+)
 
 
 def available_optimizers() -> list[str]:

@@ -1,0 +1,157 @@
+"""DCT projector: an SVD-free subspace of r fixed cosine vectors (Modoranu et al., arXiv 2505.17967).
+
+With C the orthonormal DCT-II matrix of size d (the projected side),
+
+    C[k, j] = sqrt(2/d) cos(pi k (2j + 1) / (2d)),   row 0 times sqrt(1/2),   Q = C^T,
+
+a refresh computes the spectrum of G along the projected side, S = C G (left, d = m) or
+S = G Q (right, d = n), scores each of the d rows / columns of S by its L1 norm (the paper's
+default) or L2 norm, and keeps the top r indices I. Then R = S[I] is the low-rank gradient
+(read from S, no second product) and an update N maps back as Q[:, I] N or N Q[:, I]^T.
+The L2 score is the exact minimizer of the projection error over r-subsets of the basis, as
+||G - Q_I Q_I^T G||_F^2 = ||G||_F^2 - sum_{i in I} ||S_i||^2.
+
+S comes from one product with the cached basis (O(m n d)), or for d >= ``dct_fft_threshold``
+from an FFT (Makhoul 1980, O(m n log d)): both give the same scores. Only I is state
+(``proj_index``, int64), with the projected dimension ``proj_dim`` and its size
+``proj_basis_size`` as numbers; the basis is a cache per (d, dtype, device), shared by every
+layer, never state. With ``dct_keep_moments`` (default) a refresh tells the rule where each
+kept index moved, so moments of indices that stay survive and new ones start at zero; off, the
+moments are left as they are (the authors' code). The similarity reported to the refresh
+schedule is the index overlap |I_old & I_new| / r. ``proj_type`` "full" is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+
+from lowmem_optim.projection.base import projection_sides
+from lowmem_optim.rules.base import SubspaceChange
+
+#: defaults of the group keys this projector reads
+DCT_DEFAULTS: dict[str, Any] = {"dct_score": "l1", "dct_fft_threshold": 2048, "dct_keep_moments": True}
+DCT_PROJ_TYPES = ("std", "reverse_std", "left", "right")
+DCT_SCORES = ("l1", "l2")
+
+
+def _hparams(group: dict[str, Any]) -> dict[str, Any]:
+    return {**DCT_DEFAULTS, **{k: group[k] for k in DCT_DEFAULTS if k in group}}
+
+
+@functools.lru_cache(maxsize=16)
+def dct_basis(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Q = C^T (d x d): column k is the k-th orthonormal DCT-II vector. Built in float64."""
+    k = torch.arange(d, dtype=torch.float64)[:, None]
+    j = torch.arange(d, dtype=torch.float64)[None, :]
+    c = math.sqrt(2.0 / d) * torch.cos(math.pi * k * (2 * j + 1) / (2 * d))
+    c[0] *= math.sqrt(0.5)
+    return c.T.contiguous().to(dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _makhoul_tables(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, mirror, twiddles) for a length-d DCT-II through a real FFT:
+    v = x[order] = (x_0, x_2, x_4, ..., x_5, x_3, x_1); FFT(v)_k = conj(FFT(v)_{d-k}) is read
+    from rfft's half at mirror[k]; X_k = Re(exp(-i pi k / (2d)) FFT(v)_k) times the norm."""
+    k = torch.arange(d, dtype=torch.float64)
+    order = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2).flip(0)])
+    upper = k > d // 2
+    mirror = torch.where(upper, d - k, k).long()
+    norm = torch.full((d,), math.sqrt(2.0 / d), dtype=torch.float64)
+    norm[0] *= math.sqrt(0.5)
+    theta = math.pi * k / (2 * d)
+    twiddles = torch.stack([torch.cos(theta), torch.where(upper, -1.0, 1.0) * torch.sin(theta)], dim=-1) * norm[:, None]
+    return order.to(device), mirror.to(device), twiddles.float().to(device)
+
+
+def dct_fft(a: torch.Tensor, dim: int) -> torch.Tensor:
+    """Orthonormal DCT-II of ``a`` along ``dim`` in float32, O(n log n) per vector (Makhoul 1980)."""
+    x = a.float().movedim(dim, -1)
+    order, mirror, twiddles = _makhoul_tables(x.shape[-1], x.device)
+    half = torch.fft.rfft(x.index_select(-1, order), dim=-1)
+    full = torch.view_as_real(half.index_select(-1, mirror))  # (..., d, 2): Re, Im of FFT(v)_k (conj above d/2)
+    return (full * twiddles).sum(-1).movedim(-1, dim)
+
+
+def dct_spectrum(a: torch.Tensor, dim: int, fft_threshold: int) -> torch.Tensor:
+    """S: the DCT-II of ``a`` along ``dim`` (C a for dim 0, a C^T for dim 1)."""
+    d = a.shape[dim]
+    if d >= fft_threshold:
+        return dct_fft(a, dim).to(a.dtype)
+    basis = dct_basis(d, a.dtype, a.device)
+    return basis.T @ a if dim == 0 else a @ basis
+
+
+def select_indices(spectrum: torch.Tensor, dim: int, rank: int, score: str) -> torch.Tensor:
+    """The ``rank`` rows (dim 0) / columns (dim 1) of the spectrum with the largest L1 or L2
+    norm, ascending (int64)."""
+    s = spectrum.float()
+    norms = s.abs().sum(1 - dim) if score == "l1" else s.square().sum(1 - dim)
+    return torch.topk(norms, rank).indices.sort().values
+
+
+class DCTProjector:
+    """Top-r DCT-II columns of the gradient's spectrum; see the module docstring."""
+
+    fixed_dtype_keys: frozenset[str] = frozenset()
+
+    def __init__(self) -> None:
+        # (gradient, R) of the last refresh: R is read from the spectrum, saving project's matmul
+        self._refreshed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def validate(self, group: dict[str, Any]) -> None:
+        if group["proj_type"] not in DCT_PROJ_TYPES:
+            raise ValueError(f"Invalid proj_type for proj_method='dct': {group['proj_type']!r} "
+                             f"(allowed: {', '.join(DCT_PROJ_TYPES)})")
+        hp = _hparams(group)
+        if hp["dct_score"] not in DCT_SCORES:
+            raise ValueError(f"Invalid dct_score: {hp['dct_score']!r} (allowed: {', '.join(DCT_SCORES)})")
+        threshold = hp["dct_fft_threshold"]
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+            raise ValueError(f"Invalid dct_fft_threshold: {threshold!r} (allowed: an int >= 1)")
+        if not isinstance(hp["dct_keep_moments"], bool):
+            raise ValueError(f"Invalid dct_keep_moments: {hp['dct_keep_moments']!r} (allowed: True, False)")
+        if group.get("proj_bits") not in (None, 16):
+            raise ValueError(f"Invalid proj_bits for proj_method='dct': {group['proj_bits']!r} "
+                             "(allowed: None or 16; the DCT projector stores indices, not a matrix to quantize)")
+
+    def refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int) -> SubspaceChange:
+        if not torch.isfinite(grad).all():
+            raise FloatingPointError(
+                "DCTProjector: the gradient holds inf/NaN at a subspace refresh; no subspace can be chosen "
+                "from it (use torch.amp.GradScaler, which skips such steps, or clip gradients)"
+            )
+        hp = _hparams(group)
+        left, _ = projection_sides(tuple(grad.shape), group["proj_type"])
+        dim = 0 if left else 1
+        spectrum = dct_spectrum(grad, dim, hp["dct_fft_threshold"])
+        index = select_indices(spectrum, dim, group["rank"], hp["dct_score"])
+        self._refreshed = (grad, spectrum.index_select(dim, index))
+        old = state.get("proj_index")
+        state["proj_index"], state["proj_dim"], state["proj_basis_size"] = index, dim, grad.shape[dim]
+        if old is None:
+            return SubspaceChange()
+        old_position = torch.full((grad.shape[dim],), -1, dtype=torch.int64, device=index.device)
+        old_position[old] = torch.arange(old.numel(), device=index.device)
+        kept = old_position[index]
+        overlap = float((kept >= 0).sum()) / index.numel()
+        return SubspaceChange(similarity=overlap, kept=kept if hp["dct_keep_moments"] else None)
+
+    def _columns(self, state: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
+        """Q[:, I] (d x r) in ``like``'s dtype and device."""
+        return dct_basis(state["proj_basis_size"], like.dtype, like.device).index_select(1, state["proj_index"])
+
+    def project(self, grad: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        refreshed, self._refreshed = self._refreshed, None
+        if refreshed is not None and refreshed[0] is grad:
+            return refreshed[1]
+        q = self._columns(state, grad)
+        return q.T @ grad if state["proj_dim"] == 0 else grad @ q
+
+    def back_project(self, low: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        q = self._columns(state, low)
+        return q @ low if state["proj_dim"] == 0 else low @ q.T

@@ -1,0 +1,153 @@
+import itertools
+
+import pytest
+import scipy.fft
+import torch
+
+from lowmem_optim import DCTAdamW
+from lowmem_optim.projection.dct import DCTProjector, dct_basis, dct_fft, dct_spectrum, select_indices
+
+CPU = torch.device("cpu")
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("d", [1, 7, 16, 33])
+def test_dct_basis_is_orthonormal_and_is_the_dct_ii(d):
+    q = dct_basis(d, torch.float64, CPU)
+    assert torch.allclose(q.T @ q, torch.eye(d, dtype=torch.float64), atol=1e-12)
+    a = _randn(5, d).double()
+    assert torch.allclose(a @ q, torch.from_numpy(scipy.fft.dct(a.numpy(), type=2, norm="ortho", axis=1)), atol=1e-12)
+
+
+def test_dct_basis_is_cached_per_size_dtype_and_device():
+    assert dct_basis(12, torch.float32, CPU) is dct_basis(12, torch.float32, CPU)
+    assert dct_basis(12, torch.float64, CPU).dtype == torch.float64
+
+
+@pytest.mark.parametrize("shape, dim", [((40, 24), 1), ((40, 25), 1), ((31, 50), 0), ((32, 50), 0)])
+@pytest.mark.parametrize("score", ["l1", "l2"])
+def test_fft_and_matmul_paths_give_the_same_spectrum_and_the_same_indices(shape, dim, score):
+    a = _randn(*shape, seed=shape[0])
+    by_matmul = dct_spectrum(a, dim, fft_threshold=10**9)
+    by_fft = dct_spectrum(a, dim, fft_threshold=1)
+    assert torch.allclose(by_fft, by_matmul, atol=1e-5)
+    assert torch.allclose(dct_fft(a.double(), dim).double(), by_matmul.double(), atol=1e-5)
+    assert torch.equal(select_indices(by_fft, dim, 6, score), select_indices(by_matmul, dim, 6, score))
+
+
+def test_l2_selection_minimizes_the_projection_error_over_all_subsets_of_the_basis():
+    a = _randn(12, 8, seed=3).double() * torch.linspace(0.2, 2.0, 8, dtype=torch.float64)
+    q = dct_basis(8, torch.float64, CPU)
+
+    def error(index):
+        qi = q[:, list(index)]
+        return float((a - a @ qi @ qi.T).norm())
+
+    chosen = select_indices(dct_spectrum(a, 1, 10**9), 1, 3, "l2").tolist()
+    best = min(itertools.combinations(range(8), 3), key=error)
+    assert chosen == list(best)
+    assert error(chosen) <= min(error(c) for c in itertools.combinations(range(8), 3)) + 1e-12
+
+
+@pytest.mark.parametrize("proj_type, shape, dim", [("std", (24, 16), 1), ("std", (16, 24), 0), ("reverse_std", (24, 16), 0)])
+def test_projection_reads_the_selected_spectrum_and_back_projection_uses_the_same_vectors(proj_type, shape, dim):
+    g = _randn(*shape, seed=1)
+    state = {}
+    projector = DCTProjector()
+    projector.refresh(g, state, {"rank": 5, "proj_type": proj_type}, seed=0)
+    assert state["proj_index"].dtype == torch.int64 and state["proj_dim"] == dim
+    low = projector.project(g, state)  # from the refresh's spectrum
+    again = DCTProjector().project(g, state)  # by a product with the cached basis
+    assert torch.allclose(low, again, atol=1e-5)
+    q = dct_basis(shape[dim], torch.float32, CPU)[:, state["proj_index"]]
+    expected = q @ q.T @ g if dim == 0 else g @ q @ q.T
+    assert torch.allclose(projector.back_project(low, state), expected, atol=1e-5)
+
+
+def _spectrum_gradient(columns: dict[int, float], m: int = 10, n: int = 8) -> torch.Tensor:
+    """G = S Q^T: a gradient whose DCT spectrum (right side) is nonzero on the given columns."""
+    s = torch.zeros(m, n, dtype=torch.float64)
+    for column, size in columns.items():
+        s[:, column] = size * torch.linspace(1.0, 2.0, m, dtype=torch.float64)
+    return s @ dct_basis(n, torch.float64, CPU).T
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_moments_follow_kept_indices_and_new_indices_start_at_zero_against_a_float64_reference(keep):
+    w = torch.nn.Parameter(torch.zeros(10, 8, dtype=torch.float64))
+    opt = DCTAdamW([{"params": [w], "rank": 3}], lr=0.1, weight_decay=0.0, dct_keep_moments=keep)
+    g1, g2 = _spectrum_gradient({0: 3.0, 2: 2.0, 5: 1.0}), _spectrum_gradient({2: 3.0, 5: 2.0, 7: 1.5, 0: 0.5})
+    w.grad = g1
+    opt.step()
+    assert opt.state[w]["proj_index"].tolist() == [0, 2, 5]
+    w.grad = g2
+    opt.step()
+    assert opt.state[w]["proj_index"].tolist() == [2, 5, 7]
+    assert opt.layer_stats()[0]["last_similarity"] == pytest.approx(2 / 3)
+    q = dct_basis(8, torch.float64, CPU)
+    r1, r2 = g1 @ q[:, [0, 2, 5]], g2 @ q[:, [2, 5, 7]]
+    m1, v1 = 0.1 * r1, 0.001 * r1**2
+    if keep:  # old positions 1, 2 (indices 2, 5) move to 0, 1; index 7 starts at zero
+        carry = torch.zeros_like(m1)
+        carry[:, :2] = m1[:, 1:]
+        m1, v1 = carry, torch.cat([v1[:, 1:], torch.zeros_like(v1[:, :1])], dim=1)
+    m2, v2 = 0.9 * m1 + 0.1 * r2, 0.999 * v1 + 0.001 * r2**2
+    assert torch.allclose(opt.state[w]["exp_avg"], m2, atol=1e-12)
+    assert torch.allclose(opt.state[w]["exp_avg_sq"], v2, atol=1e-12)
+
+
+def test_dct_adamw_matches_a_float64_reference_of_its_equations():
+    lr, wd, eps, (b1, b2), rank = 0.05, 0.1, 1e-8, (0.9, 0.999), 3
+    w0 = _randn(12, 9, seed=5).double()
+    w = torch.nn.Parameter(w0.clone())
+    opt = DCTAdamW([{"params": [w], "rank": rank}], lr=lr, weight_decay=wd, eps=eps, betas=(b1, b2))
+    q = dct_basis(9, torch.float64, CPU)
+    ref, m, v, index = w0.clone(), None, None, None
+    for t in range(1, 6):
+        g = _randn(12, 9, seed=10 + t).double()
+        w.grad = g.clone()
+        opt.step()
+        s = g @ q
+        new = torch.topk(s.abs().sum(0), rank).indices.sort().values
+        if m is None:
+            m, v = torch.zeros(12, rank, dtype=torch.float64), torch.zeros(12, rank, dtype=torch.float64)
+        else:
+            kept = [index.tolist().index(i) if i in index.tolist() else -1 for i in new.tolist()]
+            m = torch.stack([m[:, k] if k >= 0 else torch.zeros(12, dtype=torch.float64) for k in kept], dim=1)
+            v = torch.stack([v[:, k] if k >= 0 else torch.zeros(12, dtype=torch.float64) for k in kept], dim=1)
+        index = new
+        r = s[:, index]
+        m = b1 * m + (1 - b1) * r
+        v = b2 * v + (1 - b2) * r**2
+        n = lr / (1 - b1**t) * m / ((v / (1 - b2**t)).sqrt() + eps)
+        ref = ref * (1 - lr * wd) - n @ q[:, index].T
+        assert torch.allclose(w.detach(), ref, rtol=0, atol=1e-12)
+
+
+def test_adaptive_schedule_on_dct_grows_the_gap_while_the_index_set_stays():
+    w = torch.nn.Parameter(torch.zeros(10, 8, dtype=torch.float64))
+    opt = DCTAdamW([{"params": [w], "rank": 3, "queue_size": 2}], lr=1e-3, refresh="adaptive")
+    for _ in range(12):
+        w.grad = _spectrum_gradient({1: 3.0, 4: 2.0, 6: 1.0})
+        opt.step()
+    stats = opt.layer_stats()[0]
+    assert stats["last_similarity"] == 1.0 and stats["gap"] == 4 and stats["refreshes"] == 6  # 1, 2, 3, 5, 7, 11
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [("proj_type", "full", "proj_type"), ("dct_score", "l3", "dct_score"), ("dct_fft_threshold", 0, "dct_fft_threshold"),
+     ("dct_keep_moments", "yes", "dct_keep_moments"), ("proj_bits", 4, "proj_bits")],
+)
+def test_dct_rejects_bad_settings_by_name(key, value, match):
+    w = torch.nn.Parameter(torch.zeros(8, 4))
+    with pytest.raises(ValueError, match=match):
+        DCTAdamW([{"params": [w], "rank": 2, key: value}])
+
+
+def test_non_finite_gradient_at_a_refresh_is_an_error():
+    with pytest.raises(FloatingPointError, match="inf/NaN"):
+        DCTProjector().refresh(torch.full((4, 3), float("nan")), {}, {"rank": 2, "proj_type": "std"}, seed=0)
