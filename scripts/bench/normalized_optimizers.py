@@ -47,10 +47,10 @@ STEP_OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 #: lr grids searched for the loss comparison (matrix lr; AdamW: its only lr)
 LR_GRID: dict[str, list[float]] = {
     "AdamW": [3e-4, 1e-3, 3e-3, 1e-2],
-    "AuON": [0.01, 0.02, 0.05, 0.1, 0.24],
+    "AuON": [0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.24],
     "HybridAuON": [0.005, 0.01, 0.02, 0.05],
     "Muon": [0.0025, 0.005, 0.01, 0.02, 0.05],
-    "AuON low-rank": [0.01, 0.02, 0.05, 0.1],
+    "AuON low-rank": [0.005, 0.01, 0.02, 0.05, 0.1],
 }
 
 
@@ -143,7 +143,7 @@ def train_run(name: str, lr: float, tokens: torch.Tensor, steps: int, adamw_lr: 
     return val, state_bytes(opt) / params
 
 
-def loss(steps: int, adamw_lr: float, only: list[str] | None, device: torch.device) -> None:
+def loss(steps: int, adamw_lr: float, only: list[str] | None, lrs: list[float] | None, device: torch.device) -> None:
     tokens = corpus()
     print(f"tokens {len(tokens):,} (bytes), model hidden 128 x 2 layers, seq {SEQ}, batch {BATCH}, steps {steps}, "
           f"aux AdamW lr {adamw_lr}, device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}")
@@ -151,7 +151,7 @@ def loss(steps: int, adamw_lr: float, only: list[str] | None, device: torch.devi
     for name, grid in LR_GRID.items():
         if only and name not in only:
             continue
-        for lr in grid:
+        for lr in lrs or grid:
             start = time.perf_counter()
             val, per_param = train_run(name, lr, tokens, steps, adamw_lr, device)
             print(f"| {name} | {lr:g} | {val:.4f} | {per_param:.2f} |  ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -167,6 +167,7 @@ def main() -> None:
     lo.add_argument("--steps", type=int, default=500)
     lo.add_argument("--adamw-lr", type=float, default=1e-3)
     lo.add_argument("--only", nargs="*", help="optimizer names from the grid (default: all)")
+    lo.add_argument("--lrs", nargs="*", type=float, help="these lrs instead of each optimizer's grid")
     for p in (st, lo):
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--device", default="cpu")
@@ -176,7 +177,7 @@ def main() -> None:
         shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes]
         steptime(shapes, args.repeats, torch.device(args.device))
     else:
-        loss(args.steps, args.adamw_lr, args.only, torch.device(args.device))
+        loss(args.steps, args.adamw_lr, args.only, args.lrs, torch.device(args.device))
 
 
 if __name__ == "__main__":
