@@ -30,8 +30,8 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
   output (s V), the float32 log-softmax output, the incoming and outgoing float32 gradients
   (12 V), per token.
 * workspace: the transient memory of one parameter's update (the largest over parameters):
-  the back-projected update (m x n), the rule's float32 temporaries (8-bit Adam dequantizes
-  both moments), and the INT8 weight's float32 re-quantization chunk.
+  the back-projected update (m x n), the rule's float32 temporaries (8-bit Adam's update, and
+  its moments dequantized chunk by chunk), and the INT8 weight's float32 re-quantization chunk.
 
 Without ``--layerwise`` the optimizer step runs after backward, once activations are freed:
 
@@ -266,8 +266,11 @@ def _int8_chunk_bytes(param: torch.Tensor) -> int:
 
 def _rule_workspace(rule: str, numel: int, dtype: torch.dtype, group: dict[str, Any]) -> int:
     if rule == "adam8bit" and numel >= group.get("min_8bit_size", 4096):
-        # g in fp32, both moments dequantized, denominator and update (fp32), new codes
-        return 20 * numel + 2 * numel
+        from lowmem_optim.rules.adam8bit import _CHUNK
+
+        # the float32 update, and per chunk: g in fp32, both moments dequantized, denominator,
+        # the chunk's update, new codes
+        return 4 * numel + 22 * min(numel, _CHUNK)
     if rule in ("adam", "adam8bit"):
         return 2 * _nbytes(numel, torch.float32 if rule == "adam8bit" else dtype)
     return 3 * 4 * numel  # Adafactor's fp32 squares/factors, normalized rules' direction and update

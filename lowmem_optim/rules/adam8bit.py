@@ -14,11 +14,15 @@ from typing import Any
 
 import torch
 
-from lowmem_optim.quant.blockwise import dequantize_blockwise, quantize_blockwise
+from lowmem_optim.quant.blockwise import BLOCKSIZE, dequantize_blockwise, quantize_blockwise
 from lowmem_optim.rules.adam import adam_update
 from lowmem_optim.rules.base import SubspaceChange, check_betas, check_nonnegative, reindex_along
 
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (key, signed dynamic map)
+#: values per pass of an 8-bit step: bounds its float32 workspace (a few copies of one chunk)
+#: whatever the tensor's size (a 7B model's embedding has 131M values); a multiple of the
+#: block, so codes and absmax come out as from one pass over the whole tensor
+_CHUNK = 1 << 22
 
 
 class Adam8bitRule:
@@ -50,18 +54,28 @@ class Adam8bitRule:
     def update(
         self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor
     ) -> tuple[torch.Tensor, float]:
-        if "exp_avg" not in state and "exp_avg_codes" not in state:
+        fresh = "exp_avg" not in state and "exp_avg_codes" not in state
+        if fresh and g.numel() < group.get("min_8bit_size", 4096):
             zeros = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
-            if g.numel() < group.get("min_8bit_size", 4096):
-                state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
-            else:
-                self._store(state, (zeros, zeros))
-        exp_avg, exp_avg_sq = self._load(state)
+            state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
         beta1, beta2 = group["betas"]
-        update = adam_update(
-            g.float(), exp_avg, exp_avg_sq, int(state["step"]), group["lr"], beta1, beta2, group["eps"]
-        )
-        self._store(state, (exp_avg, exp_avg_sq))
+        args = (int(state["step"]), group["lr"], beta1, beta2, group["eps"])
+        if "exp_avg" in state:  # float32 moments, updated in place
+            return adam_update(g.float(), state["exp_avg"], state["exp_avg_sq"], *args), group["lr"]
+        if fresh:
+            for key, _ in _MOMENTS:
+                state[f"{key}_codes"] = torch.empty(g.shape, dtype=torch.uint8, device=g.device)
+                state[f"{key}_absmax"] = g.new_empty(-(-g.numel() // BLOCKSIZE), dtype=torch.float32)
+        update = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+        for start in range(0, g.numel(), _CHUNK):
+            part, blocks = slice(start, start + _CHUNK), slice(start // BLOCKSIZE, (start + _CHUNK) // BLOCKSIZE)
+            codes = [state[f"{key}_codes"].view(-1)[part] for key, _ in _MOMENTS]
+            absmax = [state[f"{key}_absmax"][blocks] for key, _ in _MOMENTS]
+            moments = [torch.zeros(c.shape, dtype=torch.float32, device=g.device) if fresh
+                       else dequantize_blockwise(c, a, signed) for c, a, (_, signed) in zip(codes, absmax, _MOMENTS)]
+            update.view(-1)[part] = adam_update(g.reshape(-1)[part].float(), *moments, *args)
+            for c, a, m, (_, signed) in zip(codes, absmax, moments, _MOMENTS):
+                c[:], a[:] = quantize_blockwise(m, signed)
         return update, group["lr"]
 
     def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int) -> None:
