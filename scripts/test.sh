@@ -8,4 +8,6 @@ cd "$(dirname "$0")/.."
 # torch==2.13.0 resolves to the CPU build on local disk (a bare "torch" would pull a CUDA build).
 python -c "import torch" 2>/dev/null || pip install torch==2.13.0
 pip install -q -e ".[dev]"
-python -m pytest "$@"
+# One thread per process: pytest runs 2 workers on CI's 2 cores, and spinning OpenMP threads
+# that oversubscribe them slow linear algebra down by an order of magnitude.
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" python -m pytest "$@"
