@@ -153,6 +153,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 )
 
     # ---- the step -----------------------------------------------------------------------
+    # torch.compile runs the step eagerly: traced by Dynamo (torch 2.13) it graph-breaks at each
+    # host read of the step counter and re-traces per parameter, and the result was wrong (the
+    # counter advanced twice on the second call)
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
@@ -168,6 +172,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 index += 1
         return loss
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step_param(self, param: torch.Tensor, grad: torch.Tensor | None = None) -> None:
         """Update one parameter (with ``grad``, default ``param.grad``): the step of layer-wise
