@@ -39,8 +39,7 @@ from lowmem_optim.registry import LOWRANK_OPTIMIZERS  # noqa: E402
 from train.model import build_model, quantize_weights  # noqa: E402
 
 
-def measure(args: argparse.Namespace) -> dict:
-    device = torch.device("cuda")
+def measure(args: argparse.Namespace, device: torch.device = torch.device("cuda")) -> dict:
     setup = TrainingSetup(args.optimizer, rank=args.rank, weight_bits=args.weight_bits, dtype=args.dtype,
                           proj_bits=args.proj_bits, batch_size=args.batch_size, seq_len=args.seq_len,
                           activation_checkpointing=args.activation_checkpointing, layerwise=args.layerwise)
