@@ -232,29 +232,39 @@ class NormalizedMomentumOptimizer(LowRankOptimizer):
     other parameter an AdamW rule, in one optimizer (the ``rule`` key of each param group, as
     Muon implementations do with a ``use_muon`` flag).
 
-    A group that names ``rule="adam"`` is filled with the ``adamw_*`` defaults (``lr``, ``betas``,
-    ``eps``, ``weight_decay``) instead of the matrix rule's; any key it gives itself wins. Build
-    the groups from a model with :func:`lowmem_optim.normalized_param_groups`. A matrix group
-    with ``rank`` runs its rule inside a low-rank subspace (momentum r x n instead of m x n;
-    ``scale`` defaults to 1 here, since the rule already fixes the update's size).
+    Keyword options shared by the three classes:
+
+    - ``adamw_lr`` (1e-3), ``adamw_betas`` ((0.9, 0.999)), ``adamw_eps`` (1e-8),
+      ``adamw_weight_decay`` (1e-2): fill every group that names ``rule="adam"`` (a group's own
+      keys win). Build the groups from a model with :func:`lowmem_optim.normalized_param_groups`.
+    - ``update_proj_gap``, ``scale`` (1 here: the rule already fixes the update's size),
+      ``proj_type``, ``proj_method``, ``refresh``, ``seed``: defaults for a matrix group with
+      ``rank``, which runs its rule inside a low-rank subspace (momentum r x n instead of m x n).
     """
 
     def __init__(
         self,
         params: Iterable[Any],
         matrix_defaults: dict[str, Any],
-        adamw_lr: float,
-        adamw_betas: tuple[float, float],
-        adamw_eps: float,
-        adamw_weight_decay: float,
-        lowrank_defaults: dict[str, Any],
+        *,
+        adamw_lr: float = 1e-3,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 1e-2,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        proj_method: str = "svd",
+        refresh: str = "fixed",
+        seed: int = 0,
     ) -> None:
         adamw = {"adamw_lr": adamw_lr, "adamw_eps": adamw_eps, "adamw_weight_decay": adamw_weight_decay}
         check_nonnegative(adamw, *adamw)
         check_betas({"betas": adamw_betas})
         self._adamw_defaults = {"rule": "adam", "lr": adamw_lr, "betas": adamw_betas, "eps": adamw_eps,
                                 "weight_decay": adamw_weight_decay}
-        super().__init__(params, {**lowrank_defaults, "betas": adamw_betas, "eps": adamw_eps, **matrix_defaults})
+        lowrank = _lowrank(None, update_proj_gap, scale, proj_type, proj_method=proj_method, refresh=refresh, seed=seed)
+        super().__init__(params, {**lowrank, "betas": adamw_betas, "eps": adamw_eps, **matrix_defaults})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if param_group.get("rule", self.defaults["rule"]) == "adam":
@@ -271,8 +281,9 @@ class AuON(NormalizedMomentumOptimizer):
     Linear in the number of entries. Since r = 1 + O(1/(m n)), this is Frobenius-normalized
     Nesterov SGD in practice. ``normalize=False`` and ``gamma=1.5`` give the authors' later
     code (U = D / (r + 1e-8): the step then scales with the gradient).
-    Defaults: lr 0.24 with gamma 1 as in the authors' training script; weight decay 0 as in
-    their optimizer class.
+    Defaults: lr 0.24 with gamma 1 as in the authors' training script (width 512); weight decay
+    0 as in their optimizer class. The per-entry step is lr s / sqrt(m n), so the best lr grows
+    with the matrix size. ``options``: see :class:`NormalizedMomentumOptimizer`.
     """
 
     def __init__(
@@ -286,22 +297,11 @@ class AuON(NormalizedMomentumOptimizer):
         gamma: float = 1.0,
         normalize: bool = True,
         adjust_lr_fn: str = "original",
-        adamw_lr: float = 1e-3,
-        adamw_betas: tuple[float, float] = (0.9, 0.999),
-        adamw_eps: float = 1e-8,
-        adamw_weight_decay: float = 1e-2,
-        update_proj_gap: int = 200,
-        scale: float = 1.0,
-        proj_type: str = "std",
-        proj_method: str = "svd",
-        refresh: str = "fixed",
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        matrix = dict(rule="auon", lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                      gamma=gamma, normalize=normalize, adjust_lr_fn=adjust_lr_fn)
-        super().__init__(params, matrix, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay,
-                         _lowrank(None, update_proj_gap, scale, proj_type, proj_method=proj_method,
-                                  refresh=refresh, seed=seed))
+        super().__init__(params, dict(rule="auon", lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      nesterov=nesterov, gamma=gamma, normalize=normalize,
+                                      adjust_lr_fn=adjust_lr_fn), **options)
 
 
 class HybridAuON(NormalizedMomentumOptimizer):
@@ -309,6 +309,7 @@ class HybridAuON(NormalizedMomentumOptimizer):
     cosh scaling:  Y = NS^k(X);  U = Y / (sqrt(mean(cosh(gamma Y)^2)) + 1e-8);  W <- W - lr s U.
     ``ns_steps=5`` is what the authors' later code runs (then U is Muon's update up to r).
     Newton-Schulz runs in ``ns_dtype`` (bfloat16, as the authors' code and torch.optim.Muon).
+    ``options``: see :class:`NormalizedMomentumOptimizer`.
     """
 
     def __init__(
@@ -324,23 +325,12 @@ class HybridAuON(NormalizedMomentumOptimizer):
         ns_coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
         ns_dtype: str = "bfloat16",
         adjust_lr_fn: str = "original",
-        adamw_lr: float = 1e-3,
-        adamw_betas: tuple[float, float] = (0.9, 0.999),
-        adamw_eps: float = 1e-8,
-        adamw_weight_decay: float = 1e-2,
-        update_proj_gap: int = 200,
-        scale: float = 1.0,
-        proj_type: str = "std",
-        proj_method: str = "svd",
-        refresh: str = "fixed",
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        matrix = dict(rule="hybrid_auon", lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                      gamma=gamma, ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
-                      adjust_lr_fn=adjust_lr_fn)
-        super().__init__(params, matrix, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay,
-                         _lowrank(None, update_proj_gap, scale, proj_type, proj_method=proj_method,
-                                  refresh=refresh, seed=seed))
+        super().__init__(params, dict(rule="hybrid_auon", lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      nesterov=nesterov, gamma=gamma, ns_steps=ns_steps,
+                                      ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
+                                      adjust_lr_fn=adjust_lr_fn), **options)
 
 
 class Muon(NormalizedMomentumOptimizer):
@@ -350,6 +340,7 @@ class Muon(NormalizedMomentumOptimizer):
     W <- W (1 - lr wd) - lr s U. The matrix groups equal ``torch.optim.Muon`` with the same
     arguments; the defaults are torch's (lr 1e-3, weight decay 0.1; Keller Jordan's original
     uses lr 0.02 and no weight decay). Cost O(m n min(m, n)) per step.
+    ``options``: see :class:`NormalizedMomentumOptimizer`.
     """
 
     def __init__(
@@ -364,20 +355,8 @@ class Muon(NormalizedMomentumOptimizer):
         ns_coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
         ns_dtype: str = "bfloat16",
         adjust_lr_fn: str = "original",
-        adamw_lr: float = 1e-3,
-        adamw_betas: tuple[float, float] = (0.9, 0.999),
-        adamw_eps: float = 1e-8,
-        adamw_weight_decay: float = 1e-2,
-        update_proj_gap: int = 200,
-        scale: float = 1.0,
-        proj_type: str = "std",
-        proj_method: str = "svd",
-        refresh: str = "fixed",
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        matrix = dict(rule="muon", lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                      ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
-                      adjust_lr_fn=adjust_lr_fn)
-        super().__init__(params, matrix, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay,
-                         _lowrank(None, update_proj_gap, scale, proj_type, proj_method=proj_method,
-                                  refresh=refresh, seed=seed))
+        super().__init__(params, dict(rule="muon", lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
+                                      ns_dtype=ns_dtype, adjust_lr_fn=adjust_lr_fn), **options)
