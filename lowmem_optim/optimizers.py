@@ -309,6 +309,9 @@ class HybridAuON(NormalizedMomentumOptimizer):
     cosh scaling:  Y = NS^k(X);  U = Y / (sqrt(mean(cosh(gamma Y)^2)) + 1e-8);  W <- W - lr s U.
     ``ns_steps=5`` is what the authors' later code runs (then U is Muon's update up to r).
     Newton-Schulz runs in ``ns_dtype`` (bfloat16, as the authors' code and torch.optim.Muon).
+    The default lr is AuON's (the authors give none for Hybrid-AuON). One Newton-Schulz step
+    scales small singular values by about a = 3.44, so ||U||_F is up to ~3.4 times AuON's (3.4
+    for a Gaussian momentum; less when one direction dominates, since f(1) = 0.70).
     ``options``: see :class:`NormalizedMomentumOptimizer`.
     """
 
