@@ -14,6 +14,7 @@ wandb (imported only when asked for): ``offline`` writes under ``<output-dir>/wa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -80,8 +81,10 @@ class Metrics:
         if mode == "online" and not os.environ.get("WANDB_API_KEY"):
             print("wandb: no WANDB_API_KEY, logging offline (upload later with `wandb sync`)", file=sys.stderr)
             mode = "offline"
+        # one wandb run per output dir, so that a resumed run continues its wandb run
+        run_id = f"{run_name}-{hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:8]}"
         return wandb.init(project=project, name=run_name, config=config, mode=mode, dir=str(self.dir),
-                          resume="allow", id=run_name)
+                          resume="allow", id=run_id)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -108,4 +111,7 @@ class Metrics:
         self._file.close()
         self._layers.close()
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish()
+            wandb.teardown()  # waits for wandb's service to write everything out (offline runs too)

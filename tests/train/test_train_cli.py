@@ -132,3 +132,14 @@ def test_int8_weights_train_layerwise_and_are_saved_as_codes(run_tiny, tmp_path)
     saved = checkpoint.load(checkpoint.latest(tmp_path / "run"))["model"]
     assert saved["model.layers.0.mlp.up_proj.weight_codes"].dtype == torch.uint8
     assert "model.layers.0.mlp.up_proj.weight" not in saved and "lm_head.weight" in saved
+
+
+def test_wandb_without_an_api_key_logs_offline_with_config_and_layer_statistics(run_tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_tiny("run", "galore_adamw", wandb="online", max_steps=2, eval_every=2)
+    assert "no WANDB_API_KEY, logging offline" in capsys.readouterr().err
+    (log,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    data = log.read_bytes()
+    for key in (b"update_proj_gap", b"val_loss", b"opt_state_bytes", b"layers/model.layers.0.mlp.up_proj.weight/gap"):
+        assert key in data
