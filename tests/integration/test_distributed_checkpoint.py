@@ -79,6 +79,18 @@ def test_dcp_round_trip_keeps_the_adaptive_schedules_queue(tmp_path):
     dcp_round_trip("galore_adamw", str(tmp_path / "ckpt"), refresh="adaptive", update_proj_gap=1)
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_dcp_state_initialization_moves_no_weight_with_weight_decay_on(name):
+    # regression: Adafactor's relative step size ignored the zeroed lr, so its decay moved weights
+    model = tiny_llama()
+    optimizer = make_optimizer(name, model, weight_decay=0.1)
+    before = snapshot(model)
+    get_optimizer_state_dict(model, optimizer)
+    assert optimizer.state
+    for key, value in snapshot(model).items():
+        assert torch.equal(value, before[key]), key
+
+
 @pytest.mark.parametrize("name", sorted(LOWRANK_OPTIMIZERS))
 def test_dcp_state_initialization_leaves_the_subspace_to_the_first_real_gradient(name):
     model = tiny_llama()
