@@ -1,0 +1,94 @@
+"""Time of one subspace refresh per projector, on LLaMA-7B-shaped matrices, as ratios in one run.
+
+Protocol: a Gaussian gradient of each shape (seed 0) in ``--dtype`` on ``--device``; each
+projector's ``refresh`` (what the optimizer runs: choose the subspace and store it), proj_type
+"std", rank ``--rank``: exact SVD (``torch.linalg.svd``, GaLore's), randomized SVD (oversample
+10, 2 power iterations), DCT by one product with the cached basis, and DCT by FFT (Makhoul).
+One warm-up call per method on that shape builds the DCT basis cache and FFT plans (the exact
+SVD is warmed up on a 256 x 256 matrix instead: a full warm-up would double the run); then
+the minimum over ``--repeats`` timed calls. Also checks that both DCT paths select the same
+indices. One intra-op thread by default (``--threads``). Prints a Markdown table (seconds, and the exact SVD's time over each method's).
+
+    .venv/bin/python scripts/bench/projection_cost.py [--shapes 4096x4096,4096x11008] [--rank 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from lowmem_optim.projection import DCTProjector, RandomizedSVDProjector, SVDProjector
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(refresh, grad: torch.Tensor, repeats: int, warm_up: bool) -> tuple[float, dict]:
+    state: dict = {}
+    if warm_up:
+        refresh(grad, {})
+    best = float("inf")
+    for _ in range(repeats):
+        state = {}
+        _sync(grad.device)
+        start = time.perf_counter()
+        refresh(grad, state)
+        _sync(grad.device)
+        best = min(best, time.perf_counter() - start)
+    return best, state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="4096x4096,4096x11008")
+    parser.add_argument("--rank", type=int, default=1024)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (1: on a shared machine more threads mostly wait on each other)")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.set_num_threads(args.threads)
+    group = {"rank": args.rank, "proj_type": "std"}
+    methods = {
+        "exact SVD": lambda g, s: SVDProjector().refresh(g, s, group, 0),
+        "randomized SVD": lambda g, s: RandomizedSVDProjector().refresh(g, s, group, 0),
+        "DCT matmul": lambda g, s: DCTProjector().refresh(g, s, {**group, "dct_fft_threshold": 10**9}, 0),
+        "DCT FFT": lambda g, s: DCTProjector().refresh(g, s, {**group, "dct_fft_threshold": 1}, 0),
+    }
+    methods["exact SVD"](torch.randn(256, 256, device=device, dtype=dtype), {})
+    print(f"device {device} ({torch.get_num_threads()} threads), dtype {args.dtype}, rank {args.rank}, "
+          f"torch {torch.__version__}, min of {args.repeats} timed call(s)")
+    results = []
+    for shape in args.shapes.split(","):
+        m, n = (int(x) for x in shape.split("x"))
+        grad = torch.randn(m, n, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+        row = {"shape": shape}
+        states = {}
+        for name, refresh in methods.items():
+            row[name], states[name] = _time(refresh, grad, args.repeats, warm_up=name != "exact SVD")
+            print(f"  {shape} {name}: {row[name]:.4f} s", flush=True)
+        row["dct_paths_same_indices"] = bool(torch.equal(states["DCT matmul"]["proj_index"], states["DCT FFT"]["proj_index"]))
+        results.append(row)
+    names = list(methods)
+    print("\n| shape | " + " | ".join(f"{n} (s)" for n in names) + " | " + " | ".join(f"SVD / {n}" for n in names[1:])
+          + " | DCT paths same indices |")
+    print("|---" * (2 * len(names) + 1) + "|")
+    for row in results:
+        times = " | ".join(f"{row[n]:.3g}" for n in names)
+        ratios = " | ".join(f"{row['exact SVD'] / row[n]:.1f}x" for n in names[1:])
+        print(f"| {row['shape']} | {times} | {ratios} | {row['dct_paths_same_indices']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "dtype": args.dtype, "rank": args.rank, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
