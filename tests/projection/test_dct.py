@@ -151,3 +151,17 @@ def test_dct_rejects_bad_settings_by_name(key, value, match):
 def test_non_finite_gradient_at_a_refresh_is_an_error():
     with pytest.raises(FloatingPointError, match="inf/NaN"):
         DCTProjector().refresh(torch.full((4, 3), float("nan")), {}, {"rank": 2, "proj_type": "std"}, seed=0)
+
+
+def test_dct_adamw_is_built_by_registry_name_with_its_paper_defaults():
+    from lowmem_optim import build_optimizer
+    from lowmem_optim.registry import LOWRANK_OPTIMIZERS
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.ReLU(), torch.nn.Linear(12, 4))
+    opt = build_optimizer("dct_adamw", model, target_modules=["0"], rank=3, lr=1e-3)
+    assert "dct_adamw" in LOWRANK_OPTIMIZERS and isinstance(opt, DCTAdamW)
+    (low,) = [g for g in opt.param_groups if g.get("rank") is not None]
+    assert (low["proj_method"], low["update_proj_gap"], low["scale"], low["dct_score"]) == ("dct", 1, 1.0, "l1")
+    model(torch.randn(5, 16)).sum().backward()
+    opt.step()
+    assert opt.state[model[0].weight]["proj_index"].numel() == 3

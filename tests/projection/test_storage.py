@@ -88,3 +88,15 @@ def test_bad_storage_hyperparameters_are_rejected_by_name(key, value):
     w = torch.nn.Parameter(torch.zeros(8, 4))
     with pytest.raises(ValueError, match=key):
         GaLoreAdamW([{"params": [w], "rank": 2, key: value}])
+
+
+def test_build_optimizer_routes_proj_bits_to_the_low_rank_group():
+    from lowmem_optim import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(300, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    opt = build_optimizer("galore_adamw", model, target_modules=["0"], rank=8, proj_bits=4, lr=1e-3)
+    model(torch.randn(5, 300)).sum().backward()
+    opt.step()
+    state = opt.state[model[0].weight]
+    assert "proj_left" not in state and "proj_right" not in state
+    assert state["proj_left_codes"].numel() == 64 * 8 // 2  # 64 x 300: the left side (64 x 8), two codes a byte
