@@ -25,20 +25,25 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
       MLP         4 s f                       (gate, SiLU(gate), up, their product)
 
   times layers x tokens; with activation checkpointing only each layer's input (s h per token
-  per layer) is kept, plus one layer recomputed in backward, with its gradient working set
-  s (h + 2 f) per token. On top, the loss at the start of backward: the logits held by the
-  output (s V), the float32 log-softmax output, the incoming and outgoing float32 gradients
-  (12 V), per token.
+  per layer) is kept, and one layer is rebuilt in backward, with its gradient working set
+  s (h + 2 f) per token. The head keeps the final norm's tensors and the logits the output
+  holds (s V per token); the loss adds, at the start of backward, the float32 log-softmax
+  output and the incoming and outgoing float32 gradients (12 V per token).
 * workspace: the transient memory of one parameter's update (the largest over parameters):
   the back-projected update (m x n), the rule's float32 temporaries (8-bit Adam's update, and
-  its moments dequantized chunk by chunk), and the INT8 weight's float32 re-quantization chunk.
+  its moments dequantized chunk by chunk; torch AdamW's denominator and update), and the INT8
+  weight's float32 re-quantization chunk.
 
-Without ``--layerwise`` the optimizer step runs after backward, once activations are freed:
+The peak is the largest of the moments a step goes through, on top of the static part
+(weights + optimizer_states + projections):
 
-    total = weights + optimizer_states + projections + gradients + max(activations, workspace)
+    start of backward      kept activations + loss tensors (+ the first gradient, the head's)
+    checkpointed backward  kept activations + one rebuilt layer (+ every gradient so far)
+    optimizer step         every gradient + workspace                     (ordinary stepping)
+    a layer-wise update    kept activations + that gradient + its workspace (+ the rebuilt layer,
+                           for the parameters of a decoder layer)
 
-With it, each update runs inside backward: total = weights + states + projections + largest
-gradient + activations + workspace.
+so ``total_bytes`` is at most, not equal to, the sum of the components.
 
 What is exact: weights, gradients, optimizer states and projections are counted from the same
 parameter and group layout the training code builds (the model skeleton is built on the meta
@@ -276,10 +281,14 @@ def _rule_workspace(rule: str, numel: int, dtype: torch.dtype, group: dict[str, 
     return 3 * 4 * numel  # Adafactor's fp32 squares/factors, normalized rules' direction and update
 
 
-def optimizer_memory(optimizer_name: str, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Predicted ``optimizer_states``, ``projections``, largest ``gradient`` and ``workspace``
-    bytes for the optimizer's param groups (after steps, adaptive queues full)."""
-    out = {"optimizer_states": 0, "projections": 0, "gradients": 0, "largest_gradient": 0, "workspace": 0}
+def optimizer_memory(optimizer_name: str, optimizer: torch.optim.Optimizer,
+                     layer_params: frozenset[int] = frozenset()) -> dict[str, int]:
+    """Predicted ``optimizer_states``, ``projections``, ``gradients`` (all, and the largest),
+    ``workspace`` (the largest update's) and ``step_peak`` / ``layer_step_peak`` (the largest
+    gradient + workspace of one update, of a parameter outside / inside the decoder layers
+    whose ids are ``layer_params``) bytes for the optimizer's groups (adaptive queues full)."""
+    out = {"optimizer_states": 0, "projections": 0, "gradients": 0, "largest_gradient": 0, "workspace": 0,
+           "step_peak": 0, "layer_step_peak": 0}
     dct_bases: set[tuple[int, torch.dtype]] = set()
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -288,7 +297,12 @@ def optimizer_memory(optimizer_name: str, optimizer: torch.optim.Optimizer) -> d
             out["largest_gradient"] = max(out["largest_gradient"], grad)
             if not isinstance(optimizer, LowRankOptimizer):
                 out["optimizer_states"] += _baseline_state_bytes(optimizer_name, p, optimizer)
-                out["workspace"] = max(out["workspace"], _int8_chunk_bytes(p))
+                # torch's single-tensor AdamW: denominator and update like the parameter;
+                # bitsandbytes' fused 8-bit kernel updates in place
+                workspace = 2 * grad if optimizer_name == "adamw" else 0
+                out["workspace"] = max(out["workspace"], workspace)
+                peak = "layer_step_peak" if id(p) in layer_params else "step_peak"
+                out[peak] = max(out[peak], grad + workspace)
                 continue
             states = 4  # the step counter
             workspace = _int8_chunk_bytes(p)
@@ -305,23 +319,28 @@ def optimizer_memory(optimizer_name: str, optimizer: torch.optim.Optimizer) -> d
                 workspace += _rule_workspace(group["rule"], p.numel(), p.dtype, group)
             out["optimizer_states"] += states
             out["workspace"] = max(out["workspace"], workspace)
+            peak = "layer_step_peak" if id(p) in layer_params else "step_peak"
+            out[peak] = max(out[peak], grad + workspace)
     out["projections"] += sum(_nbytes(d * d, dtype) for d, dtype in dct_bases)  # the DCT basis cache
     return out
 
 
 # ---- activations ----------------------------------------------------------------------------
-def activation_memory(shape: LlamaShape, setup: TrainingSetup) -> int:
-    """Peak bytes of activations (see the module docstring for the per-token terms)."""
+def activation_memory(shape: LlamaShape, setup: TrainingSetup) -> dict[str, int]:
+    """Activation bytes (per-token terms in the module docstring): ``stored`` (kept through
+    backward: each layer's saved tensors or checkpoint, the final norm's, the logits held by
+    the output), ``loss`` (the float32 loss tensors at the start of backward) and ``recompute``
+    (one checkpointed layer rebuilt in backward, with its gradient working set; 0 without
+    checkpointing)."""
     s = torch.empty((), dtype=setup.torch_dtype()).element_size()
     h, f, a, kv = shape.hidden_size, shape.intermediate_size, shape.num_attention_heads, shape.num_key_value_heads
     tokens = setup.batch_size * setup.seq_len
     norm = (4 + s) * h + 4
     per_layer = 2 * norm + s * h * (3 + 2 * kv / a) + 4 * a + 4 * s * f
-    loss = (s + 12) * shape.vocab_size + norm  # the final norm's input is saved too
-    if not setup.activation_checkpointing:
-        return int(tokens * (shape.num_hidden_layers * per_layer + loss))
-    recompute = per_layer + s * (h + 2 * f)
-    return int(tokens * (shape.num_hidden_layers * s * h + max(loss, recompute)))
+    kept = per_layer if not setup.activation_checkpointing else s * h
+    recompute = per_layer + s * (h + 2 * f) if setup.activation_checkpointing else 0
+    return {"stored": int(tokens * (shape.num_hidden_layers * kept + norm + s * shape.vocab_size)),
+            "loss": tokens * 12 * shape.vocab_size, "recompute": int(tokens * recompute)}
 
 
 def estimate_memory(config: dict[str, Any], setup: TrainingSetup) -> MemoryEstimate:
@@ -331,15 +350,19 @@ def estimate_memory(config: dict[str, Any], setup: TrainingSetup) -> MemoryEstim
     if isinstance(setup.seq_len, bool) or not isinstance(setup.seq_len, int) or setup.seq_len < 1:
         raise ValueError(f"Invalid seq_len: {setup.seq_len!r} (allowed: an int >= 1)")
     model, optimizer = build_setup_model(config, setup)
-    opt = optimizer_memory(setup.optimizer, optimizer)
+    opt = optimizer_memory(setup.optimizer, optimizer, frozenset(map(id, model.model.layers.parameters())))
     weights = _weight_bytes(model)
-    activations = activation_memory(LlamaShape.from_config(config), setup)
+    act = activation_memory(LlamaShape.from_config(config), setup)
     static = weights + opt["optimizer_states"] + opt["projections"]
     if setup.layerwise:
         gradients = opt["largest_gradient"]
-        total = static + gradients + activations + opt["workspace"]
+        # the head's update runs before any layer is rebuilt, the embedding's after the last
+        total = static + act["stored"] + max(act["loss"], act["recompute"] + opt["layer_step_peak"], opt["step_peak"])
     else:
         gradients = opt["gradients"]
-        total = static + gradients + max(activations, opt["workspace"])
+        total = static + max(act["stored"] + act["loss"] + opt["largest_gradient"],
+                             act["stored"] + act["recompute"] + gradients if act["recompute"] else 0,
+                             gradients + opt["workspace"])
+    activations = act["stored"] + max(act["loss"], act["recompute"])
     return MemoryEstimate(weights, gradients, opt["optimizer_states"], opt["projections"], activations,
                           opt["workspace"], total)
