@@ -40,7 +40,7 @@ class TrainConfig:
     weight_bits: int = _opt(16, "8: INT8 weights in the linear layers (Q-GaLore); 16: weights in --dtype",
                             choices=(8, 16))
     # optimizer
-    optimizer: str = _opt("adamw", "a name from lowmem_optim.available_optimizers()")
+    optimizer: str = _opt("adamw", "a registry name (lowmem_optim.available_optimizers())")
     lr: float = _opt(1e-3, "peak learning rate")
     weight_decay: float = _opt(0.0, "decoupled weight decay")
     beta1: float | None = _opt(None, "Adam beta1 (default: the optimizer's)")
@@ -169,11 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m train",
         description="Pretrain a LLaMA model with a lowmem_optim optimizer (or a torch/bitsandbytes baseline).",
         allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):
         names = [f"--{_kebab(f.name)}"] + ([f"--{f.name}"] if "_" in f.name else [])
         base, optional = _field_type(f)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": f.metadata["help"]}
+        help_text = f.metadata["help"]
+        if f.name == "optimizer":
+            from lowmem_optim import available_optimizers
+
+            help_text = f"one of: {', '.join(available_optimizers())}"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": help_text}
         if base is bool:
             # "--flag" alone means True; "--flag=False" / "--flag False" as wandb's agent writes them
             kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
