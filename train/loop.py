@@ -159,29 +159,30 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> Trained:
         scheduler.step()
         steps_timed += 1
 
-        if step % cfg.log_every and step % cfg.eval_every and step != cfg.max_steps:
-            continue
-        if d.device.type == "cuda":
-            torch.cuda.synchronize(d.device)
-        elapsed = time.perf_counter() - clock
-        record: dict[str, Any] = {
-            "step": step,
-            "loss": distributed.mean_over_ranks(loss_sum / accum, d.device),
-            "lr": lr,
-            "tokens_per_s": steps_timed * tokens_per_step / elapsed,
-            **{k: distributed.max_over_ranks(v, d.device) for k, v in peak_memory(d.device).items()},
-            "opt_state_bytes": optimizer_state_bytes(optimizer),
-        }
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            record["val_loss"] = evaluate(model, data.val, d.device)
-            record["val_ppl"] = math.exp(min(record["val_loss"], 80.0))  # exp overflows past ~709
-            if hasattr(optimizer, "layer_stats"):
-                metrics.log_layers(step, optimizer.layer_stats())
-        metrics.log(record)
-        progress.update(step - progress.n)
-        progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+        evaluating = step % cfg.eval_every == 0 or step == cfg.max_steps
+        logging = evaluating or step % cfg.log_every == 0
+        saving = (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps
+        if logging:
+            if d.device.type == "cuda":
+                torch.cuda.synchronize(d.device)
+            elapsed = time.perf_counter() - clock
+            record: dict[str, Any] = {
+                "step": step,
+                "loss": distributed.mean_over_ranks(loss_sum / accum, d.device),
+                "lr": lr,
+                "tokens_per_s": steps_timed * tokens_per_step / elapsed,
+                **{k: distributed.max_over_ranks(v, d.device) for k, v in peak_memory(d.device).items()},
+                "opt_state_bytes": optimizer_state_bytes(optimizer),
+            }
+            if evaluating:
+                record["val_loss"] = evaluate(model, data.val, d.device)
+                record["val_ppl"] = math.exp(min(record["val_loss"], 80.0))  # exp overflows past ~709
+                if hasattr(optimizer, "layer_stats"):
+                    metrics.log_layers(step, optimizer.layer_stats())
+            metrics.log(record)
+            progress.update(step - progress.n)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if saving:
             model_state, optim_state = distributed.full_state_dicts(model, optimizer)
             if d.is_main:
                 checkpoint.save(out, step, {
@@ -190,7 +191,8 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> Trained:
                     "rng": checkpoint.rng_state(), "config": cfg.to_dict(),
                 }, keep=cfg.keep_checkpoints)
             distributed.barrier()
-        clock, steps_timed = time.perf_counter(), 0
+        if logging or saving:  # tokens/s covers training only, not evaluation and saving
+            clock, steps_timed = time.perf_counter(), 0
 
     if layerwise is not None:
         layerwise.remove()

@@ -104,3 +104,9 @@ def test_the_data_order_depends_on_the_seed_only_and_resumes_at_its_position():
     global_order = stream(0, 0, 1)
     global_order.batch_size = 6
     assert torch.equal(torch.cat([r.next_batch() for r in ranks]), global_order.next_batch())
+
+
+def test_checkpoints_follow_save_every_even_between_logged_steps(run_tiny, tmp_path):
+    records = run_tiny("run", "adamw", max_steps=6, log_every=4, eval_every=6, save_every=3, keep_checkpoints=5)
+    assert [r["step"] for r in records] == [4, 6]
+    assert [p.name for p in checkpoint.saved(tmp_path / "run")] == ["step_00000003.pt", "step_00000006.pt"]
