@@ -1,9 +1,11 @@
 """Run by ``torchrun --nproc_per_node 2`` from test_train_distributed.py (not a test module).
 
-Four runs in one job, so the two processes start once: DDP with GaLore; DDP with GaLore on
-INT8 weights; FSDP2 with AdamW; FSDP2 with GaLore, which must refuse the sharded parameters. Each rank writes what it holds.
+Five runs in one job, so the two processes start once: DDP with GaLore; DDP with GaLore on
+INT8 weights; FSDP2 with AdamW, then resumed from its step-2 checkpoint; FSDP2 with GaLore,
+which must refuse the sharded parameters. Each rank writes what it holds.
 """
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,8 +35,15 @@ def main(out: Path, base: list[str]) -> None:
                                   f"--output-dir={out / 'ddp_int8'}"]), d)
     torch.save(distributed.unwrap(int8.model).state_dict(), out / f"ddp_int8_rank{rank}.pt")
 
-    fsdp = run(parse_args(base + ["--optimizer=adamw", "--parallel=fsdp", f"--output-dir={out / 'fsdp'}"]), d)
+    fsdp_flags = ["--optimizer=adamw", "--parallel=fsdp", "--save-every=2"]
+    fsdp = run(parse_args(base + fsdp_flags + [f"--output-dir={out / 'fsdp'}"]), d)
     torch.save(full_parameters(fsdp.model), out / f"fsdp_rank{rank}.pt")
+    if rank == 0:  # as if killed after step 2's checkpoint
+        shutil.copytree(out / "fsdp", out / "fsdp_cut")
+        (out / "fsdp_cut" / "checkpoints" / "step_00000004.pt").unlink()
+    dist.barrier()
+    resumed = run(parse_args(base + fsdp_flags + [f"--output-dir={out / 'fsdp_cut'}", "--resume"]), d)
+    torch.save(full_parameters(resumed.model), out / f"fsdp_resumed_rank{rank}.pt")
 
     try:
         run(parse_args(base + ["--optimizer=galore_adamw", "--rank=8", "--parallel=fsdp",

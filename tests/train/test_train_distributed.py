@@ -83,6 +83,14 @@ def test_fsdp2_trains_adamw_with_ranks_agreeing(two_ranks):
     assert all(torch.equal(saved["model"][k], rank0[k]) for k in rank0)
 
 
+def test_fsdp2_resumes_from_a_gathered_checkpoint_exactly(two_ranks):
+    full, resumed = read_jsonl(two_ranks / "fsdp" / "metrics.jsonl"), read_jsonl(two_ranks / "fsdp_cut" / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in full]
+    for rank in (0, 1):
+        a, b = _load(two_ranks / f"fsdp_rank{rank}.pt"), _load(two_ranks / f"fsdp_resumed_rank{rank}.pt")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_fsdp2_with_galore_is_refused_with_a_clear_error(two_ranks):
     for rank in (0, 1):
         message = (two_ranks / f"fsdp_galore_rank{rank}.txt").read_text()
