@@ -21,8 +21,8 @@ aspect factor, as in the AuON code), 0.2 sqrt(max(m, n)) (``"match_rms_adamw"``,
 Newton-Schulz (quintic, coefficients (a, b, c) = (3.4445, -4.7750, 2.0315)), on the wide
 orientation (X transposed when m > n):  A = X X^T;  X <- a X + (b A + c A^2) X.  It runs in
 ``ns_dtype`` (bfloat16 by default, as torch.optim.Muon and the authors' code do). It maps
-singular values from [0, 1] into about [0, 1.2]: after 5 steps those that started above ~1/400
-of the largest sit in about [0.68, 1.2]; one step leaves no such band (see the README).
+singular values from [0, 1] into about [0, 1.2]: after 5 steps those of X above ~1/400 (of
+||X||_F = 1) sit in about [0.68, 1.2]; one step leaves no such band (see the README).
 
 Why AuON is cheap and what it amounts to: for any realistically sized matrix r = 1 + O(1/N)
 (r - 1 ~ gamma^2 / (2N), N = m n, since X has unit Frobenius norm), so AuON behaves as
@@ -96,7 +96,7 @@ def _is_number(value: Any) -> bool:
 
 class NormalizedMomentumRule:
     """Momentum, matrix view and step size shared by AuON, Hybrid-AuON and Muon; a subclass
-    gives ``direction(D)``, the unit-scale direction U of the 2-D momentum D."""
+    gives ``scaled_direction``: lr s U for the 2-D momentum D."""
 
     fixed_dtype_keys: frozenset[str] = frozenset()
 
