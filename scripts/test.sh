@@ -2,12 +2,7 @@
 # Set up a virtual environment (if needed) and run the whole test suite on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -d .venv ] || python3 -m venv .venv
-. .venv/bin/activate
-# Install torch only where it is missing: a GPU user's own build is kept; on our CPU machines
-# torch==2.13.0 resolves to the CPU build on local disk (a bare "torch" would pull a CUDA build).
-python -c "import torch" 2>/dev/null || pip install torch==2.13.0
-pip install -q -e ".[dev]"
+. scripts/setup_env.sh dev
 # wandb's sweep schema ships inside the `sweeps` wheel, whose dependencies pin an old numpy: the
 # wheel is fetched (not installed) here, so the test run itself needs no network.
 [ -n "$(ls build/wheels/sweeps-0.3.0-*.whl 2>/dev/null)" ] || pip download -q --no-deps sweeps==0.3.0 -d build/wheels
