@@ -69,7 +69,7 @@ def dequantize_groupwise(
     """Inverse of :func:`quantize_groupwise` (codes unpacked, one per value)."""
     numel = codes.numel()
     pad = (-numel) % group_size
-    q = codes.float()
+    q = codes.reshape(-1).float()
     if pad:
         q = torch.cat([q, q.new_zeros(pad)])
     x = (q.view(-1, group_size) - zero[:, None]) * scale[:, None]

@@ -54,3 +54,10 @@ def test_int4_packing_roundtrips_two_codes_per_byte(numel):
 def test_bad_bits_name_the_parameter():
     with pytest.raises(ValueError, match="bits"):
         quantize_groupwise(torch.zeros(4), 3)
+
+
+def test_two_dimensional_codes_with_a_padded_last_group_decode():
+    x = torch.randn(7, 45, generator=torch.Generator().manual_seed(1))  # 315 values: last group padded
+    codes, scale, zero = quantize_groupwise(x, 8, 256)
+    y = dequantize_groupwise(codes.view(7, 45), scale, zero, x.shape)
+    assert float((y - x).abs().max()) <= 0.5 * float(scale.max()) + 1e-6
