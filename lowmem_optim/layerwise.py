@@ -18,8 +18,11 @@ scheduler on it works unchanged)::
         scheduler.step()                       # once per training step, as without layer-wise
     handle.remove()                            # back to ordinary optimizer.step()
 
-Never call ``optimizer.step()`` or ``optimizer.zero_grad()`` while attached: the hooks step
-and free each gradient themselves.
+Never call ``optimizer.step()`` while attached: the hooks step and free each gradient
+themselves, so a training stack that calls ``step()`` (HF ``Trainer``, accelerate, a loop with
+``clip_grad_norm_`` or gradient accumulation of its own) would clip nothing and ignore its
+accumulation. Such a call raises ``RuntimeError`` naming the reason; ``handle.remove()`` first,
+or let the handle do accumulation and clipping.
 
 Optimizers. Ours (:class:`~lowmem_optim.engine.LowRankOptimizer`) step one parameter with
 ``step_param``; its random draws (randomized SVD, stochastic rounding) are seeded per
@@ -79,6 +82,8 @@ class LayerwiseHandle:
         self.max_grad_norm = max_grad_norm
         self.process_group = process_group
         self._micro: dict[torch.Tensor, int] = {}
+        self._stepping_one = False
+        self._step_guard = optimizer.register_step_pre_hook(self._refuse_outside_step)
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._hook)
             for group in optimizer.param_groups
@@ -92,6 +97,18 @@ class LayerwiseHandle:
             hook.remove()
         self._hooks.clear()
         self._micro.clear()
+        self._step_guard.remove()
+
+    def _refuse_outside_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._stepping_one:
+            raise RuntimeError(
+                f"{type(optimizer).__name__}.step() was called while layer-wise updates are attached "
+                "(lowmem_optim.layerwise): every parameter is already stepped inside backward and its "
+                "gradient freed, so this call would step nothing, and a stack calling it (HF Trainer, "
+                "accelerate, a loop with gradient clipping or accumulation) would silently clip nothing "
+                "and ignore its accumulation. Drive training with backward() alone and pass "
+                "accumulation_steps / max_grad_norm to layerwise.attach, or call handle.remove() first"
+            )
 
     @torch.no_grad()
     def _hook(self, param: torch.Tensor) -> None:
@@ -120,11 +137,13 @@ class LayerwiseHandle:
         """``optimizer.step()`` over ``param`` alone: its param groups are narrowed for the call."""
         groups = self.optimizer.param_groups
         saved = [group["params"] for group in groups]
+        self._stepping_one = True
         try:
             for group, params in zip(groups, saved):
                 group["params"] = [p for p in params if p is param]
             self.optimizer.step()
         finally:
+            self._stepping_one = False
             for group, params in zip(groups, saved):
                 group["params"] = params
 

@@ -182,3 +182,35 @@ def test_layerwise_data_parallel_averages_gradients_over_ranks(tmp_path):
     for name, p in ref.state_dict().items():
         torch.testing.assert_close(got[name], p, rtol=1e-5, atol=1e-6, msg=name)
 
+
+
+@pytest.mark.parametrize("make", [galore, lambda model: torch.optim.AdamW(model.parameters())])
+def test_optimizer_step_while_attached_is_refused_and_allowed_again_after_remove(make):
+    model = tiny_model()
+    opt = make(model)
+    handle = layerwise.attach(opt)
+    train_layerwise(model, batches(1))  # the hooks step (torch AdamW through its own step())
+    with pytest.raises(RuntimeError, match="layer-wise updates are attached.*clip nothing"):
+        opt.step()
+    handle.remove()
+    loss_of(model, batches(1)[0]).backward()
+    opt.step()
+
+
+def test_hf_trainer_with_a_layerwise_optimizer_is_refused_with_the_reason(tmp_path):
+    """The Trainer clips and accumulates around optimizer.step(): with the updates already done
+    inside backward that would silently do nothing, so its first step raises."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, max_position_embeddings=16))
+    opt = GaLoreAdamW(lowrank_param_groups(model, rank=4), lr=1e-3)
+    layerwise.attach(opt)
+    rows = [{"input_ids": torch.arange(16) % 64, "labels": torch.arange(16) % 64}] * 8
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=2,
+                             per_device_train_batch_size=4, gradient_accumulation_steps=2, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=rows,
+                      optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)))
+    with pytest.raises(RuntimeError, match="layer-wise updates are attached.*HF Trainer"):
+        trainer.train()
