@@ -22,6 +22,16 @@ def _run(opt_cls, w0, grads, group_kwargs, **opt_kwargs):
     return p.detach(), opt
 
 
+def _step_side_by_side(ours, ref, opt, ref_opt, steps, gen):
+    """Give both parameter lists the same random gradients and step both optimizers."""
+    for _ in range(steps):
+        for a, c in zip(ours, ref):
+            a.grad = torch.randn(a.shape, generator=gen)
+            c.grad = a.grad.clone()
+        opt.step()
+        ref_opt.step()
+
+
 def test_full_rank_group_equals_torch_adamw_bit_for_bit():
     gen = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 32, generator=gen), torch.randn(32, generator=gen)
@@ -30,12 +40,7 @@ def test_full_rank_group_equals_torch_adamw_bit_for_bit():
     groups = lambda ps: [{"params": [ps[0]], "lr": 3e-3, "weight_decay": 0.1}, {"params": [ps[1]]}]  # noqa: E731
     opt = GaLoreAdamW(groups(ours), lr=1e-2, betas=(0.8, 0.99), weight_decay=0.05)
     torch_opt = torch.optim.AdamW(groups(ref), lr=1e-2, betas=(0.8, 0.99), weight_decay=0.05)
-    for _ in range(15):
-        for a, c in zip(ours, ref):
-            a.grad = torch.randn(a.shape, generator=gen)
-            c.grad = a.grad.clone()
-        opt.step()
-        torch_opt.step()
+    _step_side_by_side(ours, ref, opt, torch_opt, 15, gen)
     for a, c in zip(ours, ref):
         assert torch.equal(a, c)
         assert torch.equal(opt.state[a]["exp_avg_sq"], torch_opt.state[c]["exp_avg_sq"])
@@ -92,12 +97,7 @@ def test_full_rank_adafactor_group_matches_hf_transformers_adafactor():
     ours = [torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())]
     ref = [torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())]
     opt, hf = GaLoreAdafactor(ours, beta1=0.9, weight_decay=0.01), Adafactor(ref, beta1=0.9, weight_decay=0.01)
-    for _ in range(8):
-        for a, c in zip(ours, ref):
-            a.grad = torch.randn(a.shape, generator=gen)
-            c.grad = a.grad.clone()
-        opt.step()
-        hf.step()
+    _step_side_by_side(ours, ref, opt, hf, 8, gen)
     for a, c in zip(ours, ref):
         torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-7)
 
