@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from lowmem_optim.projection import PROJECTORS
+from lowmem_optim.projection.feedback import FEEDBACK_KEYS, load_error, store_error, validate_error_feedback
 from lowmem_optim.projection.base import projection_sides
 from lowmem_optim.rules import RULES
 from lowmem_optim.schedules import SCHEDULES
@@ -47,6 +48,7 @@ LOWRANK_DEFAULTS: dict[str, Any] = {
     "proj_method": "svd",
     "refresh": "fixed",
     "seed": 0,
+    "error_feedback": None,
 }
 
 
@@ -138,6 +140,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid scale: {scale!r} (allowed: a finite number > 0)")
         parts.projector.validate(group)
         parts.schedule.validate(group)
+        validate_error_feedback(group)
         for i, p in enumerate(group["params"]):
             if p.dim() < 2:
                 raise ValueError(
@@ -202,6 +205,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self._apply_update(p, update, 1.0, group, lr_t, index, step)
             return
         g = grad.reshape(matrix_shape(p))
+        feedback = group["error_feedback"]
+        if feedback is not None:
+            accumulated = load_error(state, g) + g
+            g = accumulated.to(g.dtype)
         if parts.schedule.due(state, step):
             change = parts.projector.refresh(g, state, group, _refresh_seed(group["seed"], index, step))
             parts.schedule.record(state, step, group, change.similarity)
@@ -212,6 +219,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             left, _ = projection_sides(matrix_shape(p), group["proj_type"])
             parts.rule.carry(state, change, 0 if left else 1)
         low = parts.projector.project(g, state)
+        if feedback is not None:
+            store_error(state, accumulated - parts.projector.back_project(low, state), feedback)
         update, lr_t = parts.rule.update(low, state, group, p)
         full = parts.projector.back_project(update, state)
         self._apply_update(p, full.view(p.shape), group["scale"], group, lr_t, index, step)
@@ -246,7 +255,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         parameters (see :mod:`lowmem_optim.rules.adam`) keep their saved dtype."""
         super().load_state_dict(state_dict)
         parts = (*RULES.values(), *PROJECTORS.values(), *SCHEDULES.values())
-        fixed = set(chain.from_iterable(cls.fixed_dtype_keys for cls in parts))
+        fixed = set(chain.from_iterable(cls.fixed_dtype_keys for cls in parts)) | FEEDBACK_KEYS
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):

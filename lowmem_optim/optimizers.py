@@ -84,12 +84,15 @@ class DCTAdamW(LowRankOptimizer):
         dct_score: str = DCT_DEFAULTS["dct_score"],
         dct_keep_moments: bool = DCT_DEFAULTS["dct_keep_moments"],
         dct_fft_threshold: int = DCT_DEFAULTS["dct_fft_threshold"],
+        dct_type: int = DCT_DEFAULTS["dct_type"],
+        error_feedback: str | None = None,
         seed: int = 0,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rule="adam",
                         **_lowrank(rank, update_proj_gap, scale, proj_type, proj_method="dct", refresh=refresh,
                                    seed=seed, dct_score=dct_score, dct_keep_moments=dct_keep_moments,
-                                   dct_fft_threshold=dct_fft_threshold))
+                                   dct_fft_threshold=dct_fft_threshold, dct_type=dct_type,
+                                   error_feedback=error_feedback))
         super().__init__(params, defaults)
 
 

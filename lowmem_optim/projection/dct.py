@@ -33,9 +33,10 @@ from lowmem_optim.projection.base import projection_sides
 from lowmem_optim.rules.base import SubspaceChange
 
 #: defaults of the group keys this projector reads
-DCT_DEFAULTS: dict[str, Any] = {"dct_score": "l1", "dct_fft_threshold": 2048, "dct_keep_moments": True}
+DCT_DEFAULTS: dict[str, Any] = {"dct_score": "l1", "dct_fft_threshold": 2048, "dct_keep_moments": True, "dct_type": 2}
 DCT_PROJ_TYPES = ("std", "reverse_std", "left", "right")
 DCT_SCORES = ("l1", "l2")
+DCT_TYPES = (2, 3)
 
 
 def _hparams(group: dict[str, Any]) -> dict[str, Any]:
@@ -77,12 +78,19 @@ def dct_fft(a: torch.Tensor, dim: int) -> torch.Tensor:
     return (full * twiddles).sum(-1).movedim(-1, dim)
 
 
-def dct_spectrum(a: torch.Tensor, dim: int, fft_threshold: int) -> torch.Tensor:
-    """S: the DCT-II of ``a`` along ``dim`` (C a for dim 0, a C^T for dim 1)."""
+def projection_basis(d: int, dct_type: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The d x d basis whose columns are selected: Q = C^T (type 2: the DCT-II cosine vectors) or
+    C (type 3: the DCT-III vectors, the authors' matmul path)."""
+    q = dct_basis(d, dtype, device)
+    return q if dct_type == 2 else q.T
+
+
+def dct_spectrum(a: torch.Tensor, dim: int, fft_threshold: int, dct_type: int = 2) -> torch.Tensor:
+    """S = Q^T a (dim 0) or a Q (dim 1): for type 2 the DCT-II of ``a`` along ``dim``."""
     d = a.shape[dim]
-    if d >= fft_threshold:
+    if dct_type == 2 and d >= fft_threshold:
         return dct_fft(a, dim).to(a.dtype)
-    basis = dct_basis(d, a.dtype, a.device)
+    basis = projection_basis(d, dct_type, a.dtype, a.device)
     return basis.T @ a if dim == 0 else a @ basis
 
 
@@ -113,6 +121,8 @@ class DCTProjector:
         threshold = hp["dct_fft_threshold"]
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
             raise ValueError(f"Invalid dct_fft_threshold: {threshold!r} (allowed: an int >= 1)")
+        if hp["dct_type"] not in DCT_TYPES or isinstance(hp["dct_type"], bool):
+            raise ValueError(f"Invalid dct_type: {hp['dct_type']!r} (allowed: 2, 3)")
         if not isinstance(hp["dct_keep_moments"], bool):
             raise ValueError(f"Invalid dct_keep_moments: {hp['dct_keep_moments']!r} (allowed: True, False)")
         if group.get("proj_bits") not in (None, 16):
@@ -128,11 +138,12 @@ class DCTProjector:
         hp = _hparams(group)
         left, _ = projection_sides(tuple(grad.shape), group["proj_type"])
         dim = 0 if left else 1
-        spectrum = dct_spectrum(grad, dim, hp["dct_fft_threshold"])
+        spectrum = dct_spectrum(grad, dim, hp["dct_fft_threshold"], hp["dct_type"])
         index = select_indices(spectrum, dim, group["rank"], hp["dct_score"])
         self._refreshed = (grad, spectrum.index_select(dim, index))
         old = state.get("proj_index")
         state["proj_index"], state["proj_dim"], state["proj_basis_size"] = index, dim, grad.shape[dim]
+        state["proj_dct_type"] = hp["dct_type"]
         if old is None:
             return SubspaceChange()
         old_position = torch.full((grad.shape[dim],), -1, dtype=torch.int64, device=index.device)
@@ -143,7 +154,8 @@ class DCTProjector:
 
     def _columns(self, state: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
         """Q[:, I] (d x r) in ``like``'s dtype and device."""
-        return dct_basis(state["proj_basis_size"], like.dtype, like.device).index_select(1, state["proj_index"])
+        basis = projection_basis(state["proj_basis_size"], state.get("proj_dct_type", 2), like.dtype, like.device)
+        return basis.index_select(1, state["proj_index"])
 
     def project(self, grad: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         refreshed, self._refreshed = self._refreshed, None

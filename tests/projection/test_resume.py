@@ -48,18 +48,23 @@ def _train(model, opt, steps: range) -> list[float]:
 
 
 CASES = [
-    # (proj_method, refresh, proj_bits, rule)
-    *[(p, s, None, "adam") for p in ("svd", "randomized_svd", "dct") for s in ("fixed", "adaptive")],
-    ("svd", "adaptive", 4, "adam"),
-    ("randomized_svd", "fixed", 8, "adam"),
-    *[(p, "adaptive", bits, r) for p, bits in (("randomized_svd", 4), ("dct", None)) for r in ("adafactor", "adam8bit")],
+    # (proj_method, refresh, proj_bits, rule, error_feedback)
+    *[(p, s, None, "adam", None) for p in ("svd", "randomized_svd", "dct") for s in ("fixed", "adaptive")],
+    ("svd", "adaptive", 4, "adam", None),
+    ("randomized_svd", "fixed", 8, "adam", None),
+    *[(p, "adaptive", bits, r, None) for p, bits in (("randomized_svd", 4), ("dct", None)) for r in ("adafactor", "adam8bit")],
+    ("dct", "fixed", None, "adam", "float32"),
+    ("dct", "adaptive", None, "adam8bit", "8bit"),
+    ("svd", "fixed", 4, "adafactor", "8bit"),
 ]
 
 
-@pytest.mark.parametrize("proj_method, refresh, proj_bits, rule", CASES)
-def test_trains_and_resumes_bitwise_from_a_weights_only_state_dict(proj_method, refresh, proj_bits, rule):
+@pytest.mark.parametrize("proj_method, refresh, proj_bits, rule, error_feedback", CASES)
+def test_trains_and_resumes_bitwise_from_a_weights_only_state_dict(proj_method, refresh, proj_bits, rule,
+                                                                     error_feedback):
     lowrank = {"proj_method": proj_method, "refresh": refresh, "proj_bits": proj_bits, "update_proj_gap": 1,
-               "queue_size": 2, "cos_threshold": 0.0}  # adaptive: the gap grows 1 -> 2 -> 4 within the run
+               "queue_size": 2, "cos_threshold": 0.0,  # adaptive: the gap grows 1 -> 2 -> 4 within the run
+               "error_feedback": error_feedback}
     straight = _model()
     opt = _optimizer(straight, lowrank, rule)
     losses = _train(straight, opt, range(12))

@@ -1,0 +1,54 @@
+"""Error feedback for projected updates (Seide et al., 2014; Modoranu et al., 2025, arXiv 2505.17967).
+
+The part of the gradient a projection discards is kept and added to the next gradient before
+the subspace is chosen and the gradient projected:
+
+    A_t = G_t + E_{t-1};    R_t = project(A_t);    E_t = A_t - back_project(R_t)
+
+so a direction left out at one step is not lost but carried until it is selected. E has the
+weight matrix's shape; it is stored as the group's ``error_feedback`` asks: ``"float32"``
+(``ef``, 4 bytes per weight; float64 weights keep it in float64) or ``"8bit"`` (``ef_codes``, uint8, and ``ef_absmax``, one float32
+per block of 256 values: 1 + 4/256 bytes per weight; bitsandbytes' signed dynamic map, as the
+8-bit Adam rule stores its first moment).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lowmem_optim.quant.blockwise import dequantize_blockwise, quantize_blockwise
+
+ERROR_FEEDBACK = (None, "float32", "8bit")
+#: state keys whose dtype is fixed (never cast to the parameter's dtype on load)
+FEEDBACK_KEYS = frozenset({"ef", "ef_absmax"})
+
+
+def validate_error_feedback(group: dict[str, Any]) -> None:
+    value = group["error_feedback"]
+    if isinstance(value, bool) or value not in ERROR_FEEDBACK:
+        raise ValueError(f"Invalid error_feedback: {group['error_feedback']!r} (allowed: None, 'float32', '8bit')")
+
+
+def error_dtype(grad_dtype: torch.dtype) -> torch.dtype:
+    """E's working dtype: float32, or the gradient's when wider (float64)."""
+    return torch.promote_types(grad_dtype, torch.float32)
+
+
+def load_error(state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
+    """E_{t-1} in :func:`error_dtype` (zeros before the first step)."""
+    dtype = error_dtype(grad.dtype)
+    if "ef" in state:
+        return state["ef"].to(dtype)
+    if "ef_codes" in state:
+        return dequantize_blockwise(state["ef_codes"], state["ef_absmax"], signed=True, dtype=dtype)
+    return torch.zeros(grad.shape, dtype=dtype, device=grad.device)
+
+
+def store_error(state: dict[str, Any], error: torch.Tensor, kind: str) -> None:
+    """Keep E_t as ``kind`` ("float32" or "8bit") asks."""
+    if kind == "float32":
+        state["ef"] = error.to(error_dtype(error.dtype))
+    else:
+        state["ef_codes"], state["ef_absmax"] = quantize_blockwise(error, signed=True)
