@@ -7,9 +7,13 @@ the subspace is chosen and the gradient projected:
 
 so a direction left out at one step is not lost but carried until it is selected. E has the
 weight matrix's shape; it is stored as the group's ``error_feedback`` asks: ``"float32"``
-(``ef``, 4 bytes per weight; float64 weights keep it in float64) or ``"8bit"`` (``ef_codes``, uint8, and ``ef_absmax``, one float32
-per block of 256 values: 1 + 4/256 bytes per weight; bitsandbytes' signed dynamic map, as the
-8-bit Adam rule stores its first moment).
+(``ef``, 4 bytes per weight; float64 weights keep it in float64), ``"8bit"`` (``ef_codes``, uint8,
+and ``ef_absmax``, one float32 per block of 256 values: 1 + 4/256 bytes per weight; bitsandbytes'
+signed dynamic map, as the 8-bit Adam rule stores its first moment) or ``"4bit"`` (``ef_codes``,
+two INT4 codes per byte, and ``ef_scale`` / ``ef_zero``, float32 min-max per group of 256 values:
+1/2 + 8/256 bytes per weight; :mod:`lowmem_optim.quant.groupwise`, the authors' 4-bit buckets).
+A quantized buffer loses its rounding error at each step (E_t is written from A_t afresh), so
+that error does not accumulate.
 """
 
 from __future__ import annotations
@@ -19,16 +23,17 @@ from typing import Any
 import torch
 
 from lowmem_optim.quant.blockwise import dequantize_blockwise, quantize_blockwise
+from lowmem_optim.quant.groupwise import dequantize_groupwise, pack_int4, quantize_groupwise, unpack_int4
 
-ERROR_FEEDBACK = (None, "float32", "8bit")
+ERROR_FEEDBACK = (None, "float32", "8bit", "4bit")
 #: state keys whose dtype is fixed (never cast to the parameter's dtype on load)
-FEEDBACK_KEYS = frozenset({"ef", "ef_absmax"})
+FEEDBACK_KEYS = frozenset({"ef", "ef_absmax", "ef_scale", "ef_zero"})
 
 
 def validate_error_feedback(group: dict[str, Any]) -> None:
     value = group["error_feedback"]
     if isinstance(value, bool) or value not in ERROR_FEEDBACK:
-        raise ValueError(f"Invalid error_feedback: {group['error_feedback']!r} (allowed: None, 'float32', '8bit')")
+        raise ValueError(f"Invalid error_feedback: {group['error_feedback']!r} (allowed: None, 'float32', '8bit', '4bit')")
 
 
 def error_dtype(grad_dtype: torch.dtype) -> torch.dtype:
@@ -41,14 +46,20 @@ def load_error(state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
     dtype = error_dtype(grad.dtype)
     if "ef" in state:
         return state["ef"].to(dtype)
-    if "ef_codes" in state:
+    if "ef_absmax" in state:
         return dequantize_blockwise(state["ef_codes"], state["ef_absmax"], signed=True, dtype=dtype)
+    if "ef_scale" in state:
+        codes = unpack_int4(state["ef_codes"], grad.numel())
+        return dequantize_groupwise(codes, state["ef_scale"], state["ef_zero"], grad.shape, dtype)
     return torch.zeros(grad.shape, dtype=dtype, device=grad.device)
 
 
 def store_error(state: dict[str, Any], error: torch.Tensor, kind: str) -> None:
-    """Keep E_t as ``kind`` ("float32" or "8bit") asks."""
+    """Keep E_t as ``kind`` ("float32", "8bit" or "4bit") asks."""
     if kind == "float32":
         state["ef"] = error.to(error_dtype(error.dtype))
-    else:
+    elif kind == "8bit":
         state["ef_codes"], state["ef_absmax"] = quantize_blockwise(error, signed=True)
+    else:
+        codes, state["ef_scale"], state["ef_zero"] = quantize_groupwise(error, bits=4)
+        state["ef_codes"] = pack_int4(codes)

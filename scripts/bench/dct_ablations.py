@@ -72,6 +72,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dct_ef_inplace_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="float32", dct_keep_moments=False),
     "dct_ef_gap10_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="float32", update_proj_gap=10),
     "galore_svd_ef": _variant(GALORE, proj_method="svd", error_feedback="float32"),
+    "dct_ef4_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="4bit"),
+    "dct_ef4_type3_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="4bit", dct_type=3),
+    "dct_ef_type3_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="float32", dct_type=3),
 }
 
 

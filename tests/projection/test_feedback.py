@@ -81,6 +81,28 @@ def test_eight_bit_buffer_holds_each_steps_discarded_part_within_its_quantizatio
         previous = stored
 
 
+def test_four_bit_buffer_holds_each_steps_discarded_part_within_half_a_quantization_step():
+    """INT4 min-max per group of 256 values (two codes per byte, float32 scale and zero per
+    group: 1/2 + 8/256 bytes per weight): each value within half a step, (max - min) / 30."""
+    w = torch.nn.Parameter(torch.zeros(64, 48))
+    opt = DCTAdamW([{"params": [w], "rank": 8}], lr=1e-3, error_feedback="4bit")
+    previous = torch.zeros(64, 48)
+    for t in range(4):
+        g = _randn(64, 48, seed=t).float()
+        w.grad = g.clone()
+        opt.step()
+        state = opt.state[w]
+        assert state["ef_codes"].dtype == torch.uint8 and state["ef_codes"].numel() == 64 * 48 // 2
+        assert state["ef_scale"].numel() == state["ef_zero"].numel() == 64 * 48 // 256
+        q = dct_basis(48, torch.float32, CPU)[:, state["proj_index"]]
+        a = g + previous
+        exact = (a - a @ q @ q.T).reshape(-1, 256)
+        stored = load_error(state, g)
+        half_step = (exact.amax(1) - exact.amin(1)) / 30
+        assert torch.all((stored.reshape(-1, 256) - exact).abs().amax(1) <= half_step * (1 + 1e-5))
+        previous = stored
+
+
 @pytest.mark.parametrize("value", ["yes", 8, True])
 def test_bad_error_feedback_is_refused_by_name(value):
     w = torch.nn.Parameter(torch.zeros(8, 4))

@@ -56,6 +56,7 @@ CASES = [
     ("dct", "fixed", None, "adam", "float32"),
     ("dct", "adaptive", None, "adam8bit", "8bit"),
     ("svd", "fixed", 4, "adafactor", "8bit"),
+    ("dct", "fixed", None, "adam", "4bit"),
 ]
 
 
