@@ -1,16 +1,20 @@
 """The ``lowmem-optim`` console script (:mod:`lowmem_optim.cli`): one JSON object with every
-component, and bad input named by its flag."""
+component, bad input named by its flag, and no import of the training loop (not installed)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from lowmem_optim.cli import main
 
-TINY = Path(__file__).resolve().parent.parent / "configs" / "llama_tiny.json"
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "llama_tiny.json"
 
 
 def test_cli_prints_one_json_object_with_every_component(capsys):
@@ -38,3 +42,13 @@ def test_cli_reports_bad_input_naming_the_flag(capsys):
     with pytest.raises(SystemExit):
         main(["memory", "--model-config", str(TINY), "--optimizer", "adamw", "--weight-bits", "4",
               "--batch-size", "1", "--seq-len", "8"])
+
+
+def test_the_console_script_runs_where_the_training_package_cannot_be_imported(tmp_path):
+    blocked = ("import sys; sys.modules['train'] = None; from lowmem_optim.cli import main; "
+               f"sys.exit(main(['memory', '--model-config', {str(TINY)!r}, '--optimizer', 'galore_adamw', "
+               "'--rank', '8', '--batch-size', '1', '--seq-len', '8', '--json']))")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", blocked], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["total_bytes"] > 0
