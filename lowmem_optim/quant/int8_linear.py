@@ -32,7 +32,7 @@ The contract with optimizers, layer-wise hooks, DDP and checkpoints
   leaf, so ``Tensor.register_post_accumulate_grad_hook`` (layer-wise updates:
   :mod:`lowmem_optim.layerwise`), gradient clipping and ``zero_grad`` work unchanged.
 * The optimizer applies an update by calling ``param.apply_update(U, alpha=..., decay=...,
-  seed=...)`` instead of writing into the parameter; :class:`lowmem_optim.LowRankOptimizer`
+  seed=...)`` instead of writing into the parameter; :class:`lowmem_optim.ComposedOptimizer`
   does this for every parameter that has ``apply_update``. Optimizers that write into their
   parameters (``torch.optim.AdamW``, bitsandbytes') cannot train an INT8 weight: the write
   fails because the parameter holds no values. :func:`lowmem_optim.layerwise.attach` refuses
@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -89,6 +90,23 @@ class Int8Weight(nn.Parameter):
         return dequantize_groupwise(self.codes.view(-1), self.scale, self.zero, self.shape, dtype or self.dtype,
                                     self.group_size)
 
+    def _chunks(self) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+        """(values, their groups, the values dequantized in fp32), one chunk of at most
+        ``_UPDATE_CHUNK`` values at a time: no full-precision copy of the weight is made."""
+        codes = self.codes.view(-1)
+        chunk = _UPDATE_CHUNK // self.group_size * self.group_size
+        for start in range(0, codes.numel(), chunk):
+            stop = min(start + chunk, codes.numel())
+            groups = slice(start // self.group_size, -(-stop // self.group_size))
+            yield slice(start, stop), groups, dequantize_groupwise(
+                codes[start:stop], self.scale[groups], self.zero[groups], (stop - start,), torch.float32,
+                self.group_size)
+
+    @torch.no_grad()
+    def rms(self) -> float:
+        """RMS of the dequantized weight, sqrt(mean(W^2)) (Adafactor's RMS(W)), chunk by chunk."""
+        return math.sqrt(sum(float(w.square().sum()) for _, _, w in self._chunks()) / self.numel())
+
     @torch.no_grad()
     def apply_update(self, update: torch.Tensor, *, alpha: float = 1.0, decay: float = 1.0, seed: int = 0) -> None:
         """W <- decay * W - alpha * update in fp32, re-quantized (stochastically unless
@@ -98,18 +116,12 @@ class Int8Weight(nn.Parameter):
             generator = torch.Generator(device=self.codes.device)
             generator.manual_seed((seed ^ _ROUNDING_STREAM) % (2**63 - 1))
         codes, upd = self.codes.view(-1), update.reshape(-1)
-        chunk = _UPDATE_CHUNK // self.group_size * self.group_size
-        for start in range(0, codes.numel(), chunk):
-            stop = min(start + chunk, codes.numel())
-            groups = slice(start // self.group_size, -(-stop // self.group_size))
-            w = dequantize_groupwise(codes[start:stop], self.scale[groups], self.zero[groups], (stop - start,),
-                                     torch.float32, self.group_size)
+        for values, groups, w in self._chunks():
             if decay != 1.0:
                 w.mul_(decay)
-            w.sub_(upd[start:stop].float(), alpha=alpha)
-            new_codes, self.scale[groups], self.zero[groups] = quantize_groupwise(
+            w.sub_(upd[values].float(), alpha=alpha)
+            codes[values], self.scale[groups], self.zero[groups] = quantize_groupwise(
                 w, 8, self.group_size, stochastic=self.stochastic_round, generator=generator)
-            codes[start:stop] = new_codes
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Int8Weight:
         if id(self) in memo:

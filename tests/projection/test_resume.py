@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from lowmem_optim.engine import LowRankOptimizer
+from lowmem_optim.engine import ComposedOptimizer
 
 TARGET_SEED = 7
 
@@ -23,7 +23,7 @@ def _loss(model: torch.nn.ModuleDict, step: int) -> torch.Tensor:
     return (model["b"](torch.tanh(model["a"](x))) - target).square().mean()
 
 
-def _optimizer(model: torch.nn.ModuleDict, lowrank: dict, rule: str) -> LowRankOptimizer:
+def _optimizer(model: torch.nn.ModuleDict, lowrank: dict, rule: str) -> ComposedOptimizer:
     defaults = {"adam": dict(lr=3e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2),
                 "adam8bit": dict(lr=3e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, min_8bit_size=0),
                 "adafactor": dict(lr=3e-2, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=0.9,
@@ -31,7 +31,7 @@ def _optimizer(model: torch.nn.ModuleDict, lowrank: dict, rule: str) -> LowRankO
     matrices = [model["a"].weight, model["b"].weight]
     vectors = [model["a"].bias, model["b"].bias]
     groups = [{"params": vectors}, {"params": matrices, "rank": 4, "scale": 1.0, **lowrank}]
-    return LowRankOptimizer(groups, {"rule": rule, "rank": None, "update_proj_gap": 2, "scale": 1.0,
+    return ComposedOptimizer(groups, {"rule": rule, "rank": None, "update_proj_gap": 2, "scale": 1.0,
                                      "proj_type": "std", "proj_method": "svd", "refresh": "fixed", "seed": 3,
                                      **defaults[rule]})
 
@@ -58,8 +58,11 @@ CASES = [
 
 @pytest.mark.parametrize("proj_method, refresh, proj_bits, rule", CASES)
 def test_trains_and_resumes_bitwise_from_a_weights_only_state_dict(proj_method, refresh, proj_bits, rule):
-    lowrank = {"proj_method": proj_method, "refresh": refresh, "proj_bits": proj_bits, "update_proj_gap": 1,
-               "queue_size": 2, "cos_threshold": 0.0}  # adaptive: the gap grows 1 -> 2 -> 4 within the run
+    lowrank = {"proj_method": proj_method, "refresh": refresh, "update_proj_gap": 1}
+    if refresh == "adaptive":
+        lowrank.update(queue_size=2, cos_threshold=0.0)  # the gap grows 1 -> 2 -> 4 within the run
+    if proj_bits is not None:
+        lowrank["proj_bits"] = proj_bits
     straight = _model()
     opt = _optimizer(straight, lowrank, rule)
     losses = _train(straight, opt, range(12))
