@@ -24,7 +24,7 @@ WANDB_MODES = ("off", "offline", "online")
 
 #: fields a resumed run may change; any other difference from the checkpoint's config is an error
 RESUMABLE_CHANGES = frozenset({
-    "max_steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every",
+    "max_steps", "eval_every", "eval_batches", "save", "save_every", "keep_checkpoints", "log_every",
     "wandb", "wandb_project", "run_name", "resume", "output_dir", "progress",
 })
 
@@ -80,6 +80,7 @@ class TrainConfig(LowRankFlags):
     eval_every: int = _opt(100, "evaluate every N steps (and at the end)")
     eval_batches: int = _opt(10, "validation micro-batches per evaluation")
     log_every: int = _opt(1, "write a metrics line every N steps")
+    save: bool = _opt(True, "write checkpoints (False: none, not even at the last step; for benchmarks)")
     save_every: int = _opt(0, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _opt(2, "checkpoints kept in the output dir (oldest removed)")
     output_dir: str = _opt("runs/default", "where metrics.jsonl, config.json and checkpoints go")

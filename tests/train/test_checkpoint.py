@@ -85,3 +85,9 @@ def test_checkpoints_follow_save_every_even_between_logged_steps(run_tiny, tmp_p
     records = run_tiny("run", "adamw", max_steps=6, log_every=4, eval_every=6, save_every=3, keep_checkpoints=5)
     assert [r["step"] for r in records] == [4, 6]
     assert [p.name for p in checkpoint.saved(tmp_path / "run")] == ["step_00000003.pt", "step_00000006.pt"]
+
+
+def test_save_false_writes_no_checkpoint_not_even_at_the_end(run_tiny, tmp_path):
+    records = run_tiny("run", "adamw", max_steps=3, eval_every=3, save_every=1, save=False)
+    assert records[-1]["step"] == 3
+    assert checkpoint.saved(tmp_path / "run") == [] and checkpoint.latest(tmp_path / "run") is None
