@@ -12,7 +12,9 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
   rule's moments (Adam: 2 x numel; 8-bit Adam: 2 bytes per value + float32 absmax per 256,
   float32 below ``min_8bit_size``; Adafactor: row + column statistics; normalized momentum: one
   buffer) on the projected shape (m x r or r x n) for low-rank parameters, plus the 4-byte step
-  counter and the adaptive schedule's similarity queue (float64, up to ``queue_size``).
+  counter, the adaptive schedule's similarity queue (float64, up to ``queue_size``) and the
+  error-feedback buffer of a group with ``error_feedback`` (m x n: 4 bytes per weight in float32,
+  1 + 4/256 in 8 bits, 1/2 + 8/256 in 4 bits).
 * projections: the stored bases (m x r or r x n in the gradient's dtype, or INT8/INT4 codes
   with float32 scale and zero per ``proj_group_size`` and 32 bytes of metadata), or the DCT's
   r int64 indices plus its shared d x d basis cache.
@@ -62,8 +64,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowmem_optim.engine import LowRankOptimizer, matrix_shape, uses_projection
+from lowmem_optim.engine import ComposedOptimizer, matrix_shape, uses_projection
 from lowmem_optim.projection.base import projection_sides
+from lowmem_optim.projection.feedback import error_dtype, feedback_bytes
 
 WEIGHT_BITS = (32, 16, 8)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -295,7 +298,7 @@ def optimizer_memory(optimizer_name: str, optimizer: torch.optim.Optimizer,
             grad = p.numel() * p.element_size()
             out["gradients"] += grad
             out["largest_gradient"] = max(out["largest_gradient"], grad)
-            if not isinstance(optimizer, LowRankOptimizer):
+            if not isinstance(optimizer, ComposedOptimizer):
                 out["optimizer_states"] += _baseline_state_bytes(optimizer_name, p, optimizer)
                 # torch's single-tensor AdamW: denominator and update like the parameter;
                 # bitsandbytes' fused 8-bit kernel updates in place
@@ -314,6 +317,10 @@ def optimizer_memory(optimizer_name: str, optimizer: torch.optim.Optimizer,
                 if group["refresh"] == "adaptive":
                     states += 8 * group.get("queue_size", 5)
                 workspace += grad + _rule_workspace(group["rule"], math.prod(low), p.dtype, group)
+                if group.get("error_feedback") is not None:
+                    states += feedback_bytes(group["error_feedback"], p.numel(), p.dtype)
+                    # A = G + E and its back-projected part, in float32 (or float64)
+                    workspace += 2 * _nbytes(p.numel(), error_dtype(p.dtype))
             else:
                 states += _rule_bytes(group["rule"], tuple(p.shape), p.dtype, group)
                 workspace += _rule_workspace(group["rule"], p.numel(), p.dtype, group)

@@ -18,6 +18,7 @@ import contextlib
 import io
 import os
 import re
+import shlex
 import subprocess
 import sys
 from functools import cache
@@ -72,11 +73,12 @@ def script_flags(path: str) -> frozenset[str]:
     source = (REPO / path).read_text()
     if path.endswith(".py"):
         return frozenset(re.findall(r"[\"'](--[a-z][\w-]*)[\"']", source))
+    own = frozenset(re.findall(r"=\s*\"(--[a-z][\w-]*)\"", source))  # [ "$1" = "--dry-run" ]
     if "-m train.quickstart" in source:
-        return cli_flags("quickstart")
+        return own | cli_flags("quickstart")
     if re.search(r"-m train\b(?!\.)", source) or "pretrain_common.sh" in source:
-        return cli_flags("train")
-    return frozenset()
+        return own | cli_flags("train")
+    return own
 
 
 def all_flags() -> frozenset[str]:
@@ -231,3 +233,31 @@ def test_readme_state_bytes_per_parameter_match_the_optimizers():
         measured[name] = round(sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
                                / weight.numel(), 2)
     assert measured == readme_optimizer_table()
+
+
+def memory_examples() -> list[tuple[str, list[str], str]]:
+    """(where, argv, printed table) for each ``lowmem-optim memory`` command block followed by a ```text block."""
+    examples = []
+    for page in DOCS:
+        found = list(FENCE.finditer(page.read_text()))
+        for block, output in zip(found, found[1:]):
+            command = block.group(2).replace("\\\n", " ")
+            if output.group(1).strip() == "text" and "lowmem-optim memory" in command:
+                line = next(l for l in command.splitlines() if "lowmem-optim memory" in l)
+                argv = shlex.split(line.split("lowmem-optim memory", 1)[1].split(" #")[0])
+                examples.append((page.name, argv, output.group(2)))
+    return examples
+
+
+def test_memory_examples_print_what_the_docs_show():
+    from lowmem_optim.cli import main
+
+    examples = memory_examples()
+    assert examples, "docs/memory.md shows no `lowmem-optim memory` output"
+    for where, argv, shown in examples:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["memory", *argv]) == 0
+        assert out.getvalue().strip() == shown.strip(), f"{where}: `lowmem-optim memory {shlex.join(argv)}`"
+        total = int(re.search(r"^total\s+([\d,]+) B", shown, re.M).group(1).replace(",", ""))
+        assert f"{total / 2**30:.2f} GiB" in (REPO / "README.md").read_text(), "README's 7B prediction differs"

@@ -162,7 +162,7 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> Trained:
 
         evaluating = step % cfg.eval_every == 0 or step == cfg.max_steps
         logging = evaluating or step % cfg.log_every == 0
-        saving = (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps
+        saving = cfg.save and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps)
         if logging:
             if d.device.type == "cuda":
                 torch.cuda.synchronize(d.device)

@@ -11,36 +11,38 @@ default) or L2 norm, and keeps the top r indices I. Then R = S[I] is the low-ran
 The L2 score is the exact minimizer of the projection error over r-subsets of the basis, as
 ||G - Q_I Q_I^T G||_F^2 = ||G||_F^2 - sum_{i in I} ||S_i||^2.
 
-S comes from one product with the cached basis (O(m n d)), or for d >= ``dct_fft_threshold``
-from an FFT (Makhoul 1980, O(m n log d)): both give the same scores. Only I is state
-(``proj_index``, int64), with the projected dimension ``proj_dim`` and its size
-``proj_basis_size`` as numbers; the basis is a cache per (d, dtype, device), shared by every
-layer, never state. With ``dct_keep_moments`` (default) a refresh tells the rule where each
-kept index moved, so moments of indices that stay survive and new ones start at zero; off, the
-moments are left as they are (the authors' code). The similarity reported to the refresh
-schedule is the index overlap |I_old & I_new| / r. ``proj_type`` "full" is refused.
+``dct_type=3`` selects columns of C itself (Q = C, the DCT-III vectors
+sqrt(2/d) w_j cos(pi j (2k + 1) / (2d)), w_0 = sqrt(1/2)): the basis of the authors' default
+matmul path, while their FFT path and type 2 use C^T; both are orthonormal, they select
+different vectors.
+
+S comes from one product with the cached basis (O(m n d)), or, for type 2 and
+d >= ``dct_fft_threshold``, from an FFT (Makhoul 1980, O(m n log d)): both give the same
+scores. Only I is state (``proj_index``, int64), with the projected dimension ``proj_dim``, its
+size ``proj_basis_size`` and ``proj_dct_type`` as numbers; the basis is a cache per (d, dtype,
+device), shared by every layer, never state. With ``dct_keep_moments`` (default) a refresh tells
+the rule where each kept index moved, so moments of indices that stay survive and new ones start
+at zero: the authors' ``rotate_subspace``, whose rotation Q_{I_old}^T Q_{I_new} of a fixed
+orthonormal basis is exactly this 0/1 selection; off, the moments are left as they are (the
+authors' default). The similarity reported to the refresh schedule is the index overlap
+|I_old & I_new| / r. ``proj_type`` "full" is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
 
 import torch
 
-from lowmem_optim.projection.base import projection_sides
-from lowmem_optim.rules.base import SubspaceChange
+from lowmem_optim.parts import BOOLEAN, HParam, Part, SubspaceChange, integer, one_of
+from lowmem_optim.projection.base import PROJ_TYPE, projection_sides
 
-#: defaults of the group keys this projector reads
-DCT_DEFAULTS: dict[str, Any] = {"dct_score": "l1", "dct_fft_threshold": 2048, "dct_keep_moments": True, "dct_type": 2}
 DCT_PROJ_TYPES = ("std", "reverse_std", "left", "right")
 DCT_SCORES = ("l1", "l2")
 DCT_TYPES = (2, 3)
-
-
-def _hparams(group: dict[str, Any]) -> dict[str, Any]:
-    return {**DCT_DEFAULTS, **{k: group[k] for k in DCT_DEFAULTS if k in group}}
 
 
 @functools.lru_cache(maxsize=16)
@@ -86,7 +88,8 @@ def projection_basis(d: int, dct_type: int, dtype: torch.dtype, device: torch.de
 
 
 def dct_spectrum(a: torch.Tensor, dim: int, fft_threshold: int, dct_type: int = 2) -> torch.Tensor:
-    """S = Q^T a (dim 0) or a Q (dim 1): for type 2 the DCT-II of ``a`` along ``dim``."""
+    """S = Q^T a (dim 0) or a Q (dim 1) for the type's basis Q: for type 2 the DCT-II of ``a``
+    along ``dim`` (C a, a C^T), from an FFT from ``fft_threshold`` on; for type 3 C^T a, a C."""
     d = a.shape[dim]
     if dct_type == 2 and d >= fft_threshold:
         return dct_fft(a, dim).to(a.dtype)
@@ -102,32 +105,31 @@ def select_indices(spectrum: torch.Tensor, dim: int, rank: int, score: str) -> t
     return torch.topk(norms, rank).indices.sort().values
 
 
-class DCTProjector:
+class DCTProjector(Part):
     """Top-r DCT-II columns of the gradient's spectrum; see the module docstring."""
 
-    fixed_dtype_keys: frozenset[str] = frozenset()
+    hparams = (
+        dataclasses.replace(PROJ_TYPE, check=one_of(*DCT_PROJ_TYPES), doc=PROJ_TYPE.doc.removesuffix(", full (both)")),
+        HParam("dct_score", "l1", one_of(*DCT_SCORES), "score of a DCT column: l1 (the paper's) or l2 (exact)"),
+        HParam("dct_fft_threshold", 2048, integer(1), "DCT sizes from which the spectrum comes from an FFT"),
+        HParam("dct_keep_moments", True, BOOLEAN, "move the moments of DCT indices that stay selected"),
+        HParam("dct_type", 2, one_of(*DCT_TYPES), "basis: 2, the DCT-II cosine vectors (columns of C^T); "
+               "3, the columns of C (the authors' matmul path)"),
+    )
+    #: the projector stores indices, not a matrix to quantize
+    storage = None
 
     def __init__(self) -> None:
         # (gradient, R) of the last refresh: R is read from the spectrum, saving project's matmul
         self._refreshed: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def validate(self, group: dict[str, Any]) -> None:
-        if group["proj_type"] not in DCT_PROJ_TYPES:
-            raise ValueError(f"Invalid proj_type for proj_method='dct': {group['proj_type']!r} "
-                             f"(allowed: {', '.join(DCT_PROJ_TYPES)})")
-        hp = _hparams(group)
-        if hp["dct_score"] not in DCT_SCORES:
-            raise ValueError(f"Invalid dct_score: {hp['dct_score']!r} (allowed: {', '.join(DCT_SCORES)})")
-        threshold = hp["dct_fft_threshold"]
-        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
-            raise ValueError(f"Invalid dct_fft_threshold: {threshold!r} (allowed: an int >= 1)")
-        if hp["dct_type"] not in DCT_TYPES or isinstance(hp["dct_type"], bool):
-            raise ValueError(f"Invalid dct_type: {hp['dct_type']!r} (allowed: 2, 3)")
-        if not isinstance(hp["dct_keep_moments"], bool):
-            raise ValueError(f"Invalid dct_keep_moments: {hp['dct_keep_moments']!r} (allowed: True, False)")
-        if group.get("proj_bits") not in (None, 16):
-            raise ValueError(f"Invalid proj_bits for proj_method='dct': {group['proj_bits']!r} "
-                             "(allowed: None or 16; the DCT projector stores indices, not a matrix to quantize)")
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        return 8 * group["rank"]  # the int64 indices (the basis is a cache shared by every layer)
+
+    def basis_cache(self, shape: tuple[int, int], group: dict[str, Any]) -> int:
+        """The size d of the cached d x d basis a matrix of ``shape`` uses."""
+        left, _ = projection_sides(shape, group["proj_type"])
+        return shape[0] if left else shape[1]
 
     def refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int) -> SubspaceChange:
         if not torch.isfinite(grad).all():
@@ -135,22 +137,21 @@ class DCTProjector:
                 "DCTProjector: the gradient holds inf/NaN at a subspace refresh; no subspace can be chosen "
                 "from it (use torch.amp.GradScaler, which skips such steps, or clip gradients)"
             )
-        hp = _hparams(group)
         left, _ = projection_sides(tuple(grad.shape), group["proj_type"])
         dim = 0 if left else 1
-        spectrum = dct_spectrum(grad, dim, hp["dct_fft_threshold"], hp["dct_type"])
-        index = select_indices(spectrum, dim, group["rank"], hp["dct_score"])
+        spectrum = dct_spectrum(grad, dim, group["dct_fft_threshold"], group["dct_type"])
+        index = select_indices(spectrum, dim, group["rank"], group["dct_score"])
         self._refreshed = (grad, spectrum.index_select(dim, index))
         old = state.get("proj_index")
         state["proj_index"], state["proj_dim"], state["proj_basis_size"] = index, dim, grad.shape[dim]
-        state["proj_dct_type"] = hp["dct_type"]
+        state["proj_dct_type"] = group["dct_type"]
         if old is None:
             return SubspaceChange()
         old_position = torch.full((grad.shape[dim],), -1, dtype=torch.int64, device=index.device)
         old_position[old] = torch.arange(old.numel(), device=index.device)
         kept = old_position[index]
         overlap = float((kept >= 0).sum()) / index.numel()
-        return SubspaceChange(similarity=overlap, kept=kept if hp["dct_keep_moments"] else None)
+        return SubspaceChange(similarity=overlap, kept=kept if group["dct_keep_moments"] else None)
 
     def _columns(self, state: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
         """Q[:, I] (d x r) in ``like``'s dtype and device."""

@@ -20,20 +20,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import torch
 
 from lowmem_optim.quant.blockwise import dequantize_blockwise, quantize_blockwise
 from lowmem_optim.quant.groupwise import dequantize_groupwise, pack_int4, quantize_groupwise, unpack_int4
 
+#: the values of the group key ``error_feedback`` (None: off)
 ERROR_FEEDBACK = (None, "float32", "8bit", "4bit")
 #: state keys whose dtype is fixed (never cast to the parameter's dtype on load)
 FEEDBACK_KEYS = frozenset({"ef", "ef_absmax", "ef_scale", "ef_zero"})
-
-
-def validate_error_feedback(group: dict[str, Any]) -> None:
-    value = group["error_feedback"]
-    if isinstance(value, bool) or value not in ERROR_FEEDBACK:
-        raise ValueError(f"Invalid error_feedback: {group['error_feedback']!r} (allowed: None, 'float32', '8bit', '4bit')")
 
 
 def error_dtype(grad_dtype: torch.dtype) -> torch.dtype:
@@ -63,3 +60,14 @@ def store_error(state: dict[str, Any], error: torch.Tensor, kind: str) -> None:
     else:
         codes, state["ef_scale"], state["ef_zero"] = quantize_groupwise(error, bits=4)
         state["ef_codes"] = pack_int4(codes)
+
+
+def feedback_bytes(kind: str | None, numel: int, dtype: torch.dtype) -> int:
+    """Bytes of the buffer of a ``numel``-value weight of ``dtype`` under ``error_feedback=kind``."""
+    if kind is None:
+        return 0
+    if kind == "float32":
+        return numel * torch.empty((), dtype=error_dtype(dtype)).element_size()
+    if kind == "8bit":
+        return numel + 4 * math.ceil(numel / 256)
+    return math.ceil(numel / 2) + 8 * math.ceil(numel / 256)

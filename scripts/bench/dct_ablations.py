@@ -75,6 +75,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dct_ef4_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="4bit"),
     "dct_ef4_type3_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="4bit", dct_type=3),
     "dct_ef_type3_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="float32", dct_type=3),
+    "dct_ef4": _variant(DCT, error_feedback="4bit"),
+    "dct_ef4_lr5e-3": _variant(DCT, lr=5e-3, error_feedback="4bit"),
+    "dct_ef4_type3_lr5e-3": _variant(DCT, lr=5e-3, error_feedback="4bit", dct_type=3),
+    "dct_ef4_l2_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="4bit", dct_score="l2"),
 }
 
 
@@ -151,6 +155,44 @@ def worker(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def energy(args: argparse.Namespace, at: list[int]) -> None:
+    """Share of the gradient's squared norm that a rank-``args.rank`` projection keeps, averaged over the
+    projected matrices, along an AdamW run: top singular vectors vs the best DCT columns (L1 / L2 score,
+    type 2 / 3). 1 - share is what a step without error feedback discards."""
+    import torch
+
+    from lowmem_optim.engine import matrix_shape
+    from lowmem_optim.groups import lowrank_param_groups
+    from lowmem_optim.projection.base import projection_sides
+    from lowmem_optim.projection.dct import dct_spectrum, select_indices
+    from train.data import build_data
+    from train.model import build_model
+
+    data = build_data("builtin", None, args.seq_len, args.batch_size, seed=0, val_fraction=0.05, eval_batches=10)
+    model = build_model(args.model_config, dtype=torch.float32, device=torch.device("cpu"), seed=0,
+                        vocab_needed=data.tokenizer.vocab_size, seq_len=args.seq_len)
+    matrices = [p for g in lowrank_param_groups(model, "all-linear", rank=args.rank) if g.get("rank") for p in g["params"]]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    print("| step | SVD | DCT-II L1 | DCT-II L2 | DCT-III L1 |\n|---|---|---|---|---|")
+    for step in range(1, max(at) + 1):
+        batch = data.train.next_batch()
+        model(input_ids=batch, labels=batch).loss.backward()
+        if step in at:
+            shares: dict[str, list[float]] = {"svd": [], "2l1": [], "2l2": [], "3l1": []}
+            for p in matrices:
+                g = p.grad.reshape(matrix_shape(p)).double()
+                dim = 0 if projection_sides(tuple(g.shape), "std")[0] else 1
+                total = g.square().sum()
+                shares["svd"].append(float(torch.linalg.svdvals(g)[:args.rank].square().sum() / total))
+                for kind, dct_type, score in (("2l1", 2, "l1"), ("2l2", 2, "l2"), ("3l1", 3, "l1")):
+                    spectrum = dct_spectrum(g, dim, 10**9, dct_type)
+                    kept = spectrum.index_select(dim, select_indices(spectrum, dim, args.rank, score))
+                    shares[kind].append(float(kept.square().sum() / total))
+            print(f"| {step} | " + " | ".join(f"{statistics.mean(v):.3f}" for v in shares.values()) + " |")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-config", default=str(REPO / "configs" / "llama_small.json"))
@@ -162,10 +204,15 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--json", default=None, help="append one JSON line per run to this file")
+    parser.add_argument("--energy", default=None, help="comma-separated steps: print the gradient energy each "
+                        "projection keeps along an AdamW run (no ablation runs)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.energy is not None:
+        energy(args, [int(s) for s in args.energy.split(",")])
+        return
     if args.worker is not None:
         print(json.dumps(worker(args.worker, args.worker_seed, args)))
         return

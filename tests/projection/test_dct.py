@@ -5,6 +5,7 @@ import scipy.fft
 import torch
 
 from lowmem_optim import DCTAdamW
+from lowmem_optim.parts import defaults
 from lowmem_optim.projection.dct import DCTProjector, dct_basis, dct_fft, dct_spectrum, select_indices
 
 CPU = torch.device("cpu")
@@ -57,7 +58,7 @@ def test_projection_reads_the_selected_spectrum_and_back_projection_uses_the_sam
     g = _randn(*shape, seed=1)
     state = {}
     projector = DCTProjector()
-    projector.refresh(g, state, {"rank": 5, "proj_type": proj_type}, seed=0)
+    projector.refresh(g, state, {**defaults(projector), "rank": 5, "proj_type": proj_type}, seed=0)
     assert state["proj_index"].dtype == torch.int64 and state["proj_dim"] == dim
     low = projector.project(g, state)  # from the refresh's spectrum
     again = DCTProjector().project(g, state)  # by a product with the cached basis
@@ -76,7 +77,7 @@ def test_type_3_selects_columns_of_the_dct_ii_matrix_itself_the_authors_matmul_o
     for threshold in (1, 10**9):
         assert torch.allclose(dct_spectrum(g, dim, threshold, dct_type=3), expected, atol=1e-12)
     state, projector = {}, DCTProjector()
-    projector.refresh(g, state, {"rank": 4, "proj_type": "std", "dct_type": 3}, seed=0)
+    projector.refresh(g, state, {**defaults(projector), "rank": 4, "dct_type": 3}, seed=0)
     assert torch.equal(state["proj_index"], select_indices(expected, dim, 4, "l1"))
     q = c[:, state["proj_index"]]
     low = projector.project(g, state)
@@ -168,7 +169,7 @@ def test_dct_rejects_bad_settings_by_name(key, value, match):
 
 def test_non_finite_gradient_at_a_refresh_is_an_error():
     with pytest.raises(FloatingPointError, match="inf/NaN"):
-        DCTProjector().refresh(torch.full((4, 3), float("nan")), {}, {"rank": 2, "proj_type": "std"}, seed=0)
+        DCTProjector().refresh(torch.full((4, 3), float("nan")), {}, {**defaults(DCTProjector()), "rank": 2}, seed=0)
 
 
 def test_dct_adamw_is_built_by_registry_name_with_its_paper_defaults():
