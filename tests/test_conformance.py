@@ -112,12 +112,9 @@ CASES: list[Case] = [
 OUR_CASES = [case for case in CASES if case.name in OURS]
 
 
-def params(cases: list[Case], known: dict[str, str] | None = None) -> list:
-    """pytest parameters of ``cases``; a case named in ``known`` is a strict xfail with that reason
-    (a known defect: the test turns red when the fix lands, so the mark goes with it)."""
-    known = known or {}
-    marks = lambda case: [pytest.mark.xfail(strict=True, reason=known[case.id])] if case.id in known else []  # noqa: E731
-    return [pytest.param(case, id=case.id, marks=marks(case)) for case in cases]
+def params(cases: list[Case]) -> list:
+    """pytest parameters of ``cases``, named by their ids."""
+    return [pytest.param(case, id=case.id) for case in cases]
 
 
 def build(case: Case, model: nn.Module, **overrides: Any) -> torch.optim.Optimizer:
@@ -202,14 +199,7 @@ def test_zero_gradient_steps_move_nothing_without_weight_decay(case):
                 assert torch.isfinite(value).all(), (name, key)
 
 
-DEFECT_2 = ("issue 14, defect 2: load_state_dict keeps the dtype of every key that any registered part "
-            "lists as fixed (Adafactor's exp_avg, exp_avg_sq), so Adam moments loaded into bfloat16 stay float32")
-#: cases with an Adam rule in some group: every low-rank Adam case, and the AdamW group of AuON/Muon
-ADAM_MOMENTS = {case.id for case in OUR_CASES if case.name not in ("galore_adafactor", "galore_adamw8bit",
-                                                                     "q_galore_adamw8bit")}
-
-
-@pytest.mark.parametrize("case", params(CASES, dict.fromkeys(ADAM_MOMENTS, DEFECT_2)))
+@pytest.mark.parametrize("case", params(CASES))
 def test_state_loaded_into_bfloat16_parameters_has_the_dtypes_of_state_made_in_bfloat16(case):
     """A float32 run's state_dict loaded into bfloat16 parameters holds, key by key, the dtypes the
     optimizer gives state it creates for bfloat16 parameters (torch.optim.AdamW: moments in the
@@ -251,8 +241,6 @@ def test_step_param_of_each_parameter_equals_step(case):
 
 ADAM_NAMES = ("galore_adamw", "galore_adamw8bit", "q_galore_adamw8bit", "dct_adamw")
 NEWTON_SCHULZ = ("hybrid_auon", "muon")
-DEFECT_1 = ("issue 14, defect 1: a named optimizer that fixes a part takes no keyword for it (TypeError) instead of "
-            "refusing a conflicting value with a ValueError")
 #: (names, hyperparameters, what the ValueError must name)
 BAD: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
     (tuple(OURS), {"lr": -1.0}, "lr"),
@@ -286,18 +274,11 @@ BAD: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
     (NEWTON_SCHULZ, {"ns_dtype": "float16"}, "ns_dtype"),
 ]
 SUBSPACE_KEYS = {"rank", "update_proj_gap", "scale", "proj_type"}
-#: a named optimizer that fixes a part: dct_adamw the DCT projector, q_galore_adamw8bit the adaptive schedule
-FIXED_PART = {("dct_adamw", "proj_method"), ("q_galore_adamw8bit", "refresh")}
 
 
 def _bad_params() -> list:
-    out = []
-    for names, kwargs, key in BAD:
-        for name in names:
-            marks = [pytest.mark.xfail(strict=True, raises=TypeError, reason=DEFECT_1)] if (name, *kwargs) in FIXED_PART else []
-            out.append(pytest.param(name, kwargs, key, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in kwargs.items())}",
-                                    marks=marks))
-    return out
+    return [pytest.param(name, kwargs, key, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in kwargs.items())}")
+            for names, kwargs, key in BAD for name in names]
 
 
 @pytest.mark.parametrize("name, kwargs, key", _bad_params())

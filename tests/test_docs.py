@@ -73,11 +73,12 @@ def script_flags(path: str) -> frozenset[str]:
     source = (REPO / path).read_text()
     if path.endswith(".py"):
         return frozenset(re.findall(r"[\"'](--[a-z][\w-]*)[\"']", source))
+    own = frozenset(re.findall(r"=\s*\"(--[a-z][\w-]*)\"", source))  # [ "$1" = "--dry-run" ]
     if "-m train.quickstart" in source:
-        return cli_flags("quickstart")
+        return own | cli_flags("quickstart")
     if re.search(r"-m train\b(?!\.)", source) or "pretrain_common.sh" in source:
-        return cli_flags("train")
-    return frozenset()
+        return own | cli_flags("train")
+    return own
 
 
 def all_flags() -> frozenset[str]:

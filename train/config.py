@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lowmem_optim.engine import lowrank_hparams
+
 #: accepted spellings of ``--dtype`` and the torch dtype name each resolves to
 DTYPES: dict[str, str] = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -31,8 +33,20 @@ def _opt(default: Any, help: str, **more: Any) -> Any:
     return field(default=default, metadata={"help": help, **more})
 
 
+#: the low-rank setup's flags, one per key a part declares (lowmem_optim.engine.lowrank_hparams);
+#: None leaves the optimizer's default
+LOWRANK_HPARAMS = lowrank_hparams()
+LowRankFlags = dataclasses.make_dataclass("LowRankFlags", [
+    (name, f"{hp.check.type.__name__} | None",
+     _opt(None, f"{hp.doc} (allowed: {hp.check.allowed}; unset: the optimizer's default)"))
+    for name, hp in LOWRANK_HPARAMS.items()
+])
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(LowRankFlags):
+    """Every setting of a run; the low-rank setup's fields come from :class:`LowRankFlags`."""
+
     # model
     model_config: str = _opt("", "path of a LLaMA config JSON, e.g. configs/llama_60m.json (required)")
     dtype: str = _opt("float32", "weight and compute dtype", choices=tuple(DTYPES))
@@ -46,13 +60,6 @@ class TrainConfig:
     beta1: float | None = _opt(None, "Adam beta1 (default: the optimizer's)")
     beta2: float | None = _opt(None, "Adam beta2 (default: the optimizer's)")
     grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: no clipping)")
-    rank: int | None = _opt(None, "subspace rank of the low-rank optimizers (required for them)")
-    update_proj_gap: int | None = _opt(None, "steps between subspace refreshes (default: the optimizer's)")
-    scale: float | None = _opt(None, "scale of the low-rank update (default: the optimizer's)")
-    proj_type: str | None = _opt(None, "which side is projected: std, reverse_std, left, right, full")
-    proj_bits: int | None = _opt(None, "bits of the stored projection (4: INT4, Q-GaLore)")
-    refresh: str | None = _opt(None, "refresh schedule: fixed, or adaptive (lazy, per layer)")
-    proj_method: str | None = _opt(None, "how the subspace is chosen: svd, randomized_svd, dct (default: the optimizer's)")
     target_modules: str = _opt("all-linear", "low-rank linear layers: all-linear, a regex, or comma-separated name fragments")
     layerwise: bool = _opt(False, "update each parameter inside backward and free its gradient (layer-wise); "
                                  "--grad-clip then clips per parameter")
@@ -103,8 +110,11 @@ class TrainConfig:
             if choices is not None and getattr(self, f.name) not in choices:
                 raise ValueError(f"Invalid --{_kebab(f.name)}: {getattr(self, f.name)!r} "
                                  f"(allowed: {', '.join(map(str, choices))})")
+        for name, hp in LOWRANK_HPARAMS.items():
+            if getattr(self, name) is not None:
+                hp.validate(getattr(self, name), f"--{_kebab(name)}")
         positive = ["max_steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every", "keep_checkpoints"]
-        for name in positive + ["rank", "update_proj_gap", "total_batch_size"]:
+        for name in positive + ["total_batch_size"]:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"Invalid --{_kebab(name)}: {value!r} (allowed: an int >= 1)")
