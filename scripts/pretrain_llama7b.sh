@@ -13,6 +13,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
+# the allocator grows segments in place instead of caching blocks of every size it saw: the
+# reserved memory stays close to the allocated one (layer-wise updates free tensors of many sizes)
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
 if [ "${SMOKE:-0}" = 1 ]; then
     model=configs/llama_tiny.json rank=8 steps=${STEPS:-3} batch=${BATCH_SIZE:-2} seq=32

@@ -19,6 +19,11 @@ seeded with (seed, epoch). The data position is the number of windows consumed b
 together; a run resumed at position p sees exactly the batches an uninterrupted run sees after p.
 Under data parallelism each global micro-batch of ``batch_size x world`` windows is cut into
 per-rank slices, so the order does not depend on the number of processes' layout.
+
+The training stream is read ahead (:class:`Prefetched`): a background thread assembles the next
+micro-batches in pinned memory while the device computes, and each is copied to the device
+without blocking the host; its position is that of the batches handed out, so resuming is
+unchanged.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import ast
 import hashlib
 import json
 import os
+import queue
 import random
 import sys
 import sysconfig
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,6 +288,73 @@ def c4_validation(tokenizer: Tokenizer, seq_len: int, n_windows: int) -> torch.T
     return torch.stack([next(windows) for _ in range(n_windows)])
 
 
+def _read_ahead(stream: TrainStream, out: queue.Queue, stop: threading.Event, pin: bool) -> None:
+    """The read-ahead thread of :class:`Prefetched`: (batch, stream position after it) into
+    ``out`` until ``stop``; an error goes into ``out`` too, for the consumer to raise."""
+    try:
+        while not stop.is_set():
+            batch = stream.next_batch()
+            item = (batch.pin_memory() if pin else batch, stream.position)
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+    except BaseException as err:
+        out.put((err, None))
+
+
+class Prefetched:
+    """``stream`` read ``depth`` micro-batches ahead by a background thread, in pinned memory
+    (on CUDA) and handed out on ``device`` (copied without blocking the host). ``position`` and
+    ``state_dict`` count the batches handed out, not those read ahead; ``load_state_dict``
+    drops the read-ahead and moves the stream."""
+
+    def __init__(self, stream: TrainStream, device: torch.device | str = "cpu", depth: int = 2) -> None:
+        self.stream, self.device, self.depth = stream, torch.device(device), depth
+        self.position = stream.position
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ahead = False  # the stream stands past ``position`` (batches read ahead, then dropped)
+
+    def next_batch(self) -> torch.Tensor:
+        if self._thread is None:
+            if self._ahead:
+                self.stream.load_state_dict(self.state_dict())
+                self._ahead = False
+            self._queue, self._stop = queue.Queue(maxsize=self.depth), threading.Event()
+            # the thread holds the stream, not this object: dropping the object stops it
+            self._thread = threading.Thread(target=_read_ahead, daemon=True, name="train-data-prefetch",
+                                            args=(self.stream, self._queue, self._stop, self.device.type == "cuda"))
+            self._thread.start()
+        batch, position = self._queue.get()
+        if position is None:
+            self.close()
+            raise batch
+        self.position = position
+        return batch.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """Stop the thread and drop the read-ahead (a later ``next_batch`` resumes at ``position``)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread, self._ahead = None, True
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.close()
+        self.stream.load_state_dict(state)
+        self.position, self._ahead = self.stream.position, False
+
+
 # ---- wiring -----------------------------------------------------------------------------------
 @dataclass
 class Data:
@@ -299,8 +373,19 @@ def _val_batches(windows: torch.Tensor, batch_size: int, n_batches: int, rank: i
 
 
 def build_data(source: str, tokenizer_name: str | None, seq_len: int, batch_size: int, *, seed: int,
-               val_fraction: float, eval_batches: int, rank: int = 0, world: int = 1) -> Data:
-    """The training stream and validation batches of ``source`` for this rank."""
+               val_fraction: float, eval_batches: int, rank: int = 0, world: int = 1,
+               device: torch.device | str | None = None) -> Data:
+    """The training stream and validation batches of ``source`` for this rank; with ``device``
+    the stream is read ahead and hands out batches there (:class:`Prefetched`)."""
+    data = _build_data(source, tokenizer_name, seq_len, batch_size, seed=seed, val_fraction=val_fraction,
+                       eval_batches=eval_batches, rank=rank, world=world)
+    if device is not None:
+        data.train = Prefetched(data.train, device)
+    return data
+
+
+def _build_data(source: str, tokenizer_name: str | None, seq_len: int, batch_size: int, *, seed: int,
+                val_fraction: float, eval_batches: int, rank: int, world: int) -> Data:
     tokenizer = load_tokenizer(tokenizer_name or ("t5-base" if source == "c4" else "bytes"))
     if source == "c4":
         val = c4_validation(tokenizer, seq_len, eval_batches * batch_size * world)

@@ -43,6 +43,9 @@ def setup() -> Dist:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+        # float32 matmuls (projections, subspace refreshes, fp32 runs) on tensor cores as TF32:
+        # 10-bit mantissa products, float32 accumulation; bfloat16 matmuls are unaffected
+        torch.set_float32_matmul_precision("high")
     owns = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")

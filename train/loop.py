@@ -122,7 +122,8 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
 
     # ---- data, model, optimizer, schedule ----
     data: Data = build_data(cfg.data, cfg.tokenizer, cfg.seq_len, cfg.batch_size, seed=cfg.seed,
-                            val_fraction=cfg.val_fraction, eval_batches=cfg.eval_batches, rank=d.rank, world=d.world)
+                            val_fraction=cfg.val_fraction, eval_batches=cfg.eval_batches, rank=d.rank, world=d.world,
+                            device=d.device)
     model = build_model(cfg.model_config, dtype=dtype, device=d.device, seed=cfg.seed,
                         vocab_needed=data.tokenizer.vocab_size, seq_len=cfg.seq_len,
                         activation_checkpointing=cfg.activation_checkpointing)
@@ -166,6 +167,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
     finally:
         if layerwise is not None:
             layerwise.remove()
+        data.train.close()
         progress.close()
         metrics.close()
     return Trained(metrics.records, model, optimizer)

@@ -20,8 +20,14 @@ unbiased: E[scale' (q' - zero')] = W'. An update far below one quantization step
 the weight on average (Q-GaLore's reference does this arithmetic in bf16, where a 0.1-step
 update arrives at 64% of its size; here it arrives whole). ``stochastic_round=False`` rounds
 to nearest instead: deterministic, but every update smaller than half a step vanishes.
-The random draws come from a generator seeded with the seed the optimizer passes (derived from
-its ``seed``, the parameter's index and the step), never from the global RNG.
+The draw u of value i is a counter-based hash of (seed, i) (:func:`~lowmem_optim.quant.groupwise.counter_uniform`),
+the seed being the one the optimizer passes (derived from its ``seed``, the parameter's index
+and the step): no generator object, no global RNG, no random tensor.
+
+Kernels: on CUDA, dequantizing (forward, recomputation, backward) and the update above each run
+as one fused pass (:func:`~lowmem_optim.quant.groupwise.fused`: ``torch.compile`` of the group
+functions), which computes W' and u in registers; elsewhere the same functions run eagerly, in
+chunks of whole groups, and are the reference.
 
 The contract with optimizers, layer-wise hooks, DDP and checkpoints
 ---------------------------------------------------------------------
@@ -58,10 +64,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowmem_optim.quant.groupwise import DEFAULT_GROUP_SIZE, dequantize_groupwise, quantize_groupwise
+from lowmem_optim.quant.groupwise import (
+    DEFAULT_GROUP_SIZE,
+    dequantize_groupwise,
+    dequantize_rows,
+    fused,
+    quantize_groupwise,
+    requantize_rows_,
+    round_keys,
+)
 
-#: values re-quantized per pass in :meth:`Int8Weight.apply_update`, bounding its fp32 workspace
-#: (about four fp32 copies of one chunk, 64 MiB) whatever the layer's size
+#: values re-quantized per eager pass in :meth:`Int8Weight.apply_update`, bounding its workspace
+#: (float32 and int64 temporaries of one chunk) whatever the layer's size
 _UPDATE_CHUNK = 1 << 22
 #: mixed into the optimizer's seed so rounding draws differ from the same step's other draws
 _ROUNDING_STREAM = 0x5EED_1A7
@@ -85,31 +99,37 @@ class Int8Weight(nn.Parameter):
         return super().__new__(cls, _valueless(shape, dtype, device), requires_grad)
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """scale * (codes - zero), in ``dtype`` (default: the compute dtype)."""
-        return dequantize_groupwise(self.codes.view(-1), self.scale, self.zero, self.shape, dtype or self.dtype,
-                                    self.group_size)
+        """scale * (codes - zero), in ``dtype`` (default: the compute dtype); one fused pass on CUDA."""
+        dtype = dtype or self.dtype
+        if _fusable(self.codes, self.group_size):
+            rows = self.codes.view(-1, self.group_size)
+            return fused(dequantize_rows)(rows, self.scale, self.zero, dtype).view(self.shape)
+        return dequantize_groupwise(self.codes.view(-1), self.scale, self.zero, self.shape, dtype, self.group_size)
 
     @torch.no_grad()
     def apply_update(self, update: torch.Tensor, *, alpha: float = 1.0, decay: float = 1.0, seed: int = 0) -> None:
         """W <- decay * W - alpha * update in fp32, re-quantized (stochastically unless
-        ``stochastic_round`` is False) with random draws seeded by ``seed``."""
-        generator = None
-        if self.stochastic_round:
-            generator = torch.Generator(device=self.codes.device)
-            generator.manual_seed((seed ^ _ROUNDING_STREAM) % (2**63 - 1))
+        ``stochastic_round`` is False) with the counter-based draws of ``seed``
+        (:func:`lowmem_optim.quant.groupwise.counter_uniform`, counter = the value's index).
+        On CUDA one fused pass over the whole weight; elsewhere in chunks of whole groups."""
+        keys = round_keys(seed ^ _ROUNDING_STREAM) if self.stochastic_round else None
+        size = self.group_size
         codes, upd = self.codes.view(-1), update.reshape(-1)
-        chunk = _UPDATE_CHUNK // self.group_size * self.group_size
-        for start in range(0, codes.numel(), chunk):
-            stop = min(start + chunk, codes.numel())
-            groups = slice(start // self.group_size, -(-stop // self.group_size))
-            w = dequantize_groupwise(codes[start:stop], self.scale[groups], self.zero[groups], (stop - start,),
-                                     torch.float32, self.group_size)
-            if decay != 1.0:
-                w.mul_(decay)
-            w.sub_(upd[start:stop].float(), alpha=alpha)
-            new_codes, self.scale[groups], self.zero[groups] = quantize_groupwise(
-                w, 8, self.group_size, stochastic=self.stochastic_round, generator=generator)
-            codes[start:stop] = new_codes
+        whole = codes.numel() // size * size
+        fuse = _fusable(self.codes, size)
+        requantize = fused(requantize_rows_) if fuse else requantize_rows_
+        chunk = whole if fuse else _UPDATE_CHUNK // size * size
+        for start in range(0, whole, chunk):
+            stop = min(start + chunk, whole)
+            groups = slice(start // size, stop // size)
+            requantize(codes[start:stop].view(-1, size), self.scale[groups], self.zero[groups],
+                       upd[start:stop].view(-1, size), alpha, decay, 8, keys, start)
+        if whole < codes.numel():
+            # the last group is partial: padded with its own last value, which keeps its range
+            tail = torch.cat([codes[whole:], codes[-1:].expand(whole + size - codes.numel())]).view(1, size)
+            tail_update = torch.cat([upd[whole:], upd[-1:].expand(tail.numel() - upd[whole:].numel())]).view(1, size)
+            requantize_rows_(tail, self.scale[-1:], self.zero[-1:], tail_update, alpha, decay, 8, keys, whole)
+            codes[whole:] = tail.view(-1)[: codes.numel() - whole]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Int8Weight:
         if id(self) in memo:
@@ -131,6 +151,11 @@ def _rebuild_int8_weight(shape, dtype, requires_grad, codes, scale, zero, group_
     weight.codes, weight.scale, weight.zero = codes, scale, zero
     weight.group_size, weight.stochastic_round = group_size, stochastic_round
     return weight
+
+
+def _fusable(codes: torch.Tensor, group_size: int) -> bool:
+    """Fused (compiled) passes run on CUDA, over whole groups; the eager code is the reference."""
+    return codes.is_cuda and codes.numel() % group_size == 0
 
 
 def _valueless(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from train import checkpoint, main
-from train.data import ShuffledWindows
+from train.data import Prefetched, ShuffledWindows
 from train.metrics import read_jsonl
 
 SAME_IN_BOTH = ("step", "loss", "lr", "opt_state_bytes", "val_loss", "val_ppl")
@@ -103,6 +103,28 @@ def test_the_data_order_depends_on_the_seed_only_and_resumes_at_its_position():
     global_order = stream(0, 0, 1)
     global_order.batch_size = 6
     assert torch.equal(torch.cat([r.next_batch() for r in ranks]), global_order.next_batch())
+
+
+def test_read_ahead_hands_out_the_same_batches_and_resumes_at_the_batches_handed_out():
+    tokens = torch.arange(40 * 8, dtype=torch.int32)
+
+    def stream() -> ShuffledWindows:
+        return ShuffledWindows(tokens, seq_len=8, batch_size=3, seed=0, rank=0, world=1)
+
+    plain = stream()
+    expected = [plain.next_batch() for _ in range(12)]
+    ahead = Prefetched(stream(), "cpu", depth=2)
+    got = [ahead.next_batch() for _ in range(5)]
+    saved = ahead.state_dict()
+    assert saved == {"position": 15}  # what was handed out, whatever the thread has read ahead
+    ahead.close()  # dropped read-ahead: the next batch is still the sixth
+    got += [ahead.next_batch() for _ in range(3)]
+    resumed = Prefetched(stream(), "cpu")
+    resumed.load_state_dict(saved)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected[:8]))
+    assert all(torch.equal(resumed.next_batch(), b) for b in expected[5:12])
+    ahead.close()
+    resumed.close()
 
 
 def test_checkpoints_follow_save_every_even_between_logged_steps(run_tiny, tmp_path):

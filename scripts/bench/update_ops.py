@@ -1,0 +1,182 @@
+"""What one optimizer update of a 7B-width matrix costs: aten ops, host-device syncs, temporaries, CPU time.
+
+Protocol (figures in the docs come from this script, as printed):
+- One weight of LLaMA-7B's MLP width, ``down_proj`` (4096 x 11008, ``--shape``), alone in a
+  model, in the low-rank group of each low-rank optimizer of the registry at rank 1024 (the 7B
+  recipe's; ``--rank``), every other hyperparameter at the class's default except
+  ``update_proj_gap`` (10^6, so steps 2 and later never refresh). INT8 weights off (the weight
+  in ``--dtype``) and on (:func:`lowmem_optim.quant.int8_linear.quantize_linear_layers`,
+  stochastic rounding).
+- The update is ``optimizer.step()`` with a seeded standard-normal gradient already in
+  ``param.grad``: neither forward nor backward is counted.
+- Ops, syncs, temporaries (:class:`lowmem_optim.op_count.OpCounter`): the parameter on the
+  ``meta`` device in ``--dtype`` (bfloat16, the 7B recipe's), so every op runs shape-only and a
+  sync is any host read of a tensor that is not on the CPU, as on a GPU. Columns: ``ops`` and
+  ``syncs`` of a step without a refresh (step 2), ``syncs/load`` of such a step after
+  ``state_dict()`` -> a new optimizer -> ``load_state_dict()`` (a resumed run), ``refresh ops``
+  and ``refresh syncs`` of step 1 (the first subspace), ``alloc MiB`` (bytes of every new
+  storage an op of step 2 returned) and ``peak MiB`` (the most of them alive at one time).
+- CPU time: the parameter on the CPU in ``--cpu-dtype`` (float32: bfloat16 matmuls are
+  emulated on CPUs without AMX, ~40x slower, which would time the emulation), ``--threads``
+  threads; the first step (the refresh) is done with ``proj_method="randomized_svd"`` and no
+  power iteration for the SVD-based optimizers (an exact SVD of 4096 x 11008 takes minutes
+  here; the steps timed are the same whatever chose the subspace), then the median
+  ``time.process_time()`` of ``--steps`` steps without a refresh; ``CPU ops``, ``CPU alloc MiB``
+  and ``CPU peak MiB`` count one more such step there (in ``--cpu-dtype``; also where a step
+  cannot run on the meta device, which then shows "-"). ``--no-time`` skips this part.
+
+Usage:
+  OMP_NUM_THREADS=1 python scripts/bench/update_ops.py [--rank 1024] [--steps 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from lowmem_optim.op_count import OpCounter  # noqa: E402
+from lowmem_optim.quant.int8_linear import quantize_linear_layers  # noqa: E402
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer  # noqa: E402
+
+NO_REFRESH_GAP = 10**6
+SVD_BASED = ("galore_adamw", "galore_adafactor", "galore_adamw8bit", "q_galore_adamw8bit")
+
+
+class OneMatrix(nn.Module):
+    """A model holding one linear layer of the given (out, in) weight shape."""
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: str, int8: bool) -> None:
+        super().__init__()
+        with torch.device(device):
+            self.proj = nn.Linear(shape[1], shape[0], bias=False, dtype=dtype)
+        if device != "meta":
+            with torch.no_grad():
+                self.proj.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+        if int8:
+            quantize_linear_layers(self, "all-linear")
+
+
+def _optimizer(name: str, model: nn.Module, rank: int, **extra: Any) -> torch.optim.Optimizer:
+    return build_optimizer(name, model, rank=rank, update_proj_gap=NO_REFRESH_GAP, **extra)
+
+
+def _set_grad(model: nn.Module, step: int) -> None:
+    p = model.proj.weight
+    g = torch.randn(p.shape, generator=torch.Generator().manual_seed(step), dtype=torch.float32)
+    p.grad = g.to(p.dtype) if p.device.type != "meta" else torch.empty(p.shape, dtype=p.dtype, device="meta")
+
+
+def _counted_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                  counter: OpCounter | None = None) -> OpCounter:
+    counter = counter or OpCounter()
+    _set_grad(model, step)
+    with counter:
+        optimizer.step()
+    model.proj.weight.grad = None
+    return counter
+
+
+def dispatch_figures(name: str, shape: tuple[int, int], rank: int, dtype: torch.dtype, int8: bool) -> dict[str, Any]:
+    """ops, syncs and temporaries on the meta device (module docstring); {} where a step cannot
+    run there (an op with no meta kernel)."""
+    model = OneMatrix(shape, dtype, "meta", int8)
+    optimizer = _optimizer(name, model, rank)
+    try:
+        refresh = _counted_step(model, optimizer, 1)
+    except (RuntimeError, NotImplementedError) as err:
+        print(f"# {name} int8={int8}: no step on the meta device ({str(err).splitlines()[0]})")
+        return {}
+    steady = _counted_step(model, optimizer, 2)
+    resumed = _optimizer(name, model, rank)
+    resumed.load_state_dict(optimizer.state_dict())
+    after_load = OpCounter()
+    try:
+        _counted_step(model, resumed, 3, after_load)
+        load_failure = None
+    except RuntimeError as err:  # a host read of a value the load left on the device, where meta has none
+        load_failure = str(err).splitlines()[0]
+        print(f"# {name} int8={int8}: the step after load_state_dict failed after {after_load.syncs} syncs "
+              f"({load_failure})")
+    return {"ops": steady.ops, "syncs": steady.syncs, "syncs_after_load": after_load.syncs,
+            "after_load_failure": load_failure,
+            "refresh_ops": refresh.ops, "refresh_syncs": refresh.syncs,
+            "alloc_bytes": steady.allocated_bytes, "peak_bytes": steady.peak_bytes,
+            "top_ops": dict(steady.by_op.most_common(8)), "sync_ops_after_load": dict(after_load.sync_ops)}
+
+
+def cpu_figures(name: str, shape: tuple[int, int], rank: int, dtype: torch.dtype, int8: bool,
+                steps: int) -> dict[str, Any]:
+    """Median CPU seconds of a step without a refresh (module docstring), and the ops and
+    temporaries of one more such step, counted on the CPU."""
+    model = OneMatrix(shape, dtype, "cpu", int8)
+    extra = {"proj_method": "randomized_svd", "power_iters": 0} if name in SVD_BASED else {}
+    optimizer = _optimizer(name, model, rank, **extra)
+    _set_grad(model, 1)
+    optimizer.step()
+    times = []
+    for step in range(2, steps + 2):
+        _set_grad(model, step)
+        start = time.process_time()
+        optimizer.step()
+        times.append(time.process_time() - start)
+    counted = _counted_step(model, optimizer, steps + 2)
+    return {"cpu_s": statistics.median(times), "cpu_ops": counted.ops, "cpu_alloc_bytes": counted.allocated_bytes,
+            "cpu_peak_bytes": counted.peak_bytes}
+
+
+def _cell(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    return {"d": f"{value}", "MiB": f"{value / 2**20:.1f}", "ms": f"{1000 * value:.0f}"}[unit]
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", type=int, nargs=2, default=(4096, 11008), metavar=("OUT", "IN"))
+    parser.add_argument("--rank", type=int, default=1024)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--cpu-dtype", default="float32", choices=("bfloat16", "float32"))
+    parser.add_argument("--optimizers", default=",".join(sorted(LOWRANK_OPTIMIZERS)))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-time", action="store_true", help="skip the CPU timing")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shape, dtype, cpu_dtype = tuple(args.shape), getattr(torch, args.dtype), getattr(torch, args.cpu_dtype)
+    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "
+          f"shape {shape[0]} x {shape[1]}, rank {args.rank}, dispatch figures in {args.dtype} on meta, "
+          f"CPU time in {args.cpu_dtype}")
+    columns = (("ops", "ops", "d"), ("syncs", "syncs", "d"), ("syncs/load", "syncs_after_load", "d"),
+               ("refresh ops", "refresh_ops", "d"), ("refresh syncs", "refresh_syncs", "d"),
+               ("alloc MiB", "alloc_bytes", "MiB"), ("peak MiB", "peak_bytes", "MiB"), ("CPU ms", "cpu_s", "ms"),
+               ("CPU ops", "cpu_ops", "d"), ("CPU alloc MiB", "cpu_alloc_bytes", "MiB"),
+               ("CPU peak MiB", "cpu_peak_bytes", "MiB"))
+    print(f"{'optimizer':<20} {'int8':<5}" + "".join(f" {title:>{len(title)}}" for title, _, _ in columns))
+    rows = []
+    for name in args.optimizers.split(","):
+        for int8 in (False, True):
+            row = {"optimizer": name, "int8": int8, **dispatch_figures(name, shape, args.rank, dtype, int8)}
+            if not args.no_time:
+                row.update(cpu_figures(name, shape, args.rank, cpu_dtype, int8, args.steps))
+            rows.append(row)
+            print(f"{name:<20} {'on' if int8 else 'off':<5}"
+                  + "".join(f" {_cell(row.get(key), unit):>{len(title)}}" for title, key, unit in columns), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
