@@ -99,7 +99,9 @@ def test_both_help_texts_document_the_target_modules_syntax(capsys):
 
 
 def test_a_tokenizer_that_cannot_be_loaded_is_one_line(tmp_path, tiny_argv, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network wait
     with pytest.raises(ValueError) as err:
         train_main(tiny_argv(tmp_path / "run", tokenizer="nosuch/tok"))
     assert str(err.value).startswith("--tokenizer 'nosuch/tok' could not be loaded (") and "\n" not in str(err.value)

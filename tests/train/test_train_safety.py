@@ -70,12 +70,14 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert not (out / outdir.LOCK_NAME).exists()
 
 
-def test_the_entry_point_exits_1_with_one_line_on_divergence(tmp_path, tiny_argv):
-    result = subprocess.run([sys.executable, "-m", "train", *tiny_argv(tmp_path / "run", lr=1e30, max_steps=3,
-                                                                       save_every=1)],
-                            cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
+def test_the_entry_point_exits_1_with_one_line_on_divergence(tmp_path, tiny_argv, monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["train", *tiny_argv(tmp_path / "run", lr=1e30, max_steps=3, save_every=1)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("train", run_name="__main__")
+    assert exit_.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: step 2: the loss is not finite") and "step_00000001.pt" in last
 
 
