@@ -4,7 +4,7 @@ Drop-in replacements for ``torch.optim.AdamW``: GaLore-family optimizers that ke
 state in a low-rank subspace of each weight matrix's gradient.
 """
 
-from lowmem_optim.engine import LowRankOptimizer
+from lowmem_optim.engine import ComposedOptimizer
 from lowmem_optim.groups import lowrank_param_groups, normalized_param_groups
 from lowmem_optim.optimizers import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from lowmem_optim.optimizers import QGaLoreAdamW8bit
@@ -15,7 +15,7 @@ from lowmem_optim.registry import available_optimizers, build_optimizer, get_opt
 __version__ = "0.1.0"
 
 __all__ = [
-    "LowRankOptimizer",
+    "ComposedOptimizer",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "GaLoreAdafactor",

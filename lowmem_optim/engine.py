@@ -12,8 +12,10 @@ matrix (m x n; N-D weights as (shape[0], -1)), at step t:
 Groups without ``rank`` skip 1, 2 and the back-projection: the rule on the full gradient (for
 the Adam rule, exactly ``torch.optim.AdamW``). Which parts a group uses is named by its
 ``rule``, ``proj_method`` and ``refresh`` keys, looked up in the registries of
-:mod:`lowmem_optim.rules`, :mod:`lowmem_optim.projection` and :mod:`lowmem_optim.schedules`;
-the named optimizers in :mod:`lowmem_optim.optimizers` only choose defaults.
+:mod:`lowmem_optim.rules`, :mod:`lowmem_optim.projection` and :mod:`lowmem_optim.schedules`.
+Every other key is declared by the part that reads it (:mod:`lowmem_optim.parts`), and the
+engine validates a group and fills its defaults from those declarations; the named
+optimizers in :mod:`lowmem_optim.optimizers` only choose parts and defaults.
 
 State is data: every per-parameter entry is a tensor or a plain number, so ``state_dict`` needs
 no custom code beyond keeping integer codes and fixed-precision keys out of torch's
@@ -22,15 +24,17 @@ cast-to-param-dtype on load.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from lowmem_optim.parts import HParam, Part, declared, integer, invalid, number, one_of, optional
 from lowmem_optim.projection import PROJECTORS
 from lowmem_optim.projection.base import projection_sides
 from lowmem_optim.rules import RULES
@@ -38,38 +42,62 @@ from lowmem_optim.schedules import SCHEDULES
 
 logger = logging.getLogger(__name__)
 
-#: hyperparameters every low-rank group carries, with galore-torch's names and defaults
-LOWRANK_DEFAULTS: dict[str, Any] = {
-    "rank": None,
-    "update_proj_gap": 200,
-    "scale": 0.25,
-    "proj_type": "std",
-    "proj_method": "svd",
-    "refresh": "fixed",
-    "seed": 0,
-}
+#: the group keys that choose a part, and the registry each chooses from
+SELECTORS: dict[str, dict[str, type]] = {"rule": RULES, "proj_method": PROJECTORS, "refresh": SCHEDULES}
+
+#: the engine's own group keys (each part declares the keys it reads)
+ENGINE_HPARAMS: tuple[HParam, ...] = (
+    HParam("rule", "adam", one_of(*RULES), "the inner update rule"),
+    HParam("rank", None, optional(integer(1)), "subspace rank r; a group without it is updated full-rank"),
+    HParam("scale", 0.25, number(0, low_open=True), "factor of the back-projected update"),
+    HParam("proj_method", "svd", one_of(*PROJECTORS), "how the subspace is chosen"),
+    HParam("refresh", "fixed", one_of(*SCHEDULES), "when the subspace is chosen again"),
+    HParam("seed", 0, integer(0), "seed of every random draw (randomized SVD, stochastic rounding)"),
+)
+#: the engine's keys that only a low-rank group uses
+_ENGINE_LOWRANK = ("rank", "scale", "proj_method", "refresh")
+#: group keys that are not hyperparameters
+_GROUP_FIELDS = frozenset({"params", "param_names"})
 
 
 @dataclass(frozen=True)
 class Parts:
+    """The parts a param group names (``storage``: the projector's, None if it stores no basis)."""
+
     rule: Any
     projector: Any
     schedule: Any
 
+    @property
+    def storage(self) -> Any:
+        return self.projector.storage
 
-def _lookup(registry: dict[str, type], key: str, value: Any) -> Any:
-    if value not in registry:
-        raise ValueError(f"Invalid {key}: {value!r} (allowed: {', '.join(sorted(registry))})")
-    return registry[value]()
+    def all(self) -> tuple[Part, ...]:
+        return tuple(p for p in (self.rule, self.projector, self.storage, self.schedule) if p is not None)
+
+    def hparams(self) -> dict[str, HParam]:
+        """Every key the group may carry: the rule's, the engine's and the other parts' declarations."""
+        return {**declared([self.rule]), **{hp.name: hp for hp in ENGINE_HPARAMS}, **declared(self.all()[1:])}
 
 
 def group_parts(group: dict[str, Any]) -> Parts:
-    """The parts a param group names."""
-    return Parts(
-        rule=_lookup(RULES, "rule", group["rule"]),
-        projector=_lookup(PROJECTORS, "proj_method", group["proj_method"]),
-        schedule=_lookup(SCHEDULES, "refresh", group["refresh"]),
-    )
+    """The parts a param group names (ValueError listing the registered names otherwise)."""
+    for key, registry in SELECTORS.items():
+        if group[key] not in registry:
+            raise invalid(key, group[key], ", ".join(sorted(registry)))
+    return Parts(rule=RULES[group["rule"]](), projector=PROJECTORS[group["proj_method"]](),
+                 schedule=SCHEDULES[group["refresh"]]())
+
+
+def lowrank_hparams() -> dict[str, HParam]:
+    """The keys of a low-rank group's setup: the engine's rank, scale and part choices, and every
+    key a projector, basis storage or schedule declares (the first declaration of a name)."""
+    parts = [cls() for registry in (PROJECTORS, SCHEDULES) for cls in registry.values()]
+    storages = [p.storage for p in parts if getattr(p, "storage", None) is not None]
+    out = {hp.name: hp for hp in ENGINE_HPARAMS if hp.name in _ENGINE_LOWRANK}
+    for hp in (hp for part in (*parts, *storages) for hp in part.hparams):
+        out.setdefault(hp.name, hp)
+    return out
 
 
 def is_lowrank_group(group: dict[str, Any]) -> bool:
@@ -105,39 +133,79 @@ def _refresh_seed(seed: int, index: int, step: int) -> int:
     return ((seed * 1_000_003 + index) * 1_000_033 + step) % (2**63 - 1)
 
 
-class LowRankOptimizer(torch.optim.Optimizer):
-    """Base class of every optimizer in the package; see the module docstring for the step."""
+class ComposedOptimizer(torch.optim.Optimizer):
+    """The optimizer loop over a rule, a projector and a refresh schedule per param group (see
+    the module docstring): the base of every optimizer of the package, low-rank or not.
+
+    ``defaults`` may hold any key of the engine (:data:`ENGINE_HPARAMS`) and of the parts it
+    names; the parts' declarations fill every key not given, in ``defaults`` and in each param
+    group (a group that names other parts gets their declared defaults). A key that neither the
+    engine nor the named parts declare is refused. A named optimizer subclass sets
+    ``part_choices`` (per part key, the parts its groups may name, the first being its default;
+    one choice fixes that part) and ``named_defaults`` (its own defaults, over the declarations).
+    """
+
+    #: per part key (``rule``, ``proj_method``, ``refresh``), the allowed parts, the first the default
+    part_choices: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: this optimizer's defaults over the parts' declarations
+    named_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__doc__ = f"{inspect.cleandoc(cls.__doc__ or '')}\n\n{hparams_doc(cls)}"
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._warned_full_rank: set[int] = set()
-        super().__init__(params, defaults)
+        chosen = {**{hp.name: hp.default for hp in ENGINE_HPARAMS},
+                  **{key: choices[0] for key, choices in self.part_choices.items()}, **self.named_defaults, **defaults}
+        self._check_choices(chosen)
+        allowed = group_parts(chosen).hparams()
+        unknown = sorted(set(defaults) - allowed.keys())
+        if unknown:
+            raise invalid(f"hyperparameter{'s' if len(unknown) > 1 else ''} of {type(self).__name__}",
+                          ", ".join(unknown), ", ".join(allowed))
+        super().__init__(params, {**{n: hp.default for n, hp in allowed.items()}, **chosen})
 
     # ---- param groups -------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        given = set(param_group) - _GROUP_FIELDS
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            self._validate_group(group)
+            self._validate_group(group, given)
         except Exception:
             self.param_groups.pop()
             raise
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
+    def _check_choices(self, group: dict[str, Any]) -> None:
+        for key, choices in self.part_choices.items():
+            if group[key] not in choices:
+                fixes = f"{_display_name(type(self))} fixes {key}={choices[0]!r}" if len(choices) == 1 else \
+                    f"the parts {_display_name(type(self))} composes"
+                raise invalid(key, group[key], f"{', '.join(map(repr, choices))}: {fixes}")
+
+    def _validate_group(self, group: dict[str, Any], given: set[str]) -> None:
+        """Each key against its declaration, then the parts' checks across keys and parameters;
+        keys the group gave that none of its parts declares are refused."""
+        self._check_choices(group)
         parts = group_parts(group)
-        parts.rule.validate(group)
+        allowed = parts.hparams()
+        unknown = sorted(given - allowed.keys())
+        if unknown:
+            names = ", ".join(f"{key}={group[key]!r}" for key in SELECTORS)
+            raise invalid(f"param group key{'s' if len(unknown) > 1 else ''} for {names}", ", ".join(unknown),
+                          ", ".join(allowed))
+        for name, hp in allowed.items():
+            group.setdefault(name, hp.default)
+            hp.validate(group[name])
+        for part in parts.all():
+            part.validate(group)
         for i, p in enumerate(group["params"]):
             if p.is_complex():
                 raise ValueError(f"{_param_label(group, i, p)} is complex; complex parameters are not supported")
         if not is_lowrank_group(group):
             return
         rank = group["rank"]
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"Invalid rank: {rank!r} (allowed: an int >= 1, or no 'rank' for a full-rank group)")
-        scale = group["scale"]
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"Invalid scale: {scale!r} (allowed: a finite number > 0)")
-        parts.projector.validate(group)
-        parts.schedule.validate(group)
         for i, p in enumerate(group["params"]):
             if p.dim() < 2:
                 raise ValueError(
@@ -208,7 +276,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if not g.any():
                 # an all-zero gradient holds no subspace (torch.distributed.checkpoint initializes
                 # empty state with one): the state now has its layout, the next gradient chooses
-                state["next_refresh"] = step + 1
+                parts.schedule.defer(state, step)
             left, _ = projection_sides(matrix_shape(p), group["proj_type"])
             parts.rule.carry(state, change, 0 if left else 1)
         low = parts.projector.project(g, state)
@@ -241,21 +309,22 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     # ---- state ----------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch casts every tensor of a floating parameter's state to the parameter's dtype;
-        integer codes/indices, float32 scales, and the float32 moments kept for float16
-        parameters (see :mod:`lowmem_optim.rules.adam`) keep their saved dtype."""
+        """torch casts every floating tensor of a floating parameter's state to the parameter's
+        dtype; here integer codes/indices keep theirs, and so do the keys that the group's own
+        parts declare fixed (:meth:`lowmem_optim.parts.Part.fixed_dtype_keys`: float32 scales
+        and statistics, Adam's float32 moments of a float16 parameter). A saved group that
+        lacks a key of its parts gets the declared default."""
         super().load_state_dict(state_dict)
-        parts = (*RULES.values(), *PROJECTORS.values(), *SCHEDULES.values())
-        fixed = set(chain.from_iterable(cls.fixed_dtype_keys for cls in parts))
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                keep = not value.is_floating_point() or key in fixed or (
-                    value.dtype == torch.float32 and p.dtype == torch.float16
-                ) if torch.is_tensor(value) else False
-                if keep and key != "step":
-                    self.state[p][key] = value.to(device=p.device)
+        for group in self.param_groups:
+            parts = group_parts(group)
+            for name, hp in parts.hparams().items():
+                group.setdefault(name, hp.default)
+            for p, saved_id in zip(group["params"], saved_ids):
+                fixed = frozenset().union(*(part.fixed_dtype_keys(p.dtype) for part in parts.all()))
+                for key, value in state_dict["state"].get(saved_id, {}).items():
+                    if torch.is_tensor(value) and key != "step" and (not value.is_floating_point() or key in fixed):
+                        self.state[p][key] = value.to(device=p.device)
 
     def layer_stats(self) -> list[dict[str, Any]]:
         """Per low-rank parameter: name, shape, rank, side, refreshes, gap, last similarity and
@@ -287,6 +356,37 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes of every tensor in the optimizer state (moments, projections, codes, scales)."""
         return sum(_state_bytes(s) for s in self.state.values())
+
+
+def _display_name(cls: type) -> str:
+    """``GaLoreAdamW (galore_adamw)``: the class and, when registered, its registry name."""
+    from lowmem_optim.registry import OPTIMIZERS
+
+    names = [name for name, path in OPTIMIZERS.items() if path == f"{cls.__module__}:{cls.__name__}"]
+    return f"{cls.__name__} ({names[0]})" if names else cls.__name__
+
+
+def hparams_doc(cls: type[ComposedOptimizer]) -> str:
+    """The "Hyperparameters" section of a named optimizer's docstring, from the declarations:
+    every key with this optimizer's default, then the keys of the parts a group may name instead."""
+    signature = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                 if p.default is not inspect.Parameter.empty}
+    defaults = {**{hp.name: hp.default for hp in ENGINE_HPARAMS},
+                **{key: choices[0] for key, choices in cls.part_choices.items()}, **cls.named_defaults, **signature}
+    shown = group_parts(defaults).hparams()
+    fixed = {key for key, choices in cls.part_choices.items() if len(choices) == 1}
+    lines = ["Hyperparameters (keyword arguments, and keys of a param group; a group's own keys win):", ""]
+    lines += [f"- ``{name}`` = {defaults.get(name, hp.default)!r}{' (fixed)' if name in fixed else ''}: {hp.doc}"
+              for name, hp in shown.items()]
+    for key, registry in SELECTORS.items():
+        for choice in cls.part_choices.get(key, tuple(registry)):
+            part = registry[choice]()
+            extra = [hp for hp in declared([part, *filter(None, [getattr(part, "storage", None)])]).values()
+                     if hp.name not in shown]
+            if extra:
+                lines += ["", f"With ``{key}={choice!r}`` also:", ""]
+                lines += [f"- ``{hp.name}`` = {hp.default!r}: {hp.doc}" for hp in extra]
+    return "\n".join(lines)
 
 
 def _measured(similarity: float | None) -> float | None:

@@ -24,7 +24,7 @@ themselves, so a training stack that calls ``step()`` (HF ``Trainer``, accelerat
 accumulation. Such a call raises ``RuntimeError`` naming the reason; ``handle.remove()`` first,
 or let the handle do accumulation and clipping.
 
-Optimizers. Ours (:class:`~lowmem_optim.engine.LowRankOptimizer`) step one parameter with
+Optimizers. Ours (:class:`~lowmem_optim.engine.ComposedOptimizer`) step one parameter with
 ``step_param``; its random draws (randomized SVD, stochastic rounding) are seeded per
 parameter and step, so hook order does not matter and layer-wise and ordinary stepping give
 the same parameters. Any other ``torch.optim.Optimizer`` (``torch.optim.AdamW``,
@@ -187,6 +187,6 @@ def attach(
         raise ValueError(
             f"Invalid optimizer: {type(optimizer).__name__} writes into its parameters, but some are INT8 "
             "weights that hold no values (lowmem_optim.quant.int8_linear); use an optimizer of lowmem_optim "
-            "(allowed: any lowmem_optim.LowRankOptimizer) or dequantize_linear_layers(model) first"
+            "(allowed: any lowmem_optim.ComposedOptimizer) or dequantize_linear_layers(model) first"
         )
     return LayerwiseHandle(optimizer, accumulation_steps, max_grad_norm, process_group)

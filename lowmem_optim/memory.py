@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowmem_optim.engine import LowRankOptimizer, matrix_shape, uses_projection
+from lowmem_optim.engine import ComposedOptimizer, matrix_shape, uses_projection
 from lowmem_optim.projection.base import projection_sides
 
 WEIGHT_BITS = (32, 16, 8)
@@ -295,7 +295,7 @@ def optimizer_memory(optimizer_name: str, optimizer: torch.optim.Optimizer,
             grad = p.numel() * p.element_size()
             out["gradients"] += grad
             out["largest_gradient"] = max(out["largest_gradient"], grad)
-            if not isinstance(optimizer, LowRankOptimizer):
+            if not isinstance(optimizer, ComposedOptimizer):
                 out["optimizer_states"] += _baseline_state_bytes(optimizer_name, p, optimizer)
                 # torch's single-tensor AdamW: denominator and update like the parameter;
                 # bitsandbytes' fused 8-bit kernel updates in place

@@ -1,11 +1,15 @@
-"""The named optimizers: compositions of the engine's parts with their papers' defaults.
+"""The named optimizers: which parts of the engine each composes, with its papers' defaults.
 
-Each class only chooses an inner rule and defaults; the loop is :class:`LowRankOptimizer`'s.
+Each class names the parts its groups may use (``part_choices``; one choice fixes that part) and
+its own defaults (``named_defaults`` and its explicit leading arguments). Every other
+hyperparameter is a key declared by one of its parts (:mod:`lowmem_optim.parts`): accepted as a
+keyword argument and as a param group key, and listed with its default at the end of the class
+docstring. The loop is :class:`~lowmem_optim.engine.ComposedOptimizer`'s.
 Param groups follow galore-torch: a group with ``rank`` is projected (keys ``rank``,
-``update_proj_gap``, ``scale``, ``proj_type``), a group without it gets the plain full-rank
-rule. Hyperparameter names and defaults follow ``torch.optim.AdamW`` (note: galore-torch's
-GaLoreAdamW defaulted to ``weight_decay=0`` and ``eps=1e-6``; ours are torch's ``1e-2`` and
-``1e-8``).
+``update_proj_gap``, ``scale``, ``proj_type``, ...), a group without it gets the plain
+full-rank rule. Hyperparameter names and defaults follow ``torch.optim.AdamW`` (note:
+galore-torch's GaLoreAdamW defaulted to ``weight_decay=0`` and ``eps=1e-6``; ours are torch's
+``1e-2`` and ``1e-8``).
 """
 
 from __future__ import annotations
@@ -13,18 +17,26 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from lowmem_optim.engine import LOWRANK_DEFAULTS, LowRankOptimizer
-from lowmem_optim.projection.dct import DCT_DEFAULTS
-from lowmem_optim.rules.base import check_betas, check_nonnegative
-from lowmem_optim.rules.normalized import MUON_COEFFICIENTS
+from lowmem_optim.engine import ComposedOptimizer
+from lowmem_optim.rules.adam import AdamRule
 
 
-def _lowrank(rank: int | None, update_proj_gap: int, scale: float, proj_type: str, **more: Any) -> dict[str, Any]:
-    return {**LOWRANK_DEFAULTS, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
-            "proj_type": proj_type, **more}
+class AdamWFamily(ComposedOptimizer):
+    """Base of the optimizers with an Adam rule: ``torch.optim.AdamW``'s leading arguments."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        **hparams: Any,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **hparams))
 
 
-class GaLoreAdamW(LowRankOptimizer):
+class GaLoreAdamW(AdamWFamily):
     """GaLore with AdamW in the subspace (Zhao et al., ICML 2024, arXiv 2403.03507).
 
     For a low-rank group, with P the top-r singular vectors of G refreshed every
@@ -34,29 +46,10 @@ class GaLoreAdamW(LowRankOptimizer):
     :func:`lowmem_optim.lowrank_param_groups`.
     """
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        *,
-        rank: int | None = None,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
-        proj_method: str = "svd",
-        refresh: str = "fixed",
-        seed: int = 0,
-    ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rule="adam",
-                        **_lowrank(rank, update_proj_gap, scale, proj_type, proj_method=proj_method,
-                                   refresh=refresh, seed=seed))
-        super().__init__(params, defaults)
+    part_choices = {"rule": ("adam",)}
 
 
-class DCTAdamW(LowRankOptimizer):
+class DCTAdamW(AdamWFamily):
     """AdamW in a DCT subspace: SVD-free GaLore (Modoranu et al., arXiv 2505.17967).
 
     For a low-rank group, with I the r orthonormal DCT-II vectors that score highest on G
@@ -68,61 +61,19 @@ class DCTAdamW(LowRankOptimizer):
     (``dct_keep_moments``). See :mod:`lowmem_optim.projection.dct`.
     """
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        *,
-        rank: int | None = None,
-        update_proj_gap: int = 1,
-        scale: float = 1.0,
-        proj_type: str = "std",
-        refresh: str = "fixed",
-        dct_score: str = DCT_DEFAULTS["dct_score"],
-        dct_keep_moments: bool = DCT_DEFAULTS["dct_keep_moments"],
-        dct_fft_threshold: int = DCT_DEFAULTS["dct_fft_threshold"],
-        seed: int = 0,
-    ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rule="adam",
-                        **_lowrank(rank, update_proj_gap, scale, proj_type, proj_method="dct", refresh=refresh,
-                                   seed=seed, dct_score=dct_score, dct_keep_moments=dct_keep_moments,
-                                   dct_fft_threshold=dct_fft_threshold))
-        super().__init__(params, defaults)
+    part_choices = {"rule": ("adam",), "proj_method": ("dct",)}
+    named_defaults = {"update_proj_gap": 1, "scale": 1.0}
 
 
-class GaLoreAdamW8bit(LowRankOptimizer):
+class GaLoreAdamW8bit(AdamWFamily):
     """GaLore with 8-bit AdamW in the subspace: Adam's moments stored blockwise-quantized
     (uint8 codes + one float32 absmax per 256 values, bitsandbytes' dynamic map). CPU and CUDA.
     """
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        *,
-        min_8bit_size: int = 4096,
-        rank: int | None = None,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
-        proj_method: str = "svd",
-        refresh: str = "fixed",
-        seed: int = 0,
-    ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rule="adam8bit",
-                        min_8bit_size=min_8bit_size,
-                        **_lowrank(rank, update_proj_gap, scale, proj_type, proj_method=proj_method,
-                                   refresh=refresh, seed=seed))
-        super().__init__(params, defaults)
+    part_choices = {"rule": ("adam8bit",)}
 
 
-class QGaLoreAdamW8bit(LowRankOptimizer):
+class QGaLoreAdamW8bit(AdamWFamily):
     """Q-GaLore (Zhang et al., 2024, arXiv 2407.08296): GaLore with 8-bit AdamW in the subspace,
     projections stored in INT4 and refreshed lazily, layer by layer.
 
@@ -143,38 +94,10 @@ class QGaLoreAdamW8bit(LowRankOptimizer):
     ``cos_threshold``, ``gamma_proj`` and ``queue_size`` have its names already.
     """
 
+    part_choices = {"rule": ("adam8bit",)}
+    named_defaults = {"refresh": "adaptive", "proj_bits": 4}
     #: q-galore-torch's group keys and ours
     QGALORE_KEYS: dict[str, str] = {"quant_n_bit": "proj_bits", "quant_group_size": "proj_group_size"}
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        *,
-        min_8bit_size: int = 4096,
-        rank: int | None = None,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
-        proj_method: str = "svd",
-        proj_bits: int | None = 4,
-        proj_group_size: int = 256,
-        queue_size: int = 5,
-        cos_threshold: float = 0.4,
-        gamma_proj: float = 2,
-        max_gap: int | None = None,
-        seed: int = 0,
-    ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rule="adam8bit",
-                        min_8bit_size=min_8bit_size,
-                        **_lowrank(rank, update_proj_gap, scale, proj_type, proj_method=proj_method,
-                                   refresh="adaptive", seed=seed, proj_bits=proj_bits,
-                                   proj_group_size=proj_group_size, queue_size=queue_size,
-                                   cos_threshold=cos_threshold, gamma_proj=gamma_proj, max_gap=max_gap))
-        super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
@@ -194,9 +117,12 @@ class QGaLoreAdamW8bit(LowRankOptimizer):
         super().add_param_group(group)
 
 
-class GaLoreAdafactor(LowRankOptimizer):
+class GaLoreAdafactor(ComposedOptimizer):
     """GaLore with HF transformers' Adafactor in the subspace (factored second moment,
-    relative step size by default: ``lr=None``, ``relative_step=True``)."""
+    relative step size by default: ``lr=None``, ``relative_step=True``); the leading arguments
+    are HF's ``Adafactor``'s."""
+
+    part_choices = {"rule": ("adafactor",)}
 
     def __init__(
         self,
@@ -210,61 +136,48 @@ class GaLoreAdafactor(LowRankOptimizer):
         scale_parameter: bool = True,
         relative_step: bool = True,
         warmup_init: bool = False,
-        *,
-        rank: int | None = None,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
-        proj_method: str = "svd",
-        refresh: str = "fixed",
-        seed: int = 0,
+        **hparams: Any,
     ) -> None:
-        defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
-                        weight_decay=weight_decay, scale_parameter=scale_parameter,
-                        relative_step=relative_step, warmup_init=warmup_init, rule="adafactor",
-                        **_lowrank(rank, update_proj_gap, scale, proj_type, proj_method=proj_method,
-                                   refresh=refresh, seed=seed))
-        super().__init__(params, defaults)
+        super().__init__(params, dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
+                                      beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
+                                      relative_step=relative_step, warmup_init=warmup_init, **hparams))
 
 
-class NormalizedMomentumOptimizer(LowRankOptimizer):
+class NormalizedMomentumOptimizer(ComposedOptimizer):
     """Base of AuON, HybridAuON and Muon: weight matrices get a normalized-momentum rule, every
     other parameter an AdamW rule, in one optimizer (the ``rule`` key of each param group, as
     Muon implementations do with a ``use_muon`` flag).
 
-    Keyword options shared by the three classes:
-
-    - ``adamw_lr`` (1e-3), ``adamw_betas`` ((0.9, 0.999)), ``adamw_eps`` (1e-8),
-      ``adamw_weight_decay`` (1e-2): fill every group that names ``rule="adam"`` (a group's own
-      keys win). Build the groups from a model with :func:`lowmem_optim.normalized_param_groups`.
-    - ``update_proj_gap``, ``scale`` (1 here: the rule already fixes the update's size),
-      ``proj_type``, ``proj_method``, ``refresh``, ``seed``: defaults for a matrix group with
-      ``rank``, which runs its rule inside a low-rank subspace (momentum r x n instead of m x n).
+    Keyword options shared by the three classes: ``adamw_lr`` (1e-3), ``adamw_betas``
+    ((0.9, 0.999)), ``adamw_eps`` (1e-8), ``adamw_weight_decay`` (1e-2) fill every group that
+    names ``rule="adam"`` (a group's own keys win). Build the groups from a model with
+    :func:`lowmem_optim.normalized_param_groups`. A matrix group with ``rank`` runs its rule
+    inside a low-rank subspace (momentum r x n instead of m x n); ``scale`` is 1 here, since the
+    rule already fixes the update's size.
     """
+
+    named_defaults = {"scale": 1.0}
 
     def __init__(
         self,
         params: Iterable[Any],
-        matrix_defaults: dict[str, Any],
+        lr: float,
+        weight_decay: float,
+        momentum: float,
+        nesterov: bool,
         *,
         adamw_lr: float = 1e-3,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 1e-2,
-        update_proj_gap: int = 200,
-        scale: float = 1.0,
-        proj_type: str = "std",
-        proj_method: str = "svd",
-        refresh: str = "fixed",
-        seed: int = 0,
+        **hparams: Any,
     ) -> None:
-        adamw = {"adamw_lr": adamw_lr, "adamw_eps": adamw_eps, "adamw_weight_decay": adamw_weight_decay}
-        check_nonnegative(adamw, *adamw)
-        check_betas({"betas": adamw_betas})
-        self._adamw_defaults = {"rule": "adam", "lr": adamw_lr, "betas": adamw_betas, "eps": adamw_eps,
-                                "weight_decay": adamw_weight_decay}
-        lowrank = _lowrank(None, update_proj_gap, scale, proj_type, proj_method=proj_method, refresh=refresh, seed=seed)
-        super().__init__(params, {**lowrank, "betas": adamw_betas, "eps": adamw_eps, **matrix_defaults})
+        adamw = {"lr": adamw_lr, "betas": adamw_betas, "eps": adamw_eps, "weight_decay": adamw_weight_decay}
+        adam = {hp.name: hp for hp in AdamRule.hparams}
+        for key, value in adamw.items():
+            adam[key].validate(value, f"adamw_{key}")
+        self._adamw_defaults = {"rule": "adam", **adamw}
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, **hparams))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if param_group.get("rule", self.defaults["rule"]) == "adam":
@@ -286,6 +199,8 @@ class AuON(NormalizedMomentumOptimizer):
     with the matrix size. ``options``: see :class:`NormalizedMomentumOptimizer`.
     """
 
+    part_choices = {"rule": ("auon", "adam")}
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -293,27 +208,24 @@ class AuON(NormalizedMomentumOptimizer):
         weight_decay: float = 0.0,
         momentum: float = 0.95,
         nesterov: bool = True,
-        *,
-        gamma: float = 1.0,
-        normalize: bool = True,
-        adjust_lr_fn: str = "original",
         **options: Any,
     ) -> None:
-        super().__init__(params, dict(rule="auon", lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      nesterov=nesterov, gamma=gamma, normalize=normalize,
-                                      adjust_lr_fn=adjust_lr_fn), **options)
+        super().__init__(params, lr, weight_decay, momentum, nesterov, **options)
 
 
 class HybridAuON(NormalizedMomentumOptimizer):
     """Hybrid-AuON (same paper): ``ns_steps`` Newton-Schulz iterations (paper: 1) before AuON's
     cosh scaling:  Y = NS^k(X);  U = Y / (sqrt(mean(cosh(gamma Y)^2)) + 1e-8);  W <- W - lr s U.
     ``ns_steps=5`` is what the authors' later code runs (then U is Muon's update up to r).
-    Newton-Schulz runs in ``ns_dtype`` (bfloat16, as the authors' code and torch.optim.Muon).
+    Newton-Schulz runs in ``ns_dtype`` (default: bfloat16 on CUDA, as the authors' code and
+    torch.optim.Muon, float32 on other devices).
     The default lr is AuON's (the authors give none for Hybrid-AuON). One Newton-Schulz step
     scales small singular values by about a = 3.44, so ||U||_F is up to ~3.4 times AuON's (3.4
     for a Gaussian momentum; less when one direction dominates, since f(1) = 0.70).
     ``options``: see :class:`NormalizedMomentumOptimizer`.
     """
+
+    part_choices = {"rule": ("hybrid_auon", "adam")}
 
     def __init__(
         self,
@@ -322,29 +234,22 @@ class HybridAuON(NormalizedMomentumOptimizer):
         weight_decay: float = 0.0,
         momentum: float = 0.95,
         nesterov: bool = True,
-        *,
-        gamma: float = 1.0,
-        ns_steps: int = 1,
-        ns_coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
-        ns_dtype: str = "bfloat16",
-        adjust_lr_fn: str = "original",
         **options: Any,
     ) -> None:
-        super().__init__(params, dict(rule="hybrid_auon", lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      nesterov=nesterov, gamma=gamma, ns_steps=ns_steps,
-                                      ns_coefficients=ns_coefficients, ns_dtype=ns_dtype,
-                                      adjust_lr_fn=adjust_lr_fn), **options)
+        super().__init__(params, lr, weight_decay, momentum, nesterov, **options)
 
 
 class Muon(NormalizedMomentumOptimizer):
     """Muon (Jordan et al., 2024) on weight matrices, AdamW on the other parameters.
 
-    U = 5 quintic Newton-Schulz iterations of X = D / (||D||_F + 1e-7) (bfloat16);
+    U = 5 quintic Newton-Schulz iterations of X = D / (||D||_F + 1e-7) (bfloat16 on CUDA);
     W <- W (1 - lr wd) - lr s U. The matrix groups equal ``torch.optim.Muon`` with the same
-    arguments; the defaults are torch's (lr 1e-3, weight decay 0.1; Keller Jordan's original
+    arguments (and ``ns_dtype="bfloat16"`` off CUDA); the defaults are torch's (lr 1e-3, weight decay 0.1; Keller Jordan's original
     uses lr 0.02 and no weight decay). Cost O(m n min(m, n)) per step.
     ``options``: see :class:`NormalizedMomentumOptimizer`.
     """
+
+    part_choices = {"rule": ("muon", "adam")}
 
     def __init__(
         self,
@@ -353,13 +258,6 @@ class Muon(NormalizedMomentumOptimizer):
         weight_decay: float = 0.1,
         momentum: float = 0.95,
         nesterov: bool = True,
-        *,
-        ns_steps: int = 5,
-        ns_coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
-        ns_dtype: str = "bfloat16",
-        adjust_lr_fn: str = "original",
         **options: Any,
     ) -> None:
-        super().__init__(params, dict(rule="muon", lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
-                                      ns_dtype=ns_dtype, adjust_lr_fn=adjust_lr_fn), **options)
+        super().__init__(params, lr, weight_decay, momentum, nesterov, **options)

@@ -34,14 +34,6 @@ LOWRANK_OPTIMIZERS: frozenset[str] = frozenset({"galore_adamw", "galore_adafacto
 #: other parameters get AdamW (groups from :func:`lowmem_optim.normalized_param_groups`)
 MATRIX_OPTIMIZERS: frozenset[str] = frozenset({"auon", "hybrid_auon", "muon"})
 
-#: low-rank group keys that :func:`build_optimizer` routes to the low-rank group
-LOWRANK_KEYS: tuple[str, ...] = (
-    "rank", "update_proj_gap", "scale", "proj_type",
-    "proj_bits", "proj_group_size", "oversample", "power_iters", "dct_score", "dct_fft_threshold", "dct_keep_moments",
-    "queue_size", "cos_threshold", "gamma_proj", "max_gap",
-)
-
-
 def available_optimizers() -> list[str]:
     return sorted(OPTIMIZERS)
 
@@ -59,21 +51,24 @@ def build_optimizer(
 ) -> Any:
     """The optimizer ``name`` over ``model``'s parameters, with its param groups built.
 
-    For low-rank optimizers the keys in :data:`LOWRANK_KEYS` (``rank`` required) go to the
-    group of the linear layers selected by ``target_modules``; every other hyperparameter goes
-    to the constructor. For :data:`MATRIX_OPTIMIZERS` the selected linear and conv weights
+    For low-rank optimizers the keys of a low-rank setup (``rank``, required, and every key a
+    projector, basis storage or refresh schedule declares: :func:`lowmem_optim.engine.lowrank_hparams`)
+    go to the group of the linear layers selected by ``target_modules``; every other
+    hyperparameter goes to the constructor. For :data:`MATRIX_OPTIMIZERS` the selected linear and conv weights
     form the matrix group (with the low-rank keys, if given: the rule then runs in a subspace)
     and the rest gets AdamW. Keys whose value is None are dropped (the class default applies).
     """
+    from lowmem_optim.engine import lowrank_hparams
     from lowmem_optim.groups import lowrank_param_groups, normalized_param_groups
 
     cls = get_optimizer_class(name)
     hparams = {k: v for k, v in hparams.items() if v is not None}
+    lowrank_keys = lowrank_hparams()
     if name in LOWRANK_OPTIMIZERS or name in MATRIX_OPTIMIZERS:
-        lowrank = {k: hparams.pop(k) for k in LOWRANK_KEYS if k in hparams}
+        lowrank = {k: hparams.pop(k) for k in lowrank_keys if k in hparams}
         make_groups = normalized_param_groups if name in MATRIX_OPTIMIZERS else lowrank_param_groups
         return cls(make_groups(model, target_modules, **lowrank), **hparams)
-    unused = [k for k in LOWRANK_KEYS if k in hparams]
+    unused = [k for k in lowrank_keys if k in hparams]
     if unused:
         raise ValueError(f"{', '.join(unused)} given for optimizer {name!r}, which takes no low-rank groups "
                          f"(low-rank optimizers: {', '.join(sorted(LOWRANK_OPTIMIZERS))})")

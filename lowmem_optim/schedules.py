@@ -13,44 +13,23 @@ and shapes found there.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-
-class RefreshSchedule(Protocol):
-    #: state keys whose floating dtype is fixed (never cast to the param dtype on load)
-    fixed_dtype_keys: frozenset[str]
-
-    def validate(self, group: dict[str, Any]) -> None:
-        """Raise ValueError naming a bad hyperparameter of ``group``."""
-
-    def due(self, state: dict[str, Any], step: int) -> bool:
-        """Whether the subspace is refreshed at ``step``."""
-
-    def record(self, state: dict[str, Any], step: int, group: dict[str, Any], similarity: float | None) -> None:
-        """Book a refresh done at ``step`` and plan the next one."""
-
-    def gap(self, state: dict[str, Any], group: dict[str, Any]) -> int:
-        """The parameter's current refresh gap."""
+from lowmem_optim.parts import HParam, Part, integer, invalid, number, optional
 
 
-def _check_positive_int(group: dict[str, Any], key: str) -> None:
-    value = group[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {key}: {value!r} (allowed: an int >= 1)")
-
-
-class FixedRefresh:
+class FixedRefresh(Part):
     """Refresh every ``update_proj_gap`` steps (the group's value, read at each refresh)."""
 
-    fixed_dtype_keys: frozenset[str] = frozenset()
-
-    def validate(self, group: dict[str, Any]) -> None:
-        _check_positive_int(group, "update_proj_gap")
+    hparams = (HParam("update_proj_gap", 200, integer(1), "steps between subspace refreshes"),)
 
     def due(self, state: dict[str, Any], step: int) -> bool:
         return step >= state.get("next_refresh", 1)
+
+    def defer(self, state: dict[str, Any], step: int) -> None:
+        state["next_refresh"] = step + 1
 
     def gap(self, state: dict[str, Any], group: dict[str, Any]) -> int:
         return group["update_proj_gap"]
@@ -59,14 +38,6 @@ class FixedRefresh:
         state["refreshes"] = state.get("refreshes", 0) + 1
         state["next_refresh"] = step + self.gap(state, group)
         state["last_similarity"] = float("nan") if similarity is None else similarity
-
-
-#: defaults of the adaptive schedule's group keys (Q-GaLore's values; max_gap None = 10x the initial gap)
-ADAPTIVE_DEFAULTS: dict[str, Any] = {"queue_size": 5, "cos_threshold": 0.4, "gamma_proj": 2, "max_gap": None}
-
-
-def _adaptive_hparams(group: dict[str, Any]) -> dict[str, Any]:
-    return {**ADAPTIVE_DEFAULTS, **{k: group[k] for k in ADAPTIVE_DEFAULTS if k in group}}
 
 
 class AdaptiveRefresh(FixedRefresh):
@@ -86,37 +57,37 @@ class AdaptiveRefresh(FixedRefresh):
     the fixed schedule's.
     """
 
-    fixed_dtype_keys: frozenset[str] = frozenset({"sim_queue"})
+    hparams = (
+        *FixedRefresh.hparams,
+        HParam("queue_size", 5, integer(1), "similarity records averaged before the gap grows"),
+        HParam("cos_threshold", 0.4, number(0, 1), "mean similarity from which the gap grows"),
+        HParam("gamma_proj", 2, number(1), "factor by which the gap grows"),
+        HParam("max_gap", None, optional(integer(1)), "largest gap (None: 10x update_proj_gap)"),
+    )
 
     def validate(self, group: dict[str, Any]) -> None:
-        super().validate(group)
-        hp = _adaptive_hparams(group)
-        if isinstance(hp["queue_size"], bool) or not isinstance(hp["queue_size"], int) or hp["queue_size"] < 1:
-            raise ValueError(f"Invalid queue_size: {hp['queue_size']!r} (allowed: an int >= 1)")
-        if isinstance(hp["cos_threshold"], bool) or not isinstance(hp["cos_threshold"], (int, float)) \
-                or not 0.0 <= hp["cos_threshold"] <= 1.0:
-            raise ValueError(f"Invalid cos_threshold: {hp['cos_threshold']!r} (allowed: a number in [0, 1])")
-        if isinstance(hp["gamma_proj"], bool) or not isinstance(hp["gamma_proj"], (int, float)) or not hp["gamma_proj"] >= 1:
-            raise ValueError(f"Invalid gamma_proj: {hp['gamma_proj']!r} (allowed: a number >= 1)")
-        max_gap = hp["max_gap"]
-        if max_gap is not None and (isinstance(max_gap, bool) or not isinstance(max_gap, int)
-                                    or max_gap < group["update_proj_gap"]):
-            raise ValueError(f"Invalid max_gap: {max_gap!r} (allowed: None, or an int >= update_proj_gap "
-                             f"= {group['update_proj_gap']})")
+        max_gap = group["max_gap"]
+        if max_gap is not None and max_gap < group["update_proj_gap"]:
+            raise invalid("max_gap", max_gap, f"None, or an int >= update_proj_gap = {group['update_proj_gap']}")
+
+    def fixed_dtype_keys(self, param_dtype: torch.dtype) -> frozenset[str]:
+        return frozenset({"sim_queue"})  # float64 records
+
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        return 8 * group["queue_size"]  # the float64 queue (number entries are not tensors)
 
     def gap(self, state: dict[str, Any], group: dict[str, Any]) -> int:
         return state.get("gap", group["update_proj_gap"])
 
     def record(self, state: dict[str, Any], step: int, group: dict[str, Any], similarity: float | None) -> None:
-        hp = _adaptive_hparams(group)
         gap = self.gap(state, group)
-        size = hp["queue_size"]
+        size = group["queue_size"]
         records = state["sim_queue"][: state["sim_count"]] if "sim_queue" in state else torch.zeros(0, dtype=torch.float64)
         if similarity is not None:
             records = torch.cat([records, records.new_tensor([similarity])])[-size:]
-        if records.numel() == size and float(records.mean()) >= hp["cos_threshold"]:
-            max_gap = 10 * group["update_proj_gap"] if hp["max_gap"] is None else hp["max_gap"]
-            gap = min(int(gap * hp["gamma_proj"]), max_gap)
+        if records.numel() == size and float(records.mean()) >= group["cos_threshold"]:
+            max_gap = 10 * group["update_proj_gap"] if group["max_gap"] is None else group["max_gap"]
+            gap = min(int(gap * group["gamma_proj"]), max_gap)
             records = records[:0]
         queue = torch.zeros(size, dtype=torch.float64)
         queue[: records.numel()] = records

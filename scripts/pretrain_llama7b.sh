@@ -8,6 +8,7 @@
 # Usage:  bash scripts/pretrain_llama7b.sh [extra train flags, which override the recipe's]
 #   STEPS (150000)  OUTPUT_DIR (runs/llama7b_qgalore)  BATCH_SIZE (16)  DATA (c4; builtin runs offline)
 #   OPTIMIZER (q_galore_adamw8bit)  PYTHON (python)
+#   ENTRY: a script that takes the recipe's flags instead of `python -m train` (scripts/bench/step_split.py)
 #   SMOKE=1: the same recipe on llama_tiny for 3 steps, on CPU or GPU (checks the wiring, not memory)
 # Without a CUDA GPU (and without SMOKE=1) it stops with a message.
 set -euo pipefail
@@ -30,7 +31,9 @@ else
     data=${DATA:-c4} out=${OUTPUT_DIR:-runs/llama7b_qgalore}
 fi
 
-exec "$PYTHON" -m train \
+entry=(-m train)
+if [ -n "${ENTRY:-}" ]; then entry=("$ENTRY"); fi
+exec "$PYTHON" "${entry[@]}" \
     --model-config="$model" --optimizer="${OPTIMIZER:-q_galore_adamw8bit}" \
     --weight-bits=8 --proj-bits=4 --layerwise --activation-checkpointing --dtype=bfloat16 \
     --rank="$rank" --update-proj-gap=500 --scale=0.25 --lr=0.004 --weight-decay=0 \

@@ -1,5 +1,6 @@
 """Float64 references of the equations each optimizer claims, written independently of the
-package (plain loops over dense matrices, SVD in float64)."""
+package (plain loops over dense matrices, SVD in float64), and a side-by-side stepper for the
+comparisons with peer implementations."""
 
 from __future__ import annotations
 
@@ -58,3 +59,13 @@ def galore_ref(w0: torch.Tensor, grads: list[torch.Tensor], *, rank: int, gap: i
         w = w * (1 - lr_t * weight_decay)
         w = w - scale * (basis @ n if side == "left" else n @ basis.T)
     return w
+
+
+def step_side_by_side(ours, ref, opt, ref_opt, steps, gen):
+    """Give both parameter lists the same random gradients and step both optimizers."""
+    for _ in range(steps):
+        for a, c in zip(ours, ref):
+            a.grad = torch.randn(a.shape, generator=gen)
+            c.grad = a.grad.clone()
+        opt.step()
+        ref_opt.step()

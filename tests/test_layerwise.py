@@ -1,5 +1,5 @@
 """Layer-wise updates: same parameters as ordinary stepping, real state_dict, accumulation,
-per-parameter clipping, schedulers, data parallel."""
+per-parameter clipping, schedulers, data parallel, Q-GaLore on INT8 weights."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lowmem_optim import GaLoreAdamW, GaLoreAdamW8bit, layerwise, lowrank_param_groups
+from lowmem_optim import GaLoreAdamW, GaLoreAdamW8bit, build_optimizer, layerwise, lowrank_param_groups
+from lowmem_optim.quant.int8_linear import quantize_linear_layers
 
 
 def tiny_model(seed: int = 0) -> nn.Module:
@@ -214,3 +215,45 @@ def test_hf_trainer_with_a_layerwise_optimizer_is_refused_with_the_reason(tmp_pa
                       optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)))
     with pytest.raises(RuntimeError, match="layer-wise updates are attached.*HF Trainer"):
         trainer.train()
+
+
+class Int8Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(64, 32)
+        self.mlp = nn.Sequential(nn.Linear(32, 80), nn.ReLU(), nn.Linear(80, 32))
+        self.lm_head = nn.Linear(32, 64, bias=False)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        return self.lm_head(h + self.mlp(h))
+
+
+def train_q_galore_int8(use_layerwise: bool, steps: int = 6) -> tuple[nn.Module, float, float]:
+    model = quantize_linear_layers(Int8Tiny())
+    opt = build_optimizer("q_galore_adamw8bit", model, rank=4, update_proj_gap=2, lr=2e-2, min_8bit_size=0)
+    if use_layerwise:
+        layerwise.attach(opt)
+    tokens = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(tokens[:, :-1]).reshape(-1, 64), tokens[:, 1:].reshape(-1))
+        loss.backward()
+        losses.append(loss.item())
+        if not use_layerwise:
+            opt.step()
+            opt.zero_grad()
+    return model, losses[0], losses[-1]
+
+
+def test_int8_weights_with_layerwise_updates_train_and_equal_ordinary_stepping():
+    lw, first, last = train_q_galore_int8(use_layerwise=True)
+    ordinary, _, _ = train_q_galore_int8(use_layerwise=False)
+    assert last < first - 0.1
+    for a, b in zip(lw.modules(), ordinary.modules()):
+        for (name, x), y in zip(a.named_buffers(recurse=False), b.buffers(recurse=False)):
+            assert torch.equal(x, y), name
+    for (name, x), y in zip(lw.named_parameters(), ordinary.parameters()):
+        assert torch.equal(x, y), name
+    assert len(lowrank_param_groups(lw, rank=4)[1]["params"]) == 2

@@ -1,5 +1,5 @@
 """Memory model: weights, gradients, optimizer states and projections predicted exactly against
-the bytes of a real tiny LLaMA's tensors after a step (CPU); the console script's contract."""
+the bytes of a real tiny LLaMA's tensors after a step (CPU), and the 7B recipe's prediction."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from lowmem_optim import build_optimizer
-from lowmem_optim.cli import main
 from lowmem_optim.memory import TrainingSetup, estimate_memory
 from lowmem_optim.quant.int8_linear import Int8Weight, quantize_linear_layers
 
@@ -77,33 +76,6 @@ def test_layerwise_keeps_one_gradient_and_activation_checkpointing_shrinks_activ
     assert ckpt.activations_bytes < plain.activations_bytes
     double = estimate_memory(tiny_config(), TrainingSetup(**{**base.__dict__, "batch_size": 8}))
     assert double.activations_bytes == 2 * plain.activations_bytes
-
-
-def test_cli_prints_one_json_object_with_every_component(capsys):
-    code = main(["memory", "--model-config", str(TINY), "--optimizer", "galore_adamw8bit", "--rank", "8",
-                 "--weight-bits", "8", "--proj-bits", "4", "--batch-size", "2", "--seq-len", "32",
-                 "--activation-checkpointing", "--layerwise", "--json"])
-    assert code == 0
-    result = json.loads(capsys.readouterr().out)
-    parts = [k for k in result if k.endswith("_bytes") and k != "total_bytes"]
-    assert {"weights_bytes", "gradients_bytes", "optimizer_states_bytes", "projections_bytes",
-            "activations_bytes"} <= set(parts)
-    static = result["weights_bytes"] + result["optimizer_states_bytes"] + result["projections_bytes"]
-    # the peak is one moment of the step: never less than the static part plus the activations'
-    # start of backward, never more than every component at once
-    assert static + result["activations_bytes"] <= result["total_bytes"] <= sum(result[k] for k in parts)
-
-
-def test_cli_reports_bad_input_naming_the_flag(capsys):
-    assert main(["memory", "--model-config", str(TINY), "--optimizer", "adamw", "--rank", "8",
-                 "--batch-size", "1", "--seq-len", "8"]) == 2
-    assert "rank" in capsys.readouterr().err
-    assert main(["memory", "--model-config", "nope.json", "--optimizer", "adamw", "--batch-size", "1",
-                 "--seq-len", "8"]) == 2
-    assert "--model-config" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["memory", "--model-config", str(TINY), "--optimizer", "adamw", "--weight-bits", "4",
-              "--batch-size", "1", "--seq-len", "8"])
 
 
 def test_llama7b_recipe_of_pretrain_script_is_predicted_under_15_gib():

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lowmem_optim import GaLoreAdamW
+from lowmem_optim.parts import defaults
 from lowmem_optim.schedules import AdaptiveRefresh
 
 
@@ -55,7 +56,8 @@ def test_adaptive_gap_stays_on_a_rotating_subspace():
 
 
 def test_adaptive_queue_is_cleared_at_growth_so_the_next_growth_needs_fresh_records():
-    state, group, schedule = {}, {"update_proj_gap": 3, "queue_size": 2, "cos_threshold": 0.5, "gamma_proj": 2}, AdaptiveRefresh()
+    schedule = AdaptiveRefresh()
+    state, group = {}, {**defaults(schedule), "update_proj_gap": 3, "queue_size": 2, "cos_threshold": 0.5}
     schedule.record(state, 1, group, None)
     schedule.record(state, 4, group, 0.9)
     assert state["gap"] == 3 and state["sim_queue"][: state["sim_count"]].tolist() == [0.9]

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lowmem_optim.engine import lowrank_hparams
 from lowmem_optim.groups import TARGET_MODULES_HELP, parse_target_modules
 
 #: accepted spellings of ``--dtype`` and the torch dtype name each resolves to
@@ -25,7 +26,7 @@ ON_NONFINITE = ("stop", "skip")
 
 #: fields a resumed run may change; any other difference from the checkpoint's config is an error
 RESUMABLE_CHANGES = frozenset({
-    "max_steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every",
+    "max_steps", "eval_every", "eval_batches", "save", "save_every", "keep_checkpoints", "log_every",
     "wandb", "wandb_project", "run_name", "resume", "output_dir", "progress", "on_nonfinite",
     "model_config", "data",  # compared by contents: the model config's keys, the data's fingerprint
 })
@@ -35,8 +36,20 @@ def _opt(default: Any, help: str, **more: Any) -> Any:
     return field(default=default, metadata={"help": help, **more})
 
 
+#: the low-rank setup's flags, one per key a part declares (lowmem_optim.engine.lowrank_hparams);
+#: None leaves the optimizer's default
+LOWRANK_HPARAMS = lowrank_hparams()
+LowRankFlags = dataclasses.make_dataclass("LowRankFlags", [
+    (name, f"{hp.check.type.__name__} | None",
+     _opt(None, f"{hp.doc} (allowed: {hp.check.allowed}; unset: the optimizer's default)"))
+    for name, hp in LOWRANK_HPARAMS.items()
+])
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(LowRankFlags):
+    """Every setting of a run; the low-rank setup's fields come from :class:`LowRankFlags`."""
+
     # model
     model_config: str = _opt("", "path of a LLaMA config JSON, e.g. configs/llama_60m.json (required)")
     dtype: str = _opt("float32", "weight and compute dtype", choices=tuple(DTYPES))
@@ -50,13 +63,6 @@ class TrainConfig:
     beta1: float | None = _opt(None, "Adam beta1 (default: the optimizer's)")
     beta2: float | None = _opt(None, "Adam beta2 (default: the optimizer's)")
     grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: no clipping)")
-    rank: int | None = _opt(None, "subspace rank of the low-rank optimizers (required for them)")
-    update_proj_gap: int | None = _opt(None, "steps between subspace refreshes (default: the optimizer's)")
-    scale: float | None = _opt(None, "scale of the low-rank update (default: the optimizer's)")
-    proj_type: str | None = _opt(None, "which side is projected: std, reverse_std, left, right, full")
-    proj_bits: int | None = _opt(None, "bits of the stored projection (4: INT4, Q-GaLore)")
-    refresh: str | None = _opt(None, "refresh schedule: fixed, or adaptive (lazy, per layer)")
-    proj_method: str | None = _opt(None, "how the subspace is chosen: svd, randomized_svd, dct (default: the optimizer's)")
     target_modules: str = _opt("all-linear", f"low-rank linear layers: {TARGET_MODULES_HELP}")
     layerwise: bool = _opt(False, "update each parameter inside backward and free its gradient (layer-wise); "
                                  "--grad-clip then clips per parameter")
@@ -77,6 +83,7 @@ class TrainConfig:
     eval_every: int = _opt(100, "evaluate every N steps (and at the end)")
     eval_batches: int = _opt(10, "validation micro-batches per evaluation")
     log_every: int = _opt(1, "write a metrics line every N steps")
+    save: bool = _opt(True, "write checkpoints (False: none, not even at the last step; for benchmarks)")
     save_every: int = _opt(0, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _opt(2, "checkpoints kept in the output dir (oldest removed)")
     output_dir: str = _opt("runs/default", "where metrics.jsonl, config.json and checkpoints go")
@@ -110,8 +117,11 @@ class TrainConfig:
             if choices is not None and getattr(self, f.name) not in choices:
                 raise ValueError(f"Invalid --{_kebab(f.name)}: {getattr(self, f.name)!r} "
                                  f"(allowed: {', '.join(map(str, choices))})")
+        for name, hp in LOWRANK_HPARAMS.items():
+            if getattr(self, name) is not None:
+                hp.validate(getattr(self, name), f"--{_kebab(name)}")
         positive = ["max_steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every", "keep_checkpoints"]
-        for name in positive + ["rank", "update_proj_gap", "total_batch_size"]:
+        for name in positive + ["total_batch_size"]:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"Invalid --{_kebab(name)}: {value!r} (allowed: an int >= 1)")

@@ -200,7 +200,7 @@ def _loop(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int, start: i
 
         evaluating = step % cfg.eval_every == 0 or step == cfg.max_steps
         logging = evaluating or step % cfg.log_every == 0
-        saving = (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps
+        saving = cfg.save and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps)
         if not (logging or saving):
             continue
         loss_value, bad_step = _read_loss(loss, first_bad, d)  # the one sync of this interval

@@ -8,7 +8,6 @@ accepts, which of them take low-rank groups, and how groups are built. The loop 
 
 from __future__ import annotations
 
-import inspect
 import math
 import sys
 from typing import Any
@@ -16,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowmem_optim.engine import LowRankOptimizer, matrix_shape
+from lowmem_optim.engine import ComposedOptimizer, lowrank_hparams, matrix_shape
 from lowmem_optim.groups import lowrank_param_groups
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, build_optimizer, get_optimizer_class
 from train.config import TrainConfig
 
-#: flags that configure low-rank groups (group key = flag name in snake_case)
-LOWRANK_FLAGS = ("rank", "update_proj_gap", "scale", "proj_type", "proj_bits", "refresh", "proj_method")
+#: flags that configure low-rank groups (group key = flag name in snake_case), from the parts' declarations
+LOWRANK_FLAGS = tuple(lowrank_hparams())
 
 #: constructor settings a learning-rate schedule needs: GaLore's reference script builds
 #: GaLoreAdafactor with a fixed lr and relative_step=False, so the schedule owns the lr
@@ -55,7 +54,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     hparams: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, **SCHEDULE_COMPATIBLE.get(name, {})}
     if cfg.beta1 is not None or cfg.beta2 is not None:
         hparams["betas"] = (0.9 if cfg.beta1 is None else cfg.beta1, 0.999 if cfg.beta2 is None else cfg.beta2)
-    if "seed" in inspect.signature(cls).parameters:
+    if issubclass(cls, ComposedOptimizer):
         hparams["seed"] = cfg.seed
     lowrank = {flag: getattr(cfg, flag) for flag in LOWRANK_FLAGS if getattr(cfg, flag) is not None}
     if name in LOWRANK_OPTIMIZERS and cfg.rank is None:
@@ -75,7 +74,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         optimizer = build_optimizer(name, model, **kwargs, **hparams)
     except TypeError as err:  # a flag the optimizer's constructor does not take
         raise ValueError(f"--optimizer {name} does not accept one of {sorted(hparams)}: {err}") from err
-    if not isinstance(optimizer, LowRankOptimizer) and any(hasattr(p, "apply_update") for p in model.parameters()):
+    if not isinstance(optimizer, ComposedOptimizer) and any(hasattr(p, "apply_update") for p in model.parameters()):
         raise ValueError(f"--weight-bits 8: --optimizer {name} writes into its parameters and cannot update INT8 "
                          f"weights (allowed: an optimizer of this package, e.g. {', '.join(sorted(LOWRANK_OPTIMIZERS))})")
     return optimizer

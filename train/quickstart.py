@@ -7,8 +7,8 @@
 Each optimizer trains in its own process (``python -m train``), so each peak-memory figure is
 that process's own. Defaults: llama_small (hidden 256, 4 layers, 3.4M parameters), the built-in
 corpus (Python's docstrings, byte tokenizer), batch 8 x 128 tokens, cosine schedule with 10%
-warm-up, seed 0; low-rank optimizers at rank 64, gap 50, scale 0.25, lr 0.01; the others at
-lr 0.003. The table gives the mean training loss of the last 10 steps, the final validation loss
+warm-up, seed 0; low-rank optimizers at rank 64, gap 50, scale 0.25 (dct_adamw: its own gap 1, scale 1),
+lr 0.01; the others at lr 0.003. The table gives the mean training loss of the last 10 steps, the final validation loss
 and perplexity, the peak memory (torch and transformers included on CPU), the optimizer
 state (bytes of its tensors) and tokens/s over the run, and over steps 2+ (step 1 holds one-time
 costs: allocation, kernel selection, the first subspace refresh). Peak memory is the process's peak RSS on
@@ -36,8 +36,14 @@ REPO = Path(__file__).resolve().parents[1]
 ADAMW_LR = 3e-3  # GaLore's 60M runs used 1e-3 for AdamW and 1e-2 for GaLore; this model is smaller
 
 
+#: the low-rank runs' subspace settings: GaLore's scale, and a refresh every 50 steps so a short run
+#: sees several subspaces; DCT-AdamW keeps its paper's own (a new subspace every step, scale 1)
+GAP_SCALE = ["--update-proj-gap=50", "--scale=0.25"]
+OWN_GAP_SCALE = frozenset({"dct_adamw"})
+
+
 def command(optimizer: str, args: argparse.Namespace, out: Path) -> list[str]:
-    lowrank = [f"--rank={args.rank}", "--update-proj-gap=50", "--scale=0.25", "--lr=1e-2"]
+    lowrank = [f"--rank={args.rank}", *([] if optimizer in OWN_GAP_SCALE else GAP_SCALE), "--lr=1e-2"]
     return [
         sys.executable, "-m", "train", f"--model-config={args.model_config}", f"--optimizer={optimizer}",
         *(lowrank if optimizer in LOWRANK_OPTIMIZERS else [f"--lr={ADAMW_LR}"]),

@@ -9,14 +9,16 @@ themselves are stateless and built from a param group's hyperparameters.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from lowmem_optim.projection.storage import load_basis, quantized_float_keys, store_basis, validate_storage
-from lowmem_optim.rules.base import SubspaceChange
+from lowmem_optim.parts import HParam, Part, SubspaceChange, one_of
+from lowmem_optim.projection.storage import BasisStorage, load_basis, store_basis
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+PROJ_TYPE = HParam("proj_type", "std", one_of(*PROJ_TYPES),
+                   "projected side: std (the smaller dimension's), reverse_std, left, right, full (both)")
 
 
 def projection_sides(shape: tuple[int, int], proj_type: str) -> tuple[bool, bool]:
@@ -39,27 +41,7 @@ def projection_sides(shape: tuple[int, int], proj_type: str) -> tuple[bool, bool
     raise ValueError(f"Invalid proj_type: {proj_type!r} (allowed: {', '.join(PROJ_TYPES)})")
 
 
-class Projector(Protocol):
-    #: state keys owned by the projector whose dtype is fixed (never cast to the param dtype)
-    fixed_dtype_keys: frozenset[str]
-
-    def validate(self, group: dict[str, Any]) -> None:
-        """Raise ValueError naming a bad hyperparameter of ``group``."""
-
-    def refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int) -> SubspaceChange:
-        """Choose a new subspace from the 2-D ``grad`` and store it in ``state``.
-
-        ``seed`` seeds any random draw (derived from the group's seed, the parameter and the
-        step, so every rank and every resume draws the same numbers)."""
-
-    def project(self, grad: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        """R: the low-rank gradient."""
-
-    def back_project(self, low: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        """The full-size (m x n) image of a low-rank tensor."""
-
-
-class MatrixProjector:
+class MatrixProjector(Part):
     """Shared logic of projectors that store dense orthonormal bases (SVD, randomized SVD).
 
     A subclass supplies :meth:`factors`, (U, V^T) of the gradient whose leading ``rank``
@@ -68,12 +50,15 @@ class MatrixProjector:
     ``proj_bits`` asks (:mod:`lowmem_optim.projection.storage`: gradient dtype, or INT8/INT4).
     """
 
-    fixed_dtype_keys: frozenset[str] = quantized_float_keys("proj_left", "proj_right")
+    hparams = (PROJ_TYPE,)
+    storage = BasisStorage(("proj_left", "proj_right"))
 
-    def validate(self, group: dict[str, Any]) -> None:
-        if group["proj_type"] not in PROJ_TYPES:
-            raise ValueError(f"Invalid proj_type: {group['proj_type']!r} (allowed: {', '.join(PROJ_TYPES)})")
-        validate_storage(group)
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        left, right = projection_sides(shape, group["proj_type"])
+        m, n = shape
+        r = group["rank"]
+        return sum(self.storage.basis_bytes(numel, dtype, group) for used, numel in ((left, m * r), (right, r * n))
+                   if used)
 
     def factors(self, grad: torch.Tensor, group: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, V^T) in float32 with at least ``group['rank']`` leading singular vectors."""

@@ -23,23 +23,18 @@ schedule is the index overlap |I_old & I_new| / r. ``proj_type`` "full" is refus
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
 
 import torch
 
-from lowmem_optim.projection.base import projection_sides
-from lowmem_optim.rules.base import SubspaceChange
+from lowmem_optim.parts import BOOLEAN, HParam, Part, SubspaceChange, integer, one_of
+from lowmem_optim.projection.base import PROJ_TYPE, projection_sides
 
-#: defaults of the group keys this projector reads
-DCT_DEFAULTS: dict[str, Any] = {"dct_score": "l1", "dct_fft_threshold": 2048, "dct_keep_moments": True}
 DCT_PROJ_TYPES = ("std", "reverse_std", "left", "right")
 DCT_SCORES = ("l1", "l2")
-
-
-def _hparams(group: dict[str, Any]) -> dict[str, Any]:
-    return {**DCT_DEFAULTS, **{k: group[k] for k in DCT_DEFAULTS if k in group}}
 
 
 @functools.lru_cache(maxsize=16)
@@ -94,30 +89,29 @@ def select_indices(spectrum: torch.Tensor, dim: int, rank: int, score: str) -> t
     return torch.topk(norms, rank).indices.sort().values
 
 
-class DCTProjector:
+class DCTProjector(Part):
     """Top-r DCT-II columns of the gradient's spectrum; see the module docstring."""
 
-    fixed_dtype_keys: frozenset[str] = frozenset()
+    hparams = (
+        dataclasses.replace(PROJ_TYPE, check=one_of(*DCT_PROJ_TYPES), doc=PROJ_TYPE.doc.removesuffix(", full (both)")),
+        HParam("dct_score", "l1", one_of(*DCT_SCORES), "score of a DCT column: l1 (the paper's) or l2 (exact)"),
+        HParam("dct_fft_threshold", 2048, integer(1), "DCT sizes from which the spectrum comes from an FFT"),
+        HParam("dct_keep_moments", True, BOOLEAN, "move the moments of DCT indices that stay selected"),
+    )
+    #: the projector stores indices, not a matrix to quantize
+    storage = None
 
     def __init__(self) -> None:
         # (gradient, R) of the last refresh: R is read from the spectrum, saving project's matmul
         self._refreshed: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def validate(self, group: dict[str, Any]) -> None:
-        if group["proj_type"] not in DCT_PROJ_TYPES:
-            raise ValueError(f"Invalid proj_type for proj_method='dct': {group['proj_type']!r} "
-                             f"(allowed: {', '.join(DCT_PROJ_TYPES)})")
-        hp = _hparams(group)
-        if hp["dct_score"] not in DCT_SCORES:
-            raise ValueError(f"Invalid dct_score: {hp['dct_score']!r} (allowed: {', '.join(DCT_SCORES)})")
-        threshold = hp["dct_fft_threshold"]
-        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
-            raise ValueError(f"Invalid dct_fft_threshold: {threshold!r} (allowed: an int >= 1)")
-        if not isinstance(hp["dct_keep_moments"], bool):
-            raise ValueError(f"Invalid dct_keep_moments: {hp['dct_keep_moments']!r} (allowed: True, False)")
-        if group.get("proj_bits") not in (None, 16):
-            raise ValueError(f"Invalid proj_bits for proj_method='dct': {group['proj_bits']!r} "
-                             "(allowed: None or 16; the DCT projector stores indices, not a matrix to quantize)")
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        return 8 * group["rank"]  # the int64 indices (the basis is a cache shared by every layer)
+
+    def basis_cache(self, shape: tuple[int, int], group: dict[str, Any]) -> int:
+        """The size d of the cached d x d basis a matrix of ``shape`` uses."""
+        left, _ = projection_sides(shape, group["proj_type"])
+        return shape[0] if left else shape[1]
 
     def refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int) -> SubspaceChange:
         if not torch.isfinite(grad).all():
@@ -125,11 +119,10 @@ class DCTProjector:
                 "DCTProjector: the gradient holds inf/NaN at a subspace refresh; no subspace can be chosen "
                 "from it (use torch.amp.GradScaler, which skips such steps, or clip gradients)"
             )
-        hp = _hparams(group)
         left, _ = projection_sides(tuple(grad.shape), group["proj_type"])
         dim = 0 if left else 1
-        spectrum = dct_spectrum(grad, dim, hp["dct_fft_threshold"])
-        index = select_indices(spectrum, dim, group["rank"], hp["dct_score"])
+        spectrum = dct_spectrum(grad, dim, group["dct_fft_threshold"])
+        index = select_indices(spectrum, dim, group["rank"], group["dct_score"])
         self._refreshed = (grad, spectrum.index_select(dim, index))
         old = state.get("proj_index")
         state["proj_index"], state["proj_dim"], state["proj_basis_size"] = index, dim, grad.shape[dim]
@@ -139,7 +132,7 @@ class DCTProjector:
         old_position[old] = torch.arange(old.numel(), device=index.device)
         kept = old_position[index]
         overlap = float((kept >= 0).sum()) / index.numel()
-        return SubspaceChange(similarity=overlap, kept=kept if hp["dct_keep_moments"] else None)
+        return SubspaceChange(similarity=overlap, kept=kept if group["dct_keep_moments"] else None)
 
     def _columns(self, state: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
         """Q[:, I] (d x r) in ``like``'s dtype and device."""

@@ -19,11 +19,9 @@ from typing import Any
 
 import torch
 
+from lowmem_optim.parts import HParam, integer
 from lowmem_optim.projection.base import MatrixProjector
 from lowmem_optim.projection.svd import fix_signs, singular_vectors
-
-#: defaults of the group keys this projector reads
-RSVD_DEFAULTS: dict[str, int] = {"oversample": 10, "power_iters": 2}
 
 
 def randomized_singular_vectors(
@@ -43,16 +41,12 @@ def randomized_singular_vectors(
 
 
 class RandomizedSVDProjector(MatrixProjector):
-    """Randomized-SVD subspace; group keys ``oversample`` (10) and ``power_iters`` (2)."""
+    """Randomized-SVD subspace (module docstring)."""
 
-    def validate(self, group: dict[str, Any]) -> None:
-        super().validate(group)
-        for key, default in RSVD_DEFAULTS.items():
-            value = group.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Invalid {key}: {value!r} (allowed: an int >= 0)")
+    hparams = (*MatrixProjector.hparams,
+               HParam("oversample", 10, integer(0), "extra random directions k - r of the randomized SVD"),
+               HParam("power_iters", 2, integer(0), "power iterations q of the randomized SVD"))
 
     def factors(self, grad: torch.Tensor, group: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator(device=grad.device).manual_seed(seed)
-        hp = {key: group.get(key, default) for key, default in RSVD_DEFAULTS.items()}
-        return randomized_singular_vectors(grad, group["rank"], hp["oversample"], hp["power_iters"], generator)
+        return randomized_singular_vectors(grad, group["rank"], group["oversample"], group["power_iters"], generator)

@@ -18,33 +18,45 @@ INT4 stores an m x r basis in m r / 2 bytes plus 8 bytes per group: about 3.9x l
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from lowmem_optim.parts import HParam, Part, integer, one_of
 from lowmem_optim.quant.groupwise import DEFAULT_GROUP_SIZE, dequantize_groupwise, pack_int4, quantize_groupwise, unpack_int4
 
-PROJ_BITS = (None, 4, 8, 16)
 _QUANTIZED_SUFFIXES = ("_codes", "_scale", "_zero", "_meta")
 
 
-def quantized_float_keys(*keys: str) -> frozenset[str]:
-    """The float32 state entries of quantized bases under ``keys`` (kept float32 on load)."""
-    return frozenset(f"{key}{suffix}" for key in keys for suffix in ("_scale", "_zero"))
+class BasisStorage(Part):
+    """How a dense projector keeps its bases under ``keys`` in the state (module docstring)."""
 
+    hparams = (
+        HParam("proj_bits", None, one_of(None, 4, 8, 16),
+               "bits of the stored projection: None or 16 = the gradient's dtype, 8 or 4 = quantized (Q-GaLore)"),
+        HParam("proj_group_size", DEFAULT_GROUP_SIZE, integer(1), "values per quantization group of the projection"),
+    )
 
-def validate_storage(group: dict[str, Any]) -> None:
-    bits = group.get("proj_bits")
-    if bits not in PROJ_BITS:
-        raise ValueError(f"Invalid proj_bits: {bits!r} (allowed: None or 16 = gradient dtype, 8, 4)")
-    size = group.get("proj_group_size", DEFAULT_GROUP_SIZE)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"Invalid proj_group_size: {size!r} (allowed: an int >= 1)")
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.keys = keys
+
+    def fixed_dtype_keys(self, param_dtype: torch.dtype) -> frozenset[str]:
+        # the float32 scale and zero of quantized bases (codes and metadata are integers)
+        return frozenset(f"{key}{suffix}" for key in self.keys for suffix in ("_scale", "_zero"))
+
+    def basis_bytes(self, numel: int, dtype: torch.dtype, group: dict[str, Any]) -> int:
+        """Bytes of one stored basis of ``numel`` values computed in ``dtype``."""
+        bits = group["proj_bits"]
+        if bits in (None, 16):
+            return numel * dtype.itemsize
+        codes = math.ceil(numel / 2) if bits == 4 else numel
+        return codes + 8 * math.ceil(numel / group["proj_group_size"]) + 32  # + float32 scale, zero; int64 meta
 
 
 def store_basis(state: dict[str, Any], key: str, basis: torch.Tensor, group: dict[str, Any]) -> None:
     """Put ``basis`` (2-D) in ``state`` under ``key`` as the group's ``proj_bits`` asks."""
-    bits = group.get("proj_bits")
+    bits = group["proj_bits"]
     for stale in (key, *(key + s for s in _QUANTIZED_SUFFIXES)):
         state.pop(stale, None)
     if bits in (None, 16):

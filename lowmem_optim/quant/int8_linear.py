@@ -38,7 +38,7 @@ The contract with optimizers, layer-wise hooks, DDP and checkpoints
   leaf, so ``Tensor.register_post_accumulate_grad_hook`` (layer-wise updates:
   :mod:`lowmem_optim.layerwise`), gradient clipping and ``zero_grad`` work unchanged.
 * The optimizer applies an update by calling ``param.apply_update(U, alpha=..., decay=...,
-  seed=...)`` instead of writing into the parameter; :class:`lowmem_optim.LowRankOptimizer`
+  seed=...)`` instead of writing into the parameter; :class:`lowmem_optim.ComposedOptimizer`
   does this for every parameter that has ``apply_update``. Optimizers that write into their
   parameters (``torch.optim.AdamW``, bitsandbytes') cannot train an INT8 weight: the write
   fails because the parameter holds no values. :func:`lowmem_optim.layerwise.attach` refuses
@@ -76,7 +76,7 @@ from lowmem_optim.quant.groupwise import (
 
 #: values re-quantized per eager pass in :meth:`Int8Weight.apply_update`, bounding its workspace
 #: (float32 and int64 temporaries of one chunk) whatever the layer's size
-_UPDATE_CHUNK = 1 << 22
+_UPDATE_CHUNK = 1 << 18
 #: mixed into the optimizer's seed so rounding draws differ from the same step's other draws
 _ROUNDING_STREAM = 0x5EED_1A7
 
@@ -105,6 +105,19 @@ class Int8Weight(nn.Parameter):
             rows = self.codes.view(-1, self.group_size)
             return fused(dequantize_rows)(rows, self.scale, self.zero, dtype).view(self.shape)
         return dequantize_groupwise(self.codes.view(-1), self.scale, self.zero, self.shape, dtype, self.group_size)
+
+    @torch.no_grad()
+    def rms(self) -> float:
+        """RMS of the dequantized weight, sqrt(mean(W^2)) (Adafactor's RMS(W)), in fp32 chunks of
+        at most ``_UPDATE_CHUNK`` values: no full-precision copy of the weight is made."""
+        codes, chunk, total = self.codes.view(-1), _UPDATE_CHUNK // self.group_size * self.group_size, 0.0
+        for start in range(0, codes.numel(), chunk):
+            stop = min(start + chunk, codes.numel())
+            groups = slice(start // self.group_size, -(-stop // self.group_size))
+            w = dequantize_groupwise(codes[start:stop], self.scale[groups], self.zero[groups], (stop - start,),
+                                     torch.float32, self.group_size)
+            total += float(w.square().sum())
+        return math.sqrt(total / codes.numel())
 
     @torch.no_grad()
     def apply_update(self, update: torch.Tensor, *, alpha: float = 1.0, decay: float = 1.0, seed: int = 0) -> None:

@@ -11,48 +11,66 @@ For a 2-D g (n x k) the second moment is factored into a row and a column statis
 
 This is the variant GaLore's ``GaLoreAdafactor`` wraps (HF's, not ``torch.optim.Adafactor``):
 ``lr=None`` with ``relative_step=True`` by default. Statistics are kept in float32. Under a
-projection g is the low-rank gradient, while RMS(W) is taken over the full weight.
+projection g is the low-rank gradient, while RMS(W) is taken over the full weight (for an
+INT8 weight, :mod:`lowmem_optim.quant.int8_linear`, over its dequantized values).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
 
-from lowmem_optim.rules.base import SubspaceChange, reindex_along
+from lowmem_optim.parts import BOOLEAN, HParam, Part, SubspaceChange, invalid, number, optional, sequence
+from lowmem_optim.quant.int8_linear import Int8Weight
+from lowmem_optim.rules.base import LR, WEIGHT_DECAY, reindex_along
 
 
 def _rms(t: torch.Tensor) -> float:
     return float(t.norm(2) / math.sqrt(t.numel()))
 
 
-class AdafactorRule:
-    fixed_dtype_keys: frozenset[str] = frozenset({"exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"})
+def weight_rms(param: torch.Tensor) -> float:
+    """RMS(W). An INT8 weight's parameter holds no values: its RMS is read from the codes."""
+    return param.rms() if isinstance(param, Int8Weight) else _rms(param.float())
+
+
+class AdafactorRule(Part):
+    hparams = (
+        dataclasses.replace(LR, default=None, check=optional(LR.check),
+                            doc="fixed learning rate; None: the relative step min(1e-2, 1/sqrt(t))"),
+        HParam("eps", (1e-30, 1e-3), sequence(number(0), 2, "a pair (eps1, eps2) of numbers >= 0"),
+               "(eps1 added to g^2, eps2 the floor of RMS(W) in the relative step)"),
+        HParam("clip_threshold", 1.0, number(0, low_open=True), "clip the update's RMS to this value"),
+        HParam("decay_rate", -0.8, number(high=0, high_open=True), "beta2_t = 1 - t^decay_rate"),
+        HParam("beta1", None, optional(number(0, 1, high_open=True)), "first-moment decay (None: no first moment)"),
+        dataclasses.replace(WEIGHT_DECAY, default=0.0),
+        HParam("scale_parameter", True, BOOLEAN, "scale the step size by max(eps2, RMS(W))"),
+        HParam("relative_step", True, BOOLEAN, "step size min(1e-2, 1/sqrt(t)) instead of lr"),
+        HParam("warmup_init", False, BOOLEAN, "relative step 1e-6 t instead of 1e-2 (needs relative_step)"),
+    )
 
     def validate(self, group: dict[str, Any]) -> None:
         lr, relative_step = group["lr"], group["relative_step"]
         if lr is not None and relative_step:
-            raise ValueError(f"Invalid lr: {lr!r} with relative_step=True (allowed: lr=None, or relative_step=False)")
+            raise invalid("lr", lr, "None with relative_step=True, or relative_step=False")
         if lr is None and not relative_step:
-            raise ValueError("Invalid lr: None with relative_step=False (allowed: a number >= 0)")
-        if lr is not None and not lr >= 0.0:
-            raise ValueError(f"Invalid lr: {lr!r} (allowed: a number >= 0)")
+            raise invalid("lr", lr, "a number >= 0 with relative_step=False")
         if group["warmup_init"] and not relative_step:
-            raise ValueError("Invalid warmup_init: True requires relative_step=True")
-        eps = group["eps"]
-        if not (isinstance(eps, (tuple, list)) and len(eps) == 2 and all(e >= 0 for e in eps)):
-            raise ValueError(f"Invalid eps: {eps!r} (allowed: a pair (eps1, eps2) of numbers >= 0)")
-        if not group["clip_threshold"] > 0:
-            raise ValueError(f"Invalid clip_threshold: {group['clip_threshold']!r} (allowed: > 0)")
-        if not group["decay_rate"] < 0:
-            raise ValueError(f"Invalid decay_rate: {group['decay_rate']!r} (allowed: < 0, e.g. -0.8)")
-        beta1 = group["beta1"]
-        if beta1 is not None and not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"Invalid beta1: {beta1!r} (allowed: None or 0 <= beta1 < 1)")
-        if not group["weight_decay"] >= 0.0:
-            raise ValueError(f"Invalid weight_decay: {group['weight_decay']!r} (allowed: >= 0)")
+            raise invalid("warmup_init", True, "False with relative_step=False")
+
+    def fixed_dtype_keys(self, param_dtype: torch.dtype) -> frozenset[str]:
+        return frozenset({"exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"})  # float32 always
+
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        numel = math.prod(shape)
+        stats = numel if len(shape) < 2 else math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
+        return 4 * stats + (4 * numel if group["beta1"] is not None else 0)
+
+    def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        return 3 * 4 * math.prod(shape)  # fp32 g, its square, the factored update
 
     def _lr(self, group: dict[str, Any], step: int, param: torch.Tensor) -> float:
         lr = group["lr"]
@@ -64,7 +82,7 @@ class AdafactorRule:
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             lr = min(min_step, 1.0 / math.sqrt(step))
         if group["scale_parameter"]:
-            lr *= max(group["eps"][1], _rms(param.float()))
+            lr *= max(group["eps"][1], weight_rms(param))
         return lr
 
     def update(

@@ -14,11 +14,17 @@ not, and eps = 1e-8 itself rounds to zero, so M / (sqrt(V) + eps) blows up.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from lowmem_optim.rules.base import SubspaceChange, check_betas, check_nonnegative, reindex_along
+from lowmem_optim.parts import HParam, Part, SubspaceChange, number, sequence
+from lowmem_optim.rules.base import LR, WEIGHT_DECAY, reindex_along
+
+BETAS = HParam("betas", (0.9, 0.999), sequence(number(0, 1, high_open=True), 2, "a pair of numbers in [0, 1)"),
+               "decay rates (beta1, beta2) of the first and second moment")
+EPS = HParam("eps", 1e-8, number(0), "added to sqrt(V) after the bias correction")
 
 
 def adam_update(
@@ -39,20 +45,31 @@ def adam_update(
     return (exp_avg * step_size).div_(denom)
 
 
-class AdamRule:
+def moment_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Adam's moments follow the tensor's dtype, but float16 keeps them in float32 (module docstring)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+class AdamRule(Part):
     """Adam moments in the tensor's own dtype (as torch.optim.AdamW keeps them)."""
 
-    fixed_dtype_keys: frozenset[str] = frozenset()
+    hparams = (LR, BETAS, EPS, WEIGHT_DECAY)
 
-    def validate(self, group: dict[str, Any]) -> None:
-        check_betas(group)
-        check_nonnegative(group, "lr", "eps", "weight_decay")
+    def fixed_dtype_keys(self, param_dtype: torch.dtype) -> frozenset[str]:
+        # like torch.optim.AdamW the moments take the parameter's dtype on load, but not float16's
+        return frozenset({"exp_avg", "exp_avg_sq"}) if param_dtype == torch.float16 else frozenset()
+
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        return 2 * math.prod(shape) * moment_dtype(dtype).itemsize
+
+    def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        return 2 * math.prod(shape) * dtype.itemsize  # the denominator and the update
 
     def update(
         self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor
     ) -> tuple[torch.Tensor, float]:
         if "exp_avg" not in state:
-            dtype = torch.float32 if g.dtype == torch.float16 else g.dtype
+            dtype = moment_dtype(g.dtype)
             state["exp_avg"] = torch.zeros_like(g, dtype=dtype, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(g, dtype=dtype, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]

@@ -10,13 +10,15 @@ kernels do: CPU and CUDA.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from lowmem_optim.parts import HParam, Part, SubspaceChange, integer
 from lowmem_optim.quant.blockwise import BLOCKSIZE, dequantize_blockwise, quantize_blockwise
-from lowmem_optim.rules.adam import adam_update
-from lowmem_optim.rules.base import SubspaceChange, check_betas, check_nonnegative, reindex_along
+from lowmem_optim.rules.adam import AdamRule, adam_update
+from lowmem_optim.rules.base import reindex_along
 
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (key, signed dynamic map)
 #: values per pass of an 8-bit step: bounds its float32 workspace (a few copies of one chunk)
@@ -25,17 +27,29 @@ _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (key, signed dynamic ma
 _CHUNK = 1 << 22
 
 
-class Adam8bitRule:
-    fixed_dtype_keys: frozenset[str] = frozenset(
-        {"exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"}
-    )
+MIN_8BIT_SIZE = HParam("min_8bit_size", 4096, integer(0), "tensors with fewer values keep float32 moments")
 
-    def validate(self, group: dict[str, Any]) -> None:
-        check_betas(group)
-        check_nonnegative(group, "lr", "eps", "weight_decay")
-        size = group.get("min_8bit_size", 4096)
-        if not isinstance(size, int) or size < 0:
-            raise ValueError(f"Invalid min_8bit_size: {size!r} (allowed: an int >= 0)")
+
+class Adam8bitRule(Part):
+    hparams = (*AdamRule.hparams, MIN_8BIT_SIZE)
+
+    def fixed_dtype_keys(self, param_dtype: torch.dtype) -> frozenset[str]:
+        # float32 moments of small tensors and the absmax scales; the codes are integers
+        return frozenset({"exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"})
+
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        numel = math.prod(shape)
+        if numel < group["min_8bit_size"]:
+            return 8 * numel
+        return 2 * numel + 8 * math.ceil(numel / BLOCKSIZE)  # uint8 codes, float32 absmax per block
+
+    def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        numel = math.prod(shape)
+        if numel < group["min_8bit_size"]:
+            return 8 * numel  # float32 denominator and update
+        # the float32 update, and per chunk: g in fp32, both moments dequantized, denominator,
+        # the chunk's update, new codes
+        return 4 * numel + 22 * min(numel, _CHUNK)
 
     def _load(self, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if "exp_avg" in state:
@@ -55,7 +69,7 @@ class Adam8bitRule:
         self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor
     ) -> tuple[torch.Tensor, float]:
         fresh = "exp_avg" not in state and "exp_avg_codes" not in state
-        if fresh and g.numel() < group.get("min_8bit_size", 4096):
+        if fresh and g.numel() < group["min_8bit_size"]:
             zeros = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
             state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
         beta1, beta2 = group["betas"]

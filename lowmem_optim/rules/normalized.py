@@ -20,7 +20,9 @@ aspect factor, as in the AuON code), 0.2 sqrt(max(m, n)) (``"match_rms_adamw"``,
 
 Newton-Schulz (quintic, coefficients (a, b, c) = (3.4445, -4.7750, 2.0315)), on the wide
 orientation (X transposed when m > n):  A = X X^T;  X <- a X + (b A + c A^2) X.  It runs in
-``ns_dtype`` (bfloat16 by default, as torch.optim.Muon and the authors' code do). It maps
+``ns_dtype``: by default ("auto") bfloat16 on CUDA, as torch.optim.Muon and the authors' code
+do, and float32 elsewhere, since a CPU without bf16 matrix units emulates bf16 matmuls (tens
+of times slower than fp32). It maps
 singular values from [0, 1] into about [0, 1.2]: after 5 steps those of X above ~1/400 (of
 ||X||_F = 1) sit in about [0.68, 1.2]; one step leaves no such band (see the README).
 
@@ -35,18 +37,31 @@ projected r x n / m x r one inside a low-rank group), in the gradient's dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
 
-from lowmem_optim.rules.base import SubspaceChange, check_nonnegative, reindex_along
+from lowmem_optim.parts import BOOLEAN, HParam, Part, SubspaceChange, integer, number, one_of, sequence
+from lowmem_optim.rules.base import LR, WEIGHT_DECAY, reindex_along
 
 NORM_EPS = 1e-7  # in X = D / (||D||_F + eps): Muon's and the AuON paper's
 COSH_EPS = 1e-8  # in U = X / (r + eps): the AuON paper's
 MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 ADJUST_LR_FNS = ("original", "match_rms_adamw", "none")
+
+MOMENTUM = HParam("momentum", 0.95, number(0, 1, high_open=True), "momentum decay beta")
+NESTEROV = HParam("nesterov", True, BOOLEAN, "Nesterov momentum D = (1 - beta) G + beta M")
+ADJUST_LR_FN = HParam("adjust_lr_fn", "original", one_of(*ADJUST_LR_FNS),
+                      "shape factor s: sqrt(max(1, m/n)), 0.2 sqrt(max(m, n)), or 1")
+GAMMA = HParam("gamma", 1.0, number(0, low_open=True), "AuON's cosh scale r = sqrt(mean(cosh(gamma X)^2))")
+NS_STEPS = HParam("ns_steps", 5, integer(1, 99), "Newton-Schulz iterations")
+NS_COEFFICIENTS = HParam("ns_coefficients", MUON_COEFFICIENTS, sequence(number(), 3, "three finite numbers (a, b, c)"),
+                         "quintic Newton-Schulz coefficients (a, b, c)")
+NS_DTYPE = HParam("ns_dtype", "auto", one_of("auto", *NS_DTYPES),
+                  "dtype of Newton-Schulz; auto: bfloat16 on CUDA, float32 elsewhere")
 
 
 def nesterov_direction(g: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool) -> torch.Tensor:
@@ -90,25 +105,17 @@ def lr_adjustment(m: int, n: int, adjust_lr_fn: str) -> float:
     return 1.0
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _with_defaults(lr: float, weight_decay: float) -> tuple[HParam, ...]:
+    """The shared keys with a rule's own lr and weight decay defaults."""
+    return (dataclasses.replace(LR, default=lr), dataclasses.replace(WEIGHT_DECAY, default=weight_decay),
+            MOMENTUM, NESTEROV, ADJUST_LR_FN)
 
 
-class NormalizedMomentumRule:
+class NormalizedMomentumRule(Part):
     """Momentum, matrix view and step size shared by AuON, Hybrid-AuON and Muon; a subclass
     gives ``scaled_direction``: lr s U for the 2-D momentum D."""
 
-    fixed_dtype_keys: frozenset[str] = frozenset()
-
     def validate(self, group: dict[str, Any]) -> None:
-        check_nonnegative(group, "lr", "weight_decay")
-        momentum = group["momentum"]
-        if not (_is_number(momentum) and 0.0 <= momentum < 1.0):
-            raise ValueError(f"Invalid momentum: {momentum!r} (allowed: 0 <= momentum < 1)")
-        if not isinstance(group["nesterov"], bool):
-            raise ValueError(f"Invalid nesterov: {group['nesterov']!r} (allowed: True or False)")
-        if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
-            raise ValueError(f"Invalid adjust_lr_fn: {group['adjust_lr_fn']!r} (allowed: {', '.join(ADJUST_LR_FNS)})")
         for i, p in enumerate(group["params"]):
             if p.dim() < 2:
                 raise ValueError(
@@ -116,6 +123,12 @@ class NormalizedMomentumRule:
                     "this rule updates weight matrices only; put biases, norms and other 1-D parameters in a "
                     "group with rule='adam' (lowmem_optim.normalized_param_groups does this)"
                 )
+
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        return math.prod(shape) * dtype.itemsize  # the momentum buffer
+
+    def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        return 3 * 4 * math.prod(shape)  # the direction D, its normalized or orthogonalized image, the update
 
     def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float) -> torch.Tensor:
         """step_size * U for the 2-D momentum ``d``, which the rule owns and may overwrite."""
@@ -137,37 +150,25 @@ class NormalizedMomentumRule:
             state["momentum_buffer"] = reindex_along(state["momentum_buffer"], change.kept, dim)
 
 
-def _validate_gamma(group: dict[str, Any]) -> None:
-    gamma = group["gamma"]
-    if not (_is_number(gamma) and gamma > 0):
-        raise ValueError(f"Invalid gamma: {gamma!r} (allowed: a finite number > 0)")
-
-
-def _validate_newton_schulz(group: dict[str, Any]) -> None:
-    steps = group["ns_steps"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
-        raise ValueError(f"Invalid ns_steps: {steps!r} (allowed: an int from 1 to 99)")
-    coefficients = group["ns_coefficients"]
-    if not (isinstance(coefficients, (tuple, list)) and len(coefficients) == 3 and all(map(_is_number, coefficients))):
-        raise ValueError(f"Invalid ns_coefficients: {coefficients!r} (allowed: three finite numbers (a, b, c))")
-    if group["ns_dtype"] not in NS_DTYPES:
-        raise ValueError(f"Invalid ns_dtype: {group['ns_dtype']!r} (allowed: {', '.join(NS_DTYPES)})")
+def newton_schulz_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``ns_dtype``'s dtype; "auto": bfloat16 where the hardware multiplies it natively (CUDA),
+    float32 elsewhere (a CPU emulates bf16 matmuls, tens of times slower than fp32)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return NS_DTYPES[name]
 
 
 def _newton_schulz_of(d: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
     """Newton-Schulz in ``ns_dtype``, returned in d's dtype."""
-    y = newton_schulz(d.to(NS_DTYPES[group["ns_dtype"]]), group["ns_steps"], tuple(group["ns_coefficients"]))
+    y = newton_schulz(d.to(newton_schulz_dtype(group["ns_dtype"], d.device)), group["ns_steps"], tuple(group["ns_coefficients"]))
     return y.to(d.dtype)
 
 
 class AuONRule(NormalizedMomentumRule):
     """U = X / (r + 1e-8), r = sqrt(mean(cosh(gamma X)^2)); ``normalize=False``: U = D / (r + 1e-8)."""
 
-    def validate(self, group: dict[str, Any]) -> None:
-        super().validate(group)
-        _validate_gamma(group)
-        if not isinstance(group["normalize"], bool):
-            raise ValueError(f"Invalid normalize: {group['normalize']!r} (allowed: True or False)")
+    hparams = (*_with_defaults(lr=0.24, weight_decay=0.0), GAMMA,
+               HParam("normalize", True, BOOLEAN, "U from X = D / ||D||_F (False: from D, the authors' later code)"))
 
     def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float) -> torch.Tensor:
         # All scalars fold into one multiply of d, so the step makes a single temporary (the
@@ -180,10 +181,8 @@ class AuONRule(NormalizedMomentumRule):
 class HybridAuONRule(NormalizedMomentumRule):
     """Y = ``ns_steps`` Newton-Schulz iterations of X;  U = Y / (r + 1e-8), r from cosh(gamma Y)."""
 
-    def validate(self, group: dict[str, Any]) -> None:
-        super().validate(group)
-        _validate_gamma(group)
-        _validate_newton_schulz(group)
+    hparams = (*_with_defaults(lr=0.24, weight_decay=0.0), GAMMA, dataclasses.replace(NS_STEPS, default=1),
+               NS_COEFFICIENTS, NS_DTYPE)
 
     def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float) -> torch.Tensor:
         y = _newton_schulz_of(d, group)  # r in d's dtype: bfloat16 would round r = 1 + O(1/N) to 1
@@ -193,9 +192,7 @@ class HybridAuONRule(NormalizedMomentumRule):
 class MuonRule(NormalizedMomentumRule):
     """U = ``ns_steps`` Newton-Schulz iterations of X (torch.optim.Muon's update)."""
 
-    def validate(self, group: dict[str, Any]) -> None:
-        super().validate(group)
-        _validate_newton_schulz(group)
+    hparams = (*_with_defaults(lr=1e-3, weight_decay=0.1), NS_STEPS, NS_COEFFICIENTS, NS_DTYPE)
 
     def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float) -> torch.Tensor:
         return _newton_schulz_of(d, group).mul_(step_size)

@@ -1,33 +1,79 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one run (a lent device gives ~15 minutes per session; this
-# script is sized for about 9). Run from the repository root on the GPU machine:
-#   1. the CUDA-marked tests (every optimizer on CUDA vs CPU, INT8 layer, fp16 GradScaler);
-#   2. the memory model against torch.cuda.max_memory_allocated on small configs (goal: within 10%);
-#   3. train_gpu.sh: llama_350m AdamW vs GaLore, and real steps of pretrain_llama7b.sh
-#      (peak allocated and reserved, tokens/s; goal: reserved <= 15 GiB);
-#   4. projection cost on CUDA (exact SVD vs randomized SVD vs DCT) at LLaMA-7B shapes.
-# The GPU image lacks bitsandbytes: carry its wheel (see /work/.library/device/README.md) and put
-# it on PYTHONPATH before calling this script. Output goes to ${OUT:-runs/gpu_session}.
+# Every GPU check of the project in one run of under 540 s on one H200, start-up included:
+# BUDGET_S (default 520) bounds the whole run; each step gets at most its own limit and what
+# is left of the budget, and a step that would get under 20 s is skipped and says so. Steps, in
+# order of importance:
+#   0. bitsandbytes: imported and one blockwise quantize run on CUDA (fails fast without its wheel)
+#   1. the 7B recipe (scripts/pretrain_llama7b.sh, its flags unchanged, first refresh by randomized
+#      SVD) against the floor (same model and micro-batch, bf16 weights, no optimizer, gradients
+#      dropped): tokens/s ours / floor, peak allocated and reserved, the memory model's
+#      prediction, the per-part split of the step (scripts/bench/step_split.py)
+#   2. the CUDA-marked tests (every optimizer on CUDA vs CPU, INT8 layer and its fused passes)
+#   3. the memory model against torch.cuda.max_memory_allocated (llama_130m, Q-GaLore recipe)
+#   4. two steps of the 7B recipe through the training CLI (data read ahead; no checkpoint)
+#   5. subspace refresh cost at LLaMA-7B shapes (exact SVD, randomized SVD, DCT)
+# Results in ${OUT:-runs/gpu_session} (6 files, one folder level): session.log (everything printed),
+# memory.jsonl, split/step_split.json, recipe7b/{metrics.jsonl,config.json,layer_stats.jsonl}.
+# No checkpoint is written. The GPU image lacks bitsandbytes: carry its wheel and put it on
+# PYTHONPATH before calling this script.
+#   bash scripts/bench/gpu_session.sh            # on the GPU machine, from anywhere
+#   bash scripts/bench/gpu_session.sh --dry-run  # the same steps on the CPU, tiny configurations
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; fi
 out=${OUT:-runs/gpu_session}
+budget=${BUDGET_S:-520}
+PY=${PYTHON:-python3}
 mkdir -p "$out"
-export PYTHONPATH=".:${PYTHONPATH:-}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+log="$out/session.log"
+: > "$log"
+export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 
-echo "== 1. CUDA tests"
-timeout 120 python3 -m pytest -p no:cacheprovider -o addopts="" -q -m cuda tests 2>&1 | tail -15 | tee "$out/cuda_tests.txt"
+# step NAME LIMIT_S COMMAND...: run within the budget; its output goes to session.log
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((budget - SECONDS - 5))
+    if [ "$left" -lt 20 ]; then
+        echo "== $name: skipped (${left} s of the budget left)" | tee -a "$log"
+        return
+    fi
+    if [ "$limit" -gt "$left" ]; then limit=$left; fi
+    echo "== $name (limit ${limit} s, at ${SECONDS} s)" | tee -a "$log"
+    timeout "$limit" "$@" 2>&1 | grep -v "gemm_4bit_forward" >> "$log"
+    echo "   rc=${PIPESTATUS[0]}, done at ${SECONDS} s" | tee -a "$log"
+}
 
-echo "== 2. memory model vs CUDA allocator"
-for setup in "configs/llama_60m.json adamw" "configs/llama_60m.json galore_adamw8bit --rank 128" \
-             "configs/llama_130m.json q_galore_adamw8bit --rank 256 --weight-bits 8 --proj-bits 4 --activation-checkpointing --layerwise"; do
-  set -- $setup
-  timeout 90 python3 scripts/bench/memory_measure.py --device cuda --model-config "$1" --optimizer "$2" "${@:3}" \
-      --batch-size 8 --seq-len 256 --steps 3 --out "$out/memory.jsonl" 2>&1 | tail -3
-done
+if [ "$dry" = 1 ]; then
+    device=cpu recipe=(env SMOKE=1) tiny_memory=(--model-config configs/llama_tiny.json --rank 8 --batch-size 2 --seq-len 32)
+    shapes=(--shapes 64x96 --rank 8 --threads 1)
+else
+    device=cuda recipe=(env) tiny_memory=(--model-config configs/llama_130m.json --rank 256 --batch-size 8 --seq-len 256)
+    shapes=(--shapes 4096x4096,4096x11008 --rank 1024 --threads 16)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$log" 2>&1
+fi
 
-echo "== 3. training: llama_350m and LLaMA-7B recipe"
-STEPS_7B=4 timeout 300 bash scripts/bench/train_gpu.sh "$out/train" 2>&1 | tail -20 | tee "$out/train.txt"
+step "0. bitsandbytes on $device" 60 "$PY" -c "
+import bitsandbytes, torch
+from lowmem_optim.quant.blockwise import dequantize_blockwise, quantize_blockwise
+x = torch.randn(1 << 20, device='$device')
+codes, absmax = quantize_blockwise(x, signed=True)
+error = float((dequantize_blockwise(codes, absmax, signed=True) - x).abs().max() / x.abs().max())
+print('torch', torch.__version__, 'bitsandbytes', bitsandbytes.__version__, 'codes on', codes.device,
+      'max relative error', round(error, 4))
+assert codes.device.type == '$device' and error < 0.02
+"
+step "1. the 7B recipe vs the floor" 200 "${recipe[@]}" ENTRY=scripts/bench/step_split.py STEPS=3 DATA=builtin \
+    OUTPUT_DIR="$out/split" PYTHON="$PY" bash scripts/pretrain_llama7b.sh --proj-method=randomized_svd
+step "2. CUDA tests" 100 "$PY" -m pytest -p no:cacheprovider -o addopts="" -q -m cuda $(grep -rl "mark.cuda" tests)
+step "3. memory model vs allocator" 60 "$PY" scripts/bench/memory_measure.py --device "$device" \
+    --optimizer q_galore_adamw8bit --weight-bits 8 --proj-bits 4 --activation-checkpointing --layerwise \
+    --proj-method randomized_svd --steps 3 --out "$out/memory.jsonl" "${tiny_memory[@]}"
+step "4. the 7B recipe through the training CLI" 120 "${recipe[@]}" STEPS=2 DATA=builtin OUTPUT_DIR="$out/recipe7b" \
+    PYTHON="$PY" bash scripts/pretrain_llama7b.sh --proj-method=randomized_svd --eval-batches=1 --save=False \
+    --progress=False
+step "5. refresh cost at LLaMA-7B shapes" 45 "$PY" scripts/bench/projection_cost.py --device "$device" "${shapes[@]}"
 
-echo "== 4. projection cost on CUDA"
-timeout 60 python3 scripts/bench/projection_cost.py --device cuda --threads 16 2>&1 | tail -12 | tee "$out/projection_cost.txt"
+grep -E "^(floor:|ours)" "$log"
+echo "total ${SECONDS} s; results in $out"

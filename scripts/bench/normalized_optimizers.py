@@ -1,6 +1,6 @@
 """AuON vs Hybrid-AuON vs Muon vs AdamW: optimizer step time, state bytes, loss on a small LLaMA.
 
-Protocol (the README's figures come from this script, as printed):
+Protocol (the figures in docs/benchmarks.md come from this script, as printed):
 
 ``steptime``: one float32 weight matrix per shape (default 4096x4096 and 4096x11008) on
 ``--device``, a seeded standard-normal gradient, each optimizer at its defaults (torch.optim.AdamW

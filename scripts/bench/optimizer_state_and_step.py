@@ -1,6 +1,6 @@
 """Optimizer-state bytes and optimizer step time: torch AdamW vs ours vs galore-torch.
 
-Protocol (the figures in the README come from this script, as printed):
+Protocol (the figures in docs/benchmarks.md come from this script, as printed):
 - Model: LLaMA-60M shaped HF ``LlamaForCausalLM`` (GaLore's config: hidden 512, intermediate
   1376, 8 layers, 8 heads, vocab 32000, untied head), float32 weights, on CPU.
 - Low-rank groups: every linear layer of the decoder (attention and MLP; not the head),

@@ -5,6 +5,7 @@ import scipy.fft
 import torch
 
 from lowmem_optim import DCTAdamW
+from lowmem_optim.parts import defaults
 from lowmem_optim.projection.dct import DCTProjector, dct_basis, dct_fft, dct_spectrum, select_indices
 
 CPU = torch.device("cpu")
@@ -57,7 +58,7 @@ def test_projection_reads_the_selected_spectrum_and_back_projection_uses_the_sam
     g = _randn(*shape, seed=1)
     state = {}
     projector = DCTProjector()
-    projector.refresh(g, state, {"rank": 5, "proj_type": proj_type}, seed=0)
+    projector.refresh(g, state, {**defaults(projector), "rank": 5, "proj_type": proj_type}, seed=0)
     assert state["proj_index"].dtype == torch.int64 and state["proj_dim"] == dim
     low = projector.project(g, state)  # from the refresh's spectrum
     again = DCTProjector().project(g, state)  # by a product with the cached basis
@@ -150,7 +151,7 @@ def test_dct_rejects_bad_settings_by_name(key, value, match):
 
 def test_non_finite_gradient_at_a_refresh_is_an_error():
     with pytest.raises(FloatingPointError, match="inf/NaN"):
-        DCTProjector().refresh(torch.full((4, 3), float("nan")), {}, {"rank": 2, "proj_type": "std"}, seed=0)
+        DCTProjector().refresh(torch.full((4, 3), float("nan")), {}, {**defaults(DCTProjector()), "rank": 2}, seed=0)
 
 
 def test_dct_adamw_is_built_by_registry_name_with_its_paper_defaults():

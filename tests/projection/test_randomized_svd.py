@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lowmem_optim import GaLoreAdamW
+from lowmem_optim.parts import defaults
 from lowmem_optim.projection.randomized_svd import RandomizedSVDProjector, randomized_singular_vectors
 from lowmem_optim.projection.svd import singular_vectors
 
@@ -39,7 +40,8 @@ def test_power_iterations_reduce_the_error_on_a_slowly_decaying_spectrum():
 
 def test_draws_come_from_the_seed_not_the_global_rng():
     g = torch.randn(48, 20, generator=torch.Generator().manual_seed(3))
-    group = {"rank": 4, "proj_type": "std"}
+    projector = RandomizedSVDProjector()
+    group = {**defaults(projector, projector.storage), "rank": 4}
     before = torch.random.get_rng_state()
     first, second, other = {}, {}, {}
     RandomizedSVDProjector().refresh(g, first, group, seed=11)

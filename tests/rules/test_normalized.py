@@ -10,7 +10,7 @@ import torch
 from torch.optim._muon import _zeropower_via_newtonschulz
 
 import lowmem_optim
-from lowmem_optim.rules.normalized import MUON_COEFFICIENTS, cosh_rms, newton_schulz
+from lowmem_optim.rules.normalized import MUON_COEFFICIENTS, cosh_rms, newton_schulz, newton_schulz_dtype
 
 A, B, C = MUON_COEFFICIENTS
 
@@ -93,9 +93,9 @@ def test_hybrid_auon_float32_matches_float64_reference(shape, ns_steps):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
-def test_hybrid_auon_default_bfloat16_stays_within_bfloat16_error_of_reference():
+def test_hybrid_auon_bfloat16_stays_within_bfloat16_error_of_reference():
     w0, *grads = gaussians(32, 48, count=3)
-    got, _ = run(lowmem_optim.HybridAuON, w0, grads, lr=0.1)
+    got, _ = run(lowmem_optim.HybridAuON, w0, grads, lr=0.1, ns_dtype="bfloat16")
     want = normalized_momentum_ref(w0, grads, kind="hybrid", lr=0.1, ns_steps=1)
     moved = (want - w0.double()).norm()
     assert (got.double() - want).norm() / moved < 2e-2  # bfloat16 has 8 bits of mantissa
@@ -121,7 +121,7 @@ def test_newton_schulz_is_torch_muons_bit_for_bit(shape):
 def test_muon_matches_torch_optim_muon(adjust):
     w0, *grads = gaussians(48, 32, count=6)
     kw = dict(lr=0.02, weight_decay=0.1, momentum=0.9)
-    ours, _ = run(lowmem_optim.Muon, w0, grads, adjust_lr_fn=adjust or "original", **kw)
+    ours, _ = run(lowmem_optim.Muon, w0, grads, adjust_lr_fn=adjust or "original", ns_dtype="bfloat16", **kw)
     theirs, _ = run(torch.optim.Muon, w0, grads, adjust_lr_fn=adjust, **kw)
     # torch adds lr*U in one fused op, the engine subtracts a precomputed lr*U: at most an ulp apart
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
@@ -191,3 +191,18 @@ def test_zero_gradient_with_zero_lr_leaves_weights_and_state_finite(cls):
     got, opt = run(cls, w0, [torch.zeros(8, 6)] * 2, lr=0.0)
     assert torch.equal(got, w0)
     assert torch.isfinite(opt.state[opt.param_groups[0]["params"][0]]["momentum_buffer"]).all()
+
+
+@pytest.mark.parametrize("cls", [lowmem_optim.Muon, lowmem_optim.HybridAuON])
+def test_newton_schulz_runs_in_float32_off_cuda_by_default(cls):
+    w0, *grads = gaussians(24, 16, count=2)
+    default, opt = run(cls, w0, grads)
+    assert opt.param_groups[0]["ns_dtype"] == "auto"
+    assert torch.equal(default, run(cls, w0, grads, ns_dtype="float32")[0])
+    assert not torch.equal(default, run(cls, w0, grads, ns_dtype="bfloat16")[0])
+
+
+def test_auto_newton_schulz_dtype_is_bfloat16_on_cuda_and_float32_elsewhere():
+    assert newton_schulz_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert newton_schulz_dtype("auto", torch.device("cpu")) == torch.float32
+    assert newton_schulz_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16

@@ -1,4 +1,4 @@
-"""Run by ``torchrun --nproc_per_node 2`` from test_train_distributed.py (not a test module).
+"""Run by ``torchrun --nproc_per_node 2`` from test_distributed.py (not a test module).
 
 Five runs in one job, so the two processes start once: DDP with GaLore; DDP with GaLore on
 INT8 weights; FSDP2 with AdamW, then resumed from its step-2 checkpoint; FSDP2 with GaLore,

@@ -8,6 +8,7 @@ pinned wheel (sha256 checked), fetched once with ``pip download --no-deps`` into
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 import yaml
 
 from lowmem_optim import available_optimizers
@@ -107,3 +109,28 @@ def test_shipped_sweep_expands_to_expected_trials_that_the_training_cli_accepts(
         assert command[:3] == [sys.executable, "-m", "train"]
         cfg = parse_args(command[3:])  # validates every flag value as a run would
         assert (cfg.optimizer, cfg.lr, cfg.wandb) == (params["optimizer"], params["lr"], "offline")
+
+
+#: each optimizer's own (update_proj_gap, scale), from its paper: GaLore's and Q-GaLore's C4 scripts,
+#: DCT-AdamW's code (a new subspace every step, no scale)
+PAPER_GAP_SCALE = {"galore_adamw": (200, 0.25), "galore_adamw8bit": (200, 0.25), "galore_adafactor": (200, 0.25),
+                   "q_galore_adamw8bit": (200, 0.25), "dct_adamw": (1, 1.0)}
+
+
+def test_lowrank_sweep_runs_each_optimizer_with_its_own_gap_and_scale():
+    from train.model import build_model
+    from train.optim import make_optimizer
+
+    config = load_sweep(REPO / "configs" / "sweeps" / "llama60m_lowrank.yaml")
+    tiny = str(REPO / "configs" / "llama_tiny.json")
+    seen = set()
+    for params in expand(config):
+        cfg = parse_args(build_command(config, {**params, "output-dir": "runs/x"})[3:])
+        if cfg.optimizer in seen:  # trials of one optimizer differ in lr and rank only
+            continue
+        cfg = dataclasses.replace(cfg, model_config=tiny, rank=8, dtype="float32")  # the same flags on a tiny model
+        model = build_model(tiny, dtype=torch.float32, device=torch.device("cpu"), seed=0, vocab_needed=256, seq_len=32)
+        groups = [g for g in make_optimizer(cfg, model).param_groups if g.get("rank") is not None]
+        assert {(g["update_proj_gap"], g["scale"]) for g in groups} == {PAPER_GAP_SCALE[cfg.optimizer]}, cfg.optimizer
+        seen.add(cfg.optimizer)
+    assert seen == set(PAPER_GAP_SCALE)

@@ -1,4 +1,4 @@
-"""Checkpoints and resume: a resumed run reproduces the uninterrupted one; bad or foreign
+"""Checkpoints and resume (:mod:`train.checkpoint`): a resumed run reproduces the uninterrupted one; bad or foreign
 checkpoints give clear errors and are never overwritten; writes are atomic."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from train import checkpoint, main
-from train.data import Prefetched, ShuffledWindows
 from train.metrics import read_jsonl
 
 SAME_IN_BOTH = ("step", "loss", "lr", "opt_state_bytes", "val_loss", "val_ppl")
@@ -81,53 +80,13 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert [p.name for p in checkpoint.saved(tmp_path)] == ["step_00000002.pt", "step_00000003.pt"]
 
 
-def test_the_data_order_depends_on_the_seed_only_and_resumes_at_its_position():
-    tokens = torch.arange(40 * 8, dtype=torch.int32)  # 40 windows of 8 tokens
-
-    def stream(seed: int, rank: int = 0, world: int = 1) -> ShuffledWindows:
-        return ShuffledWindows(tokens, seq_len=8, batch_size=3, seed=seed, rank=rank, world=world)
-
-    whole = stream(0)
-    batches = [whole.next_batch() for _ in range(30)]  # 90 windows: past two epoch boundaries
-    starts = torch.cat(batches)[:, 0]
-    first, second = starts[:40], starts[40:80]  # each epoch visits every window once, in a new order
-    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(0, 320, 8))
-    assert not torch.equal(first, second)
-
-    resumed = stream(0)
-    resumed.load_state_dict({"position": 3 * 17})
-    assert all(torch.equal(resumed.next_batch(), b) for b in batches[17:])
-    assert not torch.equal(stream(1).next_batch(), batches[0])
-
-    ranks = [stream(0, rank, 2) for rank in (0, 1)]  # two ranks split one global batch of 6 windows
-    global_order = stream(0, 0, 1)
-    global_order.batch_size = 6
-    assert torch.equal(torch.cat([r.next_batch() for r in ranks]), global_order.next_batch())
-
-
-def test_read_ahead_hands_out_the_same_batches_and_resumes_at_the_batches_handed_out():
-    tokens = torch.arange(40 * 8, dtype=torch.int32)
-
-    def stream() -> ShuffledWindows:
-        return ShuffledWindows(tokens, seq_len=8, batch_size=3, seed=0, rank=0, world=1)
-
-    plain = stream()
-    expected = [plain.next_batch() for _ in range(12)]
-    ahead = Prefetched(stream(), "cpu", depth=2)
-    got = [ahead.next_batch() for _ in range(5)]
-    saved = ahead.state_dict()
-    assert saved == {"position": 15}  # what was handed out, whatever the thread has read ahead
-    ahead.close()  # dropped read-ahead: the next batch is still the sixth
-    got += [ahead.next_batch() for _ in range(3)]
-    resumed = Prefetched(stream(), "cpu")
-    resumed.load_state_dict(saved)
-    assert all(torch.equal(a, b) for a, b in zip(got, expected[:8]))
-    assert all(torch.equal(resumed.next_batch(), b) for b in expected[5:12])
-    ahead.close()
-    resumed.close()
-
-
 def test_checkpoints_follow_save_every_even_between_logged_steps(run_tiny, tmp_path):
     records = run_tiny("run", "adamw", max_steps=6, log_every=4, eval_every=6, save_every=3, keep_checkpoints=5)
     assert [r["step"] for r in records] == [4, 6]
     assert [p.name for p in checkpoint.saved(tmp_path / "run")] == ["step_00000003.pt", "step_00000006.pt"]
+
+
+def test_save_false_writes_no_checkpoint_not_even_at_the_end(run_tiny, tmp_path):
+    records = run_tiny("run", "adamw", max_steps=3, eval_every=3, save_every=1, save=False)
+    assert records[-1]["step"] == 3
+    assert checkpoint.saved(tmp_path / "run") == [] and checkpoint.latest(tmp_path / "run") is None

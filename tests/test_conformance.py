@@ -1,0 +1,289 @@
+"""Properties every optimizer of the registry must have, checked on each of its configurations
+(like torch's ``OptimizerInfo`` tests): exact resume from a ``weights_only`` state_dict across
+refreshes, dtypes on load, zero gradients, state layout, bad hyperparameters, and ``step_param``
+equal to ``step``.
+
+:data:`CASES` lists the configurations: every registered name at least once, the low-rank ones
+with each projector x schedule x rule x projection storage that the package offers. A name added
+to the registry fails :func:`test_every_registered_optimizer_has_cases` until it has one here.
+The baselines (``adamw``, ``adamw8bit``) run where the property is about torch.optim's protocol,
+not about this package's conventions (step_param, error messages).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, available_optimizers, build_optimizer
+from tests.integration.tiny import OURS, assert_same_state
+
+STEPS, SAVE_AT = 12, 5
+TARGET_SEED = 7
+
+
+class Net(nn.Module):
+    """Two linear layers (40 x 24, projected on the right at rank 4; 16 x 40, on the left) and a
+    1-D convolution whose weight a normalized-momentum rule sees as a 4 x 12 matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(24, 40)
+        self.b = nn.Linear(40, 16)
+        self.conv = nn.Conv1d(4, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x))) + self.conv(x.view(-1, 4, 6)).flatten(1)
+
+
+def loss_at(model: nn.Module, step: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(step % 2)  # two batches, alternating
+    x = torch.randn(32, 24, generator=gen)
+    target = torch.sin(x @ torch.randn(24, 16, generator=torch.Generator().manual_seed(TARGET_SEED)))
+    dtype = next(model.parameters()).dtype
+    return (model(x.to(dtype)).float() - target).square().mean()
+
+
+@dataclass(frozen=True)
+class Case:
+    """A registry name, the hyperparameters ``build_optimizer`` gets, and, for a low-rank case,
+    the (gap, number of refreshes) each projected parameter shows after :data:`STEPS` steps."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+    refreshes: tuple[int, int] | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-{self.label}" if self.label else self.name
+
+
+ADAM = {"lr": 3e-2}
+ADAFACTOR = {"lr": 3e-2, "beta1": 0.9, "relative_step": False, "scale_parameter": False}
+EIGHT_BIT = {"min_8bit_size": 0}  # the tiny moments really are uint8 codes
+# scale 1 so a dozen steps train; a refresh every step (fixed), or from every step on (adaptive: with
+# cos_threshold 0 the gap doubles after each two refreshes: refreshes at steps 1, 2, 3, 5, 7, 11)
+LOW = {"rank": 4, "scale": 1.0, "update_proj_gap": 1, "seed": 3}
+GROWING = {"queue_size": 2, "cos_threshold": 0.0}
+FIXED = ("fixed", {"refresh": "fixed"}, (1, 12))
+ADAPTIVE = ("adaptive", {"refresh": "adaptive", **GROWING}, (4, 6))
+MATRIX_LR = {"muon": {"lr": 0.02}}
+
+
+def _lowrank(name: str, base: dict[str, Any], proj_method: str | None, schedule: tuple, proj_bits: int | None = None,
+             ) -> Case:
+    label, refresh, expected = schedule
+    kwargs = {**base, **LOW, **refresh}
+    if proj_method is not None:
+        kwargs["proj_method"] = proj_method
+    if proj_bits is not None:
+        kwargs["proj_bits"] = proj_bits
+    return Case(name, kwargs, "-".join(filter(None, [proj_method, label, proj_bits and f"int{proj_bits}"])), expected)
+
+
+CASES: list[Case] = [
+    Case("adamw", ADAM),
+    Case("adamw8bit", {**ADAM, **EIGHT_BIT}),
+    *[_lowrank("galore_adamw", ADAM, p, s) for p in ("svd", "randomized_svd", "dct") for s in (FIXED, ADAPTIVE)],
+    _lowrank("galore_adamw", ADAM, "svd", ADAPTIVE, 4),
+    _lowrank("galore_adamw", ADAM, "randomized_svd", FIXED, 8),
+    *[_lowrank(name, base, p, ADAPTIVE, bits)
+      for name, base in (("galore_adafactor", ADAFACTOR), ("galore_adamw8bit", {**ADAM, **EIGHT_BIT}))
+      for p, bits in (("randomized_svd", 4), ("dct", None))],
+    # Q-GaLore's own schedule is the adaptive one (INT4 projections by default)
+    _lowrank("q_galore_adamw8bit", {**ADAM, **EIGHT_BIT}, None, ("adaptive", GROWING, (4, 6))),
+    *[_lowrank("dct_adamw", ADAM, None, s) for s in (FIXED, ADAPTIVE)],
+    # the class defaults, but Muon's lr is Keller Jordan's 0.02 (torch's default 1e-3 barely moves in a dozen steps)
+    *[Case(name, MATRIX_LR.get(name, {})) for name in sorted(MATRIX_OPTIMIZERS)],
+    # the rule in a rank-3 subspace of each matrix (the 4 x 12 conv weight too), refreshed every 2 steps
+    *[Case(name, {**MATRIX_LR.get(name, {}), "rank": 3, "update_proj_gap": 2}, "rank3", (2, 6))
+      for name in sorted(MATRIX_OPTIMIZERS)],
+]
+OUR_CASES = [case for case in CASES if case.name in OURS]
+
+
+def params(cases: list[Case]) -> list:
+    """pytest parameters of ``cases``, named by their ids."""
+    return [pytest.param(case, id=case.id) for case in cases]
+
+
+def build(case: Case, model: nn.Module, **overrides: Any) -> torch.optim.Optimizer:
+    return build_optimizer(case.name, model, **{**case.kwargs, **overrides})
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> list[float]:
+    losses = []
+    for step in steps:
+        opt.zero_grad()
+        loss = loss_at(model, step)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_every_registered_optimizer_has_cases():
+    assert {case.name for case in CASES} == set(available_optimizers())
+
+
+@pytest.mark.parametrize("case", params(CASES))
+def test_resumes_bit_for_bit_from_a_weights_only_state_dict_across_refreshes(case):
+    """Save after SAVE_AT steps, load with ``weights_only=True`` into a fresh model and optimizer,
+    continue: parameters and state equal the uninterrupted run's, refreshes included."""
+    straight = Net()
+    opt = build(case, straight)
+    losses = train(straight, opt, range(STEPS))
+
+    first = Net()
+    opt_first = build(case, first)
+    train(first, opt_first, range(SAVE_AT))
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optim": opt_first.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = Net()
+    resumed.load_state_dict(saved["model"])
+    opt_resumed = build(case, resumed)
+    opt_resumed.load_state_dict(saved["optim"])
+    train(resumed, opt_resumed, range(SAVE_AT, STEPS))
+
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    assert_same_state(opt_resumed.state_dict(), opt.state_dict())
+    if case.refreshes is not None:
+        stats = [s for s in opt.layer_stats() if s["rank"] is not None]
+        assert stats and all((s["gap"], s["refreshes"]) == case.refreshes for s in stats), stats
+        assert [s["refreshes"] for s in opt_resumed.layer_stats()] == [s["refreshes"] for s in opt.layer_stats()]
+    assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
+
+
+@pytest.mark.parametrize("case", params(OUR_CASES))
+def test_state_holds_only_tensors_and_plain_numbers(case):
+    model = Net()
+    opt = build(case, model)
+    train(model, opt, range(3))
+    for pid, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            assert torch.is_tensor(value) or type(value) in (int, float), (pid, key, type(value))
+
+
+def _without_weight_decay(case: Case) -> dict[str, float]:
+    return {"weight_decay": 0.0, **({"adamw_weight_decay": 0.0} if case.name in MATRIX_OPTIMIZERS else {})}
+
+
+@pytest.mark.parametrize("case", params(CASES))
+def test_zero_gradient_steps_move_nothing_without_weight_decay(case):
+    """Four all-zero gradients, refreshes among them (an SVD, DCT or sketch of a zero matrix):
+    parameters unchanged, state finite."""
+    model = Net()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = build(case, model, **_without_weight_decay(case))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for _ in range(4):
+        opt.step()
+    for (name, p), q in zip(model.named_parameters(), before):
+        assert torch.equal(p, q), name
+        for key, value in opt.state[p].items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                assert torch.isfinite(value).all(), (name, key)
+
+
+@pytest.mark.parametrize("case", params(CASES))
+def test_state_loaded_into_bfloat16_parameters_has_the_dtypes_of_state_made_in_bfloat16(case):
+    """A float32 run's state_dict loaded into bfloat16 parameters holds, key by key, the dtypes the
+    optimizer gives state it creates for bfloat16 parameters (torch.optim.AdamW: moments in the
+    parameter's dtype); the next step runs and keeps the parameters in bfloat16."""
+    model = Net()
+    opt = build(case, model)
+    train(model, opt, range(2))
+    native_model = copy.deepcopy(model).to(torch.bfloat16)
+    native = build(case, native_model)
+    train(native_model, native, range(2))
+    loaded_model = copy.deepcopy(model).to(torch.bfloat16)
+    loaded = build(case, loaded_model)
+    loaded.load_state_dict(opt.state_dict())
+
+    for (name, p), q in zip(loaded_model.named_parameters(), native_model.parameters()):
+        got = {k: v.dtype for k, v in loaded.state[p].items() if torch.is_tensor(v)}
+        want = {k: v.dtype for k, v in native.state[q].items() if torch.is_tensor(v)}
+        assert got == want, name
+    train(loaded_model, loaded, range(2, 3))
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in loaded_model.parameters())
+
+
+@pytest.mark.parametrize("case", params(OUR_CASES))
+def test_step_param_of_each_parameter_equals_step(case):
+    """Layer-wise training's per-parameter step gives the parameters and state of ``step``."""
+    whole, by_param = Net(), Net()
+    opt, opt_by_param = build(case, whole), build(case, by_param)
+    train(whole, opt, range(6))
+    for step in range(6):
+        opt_by_param.zero_grad()
+        loss_at(by_param, step).backward()
+        for group in opt_by_param.param_groups:
+            for p in group["params"]:
+                opt_by_param.step_param(p)
+    for (name, a), b in zip(whole.named_parameters(), by_param.parameters()):
+        assert torch.equal(a, b), name
+    assert_same_state(opt_by_param.state_dict(), opt.state_dict())
+
+
+ADAM_NAMES = ("galore_adamw", "galore_adamw8bit", "q_galore_adamw8bit", "dct_adamw")
+NEWTON_SCHULZ = ("hybrid_auon", "muon")
+#: (names, hyperparameters, what the ValueError must name)
+BAD: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
+    (tuple(OURS), {"lr": -1.0}, "lr"),
+    (tuple(OURS), {"weight_decay": -0.1}, "weight_decay"),
+    (ADAM_NAMES, {"betas": (1.0, 0.999)}, "beta"),
+    (ADAM_NAMES, {"betas": (0.9, -0.1)}, "beta"),
+    (ADAM_NAMES, {"eps": -1e-8}, "eps"),
+    (("galore_adafactor",), {"lr": 1e-3}, "relative_step"),
+    (("galore_adafactor",), {"relative_step": False}, "lr"),
+    (("galore_adafactor",), {"eps": 1e-30}, "eps"),
+    (("galore_adafactor",), {"beta1": 1.5}, "beta1"),
+    (("galore_adafactor",), {"decay_rate": 0.5}, "decay_rate"),
+    (("galore_adafactor",), {"clip_threshold": 0}, "clip_threshold"),
+    *[(tuple(sorted(LOWRANK_OPTIMIZERS | MATRIX_OPTIMIZERS)), kwargs, key) for kwargs, key in [
+        ({"rank": 0}, "rank"), ({"rank": 2.5}, "rank"), ({"update_proj_gap": 0}, "update_proj_gap"),
+        ({"scale": 0.0}, "scale"), ({"scale": math.nan}, "scale"), ({"proj_type": "diagonal"}, "proj_type"),
+        ({"proj_method": "qr"}, "proj_method"), ({"refresh": "sometimes"}, "refresh"),
+    ]],
+    (tuple(sorted(MATRIX_OPTIMIZERS)), {"momentum": 1.0}, "momentum"),
+    (tuple(sorted(MATRIX_OPTIMIZERS)), {"momentum": -0.5}, "momentum"),
+    (tuple(sorted(MATRIX_OPTIMIZERS)), {"nesterov": 1}, "nesterov"),
+    (tuple(sorted(MATRIX_OPTIMIZERS)), {"adjust_lr_fn": "sqrt"}, "adjust_lr_fn"),
+    (tuple(sorted(MATRIX_OPTIMIZERS)), {"adamw_lr": -1e-3}, "adamw_lr"),
+    (tuple(sorted(MATRIX_OPTIMIZERS)), {"adamw_betas": (1.0, 0.9)}, "beta"),
+    (("auon", "hybrid_auon"), {"gamma": 0.0}, "gamma"),
+    (("auon", "hybrid_auon"), {"gamma": math.nan}, "gamma"),
+    (("auon",), {"normalize": "yes"}, "normalize"),
+    (NEWTON_SCHULZ, {"ns_steps": 0}, "ns_steps"),
+    (NEWTON_SCHULZ, {"ns_steps": True}, "ns_steps"),
+    (NEWTON_SCHULZ, {"ns_coefficients": (1.0, 2.0)}, "ns_coefficients"),
+    (NEWTON_SCHULZ, {"ns_dtype": "float16"}, "ns_dtype"),
+]
+SUBSPACE_KEYS = {"rank", "update_proj_gap", "scale", "proj_type"}
+
+
+def _bad_params() -> list:
+    return [pytest.param(name, kwargs, key, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in kwargs.items())}")
+            for names, kwargs, key in BAD for name in names]
+
+
+@pytest.mark.parametrize("name, kwargs, key", _bad_params())
+def test_bad_hyperparameters_raise_a_value_error_naming_them(name, kwargs, key):
+    # AuON/Muon read the subspace keys only in a group with a rank
+    low = {"rank": 4} if name in LOWRANK_OPTIMIZERS or not SUBSPACE_KEYS.isdisjoint(kwargs) else {}
+    with pytest.raises(ValueError, match=key):
+        build_optimizer(name, Net(), **{**low, **kwargs})

@@ -1,0 +1,33 @@
+"""The registry (:mod:`lowmem_optim.registry`): names to classes, and param groups built from a model
+for each kind of optimizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowmem_optim
+from lowmem_optim.registry import build_optimizer
+from tests.integration.tiny import tiny_llama
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "galore_adafactor", "galore_adamw8bit"])
+def test_registry_builds_each_optimizer_from_a_model(name):
+    model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 32), torch.nn.Linear(32, 8))
+    opt = lowmem_optim.build_optimizer(name, model, rank=4)
+    assert isinstance(opt, lowmem_optim.get_optimizer_class(name))
+    assert [g["rank"] for g in opt.param_groups] == [None, 4]
+
+
+@pytest.mark.parametrize("name", ["auon", "hybrid_auon", "muon"])
+def test_registry_builds_matrix_and_adamw_groups(name):
+    opt = build_optimizer(name, tiny_llama(), lr=0.05, adamw_lr=2e-3)
+    assert type(opt) is lowmem_optim.get_optimizer_class(name)
+    rules = [g["rule"] for g in opt.param_groups]
+    assert rules == ["adam", name] and opt.param_groups[0]["lr"] == 2e-3 and opt.param_groups[1]["lr"] == 0.05
+
+
+def test_registry_routes_rank_to_the_matrix_group_for_the_lowrank_variant():
+    opt = build_optimizer("auon", tiny_llama(), rank=4, update_proj_gap=10)
+    assert "rank" not in opt.param_groups[0] or opt.param_groups[0]["rank"] is None
+    assert opt.param_groups[1]["rank"] == 4 and opt.param_groups[1]["update_proj_gap"] == 10
