@@ -18,12 +18,11 @@ from collections.abc import Sequence
 
 import torch
 
-from lowmem_optim.engine import LowRankOptimizer
 from lowmem_optim.groups import TARGET_MODULES_HELP, check_some_matrix_projected, parse_target_modules
 from lowmem_optim.llama_config import check_seq_len, load_llama_config
 from lowmem_optim.memory import (COMPONENTS, DTYPES, WEIGHT_BITS, LlamaShape, TrainingSetup, estimate_memory,
                                  llama_skeleton)
-from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, available_optimizers, get_optimizer_class
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, available_optimizers, check_int8_capable
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -58,11 +57,8 @@ def memory_command(args: argparse.Namespace) -> dict[str, int]:
     config = load_llama_config(args.model_config)
     check_seq_len(config, args.seq_len, args.model_config)
     targets = parse_target_modules(args.target_modules)
-    cls = get_optimizer_class(args.optimizer)
-    if args.weight_bits == 8 and not issubclass(cls, LowRankOptimizer):
-        raise ValueError(f"--weight-bits 8: --optimizer {args.optimizer} writes into its parameters and cannot update "
-                         f"INT8 weights (allowed: an optimizer of this package, e.g. "
-                         f"{', '.join(sorted(LOWRANK_OPTIMIZERS))})")
+    if args.weight_bits == 8:
+        check_int8_capable(args.optimizer)
     if args.rank is not None and args.optimizer in LOWRANK_OPTIMIZERS | MATRIX_OPTIMIZERS:
         check_some_matrix_projected(llama_skeleton(LlamaShape.from_config(config), torch.float32), targets, args.rank)
     setup = TrainingSetup(
