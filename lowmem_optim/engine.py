@@ -328,7 +328,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
         dtype; here integer codes/indices keep theirs, and so do the keys that the group's own
         parts declare fixed (:meth:`lowmem_optim.parts.Part.fixed_dtype_keys`: float32 scales
         and statistics, Adam's float32 moments of a float16 parameter). A saved group that
-        lacks a key of its parts gets the declared default."""
+        lacks a key of its parts gets the declared default. Keys the parts keep on the host
+        (:meth:`lowmem_optim.parts.Part.host_keys`: basis metadata, similarity queues) stay on the
+        CPU, as torch keeps ``step`` there: reading them back from a GPU every update would stall it."""
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         for group in self.param_groups:
@@ -337,8 +339,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 group.setdefault(name, hp.default)
             for p, saved_id in zip(group["params"], saved_ids):
                 fixed = frozenset().union(FEEDBACK_KEYS, *(part.fixed_dtype_keys(p.dtype) for part in parts.all()))
+                host = frozenset().union(*(part.host_keys() for part in parts.all()))
                 for key, value in state_dict["state"].get(saved_id, {}).items():
-                    if torch.is_tensor(value) and key != "step" and (not value.is_floating_point() or key in fixed):
+                    if torch.is_tensor(value) and key in host:
+                        self.state[p][key] = value.to(device="cpu")
+                    elif torch.is_tensor(value) and key != "step" and (not value.is_floating_point() or key in fixed):
                         self.state[p][key] = value.to(device=p.device)
 
     def layer_stats(self) -> list[dict[str, Any]]:

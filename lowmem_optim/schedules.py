@@ -73,6 +73,9 @@ class AdaptiveRefresh(FixedRefresh):
     def fixed_dtype_keys(self, param_dtype: torch.dtype) -> frozenset[str]:
         return frozenset({"sim_queue"})  # float64 records
 
+    def host_keys(self) -> frozenset[str]:
+        return frozenset({"sim_queue"})  # averaged on the host at each refresh
+
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         return 8 * group["queue_size"]  # the float64 queue (number entries are not tensors)
 

@@ -13,7 +13,6 @@ not about this package's conventions (step_param, error messages).
 from __future__ import annotations
 
 import copy
-import inspect
 import io
 import math
 from dataclasses import dataclass, field
@@ -103,8 +102,9 @@ CASES: list[Case] = [
     *[_lowrank(name, base, p, ADAPTIVE, bits)
       for name, base in (("galore_adafactor", ADAFACTOR), ("galore_adamw8bit", {**ADAM, **EIGHT_BIT}))
       for p, bits in (("randomized_svd", 4), ("dct", None))],
-    # Q-GaLore's own schedule is the adaptive one (INT4 projections by default)
+    # Q-GaLore's own schedule is the adaptive one (INT4 projections by default); a fixed one may replace it
     _lowrank("q_galore_adamw8bit", {**ADAM, **EIGHT_BIT}, None, ("adaptive", GROWING, (4, 6))),
+    _lowrank("q_galore_adamw8bit", {**ADAM, **EIGHT_BIT}, None, FIXED),
     *[_lowrank("dct_adamw", ADAM, None, s) for s in (FIXED, ADAPTIVE)],
     # error feedback: its buffer in each storage, with each rule
     _lowrank("dct_adamw", ADAM, None, FIXED, error_feedback="float32"),
