@@ -172,6 +172,10 @@ class Part:
         """Transient bytes this part allocates during one update of that parameter."""
         return 0
 
+    def shared_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> dict[Any, int]:
+        """Caches this part shares between parameters (key -> bytes; a key is counted once)."""
+        return {}
+
 
 class Rule(Protocol):
     """An update rule over a tensor (the full gradient, or the projected one) and its state.

@@ -160,7 +160,8 @@ def newton_schulz_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def _newton_schulz_of(d: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
     """Newton-Schulz in ``ns_dtype``, returned in d's dtype."""
-    y = newton_schulz(d.to(newton_schulz_dtype(group["ns_dtype"], d.device)), group["ns_steps"], tuple(group["ns_coefficients"]))
+    dtype = newton_schulz_dtype(group["ns_dtype"], d.device)
+    y = newton_schulz(d.to(dtype), group["ns_steps"], tuple(group["ns_coefficients"]))
     return y.to(d.dtype)
 
 
