@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lowmem_optim.engine import LowRankOptimizer  # noqa: E402
+from lowmem_optim.engine import ComposedOptimizer  # noqa: E402
 from lowmem_optim.memory import TrainingSetup, estimate_memory  # noqa: E402
 from lowmem_optim.projection import PROJECTORS  # noqa: E402
 from lowmem_optim.quant.int8_linear import Int8Weight  # noqa: E402
@@ -190,7 +190,7 @@ def ours(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    parts = {(LowRankOptimizer, "step_param"): "update", (Int8Weight, "dequantized"): "int8 dequantize",
+    parts = {(ComposedOptimizer, "step_param"): "update", (Int8Weight, "dequantized"): "int8 dequantize",
              (Int8Weight, "apply_update"): "int8 apply_update"}
     for kind, registry in (("projector", PROJECTORS), ("rule", RULES)):
         for cls in registry.values():
