@@ -39,6 +39,7 @@ from lowmem_optim.projection import PROJECTORS
 from lowmem_optim.projection.base import projection_sides
 from lowmem_optim.rules import RULES
 from lowmem_optim.schedules import SCHEDULES
+from lowmem_optim.sharding import StateLayout, local_bytes, local_view, row_shard, store
 
 logger = logging.getLogger(__name__)
 
@@ -120,14 +121,6 @@ def _param_label(group: dict[str, Any], i: int, p: torch.Tensor) -> str:
     return f"parameter {name}(index {i} in its group, shape {tuple(p.shape)})"
 
 
-def _is_dtensor(p: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(p, DTensor)
-
-
 def _refresh_seed(seed: int, index: int, step: int) -> int:
     """A seed per (group seed, parameter, step): the same on every rank, resume and hook order."""
     return ((seed * 1_000_003 + index) * 1_000_033 + step) % (2**63 - 1)
@@ -203,6 +196,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(group["params"]):
             if p.is_complex():
                 raise ValueError(f"{_param_label(group, i, p)} is complex; complex parameters are not supported")
+            row_shard(p, _param_label(group, i, p))  # refuses placements other than FSDP2's
         if not is_lowrank_group(group):
             return
         rank = group["rank"]
@@ -212,12 +206,6 @@ class ComposedOptimizer(torch.optim.Optimizer):
                     f"{_param_label(group, i, p)} is {p.dim()}-D but sits in a group with rank={rank}: "
                     "low-rank projection needs a matrix; put biases, norms and other 1-D parameters "
                     "in a group without 'rank' (lowmem_optim.lowrank_param_groups does this)"
-                )
-            if _is_dtensor(p):
-                raise ValueError(
-                    f"{_param_label(group, i, p)} is a sharded DTensor (FSDP2) in a group with rank={rank}: "
-                    f"proj_method={group['proj_method']!r} needs the whole matrix on each rank, which this "
-                    "optimizer does not gather; keep low-rank parameters unsharded or use DDP"
                 )
 
     # ---- the step -----------------------------------------------------------------------
@@ -265,24 +253,35 @@ class ComposedOptimizer(torch.optim.Optimizer):
             self._warn_if_full_rank(p, group, index)
         state["step"] += 1
         step = int(state["step"])
+        # an FSDP2-sharded parameter is stepped on this rank's rows (lowmem_optim.sharding)
+        shard = row_shard(p, f"parameter {index}")
+        local_grad, target = (grad, p) if shard is None else (grad.to_local(), p.to_local())
         if not uses_projection(p, group):
-            update, lr_t = parts.rule.update(grad, state, group, p)
-            self._apply_update(p, update, 1.0, group, lr_t, index, step)
+            layout = parts.rule.sharded_layout(grad.dim()) if shard is not None else StateLayout()
+            view = local_view(state, shard, layout)
+            update, lr_t = parts.rule.update(local_grad, view, group, p, shard)
+            store(state, view, shard, layout)
+            self._apply_update(target, update, 1.0, group, lr_t, index, step)
             return
-        g = grad.reshape(matrix_shape(p))
-        if parts.schedule.due(state, step):
-            change = parts.projector.refresh(g, state, group, _refresh_seed(group["seed"], index, step))
-            parts.schedule.record(state, step, group, change.similarity)
-            if not g.any():
+        g = local_grad.reshape(-1, matrix_shape(p)[1])
+        left, _ = projection_sides(matrix_shape(p), group["proj_type"])
+        # P^T G is summed over the ranks, so the rule sees R whole; G Q keeps the rows of G
+        rule_shard = None if left else shard
+        layout = parts.rule.sharded_layout(2) if rule_shard is not None else StateLayout()
+        view = local_view(state, shard, layout)
+        if parts.schedule.due(view, step):
+            change = parts.projector.refresh(g, view, group, _refresh_seed(group["seed"], index, step), shard)
+            parts.schedule.record(view, step, group, change.similarity)
+            if not (g.any() if shard is None else shard.any(bool(g.any()))):
                 # an all-zero gradient holds no subspace (torch.distributed.checkpoint initializes
                 # empty state with one): the state now has its layout, the next gradient chooses
-                parts.schedule.defer(state, step)
-            left, _ = projection_sides(matrix_shape(p), group["proj_type"])
-            parts.rule.carry(state, change, 0 if left else 1)
-        low = parts.projector.project(g, state)
-        update, lr_t = parts.rule.update(low, state, group, p)
-        full = parts.projector.back_project(update, state)
-        self._apply_update(p, full.view(p.shape), group["scale"], group, lr_t, index, step)
+                parts.schedule.defer(view, step)
+            parts.rule.carry(view, change, 0 if left else 1)
+        low = parts.projector.project(g, view, shard)
+        update, lr_t = parts.rule.update(low, view, group, p, rule_shard)
+        full = parts.projector.back_project(update, view, shard)
+        store(state, view, shard, layout)
+        self._apply_update(target, full.view(target.shape), group["scale"], group, lr_t, index, step)
 
     @staticmethod
     def _apply_update(p: torch.Tensor, update: torch.Tensor, alpha: float, group: dict[str, Any], lr_t: float,
@@ -395,4 +394,5 @@ def _measured(similarity: float | None) -> float | None:
 
 
 def _state_bytes(state: dict[str, Any]) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    """Bytes of the state's tensors on this process (a sharded entry: its local shard)."""
+    return sum(local_bytes(v) for v in state.values())

@@ -20,12 +20,14 @@ of in-place ops and views are not allocations.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_flatten
 
 #: ops that read a tensor's value on the host (a device-to-host copy and a wait on the device)
@@ -89,3 +91,24 @@ class OpCounter(TorchDispatchMode):
             self._live.pop(key, None)
 
         self._live[key] = weakref.ref(storage, freed)
+
+
+def as_one_op(fn: Callable, name: str) -> Callable:
+    """``fn``, counted by an active :class:`OpCounter` as the one op ``name`` (its own ops are
+    run outside the counter; its outputs' new storages count as allocations)."""
+
+    @functools.wraps(fn)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counters = [m for m in _get_current_dispatch_mode_stack() if isinstance(m, OpCounter)]
+        if not counters:
+            return fn(*args, **kwargs)
+        with _disable_current_modes():
+            out = fn(*args, **kwargs)
+        counter = counters[-1]
+        counter.ops += 1
+        counter.by_op[name] += 1
+        for t in _tensors(out):
+            counter._allocated(t)
+        return out
+
+    return counted

@@ -28,6 +28,8 @@ from typing import Any, Protocol
 
 import torch
 
+from lowmem_optim.sharding import RowShard, StateLayout
+
 
 def invalid(name: str, value: Any, allowed: str) -> ValueError:
     """The error of every bad hyperparameter: ``Invalid <name>: <value> (allowed: <allowed>)``."""
@@ -176,6 +178,11 @@ class Part:
         """Caches this part shares between parameters (key -> bytes; a key is counted once)."""
         return {}
 
+    def sharded_layout(self, dim: int) -> StateLayout:
+        """Which of this part's state entries follow the rows of a ``dim``-D input whose rows are
+        sharded (FSDP2, :mod:`lowmem_optim.sharding`); every other entry is the same on every rank."""
+        return StateLayout()
+
 
 class Rule(Protocol):
     """An update rule over a tensor (the full gradient, or the projected one) and its state.
@@ -193,9 +200,11 @@ class Rule(Protocol):
 
     hparams: tuple[HParam, ...]
 
-    def update(self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
-               param: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Advance the rule's state with ``g`` (``state['step']`` already incremented)."""
+    def update(self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor,
+               shard: RowShard | None = None) -> tuple[torch.Tensor, float]:
+        """Advance the rule's state with ``g`` (``state['step']`` already incremented). With
+        ``shard``, ``g`` is this rank's rows (its state entries in :meth:`Part.sharded_layout`
+        too) and every reduction over rows is summed over the ranks."""
 
     def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int) -> None:
         """Carry the rule's moments into a new subspace (``dim``: the projected dimension)."""
@@ -218,15 +227,18 @@ class Projector(Protocol):
     #: the basis storage of a dense projector (None: the projector stores no matrix)
     storage: Storage | None
 
-    def refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int) -> SubspaceChange:
+    def refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int,
+                shard: RowShard | None = None) -> SubspaceChange:
         """Choose a new subspace from the 2-D ``grad`` and store it in ``state``; ``seed`` seeds
-        any random draw (derived from the group's seed, the parameter and the step)."""
+        any random draw (derived from the group's seed, the parameter and the step). With
+        ``shard``, ``grad`` is this rank's rows, and the subspace stored is the same on every rank."""
 
-    def project(self, grad: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        """R: the low-rank gradient."""
+    def project(self, grad: torch.Tensor, state: dict[str, Any], shard: RowShard | None = None) -> torch.Tensor:
+        """R: the low-rank gradient (with ``shard`` and a left projection, the ranks' partial
+        products P_i^T G_i are summed, so every rank holds R whole)."""
 
-    def back_project(self, low: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        """The full-size (m x n) image of a low-rank tensor."""
+    def back_project(self, low: torch.Tensor, state: dict[str, Any], shard: RowShard | None = None) -> torch.Tensor:
+        """The full-size (m x n) image of a low-rank tensor (this rank's rows with ``shard``)."""
 
 
 class RefreshSchedule(Protocol):

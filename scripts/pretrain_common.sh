@@ -8,8 +8,9 @@
 # The recipes (the setup shared by all: 512 sequences of 256 tokens per step, 10% warm-up, cosine
 # to 10% of the lr, no weight decay, no clipping, bf16):
 #   GaLore (Zhao et al., 2024; its repository's scripts/benchmark_c4/llama_*.sh): lr 0.01, rank per size
-#     (the RANK argument), a new subspace every 200 steps, scale 0.25. Every optimizer without a recipe
-#     of its own below runs this one.
+#     (the RANK argument), a new subspace every 200 steps, scale 0.25; galore_adamw with eps 1e-6, the
+#     default of galore-torch's GaLoreAdamW that those scripts ran (ours is torch's 1e-8). Every optimizer
+#     without a recipe of its own below runs this one.
 #   Q-GaLore (Zhang et al., 2024; VITA-Group/Q-GaLore scripts/pretrain_c4/llama_{60m,130m,350m,1b}.sh
 #     and the betas of its run_pretrain.py): betas (0.9, 0.95), lr 0.015 at 60m and 130m, 0.01 at
 #     350m and 1b, rank 128 / 256 / 256 / 1024, gap 200, scale 0.25, INT8 weights, INT4 projections;
@@ -26,8 +27,10 @@ recipe() {
         q_galore_adamw8bit)
             local lr=0.015 q_rank=$rank
             case $size in 350m) lr=0.01 ;; 1b) lr=0.01 q_rank=1024 ;; esac
-            printf '%s\n' "--lr=${LR:-$lr}" --beta1=0.9 --beta2=0.95 "--rank=$q_rank" --update-proj-gap=200 --scale=0.25 \
+            printf '%s\n' "--lr=${LR:-$lr}" --betas=0.9,0.95 "--rank=$q_rank" --update-proj-gap=200 --scale=0.25 \
                 --weight-bits=8 --proj-bits=4 ;;
+        galore_adamw)
+            printf '%s\n' "--lr=${LR:-0.01}" --eps=1e-6 "--rank=$rank" --update-proj-gap=200 --scale=0.25 ;;
         dct_adamw)
             printf '%s\n' "--lr=${LR:-0.01}" "--rank=$rank" --update-proj-gap=1 --scale=1 ;;
         *)

@@ -8,6 +8,8 @@
   ``#anchor`` resolves;
 - every ```` ```python ```` block compiles, and blocks whose info string is ``python run`` run
   on CPU (keep them tiny);
+- the hyperparameter lists of docs/optimizers.md are what ``scripts/docs_hparams.py`` writes from the
+  declarations;
 - the README's optimizer table lists every registry name, and its "state bytes / param" column
   matches the bytes each optimizer really holds for one 512 x 512 float32 weight at rank 128.
 """
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import re
@@ -261,3 +264,11 @@ def test_memory_examples_print_what_the_docs_show():
         assert out.getvalue().strip() == shown.strip(), f"{where}: `lowmem-optim memory {shlex.join(argv)}`"
         total = int(re.search(r"^total\s+([\d,]+) B", shown, re.M).group(1).replace(",", ""))
         assert f"{total / 2**30:.2f} GiB" in (REPO / "README.md").read_text(), "README's 7B prediction differs"
+
+
+def test_optimizer_hyperparameter_lists_match_the_declarations():
+    spec = importlib.util.spec_from_file_location("docs_hparams", REPO / "scripts" / "docs_hparams.py")
+    docs_hparams = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(docs_hparams)
+    text = docs_hparams.PAGE.read_text()
+    assert docs_hparams.render(text) == text, "docs/optimizers.md is out of date: run python scripts/docs_hparams.py"

@@ -45,7 +45,12 @@ def test_galore_runs_galores_c4_recipe(tmp_path, size, rank):
     cfg = script_config(tmp_path, size)
     assert (cfg.optimizer, cfg.lr, cfg.rank, cfg.update_proj_gap, cfg.scale) == ("galore_adamw", 0.01, rank, 200, 0.25)
     assert (cfg.weight_decay, cfg.grad_clip, cfg.total_batch_size, cfg.warmup_steps * 10) == (0, 0, 512, cfg.max_steps)
-    assert [(g["update_proj_gap"], g["scale"]) for g in lowrank_groups(cfg)] == [(200, 0.25)]
+    assert [(g["update_proj_gap"], g["scale"], g["eps"]) for g in lowrank_groups(cfg)] == [(200, 0.25, 1e-6)]
+
+
+def test_galore_adamw8bit_keeps_its_own_eps(tmp_path):
+    cfg = script_config(tmp_path, "60m", OPTIMIZER="galore_adamw8bit")
+    assert cfg.eps is None and [g["eps"] for g in lowrank_groups(cfg)] == [1e-8]
 
 
 def test_dct_adamw_runs_its_own_gap_and_scale(tmp_path):
@@ -58,7 +63,7 @@ def test_dct_adamw_runs_its_own_gap_and_scale(tmp_path):
                                             ("1b", 0.01, 1024)])
 def test_q_galore_runs_q_galores_recipe_for_the_size(tmp_path, size, lr, rank):
     cfg = script_config(tmp_path, size, OPTIMIZER="q_galore_adamw8bit")
-    assert (cfg.lr, cfg.rank, cfg.beta1, cfg.beta2, cfg.weight_bits, cfg.proj_bits) == (lr, rank, 0.9, 0.95, 8, 4)
+    assert (cfg.lr, cfg.rank, cfg.adam_betas, cfg.weight_bits, cfg.proj_bits) == (lr, rank, (0.9, 0.95), 8, 4)
     assert (cfg.update_proj_gap, cfg.scale) == (200, 0.25)
     (group,) = lowrank_groups(cfg)
     assert (group["betas"], group["refresh"], group["proj_bits"], group["update_proj_gap"]) == ((0.9, 0.95), "adaptive",

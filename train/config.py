@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lowmem_optim.engine import lowrank_hparams
+from lowmem_optim.parts import invalid
+from lowmem_optim.rules.adam import BETAS, EPS
 
 #: accepted spellings of ``--dtype`` and the torch dtype name each resolves to
 DTYPES: dict[str, str] = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -57,8 +59,12 @@ class TrainConfig(LowRankFlags):
     optimizer: str = _opt("adamw", "a registry name (lowmem_optim.available_optimizers())")
     lr: float = _opt(1e-3, "peak learning rate")
     weight_decay: float = _opt(0.0, "decoupled weight decay")
-    beta1: float | None = _opt(None, "Adam beta1 (default: the optimizer's)")
-    beta2: float | None = _opt(None, "Adam beta2 (default: the optimizer's)")
+    betas: str | None = _opt(None, f"Adam's betas as beta1,beta2, e.g. 0.9,0.95 (allowed: {BETAS.check.allowed}; "
+                                   "unset: the optimizer's)")
+    beta1: float | None = _opt(None, f"Adam's beta1 alone (with beta2 at {BETAS.default[1]}, unless --beta2)")
+    beta2: float | None = _opt(None, f"Adam's beta2 alone (with beta1 at {BETAS.default[0]}, unless --beta1)")
+    eps: float | None = _opt(None, f"Adam's eps: {EPS.doc} (allowed: {EPS.check.allowed}; unset: the optimizer's, "
+                                   "e.g. 1e-8; galore-torch's GaLoreAdamW used 1e-6)")
     grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: no clipping)")
     target_modules: str = _opt("all-linear", "low-rank linear layers: all-linear, a regex, or comma-separated name fragments")
     layerwise: bool = _opt(False, "update each parameter inside backward and free its gradient (layer-wise); "
@@ -113,6 +119,12 @@ class TrainConfig(LowRankFlags):
         for name, hp in LOWRANK_HPARAMS.items():
             if getattr(self, name) is not None:
                 hp.validate(getattr(self, name), f"--{_kebab(name)}")
+        if self.betas is not None and (self.beta1 is not None or self.beta2 is not None):
+            raise ValueError(f"--betas {self.betas!r} and --beta1/--beta2 both given (allowed: one of the two forms)")
+        if self.adam_betas is not None:
+            BETAS.validate(self.adam_betas, "--betas" if self.betas is not None else "--beta1/--beta2")
+        if self.eps is not None:
+            EPS.validate(self.eps, "--eps")
         positive = ["max_steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every", "keep_checkpoints"]
         for name in positive + ["total_batch_size"]:
             value = getattr(self, name)
@@ -137,6 +149,20 @@ class TrainConfig(LowRankFlags):
             raise ValueError("--weight-bits 8 with --parallel fsdp is not supported (allowed: --parallel ddp)")
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"Invalid --warmup-steps: {self.warmup_steps} (allowed: <= --max-steps {self.max_steps})")
+
+    @property
+    def adam_betas(self) -> tuple[float, float] | None:
+        """Adam's (beta1, beta2) from --betas, or from --beta1/--beta2 (the other at Adam's default);
+        None when neither is given (the optimizer's default applies)."""
+        if self.betas is not None:
+            try:
+                return tuple(float(b) for b in self.betas.split(","))  # type: ignore[return-value]
+            except ValueError:
+                raise invalid("--betas", self.betas, BETAS.check.allowed + ", written beta1,beta2") from None
+        if self.beta1 is None and self.beta2 is None:
+            return None
+        return (BETAS.default[0] if self.beta1 is None else self.beta1,
+                BETAS.default[1] if self.beta2 is None else self.beta2)
 
     @property
     def torch_dtype_name(self) -> str:

@@ -5,9 +5,11 @@ started (NCCL on GPUs, gloo on CPU) and the model is wrapped:
 
 - ``ddp``: every rank holds the whole model and optimizer; gradients are averaged before the
   step, so every rank computes the same projections and keeps identical parameters.
-- ``fsdp``: FSDP2, each decoder layer and the root sharded by rows across ranks. An optimizer
-  whose state needs whole matrices (the SVD projections) refuses the sharded parameters with a
-  ValueError at construction; the loop reports it.
+- ``fsdp``: FSDP2, each decoder layer and the root sharded by rows across ranks. Every
+  optimizer of this package steps the sharded parameters on each rank's rows with the math of
+  one process (:mod:`lowmem_optim.sharding`); torch's AdamW runs on them through DTensor;
+  bitsandbytes' optimizers step plain tensors only and are refused. Layer-wise updates and INT8
+  weights are refused under FSDP2 (:mod:`train.config`).
 """
 
 from __future__ import annotations
@@ -79,6 +81,13 @@ def wrap(model: nn.Module, parallel: str, d: Dist) -> nn.Module:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def check_shardable(optimizer: torch.optim.Optimizer) -> None:
+    """ValueError for an optimizer that cannot step FSDP2's DTensor parameters."""
+    if type(optimizer).__module__.split(".")[0] == "bitsandbytes":
+        raise ValueError(f"{type(optimizer).__name__} (bitsandbytes) steps plain tensors, not the DTensor shards "
+                         "FSDP2 holds (allowed: --parallel ddp, or an optimizer of lowmem_optim)")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -112,6 +112,8 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> Trained:
     model = model if cfg.layerwise else distributed.wrap(model, cfg.parallel, d)
     try:
         optimizer = make_optimizer(cfg, distributed.unwrap(model))
+        if distributed.is_sharded(model):
+            distributed.check_shardable(optimizer)
     except ValueError as err:
         if distributed.is_sharded(model):
             raise ValueError(f"--parallel fsdp: --optimizer {cfg.optimizer} cannot take FSDP2-sharded parameters: "

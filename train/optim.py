@@ -52,8 +52,10 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     name = cfg.optimizer
     cls = get_optimizer_class(name)
     hparams: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, **SCHEDULE_COMPATIBLE.get(name, {})}
-    if cfg.beta1 is not None or cfg.beta2 is not None:
-        hparams["betas"] = (0.9 if cfg.beta1 is None else cfg.beta1, 0.999 if cfg.beta2 is None else cfg.beta2)
+    if cfg.adam_betas is not None:
+        hparams["betas"] = cfg.adam_betas
+    if cfg.eps is not None:
+        hparams["eps"] = cfg.eps
     if issubclass(cls, ComposedOptimizer):
         hparams["seed"] = cfg.seed
     lowrank = {flag: getattr(cfg, flag) for flag in LOWRANK_FLAGS if getattr(cfg, flag) is not None}

@@ -15,6 +15,7 @@ import torch
 
 from lowmem_optim.parts import HParam, Part, SubspaceChange, one_of
 from lowmem_optim.projection.storage import BasisStorage, load_basis, store_basis
+from lowmem_optim.sharding import RowShard
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 PROJ_TYPE = HParam("proj_type", "std", one_of(*PROJ_TYPES),
@@ -67,46 +68,59 @@ class MatrixProjector(Part):
         return sum(self.storage.basis_bytes(numel, dtype, group) for used, numel in ((left, m * r), (right, r * n))
                    if used)
 
-    def factors(self, grad: torch.Tensor, group: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U, V^T) in float32 with at least ``group['rank']`` leading singular vectors."""
+    def factors(self, grad: torch.Tensor, group: dict[str, Any], seed: int, shard: RowShard | None = None,
+                left: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(U, V^T) in float32 with at least ``group['rank']`` leading singular vectors; U may be
+        None when ``left`` is False. With ``shard``, ``grad`` is this rank's rows and both
+        factors are whole, the same on every rank."""
         raise NotImplementedError
 
-    def refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int) -> SubspaceChange:
-        if not torch.isfinite(grad).all():
+    def refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int,
+                shard: RowShard | None = None) -> SubspaceChange:
+        finite = bool(torch.isfinite(grad).all())
+        if not (finite if shard is None else not shard.any(not finite)):
             raise FloatingPointError(
                 f"{type(self).__name__}: the gradient holds inf/NaN at a subspace refresh; no subspace can be "
                 "chosen from it (use torch.amp.GradScaler, which skips such steps, or clip gradients)"
             )
-        left, right = projection_sides(tuple(grad.shape), group["proj_type"])
+        left, right = projection_sides((grad.shape[0] if shard is None else shard.rows, grad.shape[1]),
+                                       group["proj_type"])
         rank = group["rank"]
-        u, vh = self.factors(grad, group, seed)
+        u, vh = self.factors(grad, group, seed, shard, left)
         similarity = None
-        for key, used, new, vector_dim in (("proj_left", left, u[:, :rank], 1), ("proj_right", right, vh[:rank], 0)):
+        for key, used, vectors, vector_dim in (("proj_left", left, u, 1), ("proj_right", right, vh, 0)):
             if not used:
                 continue
-            new = new.contiguous().to(grad.dtype)
+            new = vectors.narrow(vector_dim, 0, rank).contiguous().to(grad.dtype)
             moved = leading_similarity(load_basis(state, key, torch.float32), new, vector_dim)
             similarity = moved if similarity is None else similarity
             store_basis(state, key, new, group)
         return SubspaceChange(similarity=similarity)
 
-    def project(self, grad: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+    def project(self, grad: torch.Tensor, state: dict[str, Any], shard: RowShard | None = None) -> torch.Tensor:
         out = grad
         left, right = load_basis(state, "proj_left", grad.dtype), load_basis(state, "proj_right", grad.dtype)
         if left is not None:
-            out = left.t() @ out
+            out = _rows(left, shard).t() @ out
         if right is not None:
             out = out @ right.t()
+        if left is not None and shard is not None:
+            shard.all_reduce_(out)  # P^T G = sum over ranks of P_i^T G_i
         return out
 
-    def back_project(self, low: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+    def back_project(self, low: torch.Tensor, state: dict[str, Any], shard: RowShard | None = None) -> torch.Tensor:
         out = low
         left, right = load_basis(state, "proj_left", low.dtype), load_basis(state, "proj_right", low.dtype)
         if left is not None:
-            out = left @ out
+            out = _rows(left, shard) @ out
         if right is not None:
             out = out @ right
         return out
+
+
+def _rows(basis: torch.Tensor, shard: RowShard | None) -> torch.Tensor:
+    """This rank's rows of a left basis (kept whole on every rank: m x r is r/n of the weight)."""
+    return basis if shard is None else basis[shard.start: shard.stop]
 
 
 def leading_similarity(old: torch.Tensor | None, new: torch.Tensor, vector_dim: int) -> float | None:

@@ -32,6 +32,7 @@ import torch
 
 from lowmem_optim.parts import BOOLEAN, HParam, Part, SubspaceChange, integer, one_of
 from lowmem_optim.projection.base import PROJ_TYPE, projection_sides
+from lowmem_optim.sharding import RowShard
 
 DCT_PROJ_TYPES = ("std", "reverse_std", "left", "right")
 DCT_SCORES = ("l1", "l2")
@@ -81,12 +82,21 @@ def dct_spectrum(a: torch.Tensor, dim: int, fft_threshold: int) -> torch.Tensor:
     return basis.T @ a if dim == 0 else a @ basis
 
 
+def scores(spectrum: torch.Tensor, dim: int, score: str) -> torch.Tensor:
+    """The L1 norm (or squared L2 norm) of each row (dim 0) / column (dim 1) of the spectrum, float32."""
+    s = spectrum.float()
+    return s.abs().sum(1 - dim) if score == "l1" else s.square().sum(1 - dim)
+
+
+def top_indices(norms: torch.Tensor, rank: int) -> torch.Tensor:
+    """The ``rank`` largest scores' indices, ascending (int64)."""
+    return torch.topk(norms, rank).indices.sort().values
+
+
 def select_indices(spectrum: torch.Tensor, dim: int, rank: int, score: str) -> torch.Tensor:
     """The ``rank`` rows (dim 0) / columns (dim 1) of the spectrum with the largest L1 or L2
     norm, ascending (int64)."""
-    s = spectrum.float()
-    norms = s.abs().sum(1 - dim) if score == "l1" else s.square().sum(1 - dim)
-    return torch.topk(norms, rank).indices.sort().values
+    return top_indices(scores(spectrum, dim, score), rank)
 
 
 class DCTProjector(Part):
@@ -113,22 +123,30 @@ class DCTProjector(Part):
         d = shape[0] if left else shape[1]
         return {("dct_basis", d, dtype): d * d * dtype.itemsize}  # the d x d basis cache
 
-    def refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int) -> SubspaceChange:
-        if not torch.isfinite(grad).all():
+    def refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int,
+                shard: RowShard | None = None) -> SubspaceChange:
+        left, _ = projection_sides((grad.shape[0] if shard is None else shard.rows, grad.shape[1]), group["proj_type"])
+        dim = 0 if left else 1
+        # sharded, the spectrum along the rows needs all of them (gathered); along the columns each
+        # rank holds its rows of S = G Q, and a column's score is a sum over rows (all-reduced)
+        gathered = shard is not None and dim == 0
+        spectrum = dct_spectrum(shard.gather_rows(grad) if gathered else grad, dim, group["dct_fft_threshold"])
+        norms = scores(spectrum, dim, group["dct_score"])
+        if shard is not None and not gathered:
+            shard.all_reduce_(norms)
+        if not torch.isfinite(norms).all():  # inf/NaN in the gradient reach every score they touch
             raise FloatingPointError(
                 "DCTProjector: the gradient holds inf/NaN at a subspace refresh; no subspace can be chosen "
                 "from it (use torch.amp.GradScaler, which skips such steps, or clip gradients)"
             )
-        left, _ = projection_sides(tuple(grad.shape), group["proj_type"])
-        dim = 0 if left else 1
-        spectrum = dct_spectrum(grad, dim, group["dct_fft_threshold"])
-        index = select_indices(spectrum, dim, group["rank"], group["dct_score"])
+        index = top_indices(norms, group["rank"])
         self._refreshed = (grad, spectrum.index_select(dim, index))
+        size = spectrum.shape[dim]
         old = state.get("proj_index")
-        state["proj_index"], state["proj_dim"], state["proj_basis_size"] = index, dim, grad.shape[dim]
+        state["proj_index"], state["proj_dim"], state["proj_basis_size"] = index, dim, size
         if old is None:
             return SubspaceChange()
-        old_position = torch.full((grad.shape[dim],), -1, dtype=torch.int64, device=index.device)
+        old_position = torch.full((size,), -1, dtype=torch.int64, device=index.device)
         old_position[old] = torch.arange(old.numel(), device=index.device)
         kept = old_position[index]
         overlap = float((kept >= 0).sum()) / index.numel()
@@ -138,13 +156,19 @@ class DCTProjector(Part):
         """Q[:, I] (d x r) in ``like``'s dtype and device."""
         return dct_basis(state["proj_basis_size"], like.dtype, like.device).index_select(1, state["proj_index"])
 
-    def project(self, grad: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+    def project(self, grad: torch.Tensor, state: dict[str, Any], shard: RowShard | None = None) -> torch.Tensor:
         refreshed, self._refreshed = self._refreshed, None
         if refreshed is not None and refreshed[0] is grad:
             return refreshed[1]
         q = self._columns(state, grad)
-        return q.T @ grad if state["proj_dim"] == 0 else grad @ q
+        if state["proj_dim"] == 1:
+            return grad @ q
+        if shard is None:
+            return q.T @ grad
+        return shard.all_reduce_(q[shard.start: shard.stop].T @ grad)  # Q_I^T G = sum over ranks
 
-    def back_project(self, low: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+    def back_project(self, low: torch.Tensor, state: dict[str, Any], shard: RowShard | None = None) -> torch.Tensor:
         q = self._columns(state, low)
-        return q @ low if state["proj_dim"] == 0 else low @ q.T
+        if state["proj_dim"] == 1:
+            return low @ q.T
+        return (q if shard is None else q[shard.start: shard.stop]) @ low

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from lowmem_optim.projection.base import MatrixProjector
+from lowmem_optim.sharding import RowShard
 
 logger = logging.getLogger(__name__)
 
@@ -66,5 +67,7 @@ def singular_vectors(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class SVDProjector(MatrixProjector):
     """Exact SVD subspace, GaLore's ``proj_type`` sides (std, reverse_std, left, right, full)."""
 
-    def factors(self, grad: torch.Tensor, group: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return singular_vectors(grad)
+    def factors(self, grad: torch.Tensor, group: dict[str, Any], seed: int, shard: RowShard | None = None,
+                left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        # sharded, the exact SVD takes the whole matrix: gathered, at refresh steps only
+        return singular_vectors(grad if shard is None else shard.gather_rows(grad))

@@ -35,32 +35,30 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def round_keys(seed: int) -> tuple[int, int, int]:
-    """Three 32-bit keys of a seed (any Python int) for :func:`counter_uniform`."""
+def round_keys(seed: int) -> tuple[int, int]:
+    """Two 32-bit keys of a seed (any Python int) for :func:`counter_uniform`."""
     a = _splitmix64(seed & _MASK64)
-    b = _splitmix64(a)
-    return a & _MASK32, a >> 32, b & _MASK32
+    return a & _MASK32, a >> 32
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 (C. Wellons' hash prospector): a bijection of 32-bit values, held in int64
-    so the products never overflow past what the mask keeps."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB_352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846C_A68B) & _MASK32
-    return x ^ (x >> 16)
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons' hash prospector), in place: a bijection of 32-bit values held in
+    int64, so the products never overflow past what the mask keeps."""
+    x.bitwise_xor_(x >> 16)
+    x.mul_(0x7FEB_352D).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(0x846C_A68B).bitwise_and_(_MASK32)
+    return x.bitwise_xor_(x >> 16)
 
 
-def counter_uniform(counter: torch.Tensor, keys: tuple[int, int, int]) -> torch.Tensor:
+def counter_uniform(counter: torch.Tensor, keys: tuple[int, int]) -> torch.Tensor:
     """u in [0, 1) (float32, multiples of 2^-24) for each int64 ``counter`` value:
-    u = mix(mix(mix(c_lo + k0) + (c_hi ^ k1)) + k2) / 2^32, truncated to 24 bits. Three keyed
-    rounds of a 32-bit bijective hash: the same (keys, counter) give the same u on every device."""
-    k0, k1, k2 = keys
-    h = _mix32(((counter & _MASK32) + k0) & _MASK32)
-    h = _mix32((h + ((counter >> 32) ^ k1)) & _MASK32)
-    h = _mix32((h + k2) & _MASK32)
-    return (h >> 8).to(torch.float32) * 2.0**-24
+    u = mix(mix(c_lo + k0) + (c_hi ^ k1)) / 2^32, truncated to 24 bits: two keyed rounds of a
+    32-bit bijective hash, so the same (keys, counter) give the same u on every device."""
+    k0, k1 = keys
+    h = _mix32_((counter & _MASK32).add_(k0).bitwise_and_(_MASK32))
+    h = _mix32_(h.add_((counter >> 32).bitwise_xor_(k1)).bitwise_and_(_MASK32))
+    return h.bitwise_right_shift_(8).to(torch.float32).mul_(2.0**-24)
 
 
 def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -72,7 +70,7 @@ def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def quantize_rows(
-    g: torch.Tensor, bits: int, keys: tuple[int, int, int] | None = None, offset: int = 0
+    g: torch.Tensor, bits: int, keys: tuple[int, int] | None = None, offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize each row of the float32 ``g`` (groups x group_size) as one group: (codes uint8
     of g's shape, scale, zero). With ``keys``, stochastic rounding with the draws of
@@ -144,7 +142,7 @@ def requantize_rows_(
     alpha: float,
     decay: float,
     bits: int,
-    keys: tuple[int, int, int] | None,
+    keys: tuple[int, int] | None,
     offset: int,
 ) -> None:
     """In place, per group (row of ``codes``): W = scale (q - zero);  W' = decay W - alpha U in

@@ -76,7 +76,7 @@ from lowmem_optim.quant.groupwise import (
 
 #: values re-quantized per eager pass in :meth:`Int8Weight.apply_update`, bounding its workspace
 #: (float32 and int64 temporaries of one chunk) whatever the layer's size
-_UPDATE_CHUNK = 1 << 22
+_UPDATE_CHUNK = 1 << 18
 #: mixed into the optimizer's seed so rounding draws differ from the same step's other draws
 _ROUNDING_STREAM = 0x5EED_1A7
 

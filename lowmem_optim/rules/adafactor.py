@@ -26,15 +26,13 @@ import torch
 from lowmem_optim.parts import BOOLEAN, HParam, Part, SubspaceChange, invalid, number, optional, sequence
 from lowmem_optim.quant.int8_linear import Int8Weight
 from lowmem_optim.rules.base import LR, WEIGHT_DECAY, reindex_along
-
-
-def _rms(t: torch.Tensor) -> float:
-    return float(t.norm(2) / math.sqrt(t.numel()))
+from lowmem_optim.sharding import RowShard, StateLayout, global_mean, global_norm, global_numel, param_rms
 
 
 def weight_rms(param: torch.Tensor) -> float:
-    """RMS(W). An INT8 weight's parameter holds no values: its RMS is read from the codes."""
-    return param.rms() if isinstance(param, Int8Weight) else _rms(param.float())
+    """RMS(W). An INT8 weight's parameter holds no values: its RMS is read from the codes; an
+    FSDP2-sharded one's sum of squares is summed over the ranks."""
+    return param.rms() if isinstance(param, Int8Weight) else param_rms(param)
 
 
 class AdafactorRule(Part):
@@ -85,8 +83,14 @@ class AdafactorRule(Part):
             lr *= max(group["eps"][1], weight_rms(param))
         return lr
 
+    def sharded_layout(self, dim: int) -> StateLayout:
+        """The statistics indexed by g's rows: all but a matrix's column statistic."""
+        rows = {"exp_avg", "exp_avg_sq", "exp_avg_sq_row"} | ({"exp_avg_sq_col"} if dim > 2 else set())
+        return StateLayout(rows=frozenset(rows))
+
     def update(
-        self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor
+        self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor,
+        shard: RowShard | None = None,
     ) -> tuple[torch.Tensor, float]:
         g = g.float()
         factored = g.dim() >= 2
@@ -104,15 +108,17 @@ class AdafactorRule(Part):
         sq = g**2 + group["eps"][0]
         if factored:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            # with g's rows sharded, a mean over the rows of a matrix is a sum over the ranks
             row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
-            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            col.mul_(beta2t).add_(global_mean(sq, -2, shard), alpha=1.0 - beta2t)
+            r_factor = (row / global_mean(row, -1, shard, keepdim=True)).rsqrt_().unsqueeze(-1)
             c_factor = col.unsqueeze(-2).rsqrt()
             update = torch.mul(r_factor, c_factor).mul_(g)
         else:
             state["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
             update = state["exp_avg_sq"].rsqrt().mul_(g)
-        update.div_(max(1.0, _rms(update) / group["clip_threshold"]))
+        rms = float(global_norm(update, shard)) / math.sqrt(global_numel(update, shard))
+        update.div_(max(1.0, rms / group["clip_threshold"]))
         update.mul_(lr)
         if group["beta1"] is not None:
             state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])

@@ -21,6 +21,7 @@ import torch
 
 from lowmem_optim.parts import HParam, Part, SubspaceChange, number, sequence
 from lowmem_optim.rules.base import LR, WEIGHT_DECAY, reindex_along
+from lowmem_optim.sharding import RowShard, StateLayout
 
 BETAS = HParam("betas", (0.9, 0.999), sequence(number(0, 1, high_open=True), 2, "a pair of numbers in [0, 1)"),
                "decay rates (beta1, beta2) of the first and second moment")
@@ -65,8 +66,13 @@ class AdamRule(Part):
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         return 2 * math.prod(shape) * dtype.itemsize  # the denominator and the update
 
+    def sharded_layout(self, dim: int) -> StateLayout:
+        """Elementwise: the moments have the rows of g."""
+        return StateLayout(rows=frozenset({"exp_avg", "exp_avg_sq"}))
+
     def update(
-        self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor
+        self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor,
+        shard: RowShard | None = None,
     ) -> tuple[torch.Tensor, float]:
         if "exp_avg" not in state:
             dtype = moment_dtype(g.dtype)

@@ -19,6 +19,7 @@ from lowmem_optim.parts import HParam, Part, SubspaceChange, integer
 from lowmem_optim.quant.blockwise import BLOCKSIZE, dequantize_blockwise, quantize_blockwise
 from lowmem_optim.rules.adam import AdamRule, adam_update
 from lowmem_optim.rules.base import reindex_along
+from lowmem_optim.sharding import RowShard, StateLayout, global_numel
 
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (key, signed dynamic map)
 #: values per pass of an 8-bit step: bounds its float32 workspace (a few copies of one chunk)
@@ -65,11 +66,18 @@ class Adam8bitRule(Part):
         for (key, signed), value in zip(_MOMENTS, moments):
             state[f"{key}_codes"], state[f"{key}_absmax"] = quantize_blockwise(value, signed)
 
+    def sharded_layout(self, dim: int) -> StateLayout:
+        """Moments and codes have the rows of g; each absmax covers 256 of this rank's codes
+        (blocks are cut on the local rows: :func:`lowmem_optim.sharding.wrap_blocks`)."""
+        return StateLayout(rows=frozenset({"exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes"}),
+                           blocks=tuple((f"{key}_absmax", f"{key}_codes", BLOCKSIZE) for key, _ in _MOMENTS))
+
     def update(
-        self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor
+        self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor,
+        shard: RowShard | None = None,
     ) -> tuple[torch.Tensor, float]:
         fresh = "exp_avg" not in state and "exp_avg_codes" not in state
-        if fresh and g.numel() < group["min_8bit_size"]:
+        if fresh and global_numel(g, shard) < group["min_8bit_size"]:
             zeros = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
             state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
         beta1, beta2 = group["betas"]

@@ -45,6 +45,7 @@ import torch
 
 from lowmem_optim.parts import BOOLEAN, HParam, Part, SubspaceChange, integer, number, one_of, sequence
 from lowmem_optim.rules.base import LR, WEIGHT_DECAY, reindex_along
+from lowmem_optim.sharding import RowShard, StateLayout, global_norm, global_numel
 
 NORM_EPS = 1e-7  # in X = D / (||D||_F + eps): Muon's and the AuON paper's
 COSH_EPS = 1e-8  # in U = X / (r + eps): the AuON paper's
@@ -89,11 +90,12 @@ def newton_schulz(d: torch.Tensor, steps: int, coefficients: tuple[float, float,
     return x.T if tall else x
 
 
-def cosh_rms(x: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
+def cosh_rms(x: torch.Tensor, gamma: float | torch.Tensor, shard: RowShard | None = None) -> torch.Tensor:
     """r = sqrt(mean(cosh(gamma x)^2)): AuON's scale, >= 1, equal to 1 only at x = 0.
 
-    Computed as ||cosh(gamma x)||_F / sqrt(N): one temporary, two passes over it."""
-    return torch.mul(x, gamma).cosh_().norm() / math.sqrt(x.numel())
+    Computed as ||cosh(gamma x)||_F / sqrt(N): one temporary, two passes over it (with
+    ``shard``, x is this rank's rows and the sum of squares is summed over the ranks)."""
+    return global_norm(torch.mul(x, gamma).cosh_(), shard) / math.sqrt(global_numel(x, shard))
 
 
 def lr_adjustment(m: int, n: int, adjust_lr_fn: str) -> float:
@@ -130,12 +132,19 @@ class NormalizedMomentumRule(Part):
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         return 3 * 4 * math.prod(shape)  # the direction D, its normalized or orthogonalized image, the update
 
-    def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float) -> torch.Tensor:
-        """step_size * U for the 2-D momentum ``d``, which the rule owns and may overwrite."""
+    def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float,
+                         shard: RowShard | None = None) -> torch.Tensor:
+        """step_size * U for the 2-D momentum ``d`` (this rank's rows with ``shard``), which the
+        rule owns and may overwrite."""
         raise NotImplementedError
 
+    def sharded_layout(self, dim: int) -> StateLayout:
+        """The momentum has the rows of g."""
+        return StateLayout(rows=frozenset({"momentum_buffer"}))
+
     def update(
-        self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor
+        self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor,
+        shard: RowShard | None = None,
     ) -> tuple[torch.Tensor, float]:
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
@@ -143,7 +152,7 @@ class NormalizedMomentumRule(Part):
         # The shape factor belongs to the weight, also when the rule sees a projected gradient.
         m = param.shape[0]
         step_size = group["lr"] * lr_adjustment(m, param.numel() // m, group["adjust_lr_fn"])
-        return self.scaled_direction(d.reshape(g.shape[0], -1), group, step_size).reshape(g.shape), group["lr"]
+        return self.scaled_direction(d.reshape(g.shape[0], -1), group, step_size, shard).reshape(g.shape), group["lr"]
 
     def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int) -> None:
         if change.kept is not None and "momentum_buffer" in state:
@@ -158,11 +167,16 @@ def newton_schulz_dtype(name: str, device: torch.device) -> torch.dtype:
     return NS_DTYPES[name]
 
 
-def _newton_schulz_of(d: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-    """Newton-Schulz in ``ns_dtype``, returned in d's dtype."""
-    dtype = newton_schulz_dtype(group["ns_dtype"], d.device)
-    y = newton_schulz(d.to(dtype), group["ns_steps"], tuple(group["ns_coefficients"]))
-    return y.to(d.dtype)
+def _newton_schulz_of(d: torch.Tensor, group: dict[str, Any], shard: RowShard | None) -> torch.Tensor:
+    """Newton-Schulz in ``ns_dtype``, returned in d's dtype; with ``shard``, of the whole momentum
+    (its rows gathered, as distributed Muon implementations do: every rank holds the result)."""
+    whole = d if shard is None else shard.gather_rows(d)
+    ns_dtype = newton_schulz_dtype(group["ns_dtype"], d.device)
+    return newton_schulz(whole.to(ns_dtype), group["ns_steps"], tuple(group["ns_coefficients"])).to(d.dtype)
+
+
+def _rows(y: torch.Tensor, shard: RowShard | None) -> torch.Tensor:
+    return y if shard is None else y[shard.start: shard.stop]
 
 
 class AuONRule(NormalizedMomentumRule):
@@ -171,11 +185,12 @@ class AuONRule(NormalizedMomentumRule):
     hparams = (*_with_defaults(lr=0.24, weight_decay=0.0), GAMMA,
                HParam("normalize", True, BOOLEAN, "U from X = D / ||D||_F (False: from D, the authors' later code)"))
 
-    def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float) -> torch.Tensor:
+    def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float,
+                         shard: RowShard | None = None) -> torch.Tensor:
         # All scalars fold into one multiply of d, so the step makes a single temporary (the
-        # cosh): this is what keeps AuON at about AdamW's cost.
-        norm = d.norm() + NORM_EPS
-        r = cosh_rms(d, group["gamma"] / norm) + COSH_EPS
+        # cosh): this is what keeps AuON at about AdamW's cost. Sharded: two all-reduced scalars.
+        norm = global_norm(d, shard) + NORM_EPS
+        r = cosh_rms(d, group["gamma"] / norm, shard) + COSH_EPS
         return d.mul_(step_size / (r * norm if group["normalize"] else r))
 
 
@@ -185,9 +200,10 @@ class HybridAuONRule(NormalizedMomentumRule):
     hparams = (*_with_defaults(lr=0.24, weight_decay=0.0), GAMMA, dataclasses.replace(NS_STEPS, default=1),
                NS_COEFFICIENTS, NS_DTYPE)
 
-    def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float) -> torch.Tensor:
-        y = _newton_schulz_of(d, group)  # r in d's dtype: bfloat16 would round r = 1 + O(1/N) to 1
-        return y.mul_(step_size / (cosh_rms(y, group["gamma"]) + COSH_EPS))
+    def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float,
+                         shard: RowShard | None = None) -> torch.Tensor:
+        y = _newton_schulz_of(d, group, shard)  # r in d's dtype: bfloat16 would round r = 1 + O(1/N) to 1
+        return _rows(y, shard).mul_(step_size / (cosh_rms(y, group["gamma"]) + COSH_EPS))
 
 
 class MuonRule(NormalizedMomentumRule):
@@ -195,5 +211,6 @@ class MuonRule(NormalizedMomentumRule):
 
     hparams = (*_with_defaults(lr=1e-3, weight_decay=0.1), NS_STEPS, NS_COEFFICIENTS, NS_DTYPE)
 
-    def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float) -> torch.Tensor:
-        return _newton_schulz_of(d, group).mul_(step_size)
+    def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float,
+                         shard: RowShard | None = None) -> torch.Tensor:
+        return _rows(_newton_schulz_of(d, group, shard), shard).mul_(step_size)

@@ -15,7 +15,10 @@ Protocol (figures in the docs come from this script, as printed):
   ``syncs`` of a step without a refresh (step 2), ``syncs/load`` of such a step after
   ``state_dict()`` -> a new optimizer -> ``load_state_dict()`` (a resumed run), ``refresh ops``
   and ``refresh syncs`` of step 1 (the first subspace), ``alloc MiB`` (bytes of every new
-  storage an op of step 2 returned) and ``peak MiB`` (the most of them alive at one time).
+  storage an op of step 2 returned) and ``peak MiB`` (the most of them alive at one time). With
+  INT8 weights these count the eager code; ``fused ops`` / ``fused alloc MiB`` / ``fused peak
+  MiB`` count step 2 as CUDA runs it, each fused pass of :mod:`lowmem_optim.quant.groupwise`
+  (one compiled graph) as one op (:func:`lowmem_optim.op_count.as_one_op`).
 - CPU time: the parameter on the CPU in ``--cpu-dtype`` (float32: bfloat16 matmuls are
   emulated on CPUs without AMX, ~40x slower, which would time the emulation), ``--threads``
   threads; the first step (the refresh) is done with ``proj_method="randomized_svd"`` and no
@@ -45,7 +48,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lowmem_optim.op_count import OpCounter  # noqa: E402
+from lowmem_optim.op_count import OpCounter, as_one_op  # noqa: E402
+from lowmem_optim.quant import groupwise, int8_linear  # noqa: E402
 from lowmem_optim.quant.int8_linear import quantize_linear_layers  # noqa: E402
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer  # noqa: E402
 
@@ -115,6 +119,25 @@ def dispatch_figures(name: str, shape: tuple[int, int], rank: int, dtype: torch.
             "top_ops": dict(steady.by_op.most_common(8)), "sync_ops_after_load": dict(after_load.sync_ops)}
 
 
+def fused_figures(name: str, shape: tuple[int, int], rank: int, dtype: torch.dtype) -> dict[str, Any]:
+    """ops and temporaries of a step without a refresh with INT8 weights as CUDA runs it: each
+    fused pass of :mod:`lowmem_optim.quant.groupwise` counted as one op (meta device)."""
+    fusable, compiled = int8_linear._fusable, dict(groupwise._COMPILED)
+    int8_linear._fusable = lambda codes, group_size: codes.numel() % group_size == 0
+    for fn in (groupwise.dequantize_rows, groupwise.requantize_rows_):
+        groupwise._COMPILED[fn] = as_one_op(fn, f"fused {fn.__name__}")
+    try:
+        model = OneMatrix(shape, dtype, "meta", True)
+        optimizer = _optimizer(name, model, rank)
+        _counted_step(model, optimizer, 1)
+        steady = _counted_step(model, optimizer, 2)
+    finally:
+        int8_linear._fusable = fusable
+        groupwise._COMPILED.clear()
+        groupwise._COMPILED.update(compiled)
+    return {"fused_ops": steady.ops, "fused_alloc_bytes": steady.allocated_bytes, "fused_peak_bytes": steady.peak_bytes}
+
+
 def cpu_figures(name: str, shape: tuple[int, int], rank: int, dtype: torch.dtype, int8: bool,
                 steps: int) -> dict[str, Any]:
     """Median CPU seconds of a step without a refresh (module docstring), and the ops and
@@ -160,7 +183,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           f"CPU time in {args.cpu_dtype}")
     columns = (("ops", "ops", "d"), ("syncs", "syncs", "d"), ("syncs/load", "syncs_after_load", "d"),
                ("refresh ops", "refresh_ops", "d"), ("refresh syncs", "refresh_syncs", "d"),
-               ("alloc MiB", "alloc_bytes", "MiB"), ("peak MiB", "peak_bytes", "MiB"), ("CPU ms", "cpu_s", "ms"),
+               ("alloc MiB", "alloc_bytes", "MiB"), ("peak MiB", "peak_bytes", "MiB"),
+               ("fused ops", "fused_ops", "d"), ("fused alloc MiB", "fused_alloc_bytes", "MiB"),
+               ("fused peak MiB", "fused_peak_bytes", "MiB"), ("CPU ms", "cpu_s", "ms"),
                ("CPU ops", "cpu_ops", "d"), ("CPU alloc MiB", "cpu_alloc_bytes", "MiB"),
                ("CPU peak MiB", "cpu_peak_bytes", "MiB"))
     print(f"{'optimizer':<20} {'int8':<5}" + "".join(f" {title:>{len(title)}}" for title, _, _ in columns))
@@ -168,6 +193,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for name in args.optimizers.split(","):
         for int8 in (False, True):
             row = {"optimizer": name, "int8": int8, **dispatch_figures(name, shape, args.rank, dtype, int8)}
+            if int8:
+                row.update(fused_figures(name, shape, args.rank, dtype))
             if not args.no_time:
                 row.update(cpu_figures(name, shape, args.rank, cpu_dtype, int8, args.steps))
             rows.append(row)

@@ -1,10 +1,11 @@
 """Run by ``torchrun --nproc_per_node 2`` from test_distributed.py (not a test module).
 
-Five runs in one job, so the two processes start once: DDP with GaLore; DDP with GaLore on
-INT8 weights; FSDP2 with AdamW, then resumed from its step-2 checkpoint; FSDP2 with GaLore,
-which must refuse the sharded parameters. Each rank writes what it holds.
+Every run in one job, so the two processes start once: DDP with GaLore; DDP with GaLore on
+INT8 weights; FSDP2 with Q-GaLore, then resumed from its step-2 checkpoint; FSDP2 with every
+optimizer of the registry. Each rank writes what it holds.
 """
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, available_optimizers
 from train import distributed
 from train.config import parse_args
 from train.loop import run
@@ -35,7 +37,8 @@ def main(out: Path, base: list[str]) -> None:
                                   f"--output-dir={out / 'ddp_int8'}"]), d)
     torch.save(distributed.unwrap(int8.model).state_dict(), out / f"ddp_int8_rank{rank}.pt")
 
-    fsdp_flags = ["--optimizer=adamw", "--parallel=fsdp", "--save-every=2"]
+    fsdp_flags = ["--optimizer=q_galore_adamw8bit", "--rank=8", "--update-proj-gap=2", "--parallel=fsdp",
+                  "--save-every=2"]
     fsdp = run(parse_args(base + fsdp_flags + [f"--output-dir={out / 'fsdp'}"]), d)
     torch.save(full_parameters(fsdp.model), out / f"fsdp_rank{rank}.pt")
     if rank == 0:  # as if killed after step 2's checkpoint
@@ -45,12 +48,17 @@ def main(out: Path, base: list[str]) -> None:
     resumed = run(parse_args(base + fsdp_flags + [f"--output-dir={out / 'fsdp_cut'}", "--resume"]), d)
     torch.save(full_parameters(resumed.model), out / f"fsdp_resumed_rank{rank}.pt")
 
-    try:
-        run(parse_args(base + ["--optimizer=galore_adamw", "--rank=8", "--parallel=fsdp",
-                               f"--output-dir={out / 'fsdp_galore'}"]), d)
-        (out / f"fsdp_galore_rank{rank}.txt").write_text("trained")
-    except ValueError as err:
-        (out / f"fsdp_galore_rank{rank}.txt").write_text(str(err))
+    outcomes = {}
+    for name in available_optimizers():
+        lowrank = ["--rank=8", "--update-proj-gap=2"] if name in LOWRANK_OPTIMIZERS else []
+        try:
+            trained = run(parse_args(base + [f"--optimizer={name}", "--parallel=fsdp", *lowrank,
+                                             f"--output-dir={out / ('fsdp_' + name)}"]), d)
+            outcomes[name] = {"losses": [r["loss"] for r in trained.records]}
+            torch.save(full_parameters(trained.model), out / f"fsdp_{name}_rank{rank}.pt")
+        except ValueError as err:
+            outcomes[name] = {"refused": str(err)}
+    (out / f"fsdp_optimizers_rank{rank}.json").write_text(json.dumps(outcomes))
     dist.destroy_process_group()
 
 

@@ -1,9 +1,11 @@
 """Two CPU processes on gloo (torchrun): DDP keeps ranks identical (INT8 weights included) and
-matches one process on the same global batch; FSDP2 trains with AdamW and a clear error refuses
-GaLore's sharded matrices."""
+matches one process on the same global batch; FSDP2 trains every optimizer of the registry but
+bitsandbytes' (refused with a clear error), GaLore under FSDP2 equals GaLore under DDP, and a
+Q-GaLore run resumes exactly from its gathered checkpoint."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowmem_optim import available_optimizers
 from train import checkpoint, main
 from train.metrics import read_jsonl
 from train.model import build_model
@@ -74,13 +77,14 @@ def test_ddp_keeps_int8_weight_codes_identical_across_ranks(two_ranks):
     assert records[-1]["loss"] < records[0]["loss"]
 
 
-def test_fsdp2_trains_adamw_with_ranks_agreeing(two_ranks):
+def test_fsdp2_trains_q_galore_with_ranks_agreeing(two_ranks):
     rank0, rank1 = _load(two_ranks / "fsdp_rank0.pt"), _load(two_ranks / "fsdp_rank1.pt")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     records = read_jsonl(two_ranks / "fsdp" / "metrics.jsonl")
     assert records[-1]["loss"] < records[0]["loss"]
     saved = checkpoint.load(checkpoint.latest(two_ranks / "fsdp"))  # gathered whole on rank 0
     assert all(torch.equal(saved["model"][k], rank0[k]) for k in rank0)
+    assert any(k.endswith("exp_avg_sq_codes") for s in saved["optimizer"]["state"].values() for k in s)
 
 
 def test_fsdp2_resumes_from_a_gathered_checkpoint_exactly(two_ranks):
@@ -91,8 +95,28 @@ def test_fsdp2_resumes_from_a_gathered_checkpoint_exactly(two_ranks):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fsdp2_with_galore_is_refused_with_a_clear_error(two_ranks):
-    for rank in (0, 1):
-        message = (two_ranks / f"fsdp_galore_rank{rank}.txt").read_text()
-        assert message.startswith("--parallel fsdp: --optimizer galore_adamw cannot take FSDP2-sharded parameters")
-        assert "is a sharded DTensor (FSDP2)" in message
+def _fsdp_outcomes(two_ranks: Path) -> dict[str, dict]:
+    import json
+
+    return json.loads((two_ranks / "fsdp_optimizers_rank0.json").read_text())
+
+
+@pytest.mark.parametrize("name", [n for n in available_optimizers() if n != "adamw8bit"])
+def test_fsdp2_trains_every_optimizer(two_ranks, name):
+    outcome = _fsdp_outcomes(two_ranks)[name]
+    assert "refused" not in outcome, outcome["refused"]
+    losses = outcome["losses"]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_fsdp2_galore_equals_ddp_on_the_same_global_batch(two_ranks):
+    fsdp, ddp = _fsdp_outcomes(two_ranks)["galore_adamw"], read_jsonl(two_ranks / "ddp" / "metrics.jsonl")
+    assert fsdp["losses"] == pytest.approx([r["loss"] for r in ddp], rel=1e-5)
+    sharded, replicated = _load(two_ranks / "fsdp_galore_adamw_rank0.pt"), _load(two_ranks / "ddp_rank0.pt")
+    assert all(torch.allclose(sharded[k], replicated[k], atol=1e-5) for k in replicated)
+
+
+def test_fsdp2_refuses_bitsandbytes_with_a_clear_error(two_ranks):
+    message = _fsdp_outcomes(two_ranks)["adamw8bit"]["refused"]
+    assert message.startswith("--parallel fsdp: --optimizer adamw8bit cannot take FSDP2-sharded parameters")
+    assert "(allowed: --parallel ddp, or an optimizer of lowmem_optim)" in message

@@ -61,6 +61,8 @@ def test_adamw_state_bytes_are_its_two_moments_and_step_counters(run_tiny, tmp_p
     ({"seq-len": 512}, "--seq-len 512 exceeds max_position_embeddings 256"),
     ({"dtype": "float8"}, "Invalid --dtype: 'float8' (allowed: float32"),
     ({"weight-bits": 8}, "--weight-bits 8: --optimizer adamw writes into its parameters and cannot update INT8"),
+    ({"parallel": "fsdp", "layerwise": True}, "--layerwise with --parallel fsdp is not supported (allowed: --parallel ddp"),
+    ({"parallel": "fsdp", "weight-bits": 8}, "--weight-bits 8 with --parallel fsdp is not supported (allowed: --parallel"),
 ])
 def test_bad_input_names_the_flag_and_what_is_allowed(tmp_path, tiny_argv, flags, message):
     from train import main

@@ -1,0 +1,287 @@
+"""FSDP2-sharded parameters (``Shard(0)`` DTensors on a 1-D mesh) on 2 gloo processes: every
+optimizer of the package, every projector, both projection sides, INT4/INT8 projections, the
+fixed and adaptive schedules and the 8-bit rule give the unsharded optimizer's parameters on
+the same gradients; sharded state is smaller per rank; DCP checkpoints resume exactly and
+load across world sizes 2 -> 1 and 1 -> 2.
+
+One launch of 2 processes runs every case (starting processes is the expensive part); each
+rank steps a sharded copy and, on the same whole gradients, an unsharded reference, and writes
+what it measured for the tests below to check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from lowmem_optim import sharding
+from lowmem_optim.registry import get_optimizer_class
+
+STEPS = 4  # with update_proj_gap=2: refreshes at steps 1 and 3
+SAVED = 2  # the step after which checkpoints are saved: resuming crosses the refresh at step 3
+TOLERANCE = 1e-5  # max |sharded - unsharded| / max |unsharded|, per parameter
+
+#: (shape, in the low-rank / matrix group): tall (right projection, each rank's rank-4 moments
+#: one 256-value block), wide (left projection), odd rows (uneven split), and full-rank ones
+SHAPES: dict[str, tuple[tuple[int, ...], bool]] = {
+    "tall": ((128, 24), True), "wide": ((24, 128), True), "odd": ((37, 20), True),
+    "table": ((256, 8), False), "bias": ((64,), False),
+}
+
+LOWRANK = {"rank": 4, "update_proj_gap": 2}
+
+#: case -> (optimizer, group keys, constructor keys, per-parameter tolerance overrides)
+CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] = {
+    "galore_adamw svd": ("galore_adamw", LOWRANK, {}, {}),
+    # both sides: R = P^T G Q is diagonal up to rounding after a refresh, and Adam's first step is
+    # about sign(R), so eps keeps rounding-level entries from each deciding a whole +-lr step
+    "galore_adamw svd full": ("galore_adamw", {**LOWRANK, "proj_type": "full"}, {"eps": 1e-2}, {}),
+    "galore_adamw randomized_svd": ("galore_adamw", {**LOWRANK, "proj_method": "randomized_svd"}, {}, {}),
+    "galore_adamw svd int4": ("galore_adamw", {**LOWRANK, "proj_bits": 4, "proj_group_size": 32}, {}, {}),
+    "galore_adamw svd int8": ("galore_adamw", {**LOWRANK, "proj_bits": 8, "proj_group_size": 32}, {}, {}),
+    "galore_adamw adaptive": ("galore_adamw", {**LOWRANK, "refresh": "adaptive", "queue_size": 1,
+                                               "cos_threshold": 0.0}, {}, {}),
+    "dct_adamw l1": ("dct_adamw", LOWRANK, {}, {}),
+    "dct_adamw l2 reverse_std": ("dct_adamw", {**LOWRANK, "proj_type": "reverse_std"}, {"dct_score": "l2"}, {}),
+    "galore_adafactor": ("galore_adafactor", LOWRANK, {}, {}),
+    "galore_adafactor beta1": ("galore_adafactor", LOWRANK, {"beta1": 0.9}, {}),
+    "galore_adamw8bit": ("galore_adamw8bit", LOWRANK, {}, {}),
+    "q_galore_adamw8bit": ("q_galore_adamw8bit", {**LOWRANK, "proj_group_size": 32}, {}, {}),
+    # every moment in 8-bit codes: blocks cut per rank match the whole tensor's where each rank
+    # holds whole 256-value blocks (tall, wide, table); odd and bias cut theirs differently
+    "q_galore_adamw8bit 8-bit everywhere": ("q_galore_adamw8bit", {**LOWRANK, "proj_group_size": 32},
+                                            {"min_8bit_size": 0}, {"odd": 2e-2, "bias": 2e-2}),
+    "auon": ("auon", {}, {}, {}),
+    "auon low-rank": ("auon", LOWRANK, {}, {}),
+    "hybrid_auon": ("hybrid_auon", {}, {"ns_dtype": "float32"}, {}),
+    "muon": ("muon", {}, {"ns_dtype": "float32"}, {}),
+    "muon bf16": ("muon", {}, {}, {}),
+}
+
+
+def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g) * 0.1 for name, (shape, _) in SHAPES.items()}
+
+
+def _gradient(name: str, step: int) -> torch.Tensor:
+    """A gradient with a decaying spectrum (distinct singular values) and a slowly moving subspace."""
+    shape = SHAPES[name][0]
+    g = torch.Generator().manual_seed(1000 * step + list(SHAPES).index(name))
+    if len(shape) == 1:
+        return torch.randn(shape, generator=g)
+    m, n = shape
+    k = min(m, n)
+    base = torch.Generator().manual_seed(list(SHAPES).index(name))
+    u, v = torch.randn(m, k, generator=base), torch.randn(k, n, generator=base)
+    decay = torch.logspace(0, -2, k)[:, None]
+    return u @ (decay * v) + 0.05 * torch.randn(m, n, generator=g)
+
+
+class Params(nn.Module):
+    def __init__(self, values: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for name, value in values.items():
+            self.register_parameter(name, nn.Parameter(value.clone()))
+
+
+def _optimizer(case: str, model: nn.Module):
+    name, group_keys, ctor, _ = CASES[case]
+    matrices = [n for n, (_, lowrank) in SHAPES.items() if lowrank]
+    rest = [n for n in SHAPES if n not in matrices]
+    params = dict(model.named_parameters())
+    rest_group = {"params": [params[n] for n in rest], "param_names": rest}
+    matrix_group = {"params": [params[n] for n in matrices], "param_names": matrices, **group_keys}
+    cls = get_optimizer_class(name)
+    if name in ("auon", "hybrid_auon", "muon"):
+        rest_group["rule"] = "adam"
+    return cls([rest_group, matrix_group], **{"lr": 1e-2, **ctor} if name != "galore_adafactor" else ctor)
+
+
+def _shard(model: nn.Module, mesh) -> nn.Module:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    for name, p in list(model.named_parameters()):
+        setattr(model, name, nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])))
+    return model
+
+
+def _step(model: nn.Module, optimizer, step: int, mesh=None) -> None:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    for name, p in model.named_parameters():
+        grad = _gradient(name, step)
+        p.grad = grad if mesh is None else distribute_tensor(grad, mesh, [Shard(0)])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    return (p.full_tensor() if sharding.is_dtensor(p) else p).detach().clone()
+
+
+def _errors(model: nn.Module, reference: nn.Module) -> dict[str, float]:
+    errors = {}
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        a, b = _full(p), _full(q)
+        errors[name] = float((a - b).abs().max() / b.abs().max())
+    return errors
+
+
+def _state_bytes(optimizer) -> int:
+    return sum(sharding.local_bytes(v) for s in optimizer.state.values() for v in s.values())
+
+
+def _dcp_state(model: nn.Module, optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+
+
+def _dcp_load(model: nn.Module, optimizer, checkpoint: str) -> None:
+    """Resume as torchtitan does: a fresh model and optimizer's state dicts are the template."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    template = _dcp_state(model, optimizer)
+    dcp.load(template, checkpoint_id=checkpoint)
+    set_model_state_dict(model, template["model"])
+    set_optimizer_state_dict(model, optimizer, template["optim"])
+
+
+def _resume_error(case: str, checkpoint: str, mesh, uninterrupted: nn.Module) -> dict[str, Any]:
+    """Load ``checkpoint`` (saved after step ``SAVED``) into a fresh copy and step on to
+    ``STEPS``: the largest difference to ``uninterrupted``, or the error that refused the load."""
+    model = Params(_weights(seed=1))  # other weights: the load must overwrite them
+    model = model if mesh is None else _shard(model, mesh)
+    optimizer = _optimizer(case, model)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        _dcp_load(model, optimizer, checkpoint)
+    except (Exception, CheckpointException) as err:  # what a refused load says is checked by the test
+        return {"refused": f"{type(err).__name__}: {err}"[-600:]}
+    for step in range(SAVED + 1, STEPS + 1):
+        _step(model, optimizer, step, mesh)
+    return {"errors": _errors(model, uninterrupted)}
+
+
+def _run_case(case: str, mesh, workdir: Path) -> dict[str, Any]:
+    """Sharded and unsharded side by side, saving the sharded one with DCP after step ``SAVED``; then
+    that checkpoint resumed on the same world size, and a one-process checkpoint resumed sharded."""
+    import torch.distributed.checkpoint as dcp
+
+    reference = Params(_weights())
+    reference_opt = _optimizer(case, reference)
+    model = _shard(Params(_weights()), mesh)
+    optimizer = _optimizer(case, model)
+    directory = workdir / case.replace(" ", "_")
+    for step in range(1, STEPS + 1):
+        _step(reference, reference_opt, step)
+        _step(model, optimizer, step, mesh)
+        if step == SAVED:
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(directory / "sharded"))
+    result = {"errors": _errors(model, reference), "state_bytes": _state_bytes(optimizer),
+              "reference_state_bytes": _state_bytes(reference_opt)}
+    result["resumed"] = _resume_error(case, str(directory / "sharded"), mesh, model)
+    result["from_one_process"] = _resume_error(case, str(directory / "one_process"), mesh, reference)
+    return result
+
+
+def _one_process_checkpoints(workdir: Path) -> None:
+    """Each case's unsharded optimizer after step ``SAVED``, saved with DCP by one process."""
+    import torch.distributed.checkpoint as dcp
+
+    for case in CASES:
+        model = Params(_weights())
+        optimizer = _optimizer(case, model)
+        for step in range(1, SAVED + 1):
+            _step(model, optimizer, step)
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(workdir / case.replace(" ", "_") / "one_process"))
+
+
+def _worker(rank: int, world: int, workdir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    results: dict[str, Any] = {}
+    try:
+        for case in CASES:
+            try:
+                results[case] = _run_case(case, mesh, Path(workdir))
+            except Exception:  # reported by the test, per case
+                results[case] = {"error": traceback.format_exc(limit=-4)}
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        Path(workdir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict[str, Any]]:
+    workdir = tmp_path_factory.mktemp("sharded")
+    _one_process_checkpoints(workdir)
+    mp.spawn(_worker, args=(2, str(workdir)), nprocs=2, join=True)
+    results = [json.loads((workdir / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for case in CASES:  # 2 -> 1: the sharded checkpoint resumed in this one process
+        reference = Params(_weights())
+        optimizer = _optimizer(case, reference)
+        for step in range(1, STEPS + 1):
+            _step(reference, optimizer, step)
+        checkpoint = str(workdir / case.replace(" ", "_") / "sharded")
+        results[0][case]["to_one_process"] = _resume_error(case, checkpoint, None, reference)
+    return results
+
+
+def _case_results(two_ranks: list[dict[str, Any]], case: str) -> list[dict[str, Any]]:
+    for rank, results in enumerate(two_ranks):
+        assert "error" not in results[case], f"rank {rank}: {results[case].get('error')}"
+    return [results[case] for results in two_ranks]
+
+
+def _assert_close(errors: dict[str, float], tolerances: dict[str, float], where: Any) -> None:
+    for name, error in errors.items():
+        assert math.isfinite(error) and error <= tolerances.get(name, TOLERANCE), (where, name, error)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_step_gives_the_unsharded_parameters(two_ranks, case):
+    for rank, result in enumerate(_case_results(two_ranks, case)):
+        _assert_close(result["errors"], CASES[case][3], rank)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_state_takes_less_than_the_unsharded_per_rank(two_ranks, case):
+    for result in _case_results(two_ranks, case):
+        assert 0 < result["state_bytes"] < result["reference_state_bytes"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dcp_resume_on_the_same_world_size_is_exact(two_ranks, case):
+    for rank, result in enumerate(_case_results(two_ranks, case)):
+        assert "refused" not in result["resumed"], (rank, result["resumed"])
+        assert all(error == 0 for error in result["resumed"]["errors"].values()), (rank, result["resumed"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dcp_checkpoints_load_across_world_sizes_or_name_what_cannot(two_ranks, case):
+    tolerances = CASES[case][3]
+    loads = [(f"1 -> 2 rank {rank}", r["from_one_process"]) for rank, r in enumerate(_case_results(two_ranks, case))]
+    loads.append(("2 -> 1", two_ranks[0][case]["to_one_process"]))
+    for where, load in loads:
+        if "refused" in load:
+            assert tolerances, (where, load["refused"])  # only block statistics cut per rank may refuse
+            assert "absmax" in load["refused"], (where, load["refused"])
+        else:
+            _assert_close(load["errors"], tolerances, where)

@@ -1,0 +1,59 @@
+"""The run's optimizer (:mod:`train.optim`) from the CLI's Adam flags: ``--betas beta1,beta2`` (or
+``--beta1``/``--beta2``) and ``--eps`` reach every Adam group, checked by the Adam rule's
+declarations; an optimizer whose eps is not Adam's refuses ``--eps`` by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.config import parse_args
+from train.model import build_model
+from train.optim import make_optimizer
+
+TINY = str(Path(__file__).resolve().parents[2] / "configs" / "llama_tiny.json")
+
+
+def optimizer(*flags: str) -> torch.optim.Optimizer:
+    cfg = parse_args([f"--model-config={TINY}", *flags])
+    model = build_model(TINY, dtype=torch.float32, device=torch.device("cpu"), seed=0, vocab_needed=256, seq_len=32)
+    return make_optimizer(cfg, model)
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore_adamw", "galore_adamw8bit", "q_galore_adamw8bit", "dct_adamw"])
+def test_betas_and_eps_reach_every_group(name):
+    low = ["--rank=8"] if name != "adamw" else []
+    opt = optimizer(f"--optimizer={name}", "--betas=0.9,0.95", "--eps=1e-6", *low)
+    assert {(tuple(g["betas"]), g["eps"]) for g in opt.param_groups} == {((0.9, 0.95), 1e-6)}
+
+
+def test_beta2_alone_keeps_adams_beta1_and_equals_the_betas_form():
+    single = optimizer("--optimizer=galore_adamw", "--rank=8", "--beta2=0.95")
+    pair = optimizer("--optimizer=galore_adamw", "--rank=8", "--betas=0.9,0.95")
+    assert [g["betas"] for g in single.param_groups] == [g["betas"] for g in pair.param_groups] == [(0.9, 0.95)] * 2
+
+
+def test_unset_flags_leave_the_optimizers_defaults():
+    opt = optimizer("--optimizer=galore_adamw", "--rank=8")
+    assert {(g["betas"], g["eps"]) for g in opt.param_groups} == {((0.9, 0.999), 1e-8)}
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--betas=0.9"], "Invalid --betas: (0.9,) (allowed: a pair of numbers in [0, 1))"),
+    (["--betas=0.9,1.0"], "Invalid --betas: (0.9, 1.0)"),
+    (["--betas=high,low"], "Invalid --betas: 'high,low' (allowed: a pair of numbers in [0, 1), written beta1,beta2)"),
+    (["--betas=0.9,0.95", "--beta2=0.9"], "--betas '0.9,0.95' and --beta1/--beta2 both given"),
+    (["--beta1=1.5"], "Invalid --beta1/--beta2: (1.5, 0.999)"),
+    (["--eps=-1e-8"], "Invalid --eps: -1e-08 (allowed: a finite number >= 0)"),
+])
+def test_bad_adam_flags_name_the_flag_and_what_is_allowed(flags, message):
+    with pytest.raises(ValueError) as err:
+        parse_args([f"--model-config={TINY}", *flags])
+    assert message in str(err.value)
+
+
+def test_eps_for_adafactor_whose_eps_is_a_pair_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"Invalid eps: 1e-06 \(allowed: a pair"):
+        optimizer("--optimizer=galore_adafactor", "--rank=8", "--eps=1e-6")
