@@ -13,7 +13,6 @@ not about this package's conventions (step_param, error messages).
 from __future__ import annotations
 
 import copy
-import inspect
 import io
 import math
 from dataclasses import dataclass, field
@@ -100,8 +99,9 @@ CASES: list[Case] = [
     *[_lowrank(name, base, p, ADAPTIVE, bits)
       for name, base in (("galore_adafactor", ADAFACTOR), ("galore_adamw8bit", {**ADAM, **EIGHT_BIT}))
       for p, bits in (("randomized_svd", 4), ("dct", None))],
-    # Q-GaLore's own schedule is the adaptive one (INT4 projections by default)
+    # Q-GaLore's own schedule is the adaptive one (INT4 projections by default); a fixed one may replace it
     _lowrank("q_galore_adamw8bit", {**ADAM, **EIGHT_BIT}, None, ("adaptive", GROWING, (4, 6))),
+    _lowrank("q_galore_adamw8bit", {**ADAM, **EIGHT_BIT}, None, FIXED),
     *[_lowrank("dct_adamw", ADAM, None, s) for s in (FIXED, ADAPTIVE)],
     # the class defaults, but Muon's lr is Keller Jordan's 0.02 (torch's default 1e-3 barely moves in a dozen steps)
     *[Case(name, MATRIX_LR.get(name, {})) for name in sorted(MATRIX_OPTIMIZERS)],

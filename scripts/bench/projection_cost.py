@@ -58,12 +58,14 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     svd, rsvd, dct = SVDProjector(), RandomizedSVDProjector(), DCTProjector()
-    group = {**defaults(svd, svd.storage, rsvd, dct), "rank": args.rank}
+    group = {"rank": args.rank, "proj_type": "std"}
+    svd_group, rsvd_group = ({**defaults(part, part.storage), **group} for part in (svd, rsvd))
+    dct_group = {**defaults(dct), **group}
     methods = {
-        "exact SVD": lambda g, s: svd.refresh(g, s, group, 0),
-        "randomized SVD": lambda g, s: rsvd.refresh(g, s, group, 0),
-        "DCT matmul": lambda g, s: dct.refresh(g, s, {**group, "dct_fft_threshold": 10**9}, 0),
-        "DCT FFT": lambda g, s: dct.refresh(g, s, {**group, "dct_fft_threshold": 1}, 0),
+        "exact SVD": lambda g, s: svd.refresh(g, s, svd_group, 0),
+        "randomized SVD": lambda g, s: rsvd.refresh(g, s, rsvd_group, 0),
+        "DCT matmul": lambda g, s: dct.refresh(g, s, {**dct_group, "dct_fft_threshold": 10**9}, 0),
+        "DCT FFT": lambda g, s: dct.refresh(g, s, {**dct_group, "dct_fft_threshold": 1}, 0),
     }
     methods["exact SVD"](torch.randn(256, 256, device=device, dtype=dtype), {})
     print(f"device {device} ({torch.get_num_threads()} threads), dtype {args.dtype}, rank {args.rank}, "
