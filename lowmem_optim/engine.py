@@ -261,6 +261,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
             self._warn_if_full_rank(p, group, index)
+            if group.get("stagger") and uses_projection(p, group):
+                state["refresh_slot"] = self._matrix_slot(p)
         state["step"] += 1
         step = int(state["step"])
         # an FSDP2-sharded parameter is stepped on this rank's rows (lowmem_optim.sharding)
@@ -313,6 +315,17 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if group["weight_decay"] != 0:
             p.mul_(1 - lr_t * group["weight_decay"])
         p.sub_(update, alpha=alpha)
+
+    def _matrix_slot(self, param: torch.Tensor) -> int:
+        """How many projected parameters precede ``param`` in the optimizer (the staggered
+        schedule's slot: the same on every rank and resume, as it depends on the order alone)."""
+        slot = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p is param:
+                    return slot
+                slot += uses_projection(p, group)
+        raise KeyError("the tensor is not a parameter of this optimizer")
 
     def _warn_if_full_rank(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         if is_lowrank_group(group) and not uses_projection(p, group) and index not in self._warned_full_rank:
