@@ -15,10 +15,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from lowmem_optim.memory import COMPONENTS, DTYPES, WEIGHT_BITS, TrainingSetup, estimate_memory
-from lowmem_optim.registry import available_optimizers
+import torch
+
+from lowmem_optim.groups import TARGET_MODULES_HELP, check_some_matrix_projected, parse_target_modules
+from lowmem_optim.llama_config import check_seq_len, load_llama_config
+from lowmem_optim.memory import (COMPONENTS, DTYPES, WEIGHT_BITS, LlamaShape, TrainingSetup, estimate_memory,
+                                 llama_skeleton)
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, available_optimizers, check_int8_capable
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -42,27 +46,26 @@ def _parser() -> argparse.ArgumentParser:
     _flag(memory, "seq-len", type=int, required=True)
     _flag(memory, "activation-checkpointing", action="store_true")
     _flag(memory, "layerwise", action="store_true", help="layer-wise updates (gradients freed in backward)")
-    _flag(memory, "target-modules", default="all-linear",
-          help="low-rank/INT8 linear layers: all-linear, a regex, or comma-separated name fragments")
+    _flag(memory, "target-modules", default="all-linear", help=f"low-rank/INT8 linear layers: {TARGET_MODULES_HELP}")
     _flag(memory, "json", action="store_true", help="print one JSON object")
     return parser
 
 
-def _targets(value: str) -> str | list[str]:
-    return [t for t in value.split(",") if t] if "," in value else value
-
-
 def memory_command(args: argparse.Namespace) -> dict[str, int]:
-    path = Path(args.model_config)
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"Invalid --model-config: {str(path)!r} is not a readable JSON file ({err})") from err
+    """The estimate; ValueError for what the training CLI would refuse too (the same config
+    loader, ``--target-modules`` parser, sequence length, rank and INT8 checks)."""
+    config = load_llama_config(args.model_config)
+    check_seq_len(config, args.seq_len, args.model_config)
+    targets = parse_target_modules(args.target_modules)
+    if args.weight_bits == 8:
+        check_int8_capable(args.optimizer)
+    if args.rank is not None and args.optimizer in LOWRANK_OPTIMIZERS | MATRIX_OPTIMIZERS:
+        check_some_matrix_projected(llama_skeleton(LlamaShape.from_config(config), torch.float32), targets, args.rank)
     setup = TrainingSetup(
         optimizer=args.optimizer, rank=args.rank, weight_bits=args.weight_bits, dtype=args.dtype,
         proj_bits=args.proj_bits, batch_size=args.batch_size, seq_len=args.seq_len,
         activation_checkpointing=args.activation_checkpointing, layerwise=args.layerwise,
-        target_modules=_targets(args.target_modules),
+        target_modules=targets,
     )
     return estimate_memory(config, setup).as_dict()
 

@@ -251,6 +251,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
             self._warn_if_full_rank(p, group, index)
+            if group.get("stagger") and uses_projection(p, group):
+                state["refresh_slot"] = self._matrix_slot(p)
         state["step"] += 1
         step = int(state["step"])
         # an FSDP2-sharded parameter is stepped on this rank's rows (lowmem_optim.sharding)
@@ -298,6 +300,17 @@ class ComposedOptimizer(torch.optim.Optimizer):
             p.mul_(1 - lr_t * group["weight_decay"])
         p.sub_(update, alpha=alpha)
 
+    def _matrix_slot(self, param: torch.Tensor) -> int:
+        """How many projected parameters precede ``param`` in the optimizer (the staggered
+        schedule's slot: the same on every rank and resume, as it depends on the order alone)."""
+        slot = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p is param:
+                    return slot
+                slot += uses_projection(p, group)
+        raise KeyError("the tensor is not a parameter of this optimizer")
+
     def _warn_if_full_rank(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         if is_lowrank_group(group) and not uses_projection(p, group) and index not in self._warned_full_rank:
             self._warned_full_rank.add(index)
@@ -312,7 +325,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
         dtype; here integer codes/indices keep theirs, and so do the keys that the group's own
         parts declare fixed (:meth:`lowmem_optim.parts.Part.fixed_dtype_keys`: float32 scales
         and statistics, Adam's float32 moments of a float16 parameter). A saved group that
-        lacks a key of its parts gets the declared default."""
+        lacks a key of its parts gets the declared default. Keys the parts keep on the host
+        (:meth:`lowmem_optim.parts.Part.host_keys`: basis metadata, similarity queues) stay on the
+        CPU, as torch keeps ``step`` there: reading them back from a GPU every update would stall it."""
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         for group in self.param_groups:
@@ -321,8 +336,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 group.setdefault(name, hp.default)
             for p, saved_id in zip(group["params"], saved_ids):
                 fixed = frozenset().union(*(part.fixed_dtype_keys(p.dtype) for part in parts.all()))
+                host = frozenset().union(*(part.host_keys() for part in parts.all()))
                 for key, value in state_dict["state"].get(saved_id, {}).items():
-                    if torch.is_tensor(value) and key != "step" and (not value.is_floating_point() or key in fixed):
+                    if torch.is_tensor(value) and key in host:
+                        self.state[p][key] = value.to(device="cpu")
+                    elif torch.is_tensor(value) and key != "step" and (not value.is_floating_point() or key in fixed):
                         self.state[p][key] = value.to(device=p.device)
 
     def layer_stats(self) -> list[dict[str, Any]]:

@@ -17,6 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+#: the ``--target-modules`` syntax shared by the training and memory command lines
+TARGET_MODULES_HELP = ("all-linear (every linear layer but the output head); re:<regex> (a full match of module "
+                       "names, e.g. re:.*self_attn.*); or comma-separated name fragments (a module matches when one "
+                       "occurs in its name, e.g. q_proj,v_proj or self_attn)")
+_FRAGMENT = re.compile(r"[A-Za-z0-9_.]+")
+
 #: output heads excluded from "all-linear" (HF excludes the model's output embedding)
 _HEAD_NAMES = ("lm_head", "output", "classifier", "score")
 
@@ -25,6 +31,39 @@ def _head_weights(model: nn.Module) -> set[int]:
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
     return {id(head.weight)} if head is not None and getattr(head, "weight", None) is not None else set()
+
+
+def parse_target_modules(spec: str, flag: str = "--target-modules") -> str | list[str]:
+    """The ``target_modules`` of a command-line value (:data:`TARGET_MODULES_HELP`); ValueError
+    naming ``flag`` for a bad regex, an empty value, or a fragment that is a regex without ``re:``."""
+    if spec == "all-linear":
+        return spec
+    if spec.startswith("re:"):
+        try:
+            re.compile(spec[3:])
+        except re.error as err:
+            raise ValueError(f"Invalid {flag}: {spec!r} is not a valid regular expression ({err}) "
+                             f"(allowed: {TARGET_MODULES_HELP})") from None
+        if not spec[3:]:
+            raise ValueError(f"Invalid {flag}: {spec!r} is an empty regular expression (allowed: {TARGET_MODULES_HELP})")
+        return spec[3:]
+    fragments = [fragment.strip() for fragment in spec.split(",") if fragment.strip()]
+    bad = [f for f in fragments if not _FRAGMENT.fullmatch(f)]
+    if bad or not fragments:
+        hint = f"; a regular expression is written re:{spec}" if bad else ""
+        raise ValueError(f"Invalid {flag}: {spec!r}{hint} (allowed: {TARGET_MODULES_HELP})")
+    return fragments
+
+
+def check_some_matrix_projected(model: nn.Module, target_modules: str | list[str], rank: int) -> None:
+    """ValueError naming ``--rank`` when ``rank`` >= min(rows, cols) of every selected matrix:
+    nothing would be projected."""
+    from lowmem_optim.engine import matrix_shape
+
+    min_dims = [min(matrix_shape(module.weight)) for _, module in selected_modules(model, target_modules)]
+    if min_dims and not any(rank < d for d in min_dims):
+        raise ValueError(f"Invalid --rank: {rank} is >= min(rows, cols) of every low-rank matrix (largest: "
+                         f"{max(min_dims)}), so nothing would be projected (allowed: --rank < {max(min_dims)})")
 
 
 def _selector(target_modules: str | list[str] | tuple[str, ...]):

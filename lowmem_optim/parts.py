@@ -165,6 +165,11 @@ class Part:
         (torch casts every other floating state tensor to the parameter's dtype)."""
         return frozenset()
 
+    def host_keys(self) -> frozenset[str]:
+        """State keys kept on the CPU whatever the parameter's device: small bookkeeping the host
+        reads (a read from a GPU tensor would wait for every queued kernel)."""
+        return frozenset()
+
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         """Bytes this part keeps in the state of a parameter whose update it sees as ``shape``
         (a rule: the projected shape; a projector and its storage: the matrix shape) in ``dtype``."""
@@ -173,6 +178,10 @@ class Part:
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         """Transient bytes this part allocates during one update of that parameter."""
         return 0
+
+    def shared_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> dict[Any, int]:
+        """Caches this part shares between parameters (key -> bytes; a key is counted once)."""
+        return {}
 
     def sharded_layout(self, dim: int) -> StateLayout:
         """Which of this part's state entries follow the rows of a ``dim``-D input whose rows are

@@ -46,6 +46,16 @@ def get_optimizer_class(name: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
+def check_int8_capable(name: str) -> None:
+    """ValueError unless optimizer ``name`` can train INT8 weights (:mod:`lowmem_optim.quant.int8_linear`):
+    only this package's optimizers apply their updates through ``apply_update``."""
+    from lowmem_optim.engine import ComposedOptimizer
+
+    if not issubclass(get_optimizer_class(name), ComposedOptimizer):
+        raise ValueError(f"--weight-bits 8: --optimizer {name} writes into its parameters and cannot update INT8 "
+                         f"weights (allowed: an optimizer of this package, e.g. {', '.join(sorted(LOWRANK_OPTIMIZERS))})")
+
+
 def build_optimizer(
     name: str, model: nn.Module, *, target_modules: str | list[str] = "all-linear", **hparams: Any
 ) -> Any:

@@ -17,13 +17,25 @@ from typing import Any
 
 import torch
 
-from lowmem_optim.parts import HParam, Part, integer, invalid, number, optional
+from lowmem_optim.parts import BOOLEAN, HParam, Part, integer, invalid, number, optional
 
 
 class FixedRefresh(Part):
-    """Refresh every ``update_proj_gap`` steps (the group's value, read at each refresh)."""
+    """Refresh every ``update_proj_gap`` steps (the group's value, read at each refresh).
 
-    hparams = (HParam("update_proj_gap", 200, integer(1), "steps between subspace refreshes"),)
+    ``stagger``: every matrix still refreshes at step 1 (none can step without a subspace), but
+    the j-th projected matrix of the optimizer (``refresh_slot`` in its state, set by the engine)
+    refreshes next at step 1 + (j mod gap), or 1 + gap when that is 0, then every gap: with a
+    fixed gap no later step refreshes more than ceil(matrices / gap) of them, so the cost of a
+    refresh (an exact SVD of a 7B matrix: ~1 s on an H200) is spread over the gap instead of
+    stalling one step. The slot depends on the parameter order alone: every rank and every
+    resumed run refreshes the same matrices at the same steps.
+    """
+
+    hparams = (
+        HParam("update_proj_gap", 200, integer(1), "steps between subspace refreshes"),
+        HParam("stagger", False, BOOLEAN, "after step 1, each matrix refreshes at its own offset within its gap"),
+    )
 
     def due(self, state: dict[str, Any], step: int) -> bool:
         return step >= state.get("next_refresh", 1)
@@ -36,7 +48,9 @@ class FixedRefresh(Part):
 
     def record(self, state: dict[str, Any], step: int, group: dict[str, Any], similarity: float | None) -> None:
         state["refreshes"] = state.get("refreshes", 0) + 1
-        state["next_refresh"] = step + self.gap(state, group)
+        gap = self.gap(state, group)
+        offset = state["refresh_slot"] % gap if group["stagger"] and state["refreshes"] == 1 else 0
+        state["next_refresh"] = step + (offset or gap)
         state["last_similarity"] = float("nan") if similarity is None else similarity
 
 
@@ -72,6 +86,9 @@ class AdaptiveRefresh(FixedRefresh):
 
     def fixed_dtype_keys(self, param_dtype: torch.dtype) -> frozenset[str]:
         return frozenset({"sim_queue"})  # float64 records
+
+    def host_keys(self) -> frozenset[str]:
+        return frozenset({"sim_queue"})  # averaged on the host at each refresh
 
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         return 8 * group["queue_size"]  # the float64 queue (number entries are not tensors)

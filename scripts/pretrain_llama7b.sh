@@ -2,7 +2,8 @@
 # LLaMA-7B pretraining on ONE GPU within 16 GB: Q-GaLore's recipe (Zhang et al., 2024).
 #   INT8 weights, INT4 projections, 8-bit Adam in a rank-1024 subspace refreshed every 500 steps
 #   with Q-GaLore's adaptive (lazy) per-layer gap (built into q_galore_adamw8bit; with another
-#   OPTIMIZER add --refresh=adaptive), layer-wise updates (no full gradient ever
+#   OPTIMIZER add --refresh=adaptive), staggered (--stagger: after step 1 the 224 matrices
+#   refresh on distinct steps of the first gap, not all on one), layer-wise updates (no full gradient ever
 #   held), activation checkpointing, bf16, sequence 256, lr 0.004, scale 0.25.
 #
 # Usage:  bash scripts/pretrain_llama7b.sh [extra train flags, which override the recipe's]
@@ -36,7 +37,7 @@ if [ -n "${ENTRY:-}" ]; then entry=("$ENTRY"); fi
 exec "$PYTHON" "${entry[@]}" \
     --model-config="$model" --optimizer="${OPTIMIZER:-q_galore_adamw8bit}" \
     --weight-bits=8 --proj-bits=4 --layerwise --activation-checkpointing --dtype=bfloat16 \
-    --rank="$rank" --update-proj-gap=500 --scale=0.25 --lr=0.004 --weight-decay=0 \
+    --rank="$rank" --update-proj-gap=500 --stagger --scale=0.25 --lr=0.004 --weight-decay=0 \
     --warmup-steps=$((steps / 10)) --scheduler=cosine --min-lr-ratio=0.1 \
     --batch-size="$batch" --seq-len="$seq" --max-steps="$steps" --data="$data" \
     --eval-every=1000 --save-every=1000 --output-dir="$out" "$@"

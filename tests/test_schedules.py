@@ -82,3 +82,49 @@ def test_unknown_refresh_is_rejected_listing_the_schedules():
     w = torch.nn.Parameter(torch.zeros(8, 4))
     with pytest.raises(ValueError, match="adaptive"):
         GaLoreAdamW([{"params": [w], "rank": 2, "refresh": "lazy"}])
+
+
+def _staggered_run(steps: int, resume_at: int | None = None, gap: int = 4, refresh: str = "fixed"):
+    """12 projected matrices and a bias; which matrices refresh at each step, and the final weights."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(16, 12, generator=gen)) for _ in range(12)]
+    bias = torch.nn.Parameter(torch.zeros(12))
+    grads = [[torch.randn(16, 12, generator=gen) for _ in weights] for _ in range(steps)]
+
+    def build(params):
+        return GaLoreAdamW([{"params": params[:6], "rank": 2, "update_proj_gap": gap, "stagger": True, "refresh": refresh},
+                            {"params": [bias]},
+                            {"params": params[6:], "rank": 2, "update_proj_gap": gap, "stagger": True,
+                             "refresh": refresh}], lr=1e-2)
+
+    opt, seen, per_step = build(weights), [0] * 12, []
+    for step in range(1, steps + 1):
+        if step == resume_at:
+            saved = opt.state_dict()
+            opt = build(weights)
+            opt.load_state_dict(saved)
+        for w, g in zip(weights, grads[step - 1]):
+            w.grad = g
+        bias.grad = torch.ones(12)
+        opt.step()
+        now = [opt.state[w]["refreshes"] for w in weights]
+        per_step.append([i for i in range(12) if now[i] != seen[i]])
+        seen = now
+    return per_step, [w.detach().clone() for w in weights]
+
+
+def test_staggered_refresh_spreads_the_matrices_over_the_gap_and_resumes_exactly():
+    per_step, final = _staggered_run(13)
+    assert per_step[0] == list(range(12))  # step 1: every matrix needs a first subspace
+    assert all(len(done) <= 3 for done in per_step[1:])  # ceil(12 matrices / gap 4)
+    assert sorted(i for done in per_step[1:5] for i in done) == list(range(12))  # each once per gap
+    for i in range(12):
+        steps = [s for s, done in enumerate(per_step, start=1) if i in done]
+        assert all(b - a == 4 for a, b in zip(steps[1:], steps[2:]))  # then every gap
+    resumed_steps, resumed = _staggered_run(13, resume_at=6)
+    assert resumed_steps == per_step and all(torch.equal(a, b) for a, b in zip(final, resumed))
+
+
+def test_staggered_adaptive_refresh_also_spreads_after_step_one():
+    per_step, _ = _staggered_run(6, refresh="adaptive")
+    assert per_step[0] == list(range(12)) and all(len(done) <= 3 for done in per_step[1:])

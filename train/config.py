@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lowmem_optim.engine import lowrank_hparams
+from lowmem_optim.groups import TARGET_MODULES_HELP, parse_target_modules
 from lowmem_optim.parts import invalid
 from lowmem_optim.rules.adam import BETAS, EPS
 
@@ -23,11 +24,13 @@ DTYPES: dict[str, str] = {"float32": "float32", "fp32": "float32", "bfloat16": "
 SCHEDULERS = ("cosine", "linear", "constant")
 PARALLEL = ("ddp", "fsdp")
 WANDB_MODES = ("off", "offline", "online")
+ON_NONFINITE = ("stop", "skip")
 
 #: fields a resumed run may change; any other difference from the checkpoint's config is an error
 RESUMABLE_CHANGES = frozenset({
     "max_steps", "eval_every", "eval_batches", "save", "save_every", "keep_checkpoints", "log_every",
-    "wandb", "wandb_project", "run_name", "resume", "output_dir", "progress",
+    "wandb", "wandb_project", "run_name", "resume", "output_dir", "progress", "on_nonfinite",
+    "model_config", "data",  # compared by contents: the model config's keys, the data's fingerprint
 })
 
 
@@ -66,7 +69,7 @@ class TrainConfig(LowRankFlags):
     eps: float | None = _opt(None, f"Adam's eps: {EPS.doc} (allowed: {EPS.check.allowed}; unset: the optimizer's, "
                                    "e.g. 1e-8; galore-torch's GaLoreAdamW used 1e-6)")
     grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: no clipping)")
-    target_modules: str = _opt("all-linear", "low-rank linear layers: all-linear, a regex, or comma-separated name fragments")
+    target_modules: str = _opt("all-linear", f"low-rank linear layers: {TARGET_MODULES_HELP}")
     layerwise: bool = _opt(False, "update each parameter inside backward and free its gradient (layer-wise); "
                                  "--grad-clip then clips per parameter")
     # schedule
@@ -90,7 +93,11 @@ class TrainConfig(LowRankFlags):
     save_every: int = _opt(0, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _opt(2, "checkpoints kept in the output dir (oldest removed)")
     output_dir: str = _opt("runs/default", "where metrics.jsonl, config.json and checkpoints go")
-    resume: bool = _opt(False, "continue from the latest checkpoint in --output-dir")
+    resume: bool = _opt(False, "continue from the newest intact checkpoint in --output-dir (newer corrupt ones "
+                               "are named and skipped)")
+    on_nonfinite: str = _opt("stop", "a step whose loss is not finite: stop (one-line error naming the step and "
+                                     "the last good checkpoint, exit 1), or skip it and its update (its loss or "
+                                     "gradients not finite; one device sync per step)", choices=ON_NONFINITE)
     wandb: str = _opt("off", "wandb logging (online without WANDB_API_KEY logs offline)", choices=WANDB_MODES)
     wandb_project: str = _opt("lowmem_optim", "wandb project")
     run_name: str | None = _opt(None, "run name (default: the output dir's name)")
@@ -145,8 +152,12 @@ class TrainConfig(LowRankFlags):
         if self.layerwise and self.parallel == "fsdp":
             raise ValueError("--layerwise with --parallel fsdp is not supported (allowed: --parallel ddp, where the "
                              "layer-wise hooks average each gradient over the ranks)")
+        if self.on_nonfinite == "skip" and self.layerwise:
+            raise ValueError("--on-nonfinite skip with --layerwise is not supported: layer-wise updates run inside "
+                             "backward, before a step's loss and gradients can be checked (allowed: --on-nonfinite stop)")
         if self.weight_bits == 8 and self.parallel == "fsdp":
             raise ValueError("--weight-bits 8 with --parallel fsdp is not supported (allowed: --parallel ddp)")
+        parse_target_modules(self.target_modules)
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"Invalid --warmup-steps: {self.warmup_steps} (allowed: <= --max-steps {self.max_steps})")
 

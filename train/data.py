@@ -29,6 +29,7 @@ unchanged.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import queue
@@ -76,7 +77,12 @@ class HFTokenizer:
         from transformers import AutoTokenizer
 
         self.name = name
-        self._tok = AutoTokenizer.from_pretrained(name)
+        try:
+            self._tok = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as err:  # not on the hub, not cached offline, not a tokenizer folder
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"--tokenizer {name!r} could not be loaded ({type(err).__name__}: {first}) (allowed: "
+                             "bytes, or an HF tokenizer name or local path that is cached or downloadable)") from err
         self.vocab_size = len(self._tok)
         if self._tok.eos_token_id is None:
             raise ValueError(f"--tokenizer {name!r} has no end-of-sequence token; documents could not be separated")
@@ -130,12 +136,16 @@ def builtin_corpus() -> Path:
 
 
 # ---- local files ----------------------------------------------------------------------------
+def _text_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()) if path.is_dir() else [path]
+
+
 def read_documents(path: str | Path) -> list[str]:
     """Documents of a .txt/.jsonl file or of a folder of them (sorted by path)."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"--data {str(path)!r} does not exist (allowed: builtin, c4, or a .txt/.jsonl file or folder)")
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()) if path.is_dir() else [path]
+    files = _text_files(path)
     if not files or any(f.suffix not in (".txt", ".jsonl") for f in files):
         raise ValueError(f"--data {str(path)!r} holds no .txt or .jsonl file (allowed: a .txt/.jsonl file or a folder of them)")
     docs: list[str] = []
@@ -150,10 +160,31 @@ def read_documents(path: str | Path) -> list[str]:
         for line_no, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    docs.append(json.loads(line)["text"])
+                    doc = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
                     raise ValueError(f"--data: {str(f)!r} line {line_no} is not a JSON object with a 'text' field") from err
+                if not isinstance(doc, str):
+                    raise ValueError(f"--data: {str(f)!r} line {line_no}: 'text' is {type(doc).__name__} "
+                                     f"{str(doc)[:40]!r} (allowed: a string)")
+                docs.append(doc)
     return docs
+
+
+def fingerprint(source: str) -> str:
+    """What ``--resume`` compares to know the data is the same: per file read (sorted, names
+    relative to ``source``), its size and the SHA-256 of its first 64 MiB (the whole file when
+    smaller); the built-in corpus by its cache file; ``c4`` by name (a remote dataset)."""
+    if source == "c4":
+        return "c4"
+    path = builtin_corpus() if source == "builtin" else Path(source)
+    if not path.exists():
+        return f"missing:{source}"
+    digest = hashlib.sha256()
+    for f in _text_files(path):
+        digest.update(f"{f.relative_to(path) if path.is_dir() else ''}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as handle:
+            digest.update(handle.read(64 * 2**20))
+    return f"sha256:{digest.hexdigest()[:16]}"
 
 
 def pack(docs: list[str], tokenizer: Tokenizer) -> torch.Tensor:

@@ -133,6 +133,24 @@ def max_over_ranks(value: int, device: torch.device) -> int:
     return int(t)
 
 
+def gather_from_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (1-D) of every rank, stacked: (world, len) on the CPU, one device-to-host copy."""
+    if not dist.is_initialized():
+        return values.unsqueeze(0).cpu()
+    out = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, values.contiguous())
+    return torch.stack(out).cpu()
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` (picklable) on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -10,7 +10,9 @@ metrics); this file only wires them, like nanoGPT's train.py.
 from __future__ import annotations
 
 import math
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from train import checkpoint, distributed
+from lowmem_optim.groups import parse_target_modules
+from lowmem_optim.llama_config import load_llama_config
+from train import RunStopped, checkpoint, distributed, outdir
 from train.config import RESUMABLE_CHANGES, TrainConfig
-from train.data import Data, build_data
+from train.data import Data, build_data, fingerprint
 from train.metrics import Metrics, peak_memory
 from train.model import build_model, count_parameters, quantize_weights
-from train.optim import make_optimizer, make_scheduler, optimizer_state_bytes, target_modules
+from train.optim import make_optimizer, make_scheduler, optimizer_state_bytes
 
 
 def accumulation_steps(cfg: TrainConfig, world: int) -> int:
@@ -36,13 +40,27 @@ def accumulation_steps(cfg: TrainConfig, world: int) -> int:
     return total // per_micro
 
 
-def check_resumable(cfg: TrainConfig, saved: dict[str, Any]) -> None:
-    """A resumed run must train the same thing; only logging, saving and the length may change."""
+def check_resumable(cfg: TrainConfig, model_config: dict[str, Any], data_fingerprint: str,
+                    resumed: dict[str, Any]) -> None:
+    """A resumed run must train the same thing: the same flags (only logging, saving, the
+    length and the paths may change), the same model config contents and the same data."""
+    saved = resumed["config"]
     changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
     if changed:
         diffs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise ValueError(f"--resume: the checkpoint was trained with other settings ({diffs}); "
                          "resume with the same settings or start a new --output-dir")
+    before = resumed["model_config"]
+    keys = sorted(k for k in before.keys() | model_config.keys() if before.get(k, before) != model_config.get(k, before))
+    if keys:
+        shown = [[repr(config[k]) if k in config else "(unset)" for config in (before, model_config)] for k in keys]
+        diffs = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in zip(keys, shown))
+        raise ValueError(f"--resume: --model-config {cfg.model_config!r} differs from the config the checkpoint was "
+                         f"trained with ({diffs}); resume with the same model or start a new --output-dir")
+    if resumed["data_fingerprint"] != data_fingerprint:
+        raise ValueError(f"--resume: --data {cfg.data!r} is not the data the checkpoint was trained on (its contents "
+                         f"changed: {resumed['data_fingerprint']} -> {data_fingerprint}); resume with the same data "
+                         "or start a new --output-dir")
 
 
 def attach_layerwise(optimizer: torch.optim.Optimizer, accum: int, grad_clip: float, d: distributed.Dist) -> Any:
@@ -86,16 +104,21 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> Trained:
     """The whole run in this process (``d`` from :func:`train.distributed.setup`)."""
     out = Path(cfg.output_dir)
     accum = accumulation_steps(cfg, d.world)
-    dtype = getattr(torch, cfg.torch_dtype_name)
+    with outdir.claimed(out, resume=cfg.resume) if d.is_main else nullcontext():
+        distributed.barrier()
+        return _run(cfg, d, out, accum)
 
-    # ---- resume or start: never train over someone's checkpoints by accident ----
-    last = checkpoint.latest(out)
-    if last is not None and not cfg.resume:
-        raise ValueError(f"{str(out)!r} already holds checkpoints ({last.name}); pass --resume to continue "
-                         "that run, or choose another --output-dir")
-    resumed = checkpoint.load(last) if last is not None else None
+
+def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Trained:
+    dtype = getattr(torch, cfg.torch_dtype_name)
+    model_config = load_llama_config(cfg.model_config)
+    data_fingerprint = fingerprint(cfg.data)
+
+    # ---- resume or start: the newest intact checkpoint, which must have trained the same thing ----
+    last = _resume_point(out, d) if cfg.resume else None
+    resumed = checkpoint.load(last, verified=True) if last is not None else None
     if resumed is not None:
-        check_resumable(cfg, resumed["config"])
+        check_resumable(cfg, model_config, data_fingerprint, resumed)
 
     # ---- data, model, optimizer, schedule ----
     data: Data = build_data(cfg.data, cfg.tokenizer, cfg.seq_len, cfg.batch_size, seed=cfg.seed,
@@ -105,7 +128,7 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> Trained:
                         vocab_needed=data.tokenizer.vocab_size, seq_len=cfg.seq_len,
                         activation_checkpointing=cfg.activation_checkpointing)
     if cfg.weight_bits == 8:
-        model = quantize_weights(model, target_modules(cfg.target_modules))
+        model = quantize_weights(model, parse_target_modules(cfg.target_modules))
     n_params = count_parameters(model)
     # layer-wise steps run inside backward, before DDP would all-reduce: their hooks average
     # each gradient over the ranks themselves, so the model is not wrapped in DDP
@@ -120,7 +143,6 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> Trained:
                              f"{err}") from err
         raise
     scheduler = make_scheduler(cfg, optimizer)
-    layerwise = attach_layerwise(optimizer, accum, cfg.grad_clip, d) if cfg.layerwise else None
 
     start = 0
     if resumed is not None:
@@ -138,71 +160,176 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> Trained:
     run_config = {**cfg.to_dict(), "world_size": d.world, "accumulation_steps": accum, "n_params": n_params,
                   "tokenizer": data.tokenizer.name, "model": _model_config(model)}
     metrics = Metrics(out, run_config, enabled=d.is_main, wandb_mode=cfg.wandb, project=cfg.wandb_project,
-                      run_name=cfg.run_name or out.name, resume_step=start if start else None)
+                      run_name=cfg.run_name or out.name, resume_step=start if cfg.resume else None)
     progress = _progress_bar(cfg, start, enabled=d.is_main)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * accum * d.world
+    layerwise = attach_layerwise(optimizer, accum, cfg.grad_clip, d) if cfg.layerwise else None
+    try:
+        _loop(cfg, d, out, accum, start, last, model, optimizer, scheduler, data, metrics, progress,
+              model_config, data_fingerprint)
+    finally:
+        if layerwise is not None:
+            layerwise.remove()
+        data.train.close()
+        progress.close()
+        metrics.close()
+    return Trained(metrics.records, model, optimizer)
 
-    # ---- the loop ----
+
+def _loop(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int, start: int, last_good: Path | None,
+          model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Data, metrics: Metrics,
+          progress: Any, model_config: dict[str, Any], data_fingerprint: str) -> None:
+    """Steps ``start + 1 .. cfg.max_steps``. The loss stays on the device: it is read (one sync)
+    only on logging and saving steps, together with the first step since the previous read whose
+    loss was not finite, so a step costs no host sync (``--on-nonfinite skip`` syncs each step)."""
+    tokens_per_step = cfg.batch_size * cfg.seq_len * accum * d.world
+    skip = cfg.on_nonfinite == "skip"
+    first_bad = torch.zeros((), dtype=torch.int64, device=d.device)  # 0: every loss since the last read was finite
+    skipped = 0
     model.train()
     clock, steps_timed = time.perf_counter(), 0
     for step in range(start + 1, cfg.max_steps + 1):
         lr = optimizer.param_groups[0]["lr"]
-        loss_sum = 0.0
-        for micro in range(accum):
-            batch = data.train.next_batch().to(d.device)
-            with distributed.gradient_sync(model, enabled=micro == accum - 1):
-                loss = model(input_ids=batch, labels=batch).loss
-                (loss / accum).backward()
-            loss_sum += loss.item()
-        if layerwise is None:  # layer-wise: every parameter was stepped (and clipped) in backward
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        try:
+            loss = _train_step(cfg, d, accum, model, optimizer, data)
+        except FloatingPointError as err:  # a subspace refresh met non-finite gradients
+            raise RunStopped(f"step {step}: {err}. {_last_good(last_good)}") from err
+        if loss is None:
+            skipped += 1
+            loss = torch.full((), math.nan, device=d.device)
+        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), step, first_bad)
         scheduler.step()
         steps_timed += 1
 
         evaluating = step % cfg.eval_every == 0 or step == cfg.max_steps
         logging = evaluating or step % cfg.log_every == 0
         saving = cfg.save and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps)
+        if not (logging or saving):
+            continue
+        loss_value, bad_step = _read_loss(loss, first_bad, d)  # the one sync of this interval
+        first_bad.zero_()
         if logging:
             if d.device.type == "cuda":
                 torch.cuda.synchronize(d.device)
             elapsed = time.perf_counter() - clock
             record: dict[str, Any] = {
                 "step": step,
-                "loss": distributed.mean_over_ranks(loss_sum / accum, d.device),
+                "loss": loss_value,
                 "lr": lr,
                 "tokens_per_s": steps_timed * tokens_per_step / elapsed,
                 **{k: distributed.max_over_ranks(v, d.device) for k, v in peak_memory(d.device).items()},
                 "opt_state_bytes": optimizer_state_bytes(optimizer),
             }
-            if evaluating:
+            if skip:
+                record["skipped_steps"], skipped = skipped, 0
+            if evaluating and not (bad_step and not skip):
                 record["val_loss"] = evaluate(model, data.val, d.device)
                 record["val_ppl"] = math.exp(min(record["val_loss"], 80.0))  # exp overflows past ~709
                 if hasattr(optimizer, "layer_stats"):
                     metrics.log_layers(step, optimizer.layer_stats())
             metrics.log(record)
             progress.update(step - progress.n)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if bad_step and not skip:
+            raise RunStopped(f"step {bad_step}: the loss is not finite; stopped without saving. {_last_good(last_good)} "
+                             "(continue from it with --resume, e.g. with a lower --lr; or pass --on-nonfinite skip "
+                             "to skip such steps)")
         if saving:
+            if not _state_is_finite(model, optimizer, d):
+                raise RunStopped(f"step {step}: the weights or optimizer state are not finite; not saved. "
+                                 f"{_last_good(last_good)}")
             model_state, optim_state = distributed.full_state_dicts(model, optimizer)
             if d.is_main:
-                checkpoint.save(out, step, {
-                    "step": step, "model": model_state, "optimizer": optim_state,
-                    "scheduler": scheduler.state_dict(), "data": data.train.state_dict(),
-                    "rng": checkpoint.rng_state(), "config": cfg.to_dict(),
-                }, keep=cfg.keep_checkpoints)
+                try:
+                    last_good = checkpoint.save(out, step, {
+                        "step": step, "model": model_state, "optimizer": optim_state,
+                        "scheduler": scheduler.state_dict(), "data": data.train.state_dict(),
+                        "rng": checkpoint.rng_state(), "config": cfg.to_dict(), "model_config": model_config,
+                        "data_fingerprint": data_fingerprint,
+                    }, keep=cfg.keep_checkpoints)
+                except OSError as err:
+                    raise RunStopped(f"step {step}: {err.strerror or err}") from err
             distributed.barrier()
-        if logging or saving:  # tokens/s covers training only, not evaluation and saving
-            clock, steps_timed = time.perf_counter(), 0
+        clock, steps_timed = time.perf_counter(), 0  # tokens/s covers training only, not evaluation and saving
 
-    if layerwise is not None:
-        layerwise.remove()
-    data.train.close()
-    progress.close()
-    metrics.close()
-    return Trained(metrics.records, model, optimizer)
+
+def _train_step(cfg: TrainConfig, d: distributed.Dist, accum: int, model: nn.Module,
+                optimizer: torch.optim.Optimizer, data: Data) -> torch.Tensor | None:
+    """One optimizer step over ``accum`` micro-batches; its mean loss, still on the device
+    (None: skipped under ``--on-nonfinite skip``, its loss or gradients not finite)."""
+    loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
+    for micro in range(accum):
+        batch = data.train.next_batch().to(d.device)
+        with distributed.gradient_sync(model, enabled=micro == accum - 1):
+            loss = model(input_ids=batch, labels=batch).loss
+            (loss / accum).backward()
+        loss_sum += loss.detach().float()
+    loss = loss_sum / accum
+    if cfg.layerwise:  # every parameter was stepped (and clipped) inside backward
+        return loss
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+    stepping = cfg.on_nonfinite == "stop" or _finite_step(model, loss, grad_norm)
+    if stepping:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss if stepping else None
+
+
+def _resume_point(out: Path, d: distributed.Dist) -> Path | None:
+    """The newest intact checkpoint (rank 0 verifies, the others take its answer); newer corrupt
+    ones are named on stderr and left as they are."""
+    found: list[Any] = [None, None]
+    if d.is_main:
+        try:
+            path, failures = checkpoint.newest_intact(out)
+            found = [str(path) if path else None, None]
+            for reason in failures:
+                print(f"note: skipping a corrupt checkpoint: {reason}", file=sys.stderr)
+            if failures and path is not None:
+                print(f"note: resuming from {str(path)!r}, the newest intact checkpoint", file=sys.stderr)
+        except ValueError as err:
+            found = [None, str(err)]
+    found = distributed.broadcast_from_main(found)
+    if found[1] is not None:
+        raise ValueError(found[1])
+    return Path(found[0]) if found[0] else None
+
+
+def _read_loss(loss: torch.Tensor, first_bad: torch.Tensor, d: distributed.Dist) -> tuple[float, int]:
+    """(this step's loss averaged over ranks, the first step since the previous read whose loss
+    was not finite on some rank, or 0): one device-to-host copy, one collective."""
+    pair = torch.stack([loss.double(), torch.where(first_bad == 0, math.inf, first_bad.double())])
+    rows = distributed.gather_from_ranks(pair).tolist()
+    bad = min(row[1] for row in rows)
+    return sum(row[0] for row in rows) / len(rows), 0 if math.isinf(bad) else int(bad)
+
+
+def _finite_step(model: nn.Module, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+    """Whether this step's loss and gradients are finite on every rank (``--on-nonfinite skip``:
+    one sync per step)."""
+    if grad_norm is None:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    finite = torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device))
+    return bool(distributed.gather_from_ranks(finite.double().reshape(1)).min())
+
+
+@torch.no_grad()
+def _state_is_finite(model: nn.Module, optimizer: torch.optim.Optimizer, d: distributed.Dist) -> bool:
+    """Whether every float tensor of the weights (this rank's shards) and of the optimizer state
+    is finite: one sync. (Plain numbers in the state are bookkeeping, e.g. a NaN "none yet".)"""
+    checks = []
+    states = [distributed.unwrap(model).state_dict(), *optimizer.state.values()]
+    for value in (v for state in states for v in state.values()):
+        local = value.to_local() if hasattr(value, "to_local") else value
+        if torch.is_tensor(local) and local.is_floating_point() and local.numel():
+            checks.append(torch.isfinite(local).all().to(d.device))
+    finite = torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool, device=d.device)
+    return bool(distributed.gather_from_ranks(finite.double().reshape(1)).min())
+
+
+def _last_good(path: Path | None) -> str:
+    return f"Last good checkpoint: {str(path)!r}" if path is not None else "Last good checkpoint: none yet"
 
 
 def _model_config(model: nn.Module) -> dict[str, Any]:

@@ -5,8 +5,12 @@ step's micro-batches and ranks), ``lr`` (the one used by that step), ``tokens_pe
 of all ranks since the previous line over the training time in between, evaluation and saving
 excluded), ``peak_mem_bytes`` (CUDA: ``max_memory_allocated``, plus ``peak_mem_reserved_bytes``;
 CPU: the process's peak RSS; the maximum over ranks), ``opt_state_bytes`` (optimizer state held
-by one process) and, on evaluation steps, ``val_loss`` and ``val_ppl``. ``layer_stats.jsonl``
-gets the optimizer's per-layer subspace statistics on evaluation steps.
+by one process) and, on evaluation steps, ``val_loss`` and ``val_ppl``. Under
+``--on-nonfinite skip``, ``skipped_steps`` counts the steps skipped since the previous line.
+``layer_stats.jsonl`` gets the optimizer's per-layer subspace statistics on evaluation steps.
+
+Both files are strict JSON, one object per line: a non-finite number (a NaN or infinite loss)
+is written as ``null``.
 
 wandb (imported only when asked for): ``offline`` writes under ``<output-dir>/wandb`` for a later
 ``wandb sync``; ``online`` without a ``WANDB_API_KEY`` logs offline and says so.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import resource
 import sys
@@ -34,15 +39,45 @@ def peak_memory(device: torch.device) -> dict[str, int]:
     return {"peak_mem_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path, *, drop_torn_end: bool = False) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file; ValueError naming the file and line of a bad line.
+    ``drop_torn_end``: a last line without its newline (a write cut short) is dropped."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        text = f.read()
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if drop_torn_end and number == len(lines):
+                print(f"note: dropped the unfinished last line of {str(path)!r}", file=sys.stderr)
+                continue
+            raise ValueError(f"{str(path)!r} line {number} is not JSON ({err})") from err
+    return records
 
 
 def _json_default(value: Any) -> Any:
     if torch.is_tensor(value):
-        return value.item() if value.numel() == 1 else value.tolist()
+        return strict_json(value.item() if value.numel() == 1 else value.tolist())
     return str(value)
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    return json.dumps(strict_json(record), default=_json_default, allow_nan=False)
 
 
 class Metrics:
@@ -70,9 +105,9 @@ class Metrics:
         for name in ("metrics.jsonl", "layer_stats.jsonl"):
             path = self.dir / name
             if path.exists():
-                kept = [r for r in read_jsonl(path) if r["step"] <= step]
+                kept = [r for r in read_jsonl(path, drop_torn_end=True) if r["step"] <= step]
                 tmp = path.with_name(f".{name}.tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                tmp.write_text("".join(_dumps(r) + "\n" for r in kept))
                 os.replace(tmp, path)
 
     def _start_wandb(self, mode: str, project: str, run_name: str, config: dict[str, Any]) -> Any:
@@ -89,16 +124,17 @@ class Metrics:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        record = strict_json(record)
         self.records.append(record)
-        self._file.write(json.dumps(record, default=_json_default) + "\n")
+        self._file.write(_dumps(record) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            self._wandb.log(record, step=record["step"])
+            self._wandb.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
 
     def log_layers(self, step: int, layers: list[dict[str, Any]]) -> None:
         if not self.enabled:
             return
-        self._layers.write(json.dumps({"step": step, "layers": layers}, default=_json_default) + "\n")
+        self._layers.write(_dumps({"step": step, "layers": layers}) + "\n")
         self._layers.flush()
         if self._wandb is not None:
             flat = {f"layers/{layer['name']}/{key}": value for layer in layers

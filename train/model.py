@@ -7,28 +7,12 @@ training dtype on the training device: a 7B model in bf16 never exists in fp32 f
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-
-def load_model_config(path: str) -> dict[str, Any]:
-    """The config JSON at ``path``; ValueError when it is missing or not a LLaMA config."""
-    file = Path(path)
-    if not file.is_file():
-        shipped = ", ".join(sorted(str(p) for p in Path("configs").glob("llama_*.json"))) or "configs/llama_*.json"
-        raise ValueError(f"--model-config {path!r} is not a file (shipped configs: {shipped})")
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"--model-config {path!r} is not readable JSON: {err}") from err
-    if not isinstance(config, dict) or config.get("model_type") != "llama":
-        raise ValueError(f"--model-config {path!r} is not a LLaMA config (expected \"model_type\": \"llama\")")
-    return config
+from lowmem_optim.llama_config import check_seq_len, load_llama_config
 
 
 @contextmanager
@@ -53,22 +37,27 @@ def build_model(
 ) -> nn.Module:
     """A freshly initialised LlamaForCausalLM in ``dtype`` on ``device``.
 
-    ``vocab_needed`` (the tokenizer's size) and ``seq_len`` are checked against the config.
+    The config is read by :func:`lowmem_optim.llama_config.load_llama_config`; ``vocab_needed``
+    (the tokenizer's size) and ``seq_len`` are checked against it, and whatever else
+    ``transformers`` rejects is a one-line ValueError naming the file.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    raw = load_model_config(config_path)
-    config = LlamaConfig(**{k: v for k, v in raw.items() if k != "model_type"})
-    if vocab_needed > config.vocab_size:
-        raise ValueError(f"the tokenizer has {vocab_needed} ids but {config_path} has vocab_size {config.vocab_size}; "
+    raw = load_llama_config(config_path)
+    check_seq_len(raw, seq_len, config_path)
+    if vocab_needed > raw["vocab_size"]:
+        raise ValueError(f"the tokenizer has {vocab_needed} ids but {config_path} has vocab_size {raw['vocab_size']}; "
                          "use a config with a larger vocab_size or a smaller --tokenizer")
-    if seq_len > config.max_position_embeddings:
-        raise ValueError(f"--seq-len {seq_len} exceeds max_position_embeddings {config.max_position_embeddings} "
-                         f"of {config_path}")
-    config.use_cache = False  # training never reuses keys/values; the cache would only hold memory
-    torch.manual_seed(seed)
-    with _default_dtype(dtype), torch.device(device):
-        model = LlamaForCausalLM(config)
+    try:
+        config = LlamaConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+        config.use_cache = False  # training never reuses keys/values; the cache would only hold memory
+        torch.manual_seed(seed)
+        with _default_dtype(dtype), torch.device(device):
+            model = LlamaForCausalLM(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:  # a key transformers does not accept
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--model-config {config_path!r} is rejected by transformers' LLaMA model "
+                         f"({type(err).__name__}: {first})") from err
     if activation_checkpointing:
         # non-reentrant checkpointing works with DDP, FSDP2 and gradient hooks (layer-wise updates);
         # transformers renamed the method (the older name warns from 5.2x on, older 5.x lack the new)

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowmem_optim.engine import ComposedOptimizer, lowrank_hparams, matrix_shape
-from lowmem_optim.groups import lowrank_param_groups
-from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, build_optimizer, get_optimizer_class
+from lowmem_optim.engine import ComposedOptimizer, lowrank_hparams
+from lowmem_optim.groups import check_some_matrix_projected, parse_target_modules
+from lowmem_optim.registry import (LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, build_optimizer, check_int8_capable,
+                                   get_optimizer_class)
 from train.config import TrainConfig
 
 #: flags that configure low-rank groups (group key = flag name in snake_case), from the parts' declarations
@@ -28,23 +29,6 @@ LOWRANK_FLAGS = tuple(lowrank_hparams())
 SCHEDULE_COMPATIBLE: dict[str, dict[str, Any]] = {
     "galore_adafactor": {"relative_step": False, "scale_parameter": False, "warmup_init": False},
 }
-
-
-def target_modules(spec: str) -> str | list[str]:
-    """``all-linear``; ``re:<regex>`` (full match of module names); or comma-separated name fragments."""
-    if spec == "all-linear":
-        return spec
-    if spec.startswith("re:"):
-        return spec[3:]
-    return [fragment.strip() for fragment in spec.split(",") if fragment.strip()]
-
-
-def _check_some_matrix_projected(model: nn.Module, cfg: TrainConfig) -> None:
-    groups = lowrank_param_groups(model, target_modules(cfg.target_modules), rank=cfg.rank)
-    min_dims = [min(matrix_shape(p)) for g in groups if g.get("rank") is not None for p in g["params"]]
-    if not any(cfg.rank < d for d in min_dims):
-        raise ValueError(f"Invalid --rank: {cfg.rank} is >= min(rows, cols) of every low-rank matrix (largest: "
-                         f"{max(min_dims)}), so nothing would be projected (allowed: --rank < {max(min_dims)})")
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -63,23 +47,21 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         raise ValueError(f"--rank is required for --optimizer {name} (a low-rank optimizer)")
     if name in LOWRANK_OPTIMIZERS or name in MATRIX_OPTIMIZERS:  # the registry builds their groups
         if cfg.rank is not None:
-            _check_some_matrix_projected(model, cfg)
+            check_some_matrix_projected(model, parse_target_modules(cfg.target_modules), cfg.rank)
         hparams.update(lowrank)
-        kwargs = {"target_modules": target_modules(cfg.target_modules)}
+        kwargs = {"target_modules": parse_target_modules(cfg.target_modules)}
     else:
         if lowrank:
             # a sweep may grid over optimizers with fixed low-rank flags: say so, but do not fail
             print(f"note: --optimizer {name} takes no param groups; ignoring "
                   f"{', '.join('--' + k.replace('_', '-') for k in lowrank)}", file=sys.stderr)
         kwargs = {}
+    if any(hasattr(p, "apply_update") for p in model.parameters()):
+        check_int8_capable(name)
     try:
-        optimizer = build_optimizer(name, model, **kwargs, **hparams)
+        return build_optimizer(name, model, **kwargs, **hparams)
     except TypeError as err:  # a flag the optimizer's constructor does not take
         raise ValueError(f"--optimizer {name} does not accept one of {sorted(hparams)}: {err}") from err
-    if not isinstance(optimizer, ComposedOptimizer) and any(hasattr(p, "apply_update") for p in model.parameters()):
-        raise ValueError(f"--weight-bits 8: --optimizer {name} writes into its parameters and cannot update INT8 "
-                         f"weights (allowed: an optimizer of this package, e.g. {', '.join(sorted(LOWRANK_OPTIMIZERS))})")
-    return optimizer
 
 
 def lr_lambda(cfg: TrainConfig):

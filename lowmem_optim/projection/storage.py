@@ -45,6 +45,10 @@ class BasisStorage(Part):
         # the float32 scale and zero of quantized bases (codes and metadata are integers)
         return frozenset(f"{key}{suffix}" for key in self.keys for suffix in ("_scale", "_zero"))
 
+    def host_keys(self) -> frozenset[str]:
+        # rows, cols, bits and group size, read by every load_basis
+        return frozenset(f"{key}_meta" for key in self.keys)
+
     def basis_bytes(self, numel: int, dtype: torch.dtype, group: dict[str, Any]) -> int:
         """Bytes of one stored basis of ``numel`` values computed in ``dtype``."""
         bits = group["proj_bits"]

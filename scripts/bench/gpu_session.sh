@@ -18,6 +18,7 @@
 # PYTHONPATH before calling this script.
 #   bash scripts/bench/gpu_session.sh            # on the GPU machine, from anywhere
 #   bash scripts/bench/gpu_session.sh --dry-run  # the same steps on the CPU, tiny configurations
+#                                                # (limits x DRY_RUN_SLACK, 4; set BUDGET_S to match)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 dry=0
@@ -34,6 +35,7 @@ export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 step() {
     local name=$1 limit=$2
     shift 2
+    limit=$((limit * slack))
     local left=$((budget - SECONDS - 5))
     if [ "$left" -lt 20 ]; then
         echo "== $name: skipped (${left} s of the budget left)" | tee -a "$log"
@@ -46,9 +48,12 @@ step() {
 }
 
 if [ "$dry" = 1 ]; then
+    # a shared CPU runs the tiny steps several times slower than their GPU limits allow for
+    slack=${DRY_RUN_SLACK:-4} values=$((1 << 16))
     device=cpu recipe=(env SMOKE=1) tiny_memory=(--model-config configs/llama_tiny.json --rank 8 --batch-size 2 --seq-len 32)
     shapes=(--shapes 64x96 --rank 8 --threads 1)
 else
+    slack=1 values=$((1 << 20))
     device=cuda recipe=(env) tiny_memory=(--model-config configs/llama_130m.json --rank 256 --batch-size 8 --seq-len 256)
     shapes=(--shapes 4096x4096,4096x11008 --rank 1024 --threads 16)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$log" 2>&1
@@ -57,7 +62,7 @@ fi
 step "0. bitsandbytes on $device" 60 "$PY" -c "
 import bitsandbytes, torch
 from lowmem_optim.quant.blockwise import dequantize_blockwise, quantize_blockwise
-x = torch.randn(1 << 20, device='$device')
+x = torch.randn($values, device='$device')
 codes, absmax = quantize_blockwise(x, signed=True)
 error = float((dequantize_blockwise(codes, absmax, signed=True) - x).abs().max() / x.abs().max())
 print('torch', torch.__version__, 'bitsandbytes', bitsandbytes.__version__, 'codes on', codes.device,

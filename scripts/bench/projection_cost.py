@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from lowmem_optim.parts import defaults
 from lowmem_optim.projection import DCTProjector, RandomizedSVDProjector, SVDProjector
 
 
@@ -56,12 +57,15 @@ def main() -> None:
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
+    svd, rsvd, dct = SVDProjector(), RandomizedSVDProjector(), DCTProjector()
     group = {"rank": args.rank, "proj_type": "std"}
+    svd_group, rsvd_group = ({**defaults(part, part.storage), **group} for part in (svd, rsvd))
+    dct_group = {**defaults(dct), **group}
     methods = {
-        "exact SVD": lambda g, s: SVDProjector().refresh(g, s, group, 0),
-        "randomized SVD": lambda g, s: RandomizedSVDProjector().refresh(g, s, group, 0),
-        "DCT matmul": lambda g, s: DCTProjector().refresh(g, s, {**group, "dct_fft_threshold": 10**9}, 0),
-        "DCT FFT": lambda g, s: DCTProjector().refresh(g, s, {**group, "dct_fft_threshold": 1}, 0),
+        "exact SVD": lambda g, s: svd.refresh(g, s, svd_group, 0),
+        "randomized SVD": lambda g, s: rsvd.refresh(g, s, rsvd_group, 0),
+        "DCT matmul": lambda g, s: dct.refresh(g, s, {**dct_group, "dct_fft_threshold": 10**9}, 0),
+        "DCT FFT": lambda g, s: dct.refresh(g, s, {**dct_group, "dct_fft_threshold": 1}, 0),
     }
     methods["exact SVD"](torch.randn(256, 256, device=device, dtype=dtype), {})
     print(f"device {device} ({torch.get_num_threads()} threads), dtype {args.dtype}, rank {args.rank}, "

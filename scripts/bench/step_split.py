@@ -37,7 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lowmem_optim.engine import LowRankOptimizer  # noqa: E402
+from lowmem_optim.engine import ComposedOptimizer  # noqa: E402
+from lowmem_optim.groups import parse_target_modules  # noqa: E402
+from lowmem_optim.llama_config import load_llama_config  # noqa: E402
 from lowmem_optim.memory import TrainingSetup, estimate_memory  # noqa: E402
 from lowmem_optim.projection import PROJECTORS  # noqa: E402
 from lowmem_optim.quant.int8_linear import Int8Weight  # noqa: E402
@@ -45,8 +47,8 @@ from lowmem_optim.rules import RULES  # noqa: E402
 from train import distributed  # noqa: E402
 from train.config import TrainConfig, parse_args  # noqa: E402
 from train.loop import accumulation_steps, attach_layerwise  # noqa: E402
-from train.model import build_model, load_model_config, quantize_weights  # noqa: E402
-from train.optim import make_optimizer, target_modules  # noqa: E402
+from train.model import build_model, quantize_weights  # noqa: E402
+from train.optim import make_optimizer  # noqa: E402
 
 
 class PartTimer:
@@ -144,7 +146,7 @@ def _tokens(cfg: TrainConfig, vocab: int, device: torch.device) -> torch.Tensor:
 
 def floor(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     """Forward and backward of the same model and micro-batch in bfloat16, gradients dropped."""
-    vocab = load_model_config(cfg.model_config)["vocab_size"]
+    vocab = load_llama_config(cfg.model_config)["vocab_size"]
     model = build_model(cfg.model_config, dtype=torch.bfloat16, device=device, seed=cfg.seed, vocab_needed=vocab,
                         seq_len=cfg.seq_len, activation_checkpointing=cfg.activation_checkpointing)
     for p in model.parameters():
@@ -166,12 +168,12 @@ def floor(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
 
 def ours(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     """The recipe's model, optimizer and stepping, each part timed."""
-    vocab = load_model_config(cfg.model_config)["vocab_size"]
+    vocab = load_llama_config(cfg.model_config)["vocab_size"]
     dtype = getattr(torch, cfg.torch_dtype_name)
     model = build_model(cfg.model_config, dtype=dtype, device=device, seed=cfg.seed, vocab_needed=vocab,
                         seq_len=cfg.seq_len, activation_checkpointing=cfg.activation_checkpointing)
     if cfg.weight_bits == 8:
-        model = quantize_weights(model, target_modules(cfg.target_modules))
+        model = quantize_weights(model, parse_target_modules(cfg.target_modules))
     optimizer = make_optimizer(cfg, model)
     accum = accumulation_steps(cfg, 1)
     one_process = distributed.Dist(rank=0, world=1, local_rank=0, device=device, owns_group=False)
@@ -190,7 +192,7 @@ def ours(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    parts = {(LowRankOptimizer, "step_param"): "update", (Int8Weight, "dequantized"): "int8 dequantize",
+    parts = {(ComposedOptimizer, "step_param"): "update", (Int8Weight, "dequantized"): "int8 dequantize",
              (Int8Weight, "apply_update"): "int8 apply_update"}
     for kind, registry in (("projector", PROJECTORS), ("rule", RULES)):
         for cls in registry.values():
@@ -215,8 +217,8 @@ def predicted_bytes(cfg: TrainConfig) -> int:
     setup = TrainingSetup(optimizer=cfg.optimizer, rank=cfg.rank, weight_bits=cfg.weight_bits,
                           dtype=cfg.torch_dtype_name, proj_bits=cfg.proj_bits, batch_size=cfg.batch_size,
                           seq_len=cfg.seq_len, activation_checkpointing=cfg.activation_checkpointing,
-                          layerwise=cfg.layerwise, target_modules=target_modules(cfg.target_modules))
-    return estimate_memory(load_model_config(cfg.model_config), setup).total_bytes
+                          layerwise=cfg.layerwise, target_modules=parse_target_modules(cfg.target_modules))
+    return estimate_memory(load_llama_config(cfg.model_config), setup).total_bytes
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
