@@ -18,6 +18,9 @@ scheduler on it works unchanged)::
         scheduler.step()                       # once per training step, as without layer-wise
     handle.remove()                            # back to ordinary optimizer.step()
 
+An optimizer is attached once (a second :func:`attach` is refused until ``handle.remove()``);
+a param group added with ``optimizer.add_param_group`` while attached is hooked like the others.
+
 Never call ``optimizer.step()`` while attached: the hooks step and free each gradient
 themselves, so a training stack that calls ``step()`` (HF ``Trainer``, accelerate, a loop with
 ``clip_grad_norm_`` or gradient accumulation of its own) would clip nothing and ignore its
@@ -84,12 +87,21 @@ class LayerwiseHandle:
         self._micro: dict[torch.Tensor, int] = {}
         self._stepping_one = False
         self._step_guard = optimizer.register_step_pre_hook(self._refuse_outside_step)
-        self._hooks = [
-            p.register_post_accumulate_grad_hook(self._hook)
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if p.requires_grad
-        ]
+        self._hooks = []
+        for group in optimizer.param_groups:
+            self._hook_params(group["params"])
+        # a param group added while attached is hooked too (else its parameters would never be
+        # stepped and their gradients would accumulate silently)
+        self._add_param_group = optimizer.add_param_group
+        optimizer.add_param_group = self._add_and_hook  # type: ignore[method-assign]
+        optimizer._layerwise_handle = self  # type: ignore[attr-defined]
+
+    def _hook_params(self, params: list[torch.Tensor]) -> None:
+        self._hooks += [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
+
+    def _add_and_hook(self, param_group: dict[str, Any]) -> None:
+        self._add_param_group(param_group)
+        self._hook_params(self.optimizer.param_groups[-1]["params"])
 
     def remove(self) -> None:
         """Detach the hooks: the optimizer is stepped with ``optimizer.step()`` again."""
@@ -98,6 +110,9 @@ class LayerwiseHandle:
         self._hooks.clear()
         self._micro.clear()
         self._step_guard.remove()
+        if getattr(self.optimizer, "_layerwise_handle", None) is self:
+            del self.optimizer.add_param_group  # the class's method again
+            del self.optimizer._layerwise_handle
 
     def _refuse_outside_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._stepping_one:
@@ -180,6 +195,12 @@ def attach(
             f"{dist.get_world_size()} ranks (allowed: a process group, e.g. torch.distributed.group.WORLD). "
             "Layer-wise steps run inside backward, before DDP's bucketed all-reduce: do not wrap the "
             "model in DDP, and pass process_group so each gradient is averaged in its hook"
+        )
+    if getattr(optimizer, "_layerwise_handle", None) is not None:
+        raise ValueError(
+            f"Invalid optimizer: this {type(optimizer).__name__} is already attached (lowmem_optim.layerwise); "
+            "a second set of hooks would step every parameter twice (allowed: an optimizer not attached, "
+            "or call handle.remove() on the first handle before attaching again)"
         )
     if not hasattr(optimizer, "step_param") and any(
         hasattr(p, "apply_update") for group in optimizer.param_groups for p in group["params"]

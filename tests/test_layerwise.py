@@ -257,3 +257,41 @@ def test_int8_weights_with_layerwise_updates_train_and_equal_ordinary_stepping()
     for (name, x), y in zip(lw.named_parameters(), ordinary.parameters()):
         assert torch.equal(x, y), name
     assert len(lowrank_param_groups(lw, rank=4)[1]["params"]) == 2
+
+
+@pytest.mark.parametrize("make", [galore, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2)])
+def test_attaching_an_attached_optimizer_is_refused_until_removed(make):
+    model = tiny_model()
+    opt = make(model)
+    handle = layerwise.attach(opt)
+    with pytest.raises(ValueError, match=r"^Invalid optimizer: this \w+ is already attached"):
+        layerwise.attach(opt)
+    train_layerwise(model, batches(1))  # the first handle alone steps: no double update, no error
+    handle.remove()
+    layerwise.attach(opt).remove()
+
+
+@pytest.mark.parametrize("make", [galore, lambda m: torch.optim.AdamW(m[:-1].parameters(), lr=1e-2)])
+def test_a_param_group_added_while_attached_is_stepped_layerwise(make):
+    ref, lw = tiny_model(), tiny_model()
+    data = batches(3)
+    for model in (ref, lw):
+        model[-1].weight.requires_grad_(True)
+    ref_opt, lw_opt = make(ref), make(lw)
+    if isinstance(ref_opt, torch.optim.AdamW):  # the head joins later, as its own group
+        handle = layerwise.attach(lw_opt)
+        lw_opt.add_param_group({"params": [lw[-1].weight]})
+        ref_opt.add_param_group({"params": [ref[-1].weight]})
+        train_ordinary(ref, ref_opt, data)
+        train_layerwise(lw, data)
+        assert_same_params(ref, lw)
+        assert lw[-1].weight.grad is None
+        handle.remove()
+        assert "add_param_group" not in vars(lw_opt)
+    else:  # a new parameter joining a low-rank optimizer's groups is hooked and stepped too
+        extra = nn.Parameter(torch.zeros(3))
+        handle = layerwise.attach(lw_opt)
+        lw_opt.add_param_group({"params": [extra], "param_names": ["extra"]})
+        ((lw(data[0][:, :-1]).sum() + extra.sum()) * 0).backward()
+        assert extra.grad is None and lw_opt.state[extra]
+        handle.remove()
