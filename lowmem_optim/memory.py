@@ -8,14 +8,16 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
   stays in ``--dtype``.
 * gradients: one per trainable parameter in its dtype; with ``--layerwise`` each is freed right
   after its update, so only the largest one counts.
-* optimizer_states: the tensors of ``optimizer.state`` other than the projections: the inner
-  rule's moments (Adam: 2 x numel; 8-bit Adam: 2 bytes per value + float32 absmax per 256,
-  float32 below ``min_8bit_size``; Adafactor: row + column statistics; normalized momentum: one
-  buffer) on the projected shape (m x r or r x n) for low-rank parameters, plus the 4-byte step
-  counter and the adaptive schedule's similarity queue (float64, up to ``queue_size``).
-* projections: the stored bases (m x r or r x n in the gradient's dtype, or INT8/INT4 codes
-  with float32 scale and zero per ``proj_group_size`` and 32 bytes of metadata), or the DCT's
-  r int64 indices plus its shared d x d basis cache.
+* optimizer_states: the tensors of ``optimizer.state`` other than the projections: the 4-byte
+  step counter, and what each part of the parameter's group reports
+  (:meth:`lowmem_optim.parts.Part.state_bytes`): the inner rule's state on the projected shape
+  (m x r or r x n) for low-rank parameters (Adam: 2 x numel; 8-bit Adam: 2 bytes per value +
+  float32 absmax per 256, float32 below ``min_8bit_size``; Adafactor: row + column statistics;
+  normalized momentum: one buffer), and the schedule's (the adaptive similarity queue).
+* projections: what the projector reports: its stored bases (m x r or r x n in the gradient's
+  dtype, or INT8/INT4 codes with float32 scale and zero per ``proj_group_size`` and 32 bytes of
+  metadata) or the DCT's r int64 indices, plus the caches it shares between parameters, each
+  counted once (:meth:`~lowmem_optim.parts.Part.shared_bytes`: the DCT's d x d basis).
 * activations: what LlamaForCausalLM (HF transformers, SDPA attention with the flash or
   memory-efficient kernel) keeps for backward, per token and layer, with s the dtype size,
   h hidden, f intermediate, a heads, kv key/value heads, V vocabulary:
@@ -30,9 +32,10 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
   holds (s V per token); the loss adds, at the start of backward, the float32 log-softmax
   output and the incoming and outgoing float32 gradients (12 V per token).
 * workspace: the transient memory of one parameter's update (the largest over parameters):
-  the back-projected update (m x n), the rule's float32 temporaries (8-bit Adam's update, and
-  its moments dequantized chunk by chunk; torch AdamW's denominator and update), and the INT8
-  weight's float32 re-quantization chunk.
+  the back-projected update (m x n), the rule's temporaries as it reports them
+  (:meth:`~lowmem_optim.parts.Part.workspace_bytes`: 8-bit Adam's float32 update and its moments
+  dequantized chunk by chunk; Adam's denominator and update), and the INT8 weight's float32
+  re-quantization chunk.
 
 The peak is the largest of the moments a step goes through, on top of the static part
 (weights + optimizer_states + projections):
@@ -55,15 +58,15 @@ instead and is not modelled.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowmem_optim.engine import ComposedOptimizer, matrix_shape, uses_projection
-from lowmem_optim.projection.base import projection_sides
+from lowmem_optim.engine import ComposedOptimizer, group_parts, matrix_shape, uses_projection
+from lowmem_optim.projection.base import projected_shape
+from lowmem_optim.rules.adam8bit import Adam8bitRule
 
 WEIGHT_BITS = (32, 16, 8)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -200,10 +203,6 @@ def build_setup_model(config: dict[str, Any], setup: TrainingSetup) -> tuple[nn.
     return model, build_optimizer(setup.optimizer, model, target_modules=setup.target_modules, **kwargs)
 
 
-def _nbytes(numel: int, dtype: torch.dtype) -> int:
-    return numel * torch.empty((), dtype=dtype).element_size()
-
-
 def _weight_bytes(model: nn.Module) -> int:
     from lowmem_optim.quant.int8_linear import Int8Weight
 
@@ -212,52 +211,13 @@ def _weight_bytes(model: nn.Module) -> int:
     return params + sum(b.numel() * b.element_size() for b in model.buffers())
 
 
-# ---- optimizer state, per parameter -------------------------------------------------------
-def _rule_bytes(rule: str, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
-    numel = math.prod(shape)
-    if rule == "adam":
-        return 2 * _nbytes(numel, torch.float32 if dtype == torch.float16 else dtype)
-    if rule == "adam8bit":
-        if numel < group.get("min_8bit_size", 4096):
-            return 8 * numel
-        return 2 * numel + 8 * math.ceil(numel / 256)
-    if rule == "adafactor":
-        stats = numel if len(shape) < 2 else math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
-        return 4 * stats + (4 * numel if group.get("beta1") is not None else 0)
-    if rule in ("auon", "hybrid_auon", "muon"):
-        return _nbytes(numel, dtype)
-    raise ValueError(f"Invalid rule for the memory model: {rule!r} (allowed: adam, adam8bit, adafactor, auon, "
-                     "hybrid_auon, muon)")
-
-
-def _basis_bytes(numel: int, dtype: torch.dtype, group: dict[str, Any]) -> int:
-    bits = group.get("proj_bits")
-    if bits in (None, 16):
-        return _nbytes(numel, dtype)
-    codes = math.ceil(numel / 2) if bits == 4 else numel
-    return codes + 8 * math.ceil(numel / group.get("proj_group_size", 256)) + 32
-
-
-def _projected(param: torch.Tensor, group: dict[str, Any]) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
-    """(low-rank shape, projection bytes, dct basis sizes) of a projected parameter."""
-    m, n = matrix_shape(param)
-    r = group["rank"]
-    left, right = projection_sides((m, n), group["proj_type"])
-    low = (r if left else m, r if right else n)
-    if group["proj_method"] == "dct":
-        return low, 8 * r, (m if left else n,)
-    if group["proj_method"] not in ("svd", "randomized_svd"):
-        raise ValueError(f"Invalid proj_method for the memory model: {group['proj_method']!r} "
-                         "(allowed: svd, randomized_svd, dct)")
-    proj = (_basis_bytes(m * r, param.dtype, group) if left else 0) + (_basis_bytes(r * n, param.dtype, group) if right else 0)
-    return low, proj, ()
-
-
+# ---- optimizer state, per parameter: the engine's step counter, and what each part reports ------
 def _baseline_state_bytes(name: str, param: torch.Tensor, optimizer: torch.optim.Optimizer) -> int:
     if name == "adamw":  # torch.optim.AdamW: moments like the parameter, float32 step tensor
         return 2 * param.numel() * param.element_size() + 4
     if name == "adamw8bit":  # bitsandbytes: uint8 states + float32 absmax per 256, float32 when small
-        return _rule_bytes("adam8bit", tuple(param.shape), param.dtype, {"min_8bit_size": optimizer.args.min_8bit_size})
+        group = {"min_8bit_size": optimizer.args.min_8bit_size}
+        return Adam8bitRule().state_bytes(tuple(param.shape), param.dtype, group)
     raise ValueError(f"Invalid optimizer for the memory model: {name!r} (allowed: adamw, adamw8bit, or an "
                      "optimizer of lowmem_optim)")
 
@@ -269,18 +229,6 @@ def _int8_chunk_bytes(param: torch.Tensor) -> int:
     return 16 * min(param.numel(), _UPDATE_CHUNK) if isinstance(param, Int8Weight) else 0
 
 
-def _rule_workspace(rule: str, numel: int, dtype: torch.dtype, group: dict[str, Any]) -> int:
-    if rule == "adam8bit" and numel >= group.get("min_8bit_size", 4096):
-        from lowmem_optim.rules.adam8bit import _CHUNK
-
-        # the float32 update, and per chunk: g in fp32, both moments dequantized, denominator,
-        # the chunk's update, new codes
-        return 4 * numel + 22 * min(numel, _CHUNK)
-    if rule in ("adam", "adam8bit"):
-        return 2 * _nbytes(numel, torch.float32 if rule == "adam8bit" else dtype)
-    return 3 * 4 * numel  # Adafactor's fp32 squares/factors, normalized rules' direction and update
-
-
 def optimizer_memory(optimizer_name: str, optimizer: torch.optim.Optimizer,
                      layer_params: frozenset[int] = frozenset()) -> dict[str, int]:
     """Predicted ``optimizer_states``, ``projections``, ``gradients`` (all, and the largest),
@@ -289,13 +237,14 @@ def optimizer_memory(optimizer_name: str, optimizer: torch.optim.Optimizer,
     whose ids are ``layer_params``) bytes for the optimizer's groups (adaptive queues full)."""
     out = {"optimizer_states": 0, "projections": 0, "gradients": 0, "largest_gradient": 0, "workspace": 0,
            "step_peak": 0, "layer_step_peak": 0}
-    dct_bases: set[tuple[int, torch.dtype]] = set()
+    shared: dict[Any, int] = {}  # caches shared between parameters (the DCT basis), counted once
     for group in optimizer.param_groups:
+        parts = group_parts(group) if isinstance(optimizer, ComposedOptimizer) else None
         for p in group["params"]:
             grad = p.numel() * p.element_size()
             out["gradients"] += grad
             out["largest_gradient"] = max(out["largest_gradient"], grad)
-            if not isinstance(optimizer, ComposedOptimizer):
+            if parts is None:
                 out["optimizer_states"] += _baseline_state_bytes(optimizer_name, p, optimizer)
                 # torch's single-tensor AdamW: denominator and update like the parameter;
                 # bitsandbytes' fused 8-bit kernel updates in place
@@ -306,22 +255,21 @@ def optimizer_memory(optimizer_name: str, optimizer: torch.optim.Optimizer,
                 continue
             states = 4  # the step counter
             workspace = _int8_chunk_bytes(p)
+            shape = tuple(p.shape)
             if uses_projection(p, group):
-                low, proj, bases = _projected(p, group)
-                out["projections"] += proj
-                dct_bases.update((d, p.dtype) for d in bases)
-                states += _rule_bytes(group["rule"], low, p.dtype, group)
-                if group["refresh"] == "adaptive":
-                    states += 8 * group.get("queue_size", 5)
-                workspace += grad + _rule_workspace(group["rule"], math.prod(low), p.dtype, group)
-            else:
-                states += _rule_bytes(group["rule"], tuple(p.shape), p.dtype, group)
-                workspace += _rule_workspace(group["rule"], p.numel(), p.dtype, group)
+                matrix = matrix_shape(p)
+                out["projections"] += parts.projector.state_bytes(matrix, p.dtype, group)
+                shared.update(parts.projector.shared_bytes(matrix, p.dtype, group))
+                states += parts.schedule.state_bytes(matrix, p.dtype, group)
+                shape = projected_shape(matrix, group)
+                workspace += grad  # the back-projected update
+            states += parts.rule.state_bytes(shape, p.dtype, group)
+            workspace += parts.rule.workspace_bytes(shape, p.dtype, group)
             out["optimizer_states"] += states
             out["workspace"] = max(out["workspace"], workspace)
             peak = "layer_step_peak" if id(p) in layer_params else "step_peak"
             out[peak] = max(out[peak], grad + workspace)
-    out["projections"] += sum(_nbytes(d * d, dtype) for d, dtype in dct_bases)  # the DCT basis cache
+    out["projections"] += sum(shared.values())
     return out
 
 

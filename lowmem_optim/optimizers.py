@@ -177,7 +177,8 @@ class NormalizedMomentumOptimizer(ComposedOptimizer):
         for key, value in adamw.items():
             adam[key].validate(value, f"adamw_{key}")
         self._adamw_defaults = {"rule": "adam", **adamw}
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, **hparams))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      **hparams))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if param_group.get("rule", self.defaults["rule"]) == "adam":
@@ -244,8 +245,9 @@ class Muon(NormalizedMomentumOptimizer):
 
     U = 5 quintic Newton-Schulz iterations of X = D / (||D||_F + 1e-7) (bfloat16 on CUDA);
     W <- W (1 - lr wd) - lr s U. The matrix groups equal ``torch.optim.Muon`` with the same
-    arguments (and ``ns_dtype="bfloat16"`` off CUDA); the defaults are torch's (lr 1e-3, weight decay 0.1; Keller Jordan's original
-    uses lr 0.02 and no weight decay). Cost O(m n min(m, n)) per step.
+    arguments (and ``ns_dtype="bfloat16"`` off CUDA); the defaults are torch's (lr 1e-3, weight
+    decay 0.1; Keller Jordan's original uses lr 0.02 and no weight decay). Cost O(m n min(m, n))
+    per step.
     ``options``: see :class:`NormalizedMomentumOptimizer`.
     """
 

@@ -179,6 +179,10 @@ class Part:
         """Transient bytes this part allocates during one update of that parameter."""
         return 0
 
+    def shared_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> dict[Any, int]:
+        """Caches this part shares between parameters (key -> bytes; a key is counted once)."""
+        return {}
+
     def sharded_layout(self, dim: int) -> StateLayout:
         """Which of this part's state entries follow the rows of a ``dim``-D input whose rows are
         sharded (FSDP2, :mod:`lowmem_optim.sharding`); every other entry is the same on every rank."""
@@ -212,8 +216,8 @@ class Rule(Protocol):
 
 
 class Storage(Protocol):
-    """Where a projector's dense basis lives in the state (as is, or quantized); the projector
-    stores and loads through it."""
+    """How a projector's dense basis is kept in the state (as is, or quantized): its keys and its
+    bytes; the projector stores and loads the basis with :mod:`lowmem_optim.projection.storage`."""
 
     hparams: tuple[HParam, ...]
 

@@ -11,6 +11,7 @@ from lowmem_optim.engine import ENGINE_HPARAMS, ComposedOptimizer, group_parts, 
 from lowmem_optim.parts import HParam, defaults, integer, invalid, number, one_of, optional
 from lowmem_optim.projection import PROJECTORS
 from lowmem_optim.registry import available_optimizers, get_optimizer_class
+from lowmem_optim.rules import RULES
 from lowmem_optim.schedules import SCHEDULES
 
 NAMED = [get_optimizer_class(name) for name in available_optimizers()
@@ -34,8 +35,6 @@ def test_checks_allow_exactly_what_they_say():
 
 def test_every_declared_default_passes_its_own_check():
     parts = [cls() for registry in (PROJECTORS, SCHEDULES) for cls in registry.values()]
-    from lowmem_optim.rules import RULES
-
     parts += [cls() for cls in RULES.values()] + [p.storage for p in parts if getattr(p, "storage", None)]
     for hp in [*ENGINE_HPARAMS, *(hp for part in parts for hp in part.hparams)]:
         assert hp.check(hp.default), hp.name
@@ -76,7 +75,8 @@ def test_a_group_key_that_none_of_its_parts_declares_is_refused():
 
 def test_a_named_optimizer_refuses_a_part_it_fixes_and_says_so():
     w = nn.Parameter(torch.zeros(8, 4))
-    with pytest.raises(ValueError, match=r"Invalid proj_method: 'svd' .*DCTAdamW \(dct_adamw\) fixes proj_method='dct'"):
+    with pytest.raises(ValueError, match=r"Invalid proj_method: 'svd' .*DCTAdamW \(dct_adamw\) fixes "
+                                         r"proj_method='dct'"):
         DCTAdamW([w], rank=2, proj_method="svd")
     with pytest.raises(ValueError, match=r"fixes rule='adam'"):
         GaLoreAdamW([{"params": [w], "rank": 2, "rule": "adafactor"}])
@@ -146,3 +146,32 @@ def test_cli_passes_a_declared_flag_to_the_low_rank_group():
     opt = make_optimizer(cfg, _model())
     low = next(g for g in opt.param_groups if g.get("rank") is not None)
     assert (low["proj_method"], low["oversample"], low["seed"]) == ("randomized_svd", 3, 0)
+
+
+@pytest.mark.parametrize("proj_method", sorted(PROJECTORS))
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_the_memory_model_counts_what_each_part_reports_and_that_is_the_real_state(rule, proj_method):
+    """lowmem_optim.memory asks the parts for their bytes; after a few steps (adaptive queue full,
+    8-bit moments, INT4 bases) those are the bytes of the real state tensors."""
+    from lowmem_optim.memory import optimizer_memory
+
+    torch.manual_seed(0)
+    low, full = nn.Parameter(torch.randn(24, 40)), nn.Parameter(torch.randn(8, 6))
+    lowrank = {"rank": 4, "proj_method": proj_method, "refresh": "adaptive", "update_proj_gap": 1, "queue_size": 2}
+    if PROJECTORS[proj_method]().storage is not None:
+        lowrank["proj_bits"] = 4
+    extra = {"adam8bit": {"min_8bit_size": 0}, "adafactor": {"relative_step": False, "lr": 1e-3}}.get(rule, {})
+    opt = ComposedOptimizer([{"params": [low], **lowrank}, {"params": [full]}], {"rule": rule, **extra})
+    for _ in range(3):
+        low.grad, full.grad = torch.randn(24, 40), torch.randn(8, 6)
+        opt.step()
+    real = {"proj": 0, "state": 0}
+    for state in opt.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                real["proj" if key.startswith("proj_") else "state"] += value.numel() * value.element_size()
+    predicted = optimizer_memory("", opt)
+    projector = group_parts(opt.param_groups[0]).projector
+    shared = sum(projector.shared_bytes((24, 40), torch.float32, opt.param_groups[0]).values())
+    assert predicted["optimizer_states"] == real["state"]
+    assert predicted["projections"] - shared == real["proj"]

@@ -42,6 +42,13 @@ def projection_sides(shape: tuple[int, int], proj_type: str) -> tuple[bool, bool
     raise ValueError(f"Invalid proj_type: {proj_type!r} (allowed: {', '.join(PROJ_TYPES)})")
 
 
+def projected_shape(shape: tuple[int, int], group: dict[str, Any]) -> tuple[int, int]:
+    """The shape of R = project(G) for a matrix of ``shape``: r x n, m x r or r x r."""
+    left, right = projection_sides(shape, group["proj_type"])
+    r = group["rank"]
+    return (r if left else shape[0], r if right else shape[1])
+
+
 class MatrixProjector(Part):
     """Shared logic of projectors that store dense orthonormal bases (SVD, randomized SVD).
 

@@ -118,10 +118,10 @@ class DCTProjector(Part):
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         return 8 * group["rank"]  # the int64 indices (the basis is a cache shared by every layer)
 
-    def basis_cache(self, shape: tuple[int, int], group: dict[str, Any]) -> int:
-        """The size d of the cached d x d basis a matrix of ``shape`` uses."""
+    def shared_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> dict[Any, int]:
         left, _ = projection_sides(shape, group["proj_type"])
-        return shape[0] if left else shape[1]
+        d = shape[0] if left else shape[1]
+        return {("dct_basis", d, dtype): d * d * dtype.itemsize}  # the d x d basis cache
 
     def refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int,
                 shard: RowShard | None = None) -> SubspaceChange:
