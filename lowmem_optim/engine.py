@@ -8,6 +8,7 @@ matrix (m x n; N-D weights as (shape[0], -1)), at step t:
     2. projector: R = project(G)                  (r x n, m x r or r x r)
     3. rule:      N, lr_t = update(R)             (Adam, Adafactor, 8-bit Adam, ...)
     4. engine:    W <- W (1 - lr_t wd);  W <- W - scale * back_project(N)
+                  (N in the weight's dtype first for bfloat16 weights: :func:`back_projection_dtype`)
 
 With ``error_feedback`` (:mod:`lowmem_optim.projection.feedback`), steps 1 and 2 see
 A = G + E instead of G, and E <- A - back_project(R) is kept for the next step.
@@ -125,6 +126,14 @@ def _param_label(group: dict[str, Any], i: int, p: torch.Tensor) -> str:
     names = group.get("param_names")
     name = f"{names[i]!r} " if names else ""
     return f"parameter {name}(index {i} in its group, shape {tuple(p.shape)})"
+
+
+def back_projection_dtype(param: torch.Tensor, update: torch.Tensor) -> torch.dtype:
+    """The dtype of P N: the weight's for bfloat16 weights (and INT8 weights that compute in
+    bfloat16), so the m x n product runs on bf16 tensor cores and no float32 m x n update exists
+    (the INT8 re-quantization still adds it in float32, in registers); the rule's otherwise
+    (float32 weights; float16, whose range would clip large updates)."""
+    return torch.bfloat16 if param.dtype == torch.bfloat16 else update.dtype
 
 
 def _refresh_seed(seed: int, index: int, step: int) -> int:
@@ -297,7 +306,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if feedback is not None:
             store_error(view, accumulated - parts.projector.back_project(low, view, shard), feedback)
         update, lr_t = parts.rule.update(low, view, group, p, rule_shard)
-        full = parts.projector.back_project(update, view, shard)
+        full = parts.projector.back_project(update.to(back_projection_dtype(p, update)), view, shard)
         store(state, view, shard, layout)
         self._apply_update(target, full.view(target.shape), group["scale"], group, lr_t, index, step)
 
@@ -343,7 +352,15 @@ class ComposedOptimizer(torch.optim.Optimizer):
         and statistics, Adam's float32 moments of a float16 parameter). A saved group that
         lacks a key of its parts gets the declared default. Keys the parts keep on the host
         (:meth:`lowmem_optim.parts.Part.host_keys`: basis metadata, similarity queues) stay on the
-        CPU, as torch keeps ``step`` there: reading them back from a GPU every update would stall it."""
+        CPU, as torch keeps ``step`` there: reading them back from a GPU every update would stall it.
+
+        A state dict of another optimizer or layout is refused (ValueError naming the group and
+        key) before anything is loaded: the group count, and per group the keys that choose the
+        algorithm and the state's layout must match: ``rule``, ``proj_method``, ``refresh``,
+        ``rank`` and every key the group's projector, basis storage and schedule declare. The
+        rule's keys (lr, betas, eps, weight decay, ...) and ``scale`` follow the state dict,
+        as in torch."""
+        self._check_same_layout(state_dict)
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         for group in self.param_groups:
@@ -358,6 +375,26 @@ class ComposedOptimizer(torch.optim.Optimizer):
                         self.state[p][key] = value.to(device="cpu")
                     elif torch.is_tensor(value) and key != "step" and (not value.is_floating_point() or key in fixed):
                         self.state[p][key] = value.to(device=p.device)
+
+    def _check_same_layout(self, state_dict: dict[str, Any]) -> None:
+        saved_groups = state_dict.get("param_groups", [])
+        where = f"{type(self).__name__}.load_state_dict"
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{where}: the state dict has {len(saved_groups)} param groups, this optimizer "
+                             f"{len(self.param_groups)} (allowed: a state dict of this optimizer's param groups)")
+        for i, (ours, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if not any(key in saved for key in SELECTORS):
+                raise ValueError(f"{where}: param group {i} of the state dict names no {', '.join(SELECTORS)}: it was "
+                                 "not saved by a lowmem_optim optimizer (allowed: a state dict of this optimizer)")
+            parts = group_parts(ours)
+            declarations = parts.hparams()
+            for key in (*SELECTORS, "rank", *declared(parts.all()[1:])):  # projector, storage, schedule
+                theirs = saved.get(key, declarations[key].default)
+                if _comparable(theirs) != _comparable(ours[key]):
+                    raise ValueError(f"{where}: param group {i} has {key}={theirs!r} in the state dict but "
+                                     f"{key}={ours[key]!r} here: its state belongs to another algorithm or layout "
+                                     "(allowed to differ, following the state dict as in torch: the rule's keys "
+                                     "such as lr, betas, weight_decay, and scale)")
 
     def layer_stats(self) -> list[dict[str, Any]]:
         """Per low-rank parameter: name, shape, rank, side, refreshes, gap, last similarity and
@@ -420,6 +457,11 @@ def hparams_doc(cls: type[ComposedOptimizer]) -> str:
                 lines += ["", f"With ``{key}={choice!r}`` also:", ""]
                 lines += [f"- ``{hp.name}`` = {hp.default!r}: {hp.doc}" for hp in extra]
     return "\n".join(lines)
+
+
+def _comparable(value: Any) -> Any:
+    """A group value as saved and as given compare equal (a saved tuple may come back a list)."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _measured(similarity: float | None) -> float | None:

@@ -216,8 +216,8 @@ class Rule(Protocol):
 
 
 class Storage(Protocol):
-    """Where a projector's dense basis lives in the state (as is, or quantized); the projector
-    stores and loads through it."""
+    """How a projector's dense basis is kept in the state (as is, or quantized): its keys and its
+    bytes; the projector stores and loads the basis with :mod:`lowmem_optim.projection.storage`."""
 
     hparams: tuple[HParam, ...]
 

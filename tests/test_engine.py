@@ -267,3 +267,43 @@ def test_optimizers_step_on_cuda_and_match_cpu(cls):
             opt.step()
         results.append(p.detach().cpu())
     torch.testing.assert_close(results[0], results[1], rtol=1e-3, atol=1e-4)
+
+
+def _trained_state(make) -> dict:
+    model = _model()
+    opt = make(model)
+    _train(model, opt, 2)
+    return copy.deepcopy(opt.state_dict())
+
+
+@pytest.mark.parametrize(("source", "target", "message"), [
+    (lambda m: GaLoreAdamW(_groups(m), lr=1e-3), lambda m: GaLoreAdamW8bit(_groups(m), lr=1e-3),
+     "param group 0 has rule='adam' in the state dict but rule='adam8bit' here"),
+    (lambda m: lowmem_optim.AuON(lowmem_optim.normalized_param_groups(m), lr=1e-3),
+     lambda m: GaLoreAdamW(lowmem_optim.lowrank_param_groups(m, rank=4), lr=1e-3),
+     "param group 1 has rule='auon' in the state dict but rule='adam' here"),
+    (lambda m: GaLoreAdamW(_groups(m, rank=2), lr=1e-3), lambda m: GaLoreAdamW(_groups(m, rank=3), lr=1e-3),
+     "param group 1 has rank=2 in the state dict but rank=3 here"),
+    (lambda m: GaLoreAdamW(_groups(m, proj_type="left"), lr=1e-3), lambda m: GaLoreAdamW(_groups(m), lr=1e-3),
+     "param group 1 has proj_type='left' in the state dict but proj_type='std' here"),
+    (lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), lambda m: GaLoreAdamW(_groups(m), lr=1e-3),
+     "the state dict has 1 param groups, this optimizer 2"),
+    (lambda m: torch.optim.AdamW(_groups(m), lr=1e-3), lambda m: GaLoreAdamW(_groups(m), lr=1e-3),
+     "param group 0 of the state dict names no rule, proj_method, refresh"),
+])
+def test_load_state_dict_refuses_another_algorithm_or_layout_and_loads_nothing(source, target, message):
+    saved = _trained_state(source)
+    model = _model()
+    opt = target(model)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError) as err:
+        opt.load_state_dict(saved)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert str(opt.state_dict()) == str(before)  # nothing was loaded
+
+
+def test_load_state_dict_lets_lr_betas_and_weight_decay_follow_the_state_dict():
+    saved = _trained_state(lambda m: GaLoreAdamW(_groups(m), lr=1e-3, betas=(0.8, 0.9), weight_decay=0.1))
+    opt = GaLoreAdamW(_groups(_model()), lr=5e-3)
+    opt.load_state_dict(saved)
+    assert [(g["lr"], tuple(g["betas"]), g["weight_decay"]) for g in opt.param_groups] == [(1e-3, (0.8, 0.9), 0.1)] * 2
