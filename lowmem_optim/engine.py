@@ -40,8 +40,8 @@ import torch
 
 from lowmem_optim.parts import HParam, Part, declared, integer, invalid, number, one_of, optional
 from lowmem_optim.projection import PROJECTORS
-from lowmem_optim.projection.feedback import ERROR_FEEDBACK, FEEDBACK_KEYS, load_error, store_error
 from lowmem_optim.projection.base import projection_sides
+from lowmem_optim.projection.feedback import ERROR_FEEDBACK, FEEDBACK_KEYS, load_error, store_error
 from lowmem_optim.rules import RULES
 from lowmem_optim.schedules import SCHEDULES
 from lowmem_optim.sharding import StateLayout, is_dtensor, local_bytes, local_view, row_shard, store

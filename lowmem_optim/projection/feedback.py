@@ -18,9 +18,8 @@ that error does not accumulate.
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
+from typing import Any
 
 import torch
 

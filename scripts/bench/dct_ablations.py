@@ -29,10 +29,9 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from projection_training import REPO, protocol_parser  # the same protocol flags (this script's folder)
 
 #: GaLore's recipe here (projection_training.py): lr 1e-2, scale 0.25, a refresh every 10 steps
 GALORE = {"optimizer": "galore_adamw", "lr": 1e-2, "group": {"scale": 0.25, "update_proj_gap": 10}}
@@ -77,6 +76,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dct_ef_type3_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="float32", dct_type=3),
     "dct_ef4": _variant(DCT, error_feedback="4bit"),
     "dct_ef4_lr5e-3": _variant(DCT, lr=5e-3, error_feedback="4bit"),
+    "dct_ef4_lr3.5e-3": _variant(DCT, lr=3.5e-3, error_feedback="4bit"),
     "dct_ef4_type3_lr5e-3": _variant(DCT, lr=5e-3, error_feedback="4bit", dct_type=3),
     "dct_ef4_l2_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="4bit", dct_score="l2"),
 }
@@ -194,12 +194,7 @@ def energy(args: argparse.Namespace, at: list[int]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model-config", default=str(REPO / "configs" / "llama_small.json"))
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--rank", type=int, default=64)
+    parser = protocol_parser(__doc__.split("\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--parallel", type=int, default=1)
