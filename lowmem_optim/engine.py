@@ -8,6 +8,7 @@ matrix (m x n; N-D weights as (shape[0], -1)), at step t:
     2. projector: R = project(G)                  (r x n, m x r or r x r)
     3. rule:      N, lr_t = update(R)             (Adam, Adafactor, 8-bit Adam, ...)
     4. engine:    W <- W (1 - lr_t wd);  W <- W - scale * back_project(N)
+                  (N in the weight's dtype first for bfloat16 weights: :func:`back_projection_dtype`)
 
 Groups without ``rank`` skip 1, 2 and the back-projection: the rule on the full gradient (for
 the Adam rule, exactly ``torch.optim.AdamW``). Which parts a group uses is named by its
@@ -119,6 +120,14 @@ def _param_label(group: dict[str, Any], i: int, p: torch.Tensor) -> str:
     names = group.get("param_names")
     name = f"{names[i]!r} " if names else ""
     return f"parameter {name}(index {i} in its group, shape {tuple(p.shape)})"
+
+
+def back_projection_dtype(param: torch.Tensor, update: torch.Tensor) -> torch.dtype:
+    """The dtype of P N: the weight's for bfloat16 weights (and INT8 weights that compute in
+    bfloat16), so the m x n product runs on bf16 tensor cores and no float32 m x n update exists
+    (the INT8 re-quantization still adds it in float32, in registers); the rule's otherwise
+    (float32 weights; float16, whose range would clip large updates)."""
+    return torch.bfloat16 if param.dtype == torch.bfloat16 else update.dtype
 
 
 def _refresh_seed(seed: int, index: int, step: int) -> int:
@@ -310,7 +319,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             parts.rule.carry(view, change, 0 if left else 1)
         low = parts.projector.project(g, view, shard)
         update, lr_t = parts.rule.update(low, view, group, p, rule_shard)
-        full = parts.projector.back_project(update, view, shard)
+        full = parts.projector.back_project(update.to(back_projection_dtype(p, update)), view, shard)
         store(state, view, shard, layout)
         self._apply_update(target, full.view(target.shape), group["scale"], group, lr_t, index, step)
 

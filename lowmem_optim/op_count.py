@@ -41,7 +41,8 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 
 class OpCounter(TorchDispatchMode):
     """Counts ops (``ops``, ``by_op``), syncs (``syncs``, ``sync_ops``) and temporaries
-    (``allocated_bytes``, ``peak_bytes``) of the code run under it; see the module docstring."""
+    (``allocated_bytes``, ``peak_bytes``, ``largest_numel`` per dtype) of the code run under it;
+    see the module docstring."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,6 +52,7 @@ class OpCounter(TorchDispatchMode):
         self.sync_ops: Counter[str] = Counter()
         self.allocated_bytes = 0
         self.peak_bytes = 0
+        self.largest_numel: dict[torch.dtype, int] = {}  # the largest allocation of each dtype
         self._live_bytes = 0
         self._live: dict[int, weakref.ref] = {}
 
@@ -82,6 +84,7 @@ class OpCounter(TorchDispatchMode):
         if key in self._live and self._live[key]() is not None:
             return
         nbytes = storage.nbytes()
+        self.largest_numel[t.dtype] = max(self.largest_numel.get(t.dtype, 0), t.numel())
         self.allocated_bytes += nbytes
         self._live_bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self._live_bytes)
