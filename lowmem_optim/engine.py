@@ -266,14 +266,17 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 checks.append((p, group, index, shard, torch.isfinite(grad if shard is None else grad.to_local()).all()))
         if not checks:
             return
-        finite = torch.stack([c[-1] for c in checks]).tolist()
-        for (p, group, index, shard, _), ok in zip(checks, finite):
-            if not (ok if shard is None else not shard.any(not ok)):
-                i = next(i for i, q in enumerate(group["params"]) if q is p)
-                raise FloatingPointError(
-                    f"{type(self).__name__}: the gradient of {_param_label(group, i, p)} holds inf/NaN at a subspace "
-                    "refresh; nothing was updated (use torch.amp.GradScaler, which skips such steps, or clip gradients)"
-                )
+        finite = bool(torch.stack([c[-1] for c in checks]).all())  # the one host read
+        shard = next((c[3] for c in checks if c[3] is not None), None)
+        if finite if shard is None else not shard.any(not finite):  # every rank agrees (FSDP2 shards)
+            return
+        p, group, _, _, _ = next((c for c in checks if not bool(c[-1])), checks[0])  # the failure path only
+        i = next(i for i, q in enumerate(group["params"]) if q is p)
+        where = "" if not finite else " (on another rank)"
+        raise FloatingPointError(
+            f"{type(self).__name__}: the gradient of {_param_label(group, i, p)}{where} holds inf/NaN at a subspace "
+            "refresh; nothing was updated (use torch.amp.GradScaler, which skips such steps, or clip gradients)"
+        )
 
     @torch.compiler.disable
     @torch.no_grad()
