@@ -35,7 +35,7 @@ from projection_training import REPO, protocol_parser  # the same protocol flags
 
 #: GaLore's recipe here (projection_training.py): lr 1e-2, scale 0.25, a refresh every 10 steps
 GALORE = {"optimizer": "galore_adamw", "lr": 1e-2, "group": {"scale": 0.25, "update_proj_gap": 10}}
-#: DCTAdamW as published: a refresh every step, scale 1, lr 1e-3, no error feedback
+#: DCTAdamW as published (its defaults): a refresh every step, scale 1, lr 1e-3, no error feedback
 DCT = {"optimizer": "dct_adamw", "lr": 1e-3, "group": {"scale": 1.0, "error_feedback": None}}
 
 
@@ -49,8 +49,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "galore_svd": _variant(GALORE, proj_method="svd"),
     "galore_dct": _variant(GALORE, proj_method="dct"),
     "dct_paper": _variant(DCT),
-    # the DCTAdamW defaults (scale 0.25, 4-bit error feedback) at GaLore's lr
-    "dct_adamw": {"optimizer": "dct_adamw", "lr": 1e-2, "target": "all-linear", "group": {}},
+    # the pretraining recipe of DCTAdamW (scripts/pretrain_common.sh): scale 0.25, 4-bit error feedback, GaLore's lr
+    "dct_adamw": _variant(DCT, lr=1e-2, scale=0.25, error_feedback="4bit"),
     "dct_l2": _variant(DCT, dct_score="l2"),
     "dct_inplace": _variant(DCT, dct_keep_moments=False),
     "dct_lr2.5e-3": _variant(DCT, lr=2.5e-3),

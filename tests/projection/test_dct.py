@@ -96,7 +96,7 @@ def _spectrum_gradient(columns: dict[int, float], m: int = 10, n: int = 8) -> to
 @pytest.mark.parametrize("keep", [True, False])
 def test_moments_follow_kept_indices_and_new_indices_start_at_zero_against_a_float64_reference(keep):
     w = torch.nn.Parameter(torch.zeros(10, 8, dtype=torch.float64))
-    opt = DCTAdamW([{"params": [w], "rank": 3}], lr=0.1, weight_decay=0.0, dct_keep_moments=keep, error_feedback=None)
+    opt = DCTAdamW([{"params": [w], "rank": 3}], lr=0.1, weight_decay=0.0, dct_keep_moments=keep)
     g1, g2 = _spectrum_gradient({0: 3.0, 2: 2.0, 5: 1.0}), _spectrum_gradient({2: 3.0, 5: 2.0, 7: 1.5, 0: 0.5})
     w.grad = g1
     opt.step()
@@ -121,8 +121,7 @@ def test_dct_adamw_matches_a_float64_reference_of_its_equations():
     lr, wd, eps, (b1, b2), rank = 0.05, 0.1, 1e-8, (0.9, 0.999), 3
     w0 = _randn(12, 9, seed=5).double()
     w = torch.nn.Parameter(w0.clone())
-    opt = DCTAdamW([{"params": [w], "rank": rank}], lr=lr, weight_decay=wd, eps=eps, betas=(b1, b2), scale=1.0,
-                   error_feedback=None)
+    opt = DCTAdamW([{"params": [w], "rank": rank}], lr=lr, weight_decay=wd, eps=eps, betas=(b1, b2))
     q = dct_basis(9, torch.float64, CPU)
     ref, m, v, index = w0.clone(), None, None, None
     for t in range(1, 6):
@@ -173,7 +172,7 @@ def test_non_finite_gradient_at_a_refresh_is_an_error():
         DCTProjector().refresh(torch.full((4, 3), float("nan")), {}, {**defaults(DCTProjector()), "rank": 2}, seed=0)
 
 
-def test_dct_adamw_is_built_by_registry_name_with_its_defaults():
+def test_dct_adamw_is_built_by_registry_name_with_its_paper_defaults():
     from lowmem_optim import build_optimizer
     from lowmem_optim.registry import LOWRANK_OPTIMIZERS
 
@@ -181,8 +180,7 @@ def test_dct_adamw_is_built_by_registry_name_with_its_defaults():
     opt = build_optimizer("dct_adamw", model, target_modules=["0"], rank=3, lr=1e-3)
     assert "dct_adamw" in LOWRANK_OPTIMIZERS and isinstance(opt, DCTAdamW)
     (low,) = [g for g in opt.param_groups if g.get("rank") is not None]
-    assert (low["proj_method"], low["update_proj_gap"], low["scale"], low["dct_score"], low["error_feedback"]) == (
-        "dct", 1, 0.25, "l1", "4bit")
+    assert (low["proj_method"], low["update_proj_gap"], low["scale"], low["dct_score"]) == ("dct", 1, 1.0, "l1")
     model(torch.randn(5, 16)).sum().backward()
     opt.step()
     assert opt.state[model[0].weight]["proj_index"].numel() == 3

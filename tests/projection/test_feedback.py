@@ -40,7 +40,7 @@ def test_dct_adamw_with_error_feedback_matches_a_float64_reference_of_its_equati
         e = a - r @ q[:, index].T  # E_t: what the projection discarded
         mom, v = b1 * mom + (1 - b1) * r, b2 * v + (1 - b2) * r**2
         update = lr / (1 - b1**t) * mom / ((v / (1 - b2**t)).sqrt() + eps)
-        ref = ref * (1 - lr * wd) - 0.25 * update @ q[:, index].T  # DCTAdamW's scale
+        ref = ref * (1 - lr * wd) - update @ q[:, index].T
         assert torch.allclose(w.detach(), ref, rtol=0, atol=1e-12)
         assert torch.allclose(opt.state[w]["ef"], e, rtol=0, atol=1e-12)
 
