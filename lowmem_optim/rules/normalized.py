@@ -24,7 +24,7 @@ orientation (X transposed when m > n):  A = X X^T;  X <- a X + (b A + c A^2) X. 
 do, and float32 elsewhere, since a CPU without bf16 matrix units emulates bf16 matmuls (tens
 of times slower than fp32). It maps
 singular values from [0, 1] into about [0, 1.2]: after 5 steps those of X above ~1/400 (of
-||X||_F = 1) sit in about [0.68, 1.2]; one step leaves no such band (see the README).
+||X||_F = 1) sit in about [0.68, 1.2]; one step leaves no such band (see docs/optimizers.md).
 
 Why AuON is cheap and what it amounts to: for any realistically sized matrix r = 1 + O(1/N)
 (r - 1 ~ gamma^2 / (2N), N = m n, since X has unit Frobenius norm), so AuON behaves as
