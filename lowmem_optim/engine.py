@@ -238,14 +238,45 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        due = []
         index = 0
         for group in self.param_groups:
-            parts = group_parts(group)
             for p in group["params"]:
                 if p.grad is not None:
-                    self._update(p, p.grad, group, parts, index)
+                    due.append((p, p.grad, group, index))
                 index += 1
+        self._check_refresh_gradients(due)
+        for p, grad, group, index in due:
+            self._update(p, grad, group, group_parts(group), index)
         return loss
+
+    def _check_refresh_gradients(self, updates: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]]) -> None:
+        """FloatingPointError naming the parameter, before anything is updated, when a gradient
+        whose subspace refresh is due this step is not finite: a step that raises leaves every
+        parameter and its state as they were. One host sync, on refresh steps only."""
+        checks = []
+        schedules: dict[int, Any] = {}
+        for p, grad, group, index in updates:
+            state = self.state.get(p, {})
+            step = int(state["step"]) + 1 if "step" in state else 1
+            if id(group) not in schedules:
+                schedules[id(group)] = group_parts(group).schedule
+            if uses_projection(p, group) and schedules[id(group)].due(state, step):
+                shard = row_shard(p, f"parameter {index}")
+                checks.append((p, group, index, shard, torch.isfinite(grad if shard is None else grad.to_local()).all()))
+        if not checks:
+            return
+        finite = bool(torch.stack([c[-1] for c in checks]).all())  # the one host read
+        shard = next((c[3] for c in checks if c[3] is not None), None)
+        if finite if shard is None else not shard.any(not finite):  # every rank agrees (FSDP2 shards)
+            return
+        p, group, _, _, _ = next((c for c in checks if not bool(c[-1])), checks[0])  # the failure path only
+        i = next(i for i, q in enumerate(group["params"]) if q is p)
+        where = "" if not finite else " (on another rank)"
+        raise FloatingPointError(
+            f"{type(self).__name__}: the gradient of {_param_label(group, i, p)}{where} holds inf/NaN at a subspace "
+            "refresh; nothing was updated (use torch.amp.GradScaler, which skips such steps, or clip gradients)"
+        )
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -258,6 +289,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 if p is param:
                     g = param.grad if grad is None else grad
                     if g is not None:
+                        self._check_refresh_gradients([(p, g, group, index)])
                         self._update(p, g, group, group_parts(group), index)
                     return
                 index += 1
