@@ -10,6 +10,9 @@ matrix (m x n; N-D weights as (shape[0], -1)), at step t:
     4. engine:    W <- W (1 - lr_t wd);  W <- W - scale * back_project(N)
                   (N in the weight's dtype first for bfloat16 weights: :func:`back_projection_dtype`)
 
+With ``error_feedback`` (:mod:`lowmem_optim.projection.feedback`), steps 1 and 2 see
+A = G + E instead of G, and E <- A - back_project(R) is kept for the next step.
+
 Groups without ``rank`` skip 1, 2 and the back-projection: the rule on the full gradient (for
 the Adam rule, exactly ``torch.optim.AdamW``). Which parts a group uses is named by its
 ``rule``, ``proj_method`` and ``refresh`` keys, looked up in the registries of
@@ -37,10 +40,11 @@ import torch
 
 from lowmem_optim.parts import HParam, Part, declared, integer, invalid, number, one_of, optional
 from lowmem_optim.projection import PROJECTORS
+from lowmem_optim.projection.feedback import ERROR_FEEDBACK, FEEDBACK_KEYS, load_error, store_error
 from lowmem_optim.projection.base import projection_sides
 from lowmem_optim.rules import RULES
 from lowmem_optim.schedules import SCHEDULES
-from lowmem_optim.sharding import StateLayout, local_bytes, local_view, row_shard, store
+from lowmem_optim.sharding import StateLayout, is_dtensor, local_bytes, local_view, row_shard, store
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +59,11 @@ ENGINE_HPARAMS: tuple[HParam, ...] = (
     HParam("proj_method", "svd", one_of(*PROJECTORS), "how the subspace is chosen"),
     HParam("refresh", "fixed", one_of(*SCHEDULES), "when the subspace is chosen again"),
     HParam("seed", 0, integer(0), "seed of every random draw (randomized SVD, stochastic rounding)"),
+    HParam("error_feedback", None, one_of(*ERROR_FEEDBACK),
+           "carry the discarded part G - back_project(R) to the next gradient, its buffer in float32, 8 or 4 bits"),
 )
 #: the engine's keys that only a low-rank group uses
-_ENGINE_LOWRANK = ("rank", "scale", "proj_method", "refresh")
+_ENGINE_LOWRANK = ("rank", "scale", "proj_method", "refresh", "error_feedback")
 #: group keys that are not hyperparameters
 _GROUP_FIELDS = frozenset({"params", "param_names"})
 
@@ -216,6 +222,10 @@ class ComposedOptimizer(torch.optim.Optimizer):
                     "low-rank projection needs a matrix; put biases, norms and other 1-D parameters "
                     "in a group without 'rank' (lowmem_optim.lowrank_param_groups does this)"
                 )
+            if group["error_feedback"] is not None and is_dtensor(p):
+                raise ValueError(f"{_param_label(group, i, p)} is FSDP2-sharded and its group has error_feedback="
+                                 f"{group['error_feedback']!r}: the feedback buffer is not sharded (allowed: "
+                                 "error_feedback=None for sharded parameters)")
 
     # ---- the step -----------------------------------------------------------------------
     # torch.compile runs the step eagerly: traced by Dynamo (torch 2.13) it graph-breaks at each
@@ -228,14 +238,45 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        due = []
         index = 0
         for group in self.param_groups:
-            parts = group_parts(group)
             for p in group["params"]:
                 if p.grad is not None:
-                    self._update(p, p.grad, group, parts, index)
+                    due.append((p, p.grad, group, index))
                 index += 1
+        self._check_refresh_gradients(due)
+        for p, grad, group, index in due:
+            self._update(p, grad, group, group_parts(group), index)
         return loss
+
+    def _check_refresh_gradients(self, updates: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]]) -> None:
+        """FloatingPointError naming the parameter, before anything is updated, when a gradient
+        whose subspace refresh is due this step is not finite: a step that raises leaves every
+        parameter and its state as they were. One host sync, on refresh steps only."""
+        checks = []
+        schedules: dict[int, Any] = {}
+        for p, grad, group, index in updates:
+            state = self.state.get(p, {})
+            step = int(state["step"]) + 1 if "step" in state else 1
+            if id(group) not in schedules:
+                schedules[id(group)] = group_parts(group).schedule
+            if uses_projection(p, group) and schedules[id(group)].due(state, step):
+                shard = row_shard(p, f"parameter {index}")
+                checks.append((p, group, index, shard, torch.isfinite(grad if shard is None else grad.to_local()).all()))
+        if not checks:
+            return
+        finite = bool(torch.stack([c[-1] for c in checks]).all())  # the one host read
+        shard = next((c[3] for c in checks if c[3] is not None), None)
+        if finite if shard is None else not shard.any(not finite):  # every rank agrees (FSDP2 shards)
+            return
+        p, group, _, _, _ = next((c for c in checks if not bool(c[-1])), checks[0])  # the failure path only
+        i = next(i for i, q in enumerate(group["params"]) if q is p)
+        where = "" if not finite else " (on another rank)"
+        raise FloatingPointError(
+            f"{type(self).__name__}: the gradient of {_param_label(group, i, p)}{where} holds inf/NaN at a subspace "
+            "refresh; nothing was updated (use torch.amp.GradScaler, which skips such steps, or clip gradients)"
+        )
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -248,6 +289,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 if p is param:
                     g = param.grad if grad is None else grad
                     if g is not None:
+                        self._check_refresh_gradients([(p, g, group, index)])
                         self._update(p, g, group, group_parts(group), index)
                     return
                 index += 1
@@ -275,6 +317,10 @@ class ComposedOptimizer(torch.optim.Optimizer):
             self._apply_update(target, update, 1.0, group, lr_t, index, step)
             return
         g = local_grad.reshape(-1, matrix_shape(p)[1])
+        feedback = group["error_feedback"]  # never on a sharded parameter (refused in _validate_group)
+        if feedback is not None:  # A = G + E: the selection and the projection see what was left out before
+            accumulated = load_error(state, g) + g
+            g = accumulated.to(g.dtype)
         left, _ = projection_sides(matrix_shape(p), group["proj_type"])
         # P^T G is summed over the ranks, so the rule sees R whole; G Q keeps the rows of G
         rule_shard = None if left else shard
@@ -289,6 +335,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 parts.schedule.defer(view, step)
             parts.rule.carry(view, change, 0 if left else 1)
         low = parts.projector.project(g, view, shard)
+        if feedback is not None:
+            store_error(view, accumulated - parts.projector.back_project(low, view, shard), feedback)
         update, lr_t = parts.rule.update(low, view, group, p, rule_shard)
         full = parts.projector.back_project(update.to(back_projection_dtype(p, update)), view, shard)
         store(state, view, shard, layout)
@@ -352,7 +400,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             for name, hp in parts.hparams().items():
                 group.setdefault(name, hp.default)
             for p, saved_id in zip(group["params"], saved_ids):
-                fixed = frozenset().union(*(part.fixed_dtype_keys(p.dtype) for part in parts.all()))
+                fixed = frozenset().union(FEEDBACK_KEYS, *(part.fixed_dtype_keys(p.dtype) for part in parts.all()))
                 host = frozenset().union(*(part.host_keys() for part in parts.all()))
                 for key, value in state_dict["state"].get(saved_id, {}).items():
                     if torch.is_tensor(value) and key in host:

@@ -13,7 +13,9 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
   (:meth:`lowmem_optim.parts.Part.state_bytes`): the inner rule's state on the projected shape
   (m x r or r x n) for low-rank parameters (Adam: 2 x numel; 8-bit Adam: 2 bytes per value +
   float32 absmax per 256, float32 below ``min_8bit_size``; Adafactor: row + column statistics;
-  normalized momentum: one buffer), and the schedule's (the adaptive similarity queue).
+  normalized momentum: one buffer), the schedule's (the adaptive similarity queue), and the
+  error-feedback buffer of a group with ``error_feedback`` (m x n: 4 bytes per weight in float32,
+  1 + 4/256 in 8 bits, 1/2 + 8/256 in 4 bits).
 * projections: what the projector reports: its stored bases (m x r or r x n in the gradient's
   dtype, or INT8/INT4 codes with float32 scale and zero per ``proj_group_size`` and 32 bytes of
   metadata) or the DCT's r int64 indices, plus the caches it shares between parameters, each
@@ -66,6 +68,7 @@ from torch import nn
 
 from lowmem_optim.engine import ComposedOptimizer, group_parts, matrix_shape, uses_projection
 from lowmem_optim.projection.base import projected_shape
+from lowmem_optim.projection.feedback import error_dtype, feedback_bytes
 from lowmem_optim.rules.adam8bit import Adam8bitRule
 
 WEIGHT_BITS = (32, 16, 8)
@@ -263,6 +266,10 @@ def optimizer_memory(optimizer_name: str, optimizer: torch.optim.Optimizer,
                 states += parts.schedule.state_bytes(matrix, p.dtype, group)
                 shape = projected_shape(matrix, group)
                 workspace += grad  # the back-projected update
+                if group["error_feedback"] is not None:
+                    states += feedback_bytes(group["error_feedback"], p.numel(), p.dtype)
+                    # A = G + E and its back-projected part, in float32 (or float64)
+                    workspace += 2 * p.numel() * torch.empty((), dtype=error_dtype(p.dtype)).element_size()
             states += parts.rule.state_bytes(shape, p.dtype, group)
             workspace += parts.rule.workspace_bytes(shape, p.dtype, group)
             out["optimizer_states"] += states

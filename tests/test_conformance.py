@@ -80,14 +80,17 @@ MATRIX_LR = {"muon": {"lr": 0.02}}
 
 
 def _lowrank(name: str, base: dict[str, Any], proj_method: str | None, schedule: tuple, proj_bits: int | None = None,
-             ) -> Case:
+             error_feedback: str | None = None) -> Case:
     label, refresh, expected = schedule
     kwargs = {**base, **LOW, **refresh}
     if proj_method is not None:
         kwargs["proj_method"] = proj_method
     if proj_bits is not None:
         kwargs["proj_bits"] = proj_bits
-    return Case(name, kwargs, "-".join(filter(None, [proj_method, label, proj_bits and f"int{proj_bits}"])), expected)
+    if error_feedback is not None:
+        kwargs["error_feedback"] = error_feedback
+    parts = [proj_method, label, proj_bits and f"int{proj_bits}", error_feedback and f"ef-{error_feedback}"]
+    return Case(name, kwargs, "-".join(filter(None, parts)), expected)
 
 
 CASES: list[Case] = [
@@ -103,6 +106,11 @@ CASES: list[Case] = [
     _lowrank("q_galore_adamw8bit", {**ADAM, **EIGHT_BIT}, None, ("adaptive", GROWING, (4, 6))),
     _lowrank("q_galore_adamw8bit", {**ADAM, **EIGHT_BIT}, None, FIXED),
     *[_lowrank("dct_adamw", ADAM, None, s) for s in (FIXED, ADAPTIVE)],
+    # error feedback: its buffer in each storage, with each rule
+    _lowrank("dct_adamw", ADAM, None, FIXED, error_feedback="float32"),
+    _lowrank("dct_adamw", ADAM, None, ADAPTIVE, error_feedback="4bit"),
+    _lowrank("galore_adamw8bit", {**ADAM, **EIGHT_BIT}, "svd", FIXED, error_feedback="8bit"),
+    _lowrank("galore_adafactor", ADAFACTOR, "randomized_svd", ADAPTIVE, 4, error_feedback="4bit"),
     # the class defaults, but Muon's lr is Keller Jordan's 0.02 (torch's default 1e-3 barely moves in a dozen steps)
     *[Case(name, MATRIX_LR.get(name, {})) for name in sorted(MATRIX_OPTIMIZERS)],
     # the rule in a rank-3 subspace of each matrix (the 4 x 12 conv weight too), refreshed every 2 steps

@@ -307,3 +307,19 @@ def test_load_state_dict_lets_lr_betas_and_weight_decay_follow_the_state_dict():
     opt = GaLoreAdamW(_groups(_model()), lr=5e-3)
     opt.load_state_dict(saved)
     assert [(g["lr"], tuple(g["betas"]), g["weight_decay"]) for g in opt.param_groups] == [(1e-3, (0.8, 0.9), 0.1)] * 2
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_step_that_raises_at_a_refresh_leaves_every_parameter_and_its_state_as_they_were(cls):
+    model = _model()
+    opt = cls(_groups(model), **_kwargs(cls))
+    params = copy.deepcopy(list(model.parameters()))
+    torch.nn.functional.mse_loss(model(_X), _Y).backward()
+    model[0].weight.grad[0, 0] = float("nan")  # projected, after the biases' group; refreshes are due at step 1
+    with pytest.raises(FloatingPointError, match=r"gradient of parameter \(index 0 in its group.*nothing was updated"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert not opt.state  # no moment, no subspace, no step counter
+    model[0].weight.grad.zero_()
+    opt.step()  # and the optimizer steps on afterwards
+    assert int(opt.state[model[0].weight]["step"]) == 1

@@ -59,7 +59,10 @@ def measured_bytes(setup: TrainingSetup, steps: int) -> dict[str, int]:
     TrainingSetup("galore_adamw8bit", rank=8, weight_bits=8, proj_bits=4, batch_size=2, seq_len=16,
                   optimizer_kwargs=(("refresh", "adaptive"), ("update_proj_gap", 1), ("queue_size", 1),
                                     ("cos_threshold", 1.0))),
-], ids=lambda s: f"{s.optimizer}-w{s.weight_bits}-p{s.proj_bits}")
+    # error feedback: the 4-bit buffer of every projected weight (INT4 codes, scale and zero per 256)
+    TrainingSetup("galore_adamw", rank=8, weight_bits=16, batch_size=2, seq_len=16,
+                  optimizer_kwargs=(("error_feedback", "4bit"),)),
+], ids=lambda s: f"{s.optimizer}-w{s.weight_bits}-p{s.proj_bits}-{dict(s.optimizer_kwargs).get('error_feedback')}")
 def test_weights_gradients_states_and_projections_match_real_tensor_bytes(setup):
     predicted = estimate_memory(tiny_config(), setup).as_dict()
     measured = measured_bytes(setup, steps=2)

@@ -246,8 +246,10 @@ def _loop(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int, start: i
                         "rng": checkpoint.rng_state(), "config": cfg.to_dict(), "model_config": model_config,
                         "data_fingerprint": data_fingerprint,
                     }, keep=cfg.keep_checkpoints)
-                except OSError as err:
+                except OSError as err:  # a full disk, no permission: the previous checkpoints are intact
                     raise RunStopped(f"step {step}: {err.strerror or err}") from err
+                except ValueError as err:  # the file read back does not match what was written
+                    raise RunStopped(f"step {step}: {err}") from err
             distributed.barrier()
         clock, steps_timed = time.perf_counter(), 0  # tokens/s covers training only, not evaluation and saving
 

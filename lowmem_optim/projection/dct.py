@@ -11,13 +11,20 @@ default) or L2 norm, and keeps the top r indices I. Then R = S[I] is the low-ran
 The L2 score is the exact minimizer of the projection error over r-subsets of the basis, as
 ||G - Q_I Q_I^T G||_F^2 = ||G||_F^2 - sum_{i in I} ||S_i||^2.
 
-S comes from one product with the cached basis (O(m n d)), or for d >= ``dct_fft_threshold``
-from an FFT (Makhoul 1980, O(m n log d)): both give the same scores. Only I is state
-(``proj_index``, int64), with the projected dimension ``proj_dim`` and its size
-``proj_basis_size`` as numbers; the basis is a cache per (d, dtype, device), shared by every
-layer, never state. With ``dct_keep_moments`` (default) a refresh tells the rule where each
-kept index moved, so moments of indices that stay survive and new ones start at zero; off, the
-moments are left as they are (the authors' code). The similarity reported to the refresh
+``dct_type=3`` selects columns of C itself (Q = C, the DCT-III vectors
+sqrt(2/d) w_j cos(pi j (2k + 1) / (2d)), w_0 = sqrt(1/2)): the basis of the authors' default
+matmul path, while their FFT path and type 2 use C^T; both are orthonormal, they select
+different vectors.
+
+S comes from one product with the cached basis (O(m n d)), or, for type 2 and
+d >= ``dct_fft_threshold``, from an FFT (Makhoul 1980, O(m n log d)): both give the same
+scores. Only I is state (``proj_index``, int64), with the projected dimension ``proj_dim``, its
+size ``proj_basis_size`` and ``proj_dct_type`` as numbers; the basis is a cache per (d, dtype,
+device), shared by every layer, never state. With ``dct_keep_moments`` (default) a refresh tells
+the rule where each kept index moved, so moments of indices that stay survive and new ones start
+at zero: the authors' ``rotate_subspace``, whose rotation Q_{I_old}^T Q_{I_new} of a fixed
+orthonormal basis is exactly this 0/1 selection; off, the moments are left as they are (the
+authors' default). The similarity reported to the refresh
 schedule is the index overlap |I_old & I_new| / r. ``proj_type`` "full" is refused.
 """
 
@@ -36,6 +43,7 @@ from lowmem_optim.sharding import RowShard
 
 DCT_PROJ_TYPES = ("std", "reverse_std", "left", "right")
 DCT_SCORES = ("l1", "l2")
+DCT_TYPES = (2, 3)
 
 
 @functools.lru_cache(maxsize=16)
@@ -73,12 +81,20 @@ def dct_fft(a: torch.Tensor, dim: int) -> torch.Tensor:
     return (full * twiddles).sum(-1).movedim(-1, dim)
 
 
-def dct_spectrum(a: torch.Tensor, dim: int, fft_threshold: int) -> torch.Tensor:
-    """S: the DCT-II of ``a`` along ``dim`` (C a for dim 0, a C^T for dim 1)."""
+def projection_basis(d: int, dct_type: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The d x d basis whose columns are selected: Q = C^T (type 2: the DCT-II cosine vectors) or
+    C (type 3: the DCT-III vectors, the authors' matmul path)."""
+    q = dct_basis(d, dtype, device)
+    return q if dct_type == 2 else q.T
+
+
+def dct_spectrum(a: torch.Tensor, dim: int, fft_threshold: int, dct_type: int = 2) -> torch.Tensor:
+    """S = Q^T a (dim 0) or a Q (dim 1) for the type's basis Q: for type 2 the DCT-II of ``a``
+    along ``dim`` (C a, a C^T), from an FFT from ``fft_threshold`` on; for type 3 C^T a, a C."""
     d = a.shape[dim]
-    if d >= fft_threshold:
+    if dct_type == 2 and d >= fft_threshold:
         return dct_fft(a, dim).to(a.dtype)
-    basis = dct_basis(d, a.dtype, a.device)
+    basis = projection_basis(d, dct_type, a.dtype, a.device)
     return basis.T @ a if dim == 0 else a @ basis
 
 
@@ -107,6 +123,8 @@ class DCTProjector(Part):
         HParam("dct_score", "l1", one_of(*DCT_SCORES), "score of a DCT column: l1 (the paper's) or l2 (exact)"),
         HParam("dct_fft_threshold", 2048, integer(1), "DCT sizes from which the spectrum comes from an FFT"),
         HParam("dct_keep_moments", True, BOOLEAN, "move the moments of DCT indices that stay selected"),
+        HParam("dct_type", 2, one_of(*DCT_TYPES), "basis: 2, the DCT-II cosine vectors (columns of C^T); "
+               "3, the columns of C (the authors' matmul path)"),
     )
     #: the projector stores indices, not a matrix to quantize
     storage = None
@@ -130,7 +148,8 @@ class DCTProjector(Part):
         # sharded, the spectrum along the rows needs all of them (gathered); along the columns each
         # rank holds its rows of S = G Q, and a column's score is a sum over rows (all-reduced)
         gathered = shard is not None and dim == 0
-        spectrum = dct_spectrum(shard.gather_rows(grad) if gathered else grad, dim, group["dct_fft_threshold"])
+        spectrum = dct_spectrum(shard.gather_rows(grad) if gathered else grad, dim, group["dct_fft_threshold"],
+                                group["dct_type"])
         norms = scores(spectrum, dim, group["dct_score"])
         if shard is not None and not gathered:
             shard.all_reduce_(norms)
@@ -144,6 +163,7 @@ class DCTProjector(Part):
         size = spectrum.shape[dim]
         old = state.get("proj_index")
         state["proj_index"], state["proj_dim"], state["proj_basis_size"] = index, dim, size
+        state["proj_dct_type"] = group["dct_type"]
         if old is None:
             return SubspaceChange()
         old_position = torch.full((size,), -1, dtype=torch.int64, device=index.device)
@@ -154,7 +174,8 @@ class DCTProjector(Part):
 
     def _columns(self, state: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
         """Q[:, I] (d x r) in ``like``'s dtype and device."""
-        return dct_basis(state["proj_basis_size"], like.dtype, like.device).index_select(1, state["proj_index"])
+        basis = projection_basis(state["proj_basis_size"], state.get("proj_dct_type", 2), like.dtype, like.device)
+        return basis.index_select(1, state["proj_index"])
 
     def project(self, grad: torch.Tensor, state: dict[str, Any], shard: RowShard | None = None) -> torch.Tensor:
         refreshed, self._refreshed = self._refreshed, None

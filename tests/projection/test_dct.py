@@ -68,6 +68,23 @@ def test_projection_reads_the_selected_spectrum_and_back_projection_uses_the_sam
     assert torch.allclose(projector.back_project(low, state), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape, dim", [((24, 16), 1), ((16, 24), 0)])
+def test_type_3_selects_columns_of_the_dct_ii_matrix_itself_the_authors_matmul_orientation(shape, dim):
+    """Type 3 projects onto the columns of C (the DCT-III vectors), whatever the FFT threshold."""
+    g = _randn(*shape, seed=2).double()
+    c = dct_basis(shape[dim], torch.float64, CPU).T  # C: row k is the k-th DCT-II vector
+    expected = c.T @ g if dim == 0 else g @ c
+    for threshold in (1, 10**9):
+        assert torch.allclose(dct_spectrum(g, dim, threshold, dct_type=3), expected, atol=1e-12)
+    state, projector = {}, DCTProjector()
+    projector.refresh(g, state, {**defaults(projector), "rank": 4, "dct_type": 3}, seed=0)
+    assert torch.equal(state["proj_index"], select_indices(expected, dim, 4, "l1"))
+    q = c[:, state["proj_index"]]
+    low = projector.project(g, state)
+    assert torch.allclose(DCTProjector().project(g, state), low, atol=1e-12)
+    assert torch.allclose(projector.back_project(low, state), q @ q.T @ g if dim == 0 else g @ q @ q.T, atol=1e-12)
+
+
 def _spectrum_gradient(columns: dict[int, float], m: int = 10, n: int = 8) -> torch.Tensor:
     """G = S Q^T: a gradient whose DCT spectrum (right side) is nonzero on the given columns."""
     s = torch.zeros(m, n, dtype=torch.float64)
@@ -141,7 +158,8 @@ def test_adaptive_schedule_on_dct_grows_the_gap_while_the_index_set_stays():
 @pytest.mark.parametrize(
     "key, value, match",
     [("proj_type", "full", "proj_type"), ("dct_score", "l3", "dct_score"), ("dct_fft_threshold", 0, "dct_fft_threshold"),
-     ("dct_keep_moments", "yes", "dct_keep_moments"), ("proj_bits", 4, "proj_bits")],
+     ("dct_keep_moments", "yes", "dct_keep_moments"), ("proj_bits", 4, "proj_bits"), ("dct_type", 1, "dct_type"),
+     ("dct_type", True, "dct_type")],
 )
 def test_dct_rejects_bad_settings_by_name(key, value, match):
     w = torch.nn.Parameter(torch.zeros(8, 4))

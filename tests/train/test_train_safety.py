@@ -66,7 +66,7 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     if optimizer == "adamw":  # strict JSON: the NaN loss is written as null
         assert [r["loss"] is None for r in lines] == [False, True]
     else:  # the subspace refresh of step 2 refuses its NaN gradient before anything is logged
-        assert "holds inf/NaN at a subspace refresh" in message and len(lines) == 1
+        assert "holds inf/NaN at a subspace refresh; nothing was updated" in message and len(lines) == 1
     assert not (out / outdir.LOCK_NAME).exists()
 
 
@@ -212,6 +212,21 @@ def test_a_failed_save_in_a_run_stops_it_with_one_line(tmp_path, tiny_argv, monk
     monkeypatch.setattr(checkpoint, "save", full)
     with pytest.raises(RunStopped, match=r"^step 2: could not write checkpoint 'x' \(No space left on device\)$"):
         main(tiny_argv(tmp_path / "run", max_steps=2, eval_every=2))
+
+
+def test_a_checkpoint_that_reads_back_wrong_stops_the_run_and_the_previous_one_stays(tmp_path, tiny_argv, monkeypatch):
+    argv = tiny_argv(tmp_path / "run", max_steps=2, save_every=1, eval_every=2, keep_checkpoints=1)
+    real = checkpoint.verify
+
+    def second_fails(path):
+        if path.name == "step_00000002.pt":
+            raise ValueError(f"checkpoint {str(path)!r} is corrupt")
+        real(path)
+
+    monkeypatch.setattr(checkpoint, "verify", second_fails)
+    with pytest.raises(RunStopped, match=r"^step 2: checkpoint '.*step_00000002.pt' is corrupt$"):
+        main(argv)
+    assert [p.name for p in checkpoint.saved(tmp_path / "run")] == ["step_00000001.pt", "step_00000002.pt"]
 
 
 def test_rotation_deletes_an_old_checkpoint_only_after_the_new_one_is_verified(tmp_path, monkeypatch):

@@ -1,0 +1,73 @@
+"""Error feedback for projected updates (Seide et al., 2014; Modoranu et al., 2025, arXiv 2505.17967).
+
+The part of the gradient a projection discards is kept and added to the next gradient before
+the subspace is chosen and the gradient projected:
+
+    A_t = G_t + E_{t-1};    R_t = project(A_t);    E_t = A_t - back_project(R_t)
+
+so a direction left out at one step is not lost but carried until it is selected. E has the
+weight matrix's shape; it is stored as the group's ``error_feedback`` asks: ``"float32"``
+(``ef``, 4 bytes per weight; float64 weights keep it in float64), ``"8bit"`` (``ef_codes``, uint8,
+and ``ef_absmax``, one float32 per block of 256 values: 1 + 4/256 bytes per weight; bitsandbytes'
+signed dynamic map, as the 8-bit Adam rule stores its first moment) or ``"4bit"`` (``ef_codes``,
+two INT4 codes per byte, and ``ef_scale`` / ``ef_zero``, float32 min-max per group of 256 values:
+1/2 + 8/256 bytes per weight; :mod:`lowmem_optim.quant.groupwise`, the authors' 4-bit buckets).
+A quantized buffer loses its rounding error at each step (E_t is written from A_t afresh), so
+that error does not accumulate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import math
+
+import torch
+
+from lowmem_optim.quant.blockwise import dequantize_blockwise, quantize_blockwise
+from lowmem_optim.quant.groupwise import dequantize_groupwise, pack_int4, quantize_groupwise, unpack_int4
+
+#: the values of the group key ``error_feedback`` (None: off)
+ERROR_FEEDBACK = (None, "float32", "8bit", "4bit")
+#: state keys whose dtype is fixed (never cast to the parameter's dtype on load)
+FEEDBACK_KEYS = frozenset({"ef", "ef_absmax", "ef_scale", "ef_zero"})
+
+
+def error_dtype(grad_dtype: torch.dtype) -> torch.dtype:
+    """E's working dtype: float32, or the gradient's when wider (float64)."""
+    return torch.promote_types(grad_dtype, torch.float32)
+
+
+def load_error(state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
+    """E_{t-1} in :func:`error_dtype` (zeros before the first step)."""
+    dtype = error_dtype(grad.dtype)
+    if "ef" in state:
+        return state["ef"].to(dtype)
+    if "ef_absmax" in state:
+        return dequantize_blockwise(state["ef_codes"], state["ef_absmax"], signed=True, dtype=dtype)
+    if "ef_scale" in state:
+        codes = unpack_int4(state["ef_codes"], grad.numel())
+        return dequantize_groupwise(codes, state["ef_scale"], state["ef_zero"], grad.shape, dtype)
+    return torch.zeros(grad.shape, dtype=dtype, device=grad.device)
+
+
+def store_error(state: dict[str, Any], error: torch.Tensor, kind: str) -> None:
+    """Keep E_t as ``kind`` ("float32", "8bit" or "4bit") asks."""
+    if kind == "float32":
+        state["ef"] = error.to(error_dtype(error.dtype))
+    elif kind == "8bit":
+        state["ef_codes"], state["ef_absmax"] = quantize_blockwise(error, signed=True)
+    else:
+        codes, state["ef_scale"], state["ef_zero"] = quantize_groupwise(error, bits=4)
+        state["ef_codes"] = pack_int4(codes)
+
+
+def feedback_bytes(kind: str | None, numel: int, dtype: torch.dtype) -> int:
+    """Bytes of the buffer of a ``numel``-value weight of ``dtype`` under ``error_feedback=kind``."""
+    if kind is None:
+        return 0
+    if kind == "float32":
+        return numel * torch.empty((), dtype=error_dtype(dtype)).element_size()
+    if kind == "8bit":
+        return numel + 4 * math.ceil(numel / 256)
+    return math.ceil(numel / 2) + 8 * math.ceil(numel / 256)
