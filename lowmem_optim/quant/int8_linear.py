@@ -110,14 +110,15 @@ class Int8Weight(nn.Parameter):
     def rms(self) -> float:
         """RMS of the dequantized weight, sqrt(mean(W^2)) (Adafactor's RMS(W)), in fp32 chunks of
         at most ``_UPDATE_CHUNK`` values: no full-precision copy of the weight is made."""
-        codes, chunk, total = self.codes.view(-1), _UPDATE_CHUNK // self.group_size * self.group_size, 0.0
+        codes, chunk = self.codes.view(-1), _UPDATE_CHUNK // self.group_size * self.group_size
+        total = torch.zeros((), dtype=torch.float64, device=codes.device)  # one host read at the end, not one per chunk
         for start in range(0, codes.numel(), chunk):
             stop = min(start + chunk, codes.numel())
             groups = slice(start // self.group_size, -(-stop // self.group_size))
             w = dequantize_groupwise(codes[start:stop], self.scale[groups], self.zero[groups], (stop - start,),
                                      torch.float32, self.group_size)
-            total += float(w.square().sum())
-        return math.sqrt(total / codes.numel())
+            total += w.square().sum()
+        return math.sqrt(float(total) / codes.numel())
 
     @torch.no_grad()
     def apply_update(self, update: torch.Tensor, *, alpha: float = 1.0, decay: float = 1.0, seed: int = 0) -> None:
