@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +214,9 @@ def _worker(rank: int, world: int, workdir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world)
+    # a rank left waiting in a collective fails after COLLECTIVE_TIMEOUT instead of gloo's 30 minutes
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world,
+                            timeout=COLLECTIVE_TIMEOUT)
     mesh = init_device_mesh("cpu", (world,))
     results: dict[str, Any] = {}
     try:
@@ -226,6 +229,11 @@ def _worker(rank: int, world: int, workdir: str) -> None:
     finally:
         dist.destroy_process_group()
         Path(workdir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+#: one launch runs every case: about 20 s on an idle 2-core machine, minutes on a loaded one
+pytestmark = pytest.mark.timeout(900)
+COLLECTIVE_TIMEOUT = timedelta(seconds=300)
 
 
 @pytest.fixture(scope="module")
