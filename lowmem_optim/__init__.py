@@ -6,10 +6,16 @@ state in a low-rank subspace of each weight matrix's gradient.
 
 from lowmem_optim.engine import ComposedOptimizer
 from lowmem_optim.groups import lowrank_param_groups, normalized_param_groups
-from lowmem_optim.optimizers import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
-from lowmem_optim.optimizers import QGaLoreAdamW8bit
-from lowmem_optim.optimizers import DCTAdamW
-from lowmem_optim.optimizers import AuON, HybridAuON, Muon
+from lowmem_optim.optimizers import (
+    AuON,
+    DCTAdamW,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    HybridAuON,
+    Muon,
+    QGaLoreAdamW8bit,
+)
 from lowmem_optim.registry import available_optimizers, build_optimizer, get_optimizer_class
 
 __version__ = "0.1.0"

@@ -20,8 +20,15 @@ import torch
 
 from lowmem_optim.groups import TARGET_MODULES_HELP, check_some_matrix_projected, parse_target_modules
 from lowmem_optim.llama_config import check_seq_len, load_llama_config
-from lowmem_optim.memory import (COMPONENTS, DTYPES, WEIGHT_BITS, LlamaShape, TrainingSetup, estimate_memory,
-                                 llama_skeleton)
+from lowmem_optim.memory import (
+    COMPONENTS,
+    DTYPES,
+    WEIGHT_BITS,
+    LlamaShape,
+    TrainingSetup,
+    estimate_memory,
+    llama_skeleton,
+)
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, available_optimizers, check_int8_capable
 
 
@@ -37,10 +44,21 @@ def _parser() -> argparse.ArgumentParser:
     _flag(memory, "model-config", required=True, help="LLaMA config JSON (HF LlamaConfig fields)")
     _flag(memory, "optimizer", required=True, choices=available_optimizers())
     _flag(memory, "rank", type=int, default=None, help="subspace rank (low-rank optimizers)")
-    _flag(memory, "weight-bits", type=int, default=16, choices=WEIGHT_BITS,
-          help="32: float32 weights; 16: weights in --dtype; 8: INT8 linear layers")
-    _flag(memory, "dtype", default=None, choices=tuple(DTYPES), help="compute dtype (default: float32 for "
-          "--weight-bits 32, else bfloat16)")
+    _flag(
+        memory,
+        "weight-bits",
+        type=int,
+        default=16,
+        choices=WEIGHT_BITS,
+        help="32: float32 weights; 16: weights in --dtype; 8: INT8 linear layers",
+    )
+    _flag(
+        memory,
+        "dtype",
+        default=None,
+        choices=tuple(DTYPES),
+        help="compute dtype (default: float32 for --weight-bits 32, else bfloat16)",
+    )
     _flag(memory, "proj-bits", type=int, default=None, choices=(4, 8, 16), help="bits of the stored projections")
     _flag(memory, "batch-size", type=int, required=True)
     _flag(memory, "seq-len", type=int, required=True)
@@ -62,9 +80,15 @@ def memory_command(args: argparse.Namespace) -> dict[str, int]:
     if args.rank is not None and args.optimizer in LOWRANK_OPTIMIZERS | MATRIX_OPTIMIZERS:
         check_some_matrix_projected(llama_skeleton(LlamaShape.from_config(config), torch.float32), targets, args.rank)
     setup = TrainingSetup(
-        optimizer=args.optimizer, rank=args.rank, weight_bits=args.weight_bits, dtype=args.dtype,
-        proj_bits=args.proj_bits, batch_size=args.batch_size, seq_len=args.seq_len,
-        activation_checkpointing=args.activation_checkpointing, layerwise=args.layerwise,
+        optimizer=args.optimizer,
+        rank=args.rank,
+        weight_bits=args.weight_bits,
+        dtype=args.dtype,
+        proj_bits=args.proj_bits,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        activation_checkpointing=args.activation_checkpointing,
+        layerwise=args.layerwise,
         target_modules=targets,
     )
     return estimate_memory(config, setup).as_dict()

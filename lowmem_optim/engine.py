@@ -59,8 +59,12 @@ ENGINE_HPARAMS: tuple[HParam, ...] = (
     HParam("proj_method", "svd", one_of(*PROJECTORS), "how the subspace is chosen"),
     HParam("refresh", "fixed", one_of(*SCHEDULES), "when the subspace is chosen again"),
     HParam("seed", 0, integer(0), "seed of every random draw (randomized SVD, stochastic rounding)"),
-    HParam("error_feedback", None, one_of(*ERROR_FEEDBACK),
-           "carry the discarded part G - back_project(R) to the next gradient, its buffer in float32, 8 or 4 bits"),
+    HParam(
+        "error_feedback",
+        None,
+        one_of(*ERROR_FEEDBACK),
+        "carry the discarded part G - back_project(R) to the next gradient, its buffer in float32, 8 or 4 bits",
+    ),
 )
 #: the engine's keys that only a low-rank group uses
 _ENGINE_LOWRANK = ("rank", "scale", "proj_method", "refresh", "error_feedback")
@@ -93,8 +97,11 @@ def group_parts(group: dict[str, Any]) -> Parts:
     for key, registry in SELECTORS.items():
         if group[key] not in registry:
             raise invalid(key, group[key], ", ".join(sorted(registry)))
-    return Parts(rule=RULES[group["rule"]](), projector=PROJECTORS[group["proj_method"]](),
-                 schedule=SCHEDULES[group["refresh"]]())
+    return Parts(
+        rule=RULES[group["rule"]](),
+        projector=PROJECTORS[group["proj_method"]](),
+        schedule=SCHEDULES[group["refresh"]](),
+    )
 
 
 def lowrank_hparams() -> dict[str, HParam]:
@@ -164,14 +171,21 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._warned_full_rank: set[int] = set()
-        chosen = {**{hp.name: hp.default for hp in ENGINE_HPARAMS},
-                  **{key: choices[0] for key, choices in self.part_choices.items()}, **self.named_defaults, **defaults}
+        chosen = {
+            **{hp.name: hp.default for hp in ENGINE_HPARAMS},
+            **{key: choices[0] for key, choices in self.part_choices.items()},
+            **self.named_defaults,
+            **defaults,
+        }
         self._check_choices(chosen)
         allowed = group_parts(chosen).hparams()
         unknown = sorted(set(defaults) - allowed.keys())
         if unknown:
-            raise invalid(f"hyperparameter{'s' if len(unknown) > 1 else ''} of {type(self).__name__}",
-                          ", ".join(unknown), ", ".join(allowed))
+            raise invalid(
+                f"hyperparameter{'s' if len(unknown) > 1 else ''} of {type(self).__name__}",
+                ", ".join(unknown),
+                ", ".join(allowed),
+            )
         super().__init__(params, {**{n: hp.default for n, hp in allowed.items()}, **chosen})
 
     # ---- param groups -------------------------------------------------------------------
@@ -188,8 +202,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
     def _check_choices(self, group: dict[str, Any]) -> None:
         for key, choices in self.part_choices.items():
             if group[key] not in choices:
-                fixes = f"{_display_name(type(self))} fixes {key}={choices[0]!r}" if len(choices) == 1 else \
-                    f"the parts {_display_name(type(self))} composes"
+                fixes = (
+                    f"{_display_name(type(self))} fixes {key}={choices[0]!r}"
+                    if len(choices) == 1
+                    else f"the parts {_display_name(type(self))} composes"
+                )
                 raise invalid(key, group[key], f"{', '.join(map(repr, choices))}: {fixes}")
 
     def _validate_group(self, group: dict[str, Any], given: set[str]) -> None:
@@ -201,8 +218,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
         unknown = sorted(given - allowed.keys())
         if unknown:
             names = ", ".join(f"{key}={group[key]!r}" for key in SELECTORS)
-            raise invalid(f"param group key{'s' if len(unknown) > 1 else ''} for {names}", ", ".join(unknown),
-                          ", ".join(allowed))
+            raise invalid(
+                f"param group key{'s' if len(unknown) > 1 else ''} for {names}", ", ".join(unknown), ", ".join(allowed)
+            )
         for name, hp in allowed.items():
             group.setdefault(name, hp.default)
             hp.validate(group[name])
@@ -223,9 +241,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
                     "in a group without 'rank' (lowmem_optim.lowrank_param_groups does this)"
                 )
             if group["error_feedback"] is not None and is_dtensor(p):
-                raise ValueError(f"{_param_label(group, i, p)} is FSDP2-sharded and its group has error_feedback="
-                                 f"{group['error_feedback']!r}: the feedback buffer is not sharded (allowed: "
-                                 "error_feedback=None for sharded parameters)")
+                raise ValueError(
+                    f"{_param_label(group, i, p)} is FSDP2-sharded and its group has error_feedback="
+                    f"{group['error_feedback']!r}: the feedback buffer is not sharded (allowed: "
+                    "error_feedback=None for sharded parameters)"
+                )
 
     # ---- the step -----------------------------------------------------------------------
     # torch.compile runs the step eagerly: traced by Dynamo (torch 2.13) it graph-breaks at each
@@ -263,7 +283,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 schedules[id(group)] = group_parts(group).schedule
             if uses_projection(p, group) and schedules[id(group)].due(state, step):
                 shard = row_shard(p, f"parameter {index}")
-                checks.append((p, group, index, shard, torch.isfinite(grad if shard is None else grad.to_local()).all()))
+                checks.append(
+                    (p, group, index, shard, torch.isfinite(grad if shard is None else grad.to_local()).all())
+                )
         if not checks:
             return
         finite = bool(torch.stack([c[-1] for c in checks]).all())  # the one host read
@@ -343,15 +365,20 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self._apply_update(target, full.view(target.shape), group["scale"], group, lr_t, index, step)
 
     @staticmethod
-    def _apply_update(p: torch.Tensor, update: torch.Tensor, alpha: float, group: dict[str, Any], lr_t: float,
-                      index: int, step: int) -> None:
+    def _apply_update(
+        p: torch.Tensor, update: torch.Tensor, alpha: float, group: dict[str, Any], lr_t: float, index: int, step: int
+    ) -> None:
         """W <- W (1 - lr_t wd) - alpha * update. A parameter that stores its values itself
         (an INT8 weight, :mod:`lowmem_optim.quant.int8_linear`) does both in its ``apply_update``,
         with random rounding draws seeded per (seed, parameter, step)."""
         apply_update = getattr(p, "apply_update", None)
         if apply_update is not None:
-            apply_update(update, alpha=alpha, decay=1 - lr_t * group["weight_decay"],
-                         seed=_refresh_seed(group.get("seed", 0), index, step))
+            apply_update(
+                update,
+                alpha=alpha,
+                decay=1 - lr_t * group["weight_decay"],
+                seed=_refresh_seed(group.get("seed", 0), index, step),
+            )
             return
         if group["weight_decay"] != 0:
             p.mul_(1 - lr_t * group["weight_decay"])
@@ -373,7 +400,10 @@ class ComposedOptimizer(torch.optim.Optimizer):
             self._warned_full_rank.add(index)
             logger.warning(
                 "parameter %d (shape %s): rank %d >= min%s, so it is updated full-rank (a projection saves nothing)",
-                index, tuple(p.shape), group["rank"], matrix_shape(p),
+                index,
+                tuple(p.shape),
+                group["rank"],
+                matrix_shape(p),
             )
 
     # ---- state ----------------------------------------------------------------------------
@@ -412,21 +442,27 @@ class ComposedOptimizer(torch.optim.Optimizer):
         saved_groups = state_dict.get("param_groups", [])
         where = f"{type(self).__name__}.load_state_dict"
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"{where}: the state dict has {len(saved_groups)} param groups, this optimizer "
-                             f"{len(self.param_groups)} (allowed: a state dict of this optimizer's param groups)")
+            raise ValueError(
+                f"{where}: the state dict has {len(saved_groups)} param groups, this optimizer "
+                f"{len(self.param_groups)} (allowed: a state dict of this optimizer's param groups)"
+            )
         for i, (ours, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if not any(key in saved for key in SELECTORS):
-                raise ValueError(f"{where}: param group {i} of the state dict names no {', '.join(SELECTORS)}: it was "
-                                 "not saved by a lowmem_optim optimizer (allowed: a state dict of this optimizer)")
+                raise ValueError(
+                    f"{where}: param group {i} of the state dict names no {', '.join(SELECTORS)}: it was "
+                    "not saved by a lowmem_optim optimizer (allowed: a state dict of this optimizer)"
+                )
             parts = group_parts(ours)
             declarations = parts.hparams()
             for key in (*SELECTORS, "rank", *declared(parts.all()[1:])):  # projector, storage, schedule
                 theirs = saved.get(key, declarations[key].default)
                 if _comparable(theirs) != _comparable(ours[key]):
-                    raise ValueError(f"{where}: param group {i} has {key}={theirs!r} in the state dict but "
-                                     f"{key}={ours[key]!r} here: its state belongs to another algorithm or layout "
-                                     "(allowed to differ, following the state dict as in torch: the rule's keys "
-                                     "such as lr, betas, weight_decay, and scale)")
+                    raise ValueError(
+                        f"{where}: param group {i} has {key}={theirs!r} in the state dict but "
+                        f"{key}={ours[key]!r} here: its state belongs to another algorithm or layout "
+                        "(allowed to differ, following the state dict as in torch: the rule's keys "
+                        "such as lr, betas, weight_decay, and scale)"
+                    )
 
     def layer_stats(self) -> list[dict[str, Any]]:
         """Per low-rank parameter: name, shape, rank, side, refreshes, gap, last similarity and
@@ -441,17 +477,21 @@ class ComposedOptimizer(torch.optim.Optimizer):
                     state = self.state.get(p, {})
                     projected = uses_projection(p, group)
                     left, right = projection_sides(matrix_shape(p), group["proj_type"]) if projected else (False, False)
-                    stats.append({
-                        "index": index,
-                        "name": names[i] if names else f"param{index}",
-                        "shape": tuple(p.shape),
-                        "rank": group["rank"] if projected else None,
-                        "side": {(True, False): "left", (False, True): "right", (True, True): "both"}.get((left, right), "full-rank"),
-                        "refreshes": state.get("refreshes", 0),
-                        "gap": parts.schedule.gap(state, group) if projected else None,
-                        "last_similarity": _measured(state.get("last_similarity")),
-                        "state_bytes": _state_bytes(state),
-                    })
+                    stats.append(
+                        {
+                            "index": index,
+                            "name": names[i] if names else f"param{index}",
+                            "shape": tuple(p.shape),
+                            "rank": group["rank"] if projected else None,
+                            "side": {(True, False): "left", (False, True): "right", (True, True): "both"}.get(
+                                (left, right), "full-rank"
+                            ),
+                            "refreshes": state.get("refreshes", 0),
+                            "gap": parts.schedule.gap(state, group) if projected else None,
+                            "last_similarity": _measured(state.get("last_similarity")),
+                            "state_bytes": _state_bytes(state),
+                        }
+                    )
                 index += 1
         return stats
 
@@ -471,20 +511,32 @@ def _display_name(cls: type) -> str:
 def hparams_doc(cls: type[ComposedOptimizer]) -> str:
     """The "Hyperparameters" section of a named optimizer's docstring, from the declarations:
     every key with this optimizer's default, then the keys of the parts a group may name instead."""
-    signature = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-                 if p.default is not inspect.Parameter.empty}
-    defaults = {**{hp.name: hp.default for hp in ENGINE_HPARAMS},
-                **{key: choices[0] for key, choices in cls.part_choices.items()}, **cls.named_defaults, **signature}
+    signature = {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    defaults = {
+        **{hp.name: hp.default for hp in ENGINE_HPARAMS},
+        **{key: choices[0] for key, choices in cls.part_choices.items()},
+        **cls.named_defaults,
+        **signature,
+    }
     shown = group_parts(defaults).hparams()
     fixed = {key for key, choices in cls.part_choices.items() if len(choices) == 1}
     lines = ["Hyperparameters (keyword arguments, and keys of a param group; a group's own keys win):", ""]
-    lines += [f"- ``{name}`` = {defaults.get(name, hp.default)!r}{' (fixed)' if name in fixed else ''}: {hp.doc}"
-              for name, hp in shown.items()]
+    lines += [
+        f"- ``{name}`` = {defaults.get(name, hp.default)!r}{' (fixed)' if name in fixed else ''}: {hp.doc}"
+        for name, hp in shown.items()
+    ]
     for key, registry in SELECTORS.items():
         for choice in cls.part_choices.get(key, tuple(registry)):
             part = registry[choice]()
-            extra = [hp for hp in declared([part, *filter(None, [getattr(part, "storage", None)])]).values()
-                     if hp.name not in shown]
+            extra = [
+                hp
+                for hp in declared([part, *filter(None, [getattr(part, "storage", None)])]).values()
+                if hp.name not in shown
+            ]
             if extra:
                 lines += ["", f"With ``{key}={choice!r}`` also:", ""]
                 lines += [f"- ``{hp.name}`` = {hp.default!r}: {hp.doc}" for hp in extra]

@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 #: the ``--target-modules`` syntax shared by the training and memory command lines
-TARGET_MODULES_HELP = ("all-linear (every linear layer but the output head); re:<regex> (a full match of module "
-                       "names, e.g. re:.*self_attn.*); or comma-separated name fragments (a module matches when one "
-                       "occurs in its name, e.g. q_proj,v_proj or self_attn)")
+TARGET_MODULES_HELP = (
+    "all-linear (every linear layer but the output head); re:<regex> (a full match of module "
+    "names, e.g. re:.*self_attn.*); or comma-separated name fragments (a module matches when one "
+    "occurs in its name, e.g. q_proj,v_proj or self_attn)"
+)
 _FRAGMENT = re.compile(r"[A-Za-z0-9_.]+")
 
 #: output heads excluded from "all-linear" (HF excludes the model's output embedding)
@@ -42,10 +44,13 @@ def parse_target_modules(spec: str, flag: str = "--target-modules") -> str | lis
         try:
             re.compile(spec[3:])
         except re.error as err:
-            raise ValueError(f"Invalid {flag}: {spec!r} is not a valid regular expression ({err}) "
-                             f"(allowed: {TARGET_MODULES_HELP})") from None
+            raise ValueError(
+                f"Invalid {flag}: {spec!r} is not a valid regular expression ({err}) (allowed: {TARGET_MODULES_HELP})"
+            ) from None
         if not spec[3:]:
-            raise ValueError(f"Invalid {flag}: {spec!r} is an empty regular expression (allowed: {TARGET_MODULES_HELP})")
+            raise ValueError(
+                f"Invalid {flag}: {spec!r} is an empty regular expression (allowed: {TARGET_MODULES_HELP})"
+            )
         return spec[3:]
     fragments = [fragment.strip() for fragment in spec.split(",") if fragment.strip()]
     bad = [f for f in fragments if not _FRAGMENT.fullmatch(f)]
@@ -62,8 +67,10 @@ def check_some_matrix_projected(model: nn.Module, target_modules: str | list[str
 
     min_dims = [min(matrix_shape(module.weight)) for _, module in selected_modules(model, target_modules)]
     if min_dims and not any(rank < d for d in min_dims):
-        raise ValueError(f"Invalid --rank: {rank} is >= min(rows, cols) of every low-rank matrix (largest: "
-                         f"{max(min_dims)}), so nothing would be projected (allowed: --rank < {max(min_dims)})")
+        raise ValueError(
+            f"Invalid --rank: {rank} is >= min(rows, cols) of every low-rank matrix (largest: "
+            f"{max(min_dims)}), so nothing would be projected (allowed: --rank < {max(min_dims)})"
+        )
 
 
 def _selector(target_modules: str | list[str] | tuple[str, ...]):
@@ -89,8 +96,11 @@ def selected_modules(
     (``"all-linear"`` spares the output head); also what INT8 conversion replaces."""
     selected = _selector(target_modules)
     heads = _head_weights(model) if target_modules == "all-linear" else set()
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, module_types) and selected(name) and id(module.weight) not in heads]
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, module_types) and selected(name) and id(module.weight) not in heads
+    ]
 
 
 def matrix_param_groups(
@@ -165,5 +175,6 @@ def normalized_param_groups(
     ``"all-linear"``), norms and biases get the optimizer's AdamW rule. ``matrix_kwargs``
     (``lr``, ``rank``, ...) go to the matrix group.
     """
-    return matrix_param_groups(model, target_modules, module_types=NORMALIZED_MODULE_TYPES,
-                               rest={"rule": "adam"}, **matrix_kwargs)
+    return matrix_param_groups(
+        model, target_modules, module_types=NORMALIZED_MODULE_TYPES, rest={"rule": "adam"}, **matrix_kwargs
+    )

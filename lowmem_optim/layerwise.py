@@ -185,7 +185,8 @@ def attach(
     if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
         raise ValueError(f"Invalid accumulation_steps: {accumulation_steps!r} (allowed: an int >= 1)")
     if max_grad_norm is not None and (
-        isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+        isinstance(max_grad_norm, bool)
+        or not isinstance(max_grad_norm, (int, float))
         or not (math.isfinite(max_grad_norm) and max_grad_norm > 0)
     ):
         raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (allowed: a finite number > 0, or None)")

@@ -16,8 +16,14 @@ from pathlib import Path
 from typing import Any
 
 #: the keys that size a LLaMA model: required in every config
-SIZING_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-               "max_position_embeddings")
+SIZING_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+    "max_position_embeddings",
+)
 
 
 def load_llama_config(path: str | Path, flag: str = "--model-config") -> dict[str, Any]:
@@ -32,11 +38,13 @@ def load_llama_config(path: str | Path, flag: str = "--model-config") -> dict[st
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{where} is not readable JSON: {err}") from err
     if not isinstance(config, dict) or config.get("model_type") != "llama":
-        raise ValueError(f"{where} is not a LLaMA config (expected \"model_type\": \"llama\")")
+        raise ValueError(f'{where} is not a LLaMA config (expected "model_type": "llama")')
     missing = [k for k in SIZING_KEYS if k not in config]
     if missing:
-        raise ValueError(f"{where} lacks {', '.join(missing)} (required: {', '.join(SIZING_KEYS)}; nothing that "
-                         "sizes the model is filled in by default)")
+        raise ValueError(
+            f"{where} lacks {', '.join(missing)} (required: {', '.join(SIZING_KEYS)}; nothing that "
+            "sizes the model is filled in by default)"
+        )
     for key in (*SIZING_KEYS, "num_key_value_heads", "head_dim"):
         value = config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -45,19 +53,26 @@ def load_llama_config(path: str | Path, flag: str = "--model-config") -> dict[st
     kv = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
     if config.get("head_dim") is None and hidden % heads:
-        raise ValueError(f"{where}: hidden_size {hidden} does not split into num_attention_heads {heads} heads "
-                         "(allowed: hidden_size a multiple of num_attention_heads, or an explicit head_dim)")
+        raise ValueError(
+            f"{where}: hidden_size {hidden} does not split into num_attention_heads {heads} heads "
+            "(allowed: hidden_size a multiple of num_attention_heads, or an explicit head_dim)"
+        )
     if head_dim % 2:
-        raise ValueError(f"{where}: the head size is {head_dim}, odd (allowed: an even head size, which the rotary "
-                         "embedding rotates in pairs; set hidden_size / num_attention_heads or head_dim)")
+        raise ValueError(
+            f"{where}: the head size is {head_dim}, odd (allowed: an even head size, which the rotary "
+            "embedding rotates in pairs; set hidden_size / num_attention_heads or head_dim)"
+        )
     if heads % kv:
-        raise ValueError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv} "
-                         "(allowed: num_key_value_heads dividing num_attention_heads)")
+        raise ValueError(
+            f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv} "
+            "(allowed: num_key_value_heads dividing num_attention_heads)"
+        )
     return config
 
 
 def check_seq_len(config: dict[str, Any], seq_len: int, path: str | Path) -> None:
     """ValueError naming ``--seq-len`` when it exceeds the config's ``max_position_embeddings``."""
     if seq_len > config["max_position_embeddings"]:
-        raise ValueError(f"--seq-len {seq_len} exceeds max_position_embeddings {config['max_position_embeddings']} "
-                         f"of {path}")
+        raise ValueError(
+            f"--seq-len {seq_len} exceeds max_position_embeddings {config['max_position_embeddings']} of {path}"
+        )

@@ -91,14 +91,22 @@ class LlamaShape:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LlamaShape:
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in config]
+        missing = [
+            k
+            for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+            if k not in config
+        ]
         if missing:
             raise ValueError(f"Invalid model config: missing {', '.join(missing)} (allowed: an HF LlamaConfig JSON)")
-        return cls(config["vocab_size"], config["hidden_size"], config["intermediate_size"],
-                   config["num_hidden_layers"], config["num_attention_heads"],
-                   config.get("num_key_value_heads") or config["num_attention_heads"],
-                   bool(config.get("tie_word_embeddings", False)))
+        return cls(
+            config["vocab_size"],
+            config["hidden_size"],
+            config["intermediate_size"],
+            config["num_hidden_layers"],
+            config["num_attention_heads"],
+            config.get("num_key_value_heads") or config["num_attention_heads"],
+            bool(config.get("tie_word_embeddings", False)),
+        )
 
 
 class _RMSNorm(nn.Module):
@@ -134,8 +142,9 @@ def llama_skeleton(shape: LlamaShape, dtype: torch.dtype) -> nn.Module:
         model.model.norm = _RMSNorm(h).to(dtype)
         model.model.rotary_emb = nn.Module()  # RoPE frequencies, float32 buffers in HF transformers 5
         for name in ("inv_freq", "original_inv_freq"):
-            model.model.rotary_emb.register_buffer(name, torch.empty(h // shape.num_attention_heads // 2,
-                                                                     dtype=torch.float32))
+            model.model.rotary_emb.register_buffer(
+                name, torch.empty(h // shape.num_attention_heads // 2, dtype=torch.float32)
+            )
         model.lm_head = nn.Linear(h, shape.vocab_size, bias=False, dtype=dtype)
         if shape.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -168,8 +177,10 @@ class TrainingSetup:
             raise ValueError(f"Invalid dtype: {name!r} (allowed: {', '.join(DTYPES)})")
         dtype = DTYPES[name]
         if (self.weight_bits == 32) != (dtype == torch.float32):
-            raise ValueError(f"Invalid dtype: {name!r} with weight_bits={self.weight_bits} (allowed: float32 with "
-                             "32-bit weights; bfloat16 or float16 with 16- or 8-bit weights)")
+            raise ValueError(
+                f"Invalid dtype: {name!r} with weight_bits={self.weight_bits} (allowed: float32 with "
+                "32-bit weights; bfloat16 or float16 with 16- or 8-bit weights)"
+            )
         return dtype
 
 
@@ -201,16 +212,19 @@ def build_setup_model(config: dict[str, Any], setup: TrainingSetup) -> tuple[nn.
     if setup.optimizer in LOWRANK_OPTIMIZERS | MATRIX_OPTIMIZERS:
         kwargs.update(rank=setup.rank, proj_bits=setup.proj_bits)
     elif setup.rank is not None or setup.proj_bits is not None:
-        raise ValueError(f"Invalid optimizer: {setup.optimizer!r} takes no rank or proj_bits (allowed with them: "
-                         f"{', '.join(sorted(LOWRANK_OPTIMIZERS | MATRIX_OPTIMIZERS))})")
+        raise ValueError(
+            f"Invalid optimizer: {setup.optimizer!r} takes no rank or proj_bits (allowed with them: "
+            f"{', '.join(sorted(LOWRANK_OPTIMIZERS | MATRIX_OPTIMIZERS))})"
+        )
     return model, build_optimizer(setup.optimizer, model, target_modules=setup.target_modules, **kwargs)
 
 
 def _weight_bytes(model: nn.Module) -> int:
     from lowmem_optim.quant.int8_linear import Int8Weight
 
-    params = sum(p.element_size() if isinstance(p, Int8Weight) else p.numel() * p.element_size()
-                 for p in model.parameters())
+    params = sum(
+        p.element_size() if isinstance(p, Int8Weight) else p.numel() * p.element_size() for p in model.parameters()
+    )
     return params + sum(b.numel() * b.element_size() for b in model.buffers())
 
 
@@ -221,8 +235,9 @@ def _baseline_state_bytes(name: str, param: torch.Tensor, optimizer: torch.optim
     if name == "adamw8bit":  # bitsandbytes: uint8 states + float32 absmax per 256, float32 when small
         group = {"min_8bit_size": optimizer.args.min_8bit_size}
         return Adam8bitRule().state_bytes(tuple(param.shape), param.dtype, group)
-    raise ValueError(f"Invalid optimizer for the memory model: {name!r} (allowed: adamw, adamw8bit, or an "
-                     "optimizer of lowmem_optim)")
+    raise ValueError(
+        f"Invalid optimizer for the memory model: {name!r} (allowed: adamw, adamw8bit, or an optimizer of lowmem_optim)"
+    )
 
 
 def _int8_chunk_bytes(param: torch.Tensor) -> int:
@@ -232,14 +247,22 @@ def _int8_chunk_bytes(param: torch.Tensor) -> int:
     return 16 * min(param.numel(), _UPDATE_CHUNK) if isinstance(param, Int8Weight) else 0
 
 
-def optimizer_memory(optimizer_name: str, optimizer: torch.optim.Optimizer,
-                     layer_params: frozenset[int] = frozenset()) -> dict[str, int]:
+def optimizer_memory(
+    optimizer_name: str, optimizer: torch.optim.Optimizer, layer_params: frozenset[int] = frozenset()
+) -> dict[str, int]:
     """Predicted ``optimizer_states``, ``projections``, ``gradients`` (all, and the largest),
     ``workspace`` (the largest update's) and ``step_peak`` / ``layer_step_peak`` (the largest
     gradient + workspace of one update, of a parameter outside / inside the decoder layers
     whose ids are ``layer_params``) bytes for the optimizer's groups (adaptive queues full)."""
-    out = {"optimizer_states": 0, "projections": 0, "gradients": 0, "largest_gradient": 0, "workspace": 0,
-           "step_peak": 0, "layer_step_peak": 0}
+    out = {
+        "optimizer_states": 0,
+        "projections": 0,
+        "gradients": 0,
+        "largest_gradient": 0,
+        "workspace": 0,
+        "step_peak": 0,
+        "layer_step_peak": 0,
+    }
     shared: dict[Any, int] = {}  # caches shared between parameters (the DCT basis), counted once
     for group in optimizer.param_groups:
         parts = group_parts(group) if isinstance(optimizer, ComposedOptimizer) else None
@@ -294,8 +317,11 @@ def activation_memory(shape: LlamaShape, setup: TrainingSetup) -> dict[str, int]
     per_layer = 2 * norm + s * h * (3 + 2 * kv / a) + 4 * a + 4 * s * f
     kept = per_layer if not setup.activation_checkpointing else s * h
     recompute = per_layer + s * (h + 2 * f) if setup.activation_checkpointing else 0
-    return {"stored": int(tokens * (shape.num_hidden_layers * kept + norm + s * shape.vocab_size)),
-            "loss": tokens * 12 * shape.vocab_size, "recompute": int(tokens * recompute)}
+    return {
+        "stored": int(tokens * (shape.num_hidden_layers * kept + norm + s * shape.vocab_size)),
+        "loss": tokens * 12 * shape.vocab_size,
+        "recompute": int(tokens * recompute),
+    }
 
 
 def estimate_memory(config: dict[str, Any], setup: TrainingSetup) -> MemoryEstimate:
@@ -315,9 +341,12 @@ def estimate_memory(config: dict[str, Any], setup: TrainingSetup) -> MemoryEstim
         total = static + act["stored"] + max(act["loss"], act["recompute"] + opt["layer_step_peak"], opt["step_peak"])
     else:
         gradients = opt["gradients"]
-        total = static + max(act["stored"] + act["loss"] + opt["largest_gradient"],
-                             act["stored"] + act["recompute"] + gradients if act["recompute"] else 0,
-                             gradients + opt["workspace"])
+        total = static + max(
+            act["stored"] + act["loss"] + opt["largest_gradient"],
+            act["stored"] + act["recompute"] + gradients if act["recompute"] else 0,
+            gradients + opt["workspace"],
+        )
     activations = act["stored"] + max(act["loss"], act["recompute"])
-    return MemoryEstimate(weights, gradients, opt["optimizer_states"], opt["projections"], activations,
-                          opt["workspace"], total)
+    return MemoryEstimate(
+        weights, gradients, opt["optimizer_states"], opt["projections"], activations, opt["workspace"], total
+    )

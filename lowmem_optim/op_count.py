@@ -31,8 +31,14 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 
 #: ops that read a tensor's value on the host (a device-to-host copy and a wait on the device)
-SYNC_OPS = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-                      torch.ops.aten.nonzero.default, torch.ops.aten.item.default})
+SYNC_OPS = frozenset(
+    {
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.nonzero.default,
+        torch.ops.aten.item.default,
+    }
+)
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:

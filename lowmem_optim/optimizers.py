@@ -109,8 +109,10 @@ class QGaLoreAdamW8bit(AdamWFamily):
             if theirs in group:
                 value = group.pop(theirs)
                 if ours in group and group[ours] != value:
-                    raise ValueError(f"Invalid param group: {theirs}={value!r} and {ours}={group[ours]!r} disagree "
-                                     f"(allowed: one of them, or equal values)")
+                    raise ValueError(
+                        f"Invalid param group: {theirs}={value!r} and {ours}={group[ours]!r} disagree "
+                        f"(allowed: one of them, or equal values)"
+                    )
                 group[ours] = value
         if quant is not None:
             if not isinstance(quant, bool):
@@ -141,9 +143,21 @@ class GaLoreAdafactor(ComposedOptimizer):
         warmup_init: bool = False,
         **hparams: Any,
     ) -> None:
-        super().__init__(params, dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
-                                      beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
-                                      relative_step=relative_step, warmup_init=warmup_init, **hparams))
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                eps=eps,
+                clip_threshold=clip_threshold,
+                decay_rate=decay_rate,
+                beta1=beta1,
+                weight_decay=weight_decay,
+                scale_parameter=scale_parameter,
+                relative_step=relative_step,
+                warmup_init=warmup_init,
+                **hparams,
+            ),
+        )
 
 
 class NormalizedMomentumOptimizer(ComposedOptimizer):
@@ -180,8 +194,9 @@ class NormalizedMomentumOptimizer(ComposedOptimizer):
         for key, value in adamw.items():
             adam[key].validate(value, f"adamw_{key}")
         self._adamw_defaults = {"rule": "adam", **adamw}
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                                      **hparams))
+        super().__init__(
+            params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, **hparams)
+        )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if param_group.get("rule", self.defaults["rule"]) == "adam":

@@ -60,12 +60,16 @@ def _is_number(value: Any) -> bool:
 def integer(low: int = 0, high: int | None = None) -> Check:
     """An int (not a bool) in [low, high]."""
     allowed = f"an int >= {low}" if high is None else f"an int from {low} to {high}"
-    return Check(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high),
-                 allowed, int)
+    return Check(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high),
+        allowed,
+        int,
+    )
 
 
-def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False) -> Check:
+def number(
+    low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> Check:
     """A finite int or float in the interval; ``*_open`` excludes that end."""
 
     def test(v: Any) -> bool:
@@ -90,8 +94,12 @@ def one_of(*choices: Any) -> Check:
     """One of ``choices`` (None among them makes the flag optional)."""
     values = [c for c in choices if c is not None]
     kind = type(values[0]) if values else str
-    return Check(lambda v: not isinstance(v, bool) and any(v == c and type(v) is type(c) for c in choices),
-                 ", ".join(map(str, choices)), kind, optional=None in choices)
+    return Check(
+        lambda v: not isinstance(v, bool) and any(v == c and type(v) is type(c) for c in choices),
+        ", ".join(map(str, choices)),
+        kind,
+        optional=None in choices,
+    )
 
 
 #: True or False (1 and 0 are refused: a flag that is not a bool is a mistake)
@@ -205,8 +213,14 @@ class Rule(Protocol):
 
     hparams: tuple[HParam, ...]
 
-    def update(self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor,
-               shard: RowShard | None = None) -> tuple[torch.Tensor, float]:
+    def update(
+        self,
+        g: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        param: torch.Tensor,
+        shard: RowShard | None = None,
+    ) -> tuple[torch.Tensor, float]:
         """Advance the rule's state with ``g`` (``state['step']`` already incremented). With
         ``shard``, ``g`` is this rank's rows (its state entries in :meth:`Part.sharded_layout`
         too) and every reduction over rows is summed over the ranks."""
@@ -232,8 +246,9 @@ class Projector(Protocol):
     #: the basis storage of a dense projector (None: the projector stores no matrix)
     storage: Storage | None
 
-    def refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int,
-                shard: RowShard | None = None) -> SubspaceChange:
+    def refresh(
+        self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int, shard: RowShard | None = None
+    ) -> SubspaceChange:
         """Choose a new subspace from the 2-D ``grad`` and store it in ``state``; ``seed`` seeds
         any random draw (derived from the group's seed, the parameter and the step). With
         ``shard``, ``grad`` is this rank's rows, and the subspace stored is the same on every rank."""

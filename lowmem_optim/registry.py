@@ -27,12 +27,14 @@ OPTIMIZERS: dict[str, str] = {
 }
 
 #: registry names of the optimizers that take low-rank param groups (``rank`` etc.)
-LOWRANK_OPTIMIZERS: frozenset[str] = frozenset({"galore_adamw", "galore_adafactor", "galore_adamw8bit", "dct_adamw",
-                                                "q_galore_adamw8bit"})
+LOWRANK_OPTIMIZERS: frozenset[str] = frozenset(
+    {"galore_adamw", "galore_adafactor", "galore_adamw8bit", "dct_adamw", "q_galore_adamw8bit"}
+)
 
 #: registry names of the optimizers whose matrix group gets a normalized-momentum rule and whose
 #: other parameters get AdamW (groups from :func:`lowmem_optim.normalized_param_groups`)
 MATRIX_OPTIMIZERS: frozenset[str] = frozenset({"auon", "hybrid_auon", "muon"})
+
 
 def available_optimizers() -> list[str]:
     return sorted(OPTIMIZERS)
@@ -52,8 +54,10 @@ def check_int8_capable(name: str) -> None:
     from lowmem_optim.engine import ComposedOptimizer
 
     if not issubclass(get_optimizer_class(name), ComposedOptimizer):
-        raise ValueError(f"--weight-bits 8: --optimizer {name} writes into its parameters and cannot update INT8 "
-                         f"weights (allowed: an optimizer of this package, e.g. {', '.join(sorted(LOWRANK_OPTIMIZERS))})")
+        raise ValueError(
+            f"--weight-bits 8: --optimizer {name} writes into its parameters and cannot update INT8 "
+            f"weights (allowed: an optimizer of this package, e.g. {', '.join(sorted(LOWRANK_OPTIMIZERS))})"
+        )
 
 
 def build_optimizer(
@@ -80,6 +84,8 @@ def build_optimizer(
         return cls(make_groups(model, target_modules, **lowrank), **hparams)
     unused = [k for k in lowrank_keys if k in hparams]
     if unused:
-        raise ValueError(f"{', '.join(unused)} given for optimizer {name!r}, which takes no low-rank groups "
-                         f"(low-rank optimizers: {', '.join(sorted(LOWRANK_OPTIMIZERS))})")
+        raise ValueError(
+            f"{', '.join(unused)} given for optimizer {name!r}, which takes no low-rank groups "
+            f"(low-rank optimizers: {', '.join(sorted(LOWRANK_OPTIMIZERS))})"
+        )
     return cls(model.parameters(), **hparams)

@@ -99,7 +99,9 @@ class AdaptiveRefresh(FixedRefresh):
     def record(self, state: dict[str, Any], step: int, group: dict[str, Any], similarity: float | None) -> None:
         gap = self.gap(state, group)
         size = group["queue_size"]
-        records = state["sim_queue"][: state["sim_count"]] if "sim_queue" in state else torch.zeros(0, dtype=torch.float64)
+        records = (
+            state["sim_queue"][: state["sim_count"]] if "sim_queue" in state else torch.zeros(0, dtype=torch.float64)
+        )
         if similarity is not None:
             records = torch.cat([records, records.new_tensor([similarity])])[-size:]
         if records.numel() == size and float(records.mean()) >= group["cos_threshold"]:

@@ -256,7 +256,7 @@ def _local(value: Any, key: str, layout: StateLayout, shard: RowShard) -> Any:
     if is_dtensor(value):
         return value.to_local()
     if torch.is_tensor(value) and key in layout.rows and value.dim() > 0 and value.shape[0] == shard.rows:
-        return value[shard.start: shard.stop]
+        return value[shard.start : shard.stop]
     return value
 
 
@@ -304,4 +304,3 @@ def local_bytes(value: Any) -> int:
         return 0
     local = value.to_local() if is_dtensor(value) else value
     return local.numel() * local.element_size()
-

@@ -36,8 +36,10 @@ def block(name: str, cls: type) -> str:
     from lowmem_optim.engine import hparams_doc
 
     lines = hparams_doc(cls).replace("``", "`").splitlines()[2:]  # the heading is said once on the page
-    return (f"<!-- hparams {name} -->\n<details><summary>Hyperparameters of <code>{name}</code> and their defaults"
-            f"</summary>\n\n" + "\n".join(lines) + "\n\n</details>\n<!-- /hparams -->")
+    return (
+        f"<!-- hparams {name} -->\n<details><summary>Hyperparameters of <code>{name}</code> and their defaults"
+        f"</summary>\n\n" + "\n".join(lines) + "\n\n</details>\n<!-- /hparams -->"
+    )
 
 
 def render(text: str) -> str:
@@ -46,8 +48,10 @@ def render(text: str) -> str:
     named = BLOCK.findall(text)
     missing, unknown = sorted(set(classes) - set(named)), sorted(set(named) - set(classes))
     if missing or unknown:
-        raise ValueError(f"Invalid hyperparameter markers in {PAGE.name}: missing for {missing}, unknown {unknown} "
-                         f"(allowed: one <!-- hparams CLASS --><!-- /hparams --> pair per class of {sorted(classes)})")
+        raise ValueError(
+            f"Invalid hyperparameter markers in {PAGE.name}: missing for {missing}, unknown {unknown} "
+            f"(allowed: one <!-- hparams CLASS --><!-- /hparams --> pair per class of {sorted(classes)})"
+        )
     return BLOCK.sub(lambda m: block(m.group(1), classes[m.group(1)]), text)
 
 

@@ -26,8 +26,9 @@ def adam_ref(state: dict, r: torch.Tensor, t: int, lr: float, betas=(0.9, 0.999)
     return lr * m_hat / (v_hat.sqrt() + eps)
 
 
-def adafactor_ref(state: dict, r: torch.Tensor, w: torch.Tensor, t: int, eps=(1e-30, 1e-3), clip=1.0,
-                  decay_rate=-0.8) -> tuple[torch.Tensor, float]:
+def adafactor_ref(
+    state: dict, r: torch.Tensor, w: torch.Tensor, t: int, eps=(1e-30, 1e-3), clip=1.0, decay_rate=-0.8
+) -> tuple[torch.Tensor, float]:
     """HF Adafactor with relative_step, scale_parameter, beta1=None (factored for 2-D)."""
     rms = lambda x: float(x.pow(2).mean().sqrt())  # noqa: E731
     lr = min(1e-2, 1 / math.sqrt(t)) * max(eps[1], rms(w))
@@ -41,8 +42,18 @@ def adafactor_ref(state: dict, r: torch.Tensor, w: torch.Tensor, t: int, eps=(1e
     return lr * u, lr
 
 
-def galore_ref(w0: torch.Tensor, grads: list[torch.Tensor], *, rank: int, gap: int, scale: float, side: str,
-               lr: float, weight_decay: float, rule: str = "adam") -> torch.Tensor:
+def galore_ref(
+    w0: torch.Tensor,
+    grads: list[torch.Tensor],
+    *,
+    rank: int,
+    gap: int,
+    scale: float,
+    side: str,
+    lr: float,
+    weight_decay: float,
+    rule: str = "adam",
+) -> torch.Tensor:
     """GaLore: refresh P at steps 1, gap+1, ...; R = projection; rule(R); W -= scale * back(N)."""
     w = w0.double().clone()
     state: dict = {}

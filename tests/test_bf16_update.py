@@ -53,8 +53,9 @@ def test_no_float32_matrix_sized_temporary_in_a_bf16_step_without_a_refresh(int8
         quantize_linear_layers(model)
         # as CUDA runs it: the re-quantization is one fused pass (float32 in registers), counted as one op
         monkeypatch.setattr(int8_linear, "_fusable", lambda codes, group_size: codes.numel() % group_size == 0)
-        monkeypatch.setitem(groupwise._COMPILED, groupwise.requantize_rows_,
-                            as_one_op(groupwise.requantize_rows_, "fused requantize"))
+        monkeypatch.setitem(
+            groupwise._COMPILED, groupwise.requantize_rows_, as_one_op(groupwise.requantize_rows_, "fused requantize")
+        )
     optimizer = build_optimizer("q_galore_adamw8bit", model, rank=8, update_proj_gap=10**6, min_8bit_size=0)
     weight = model[0].weight
     for _ in range(2):  # the second step: no refresh

@@ -18,14 +18,38 @@ TINY = REPO / "configs" / "llama_tiny.json"
 
 
 def test_cli_prints_one_json_object_with_every_component(capsys):
-    code = main(["memory", "--model-config", str(TINY), "--optimizer", "galore_adamw8bit", "--rank", "8",
-                 "--weight-bits", "8", "--proj-bits", "4", "--batch-size", "2", "--seq-len", "32",
-                 "--activation-checkpointing", "--layerwise", "--json"])
+    code = main(
+        [
+            "memory",
+            "--model-config",
+            str(TINY),
+            "--optimizer",
+            "galore_adamw8bit",
+            "--rank",
+            "8",
+            "--weight-bits",
+            "8",
+            "--proj-bits",
+            "4",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--activation-checkpointing",
+            "--layerwise",
+            "--json",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     parts = [k for k in result if k.endswith("_bytes") and k != "total_bytes"]
-    assert {"weights_bytes", "gradients_bytes", "optimizer_states_bytes", "projections_bytes",
-            "activations_bytes"} <= set(parts)
+    assert {
+        "weights_bytes",
+        "gradients_bytes",
+        "optimizer_states_bytes",
+        "projections_bytes",
+        "activations_bytes",
+    } <= set(parts)
     static = result["weights_bytes"] + result["optimizer_states_bytes"] + result["projections_bytes"]
     # the peak is one moment of the step: never less than the static part plus the activations'
     # start of backward, never more than every component at once
@@ -33,21 +57,54 @@ def test_cli_prints_one_json_object_with_every_component(capsys):
 
 
 def test_cli_reports_bad_input_naming_the_flag(capsys):
-    assert main(["memory", "--model-config", str(TINY), "--optimizer", "adamw", "--rank", "8",
-                 "--batch-size", "1", "--seq-len", "8"]) == 2
+    assert (
+        main(
+            [
+                "memory",
+                "--model-config",
+                str(TINY),
+                "--optimizer",
+                "adamw",
+                "--rank",
+                "8",
+                "--batch-size",
+                "1",
+                "--seq-len",
+                "8",
+            ]
+        )
+        == 2
+    )
     assert "rank" in capsys.readouterr().err
-    assert main(["memory", "--model-config", "nope.json", "--optimizer", "adamw", "--batch-size", "1",
-                 "--seq-len", "8"]) == 2
+    assert (
+        main(["memory", "--model-config", "nope.json", "--optimizer", "adamw", "--batch-size", "1", "--seq-len", "8"])
+        == 2
+    )
     assert "--model-config" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["memory", "--model-config", str(TINY), "--optimizer", "adamw", "--weight-bits", "4",
-              "--batch-size", "1", "--seq-len", "8"])
+        main(
+            [
+                "memory",
+                "--model-config",
+                str(TINY),
+                "--optimizer",
+                "adamw",
+                "--weight-bits",
+                "4",
+                "--batch-size",
+                "1",
+                "--seq-len",
+                "8",
+            ]
+        )
 
 
 def test_the_console_script_runs_where_the_training_package_cannot_be_imported(tmp_path):
-    blocked = ("import sys; sys.modules['train'] = None; from lowmem_optim.cli import main; "
-               f"sys.exit(main(['memory', '--model-config', {str(TINY)!r}, '--optimizer', 'galore_adamw', "
-               "'--rank', '8', '--batch-size', '1', '--seq-len', '8', '--json']))")
+    blocked = (
+        "import sys; sys.modules['train'] = None; from lowmem_optim.cli import main; "
+        f"sys.exit(main(['memory', '--model-config', {str(TINY)!r}, '--optimizer', 'galore_adamw', "
+        "'--rank', '8', '--batch-size', '1', '--seq-len', '8', '--json']))"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", blocked], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -79,8 +79,14 @@ ADAPTIVE = ("adaptive", {"refresh": "adaptive", **GROWING}, (4, 6))
 MATRIX_LR = {"muon": {"lr": 0.02}}
 
 
-def _lowrank(name: str, base: dict[str, Any], proj_method: str | None, schedule: tuple, proj_bits: int | None = None,
-             error_feedback: str | None = None) -> Case:
+def _lowrank(
+    name: str,
+    base: dict[str, Any],
+    proj_method: str | None,
+    schedule: tuple,
+    proj_bits: int | None = None,
+    error_feedback: str | None = None,
+) -> Case:
     label, refresh, expected = schedule
     kwargs = {**base, **LOW, **refresh}
     if proj_method is not None:
@@ -99,9 +105,11 @@ CASES: list[Case] = [
     *[_lowrank("galore_adamw", ADAM, p, s) for p in ("svd", "randomized_svd", "dct") for s in (FIXED, ADAPTIVE)],
     _lowrank("galore_adamw", ADAM, "svd", ADAPTIVE, 4),
     _lowrank("galore_adamw", ADAM, "randomized_svd", FIXED, 8),
-    *[_lowrank(name, base, p, ADAPTIVE, bits)
-      for name, base in (("galore_adafactor", ADAFACTOR), ("galore_adamw8bit", {**ADAM, **EIGHT_BIT}))
-      for p, bits in (("randomized_svd", 4), ("dct", None))],
+    *[
+        _lowrank(name, base, p, ADAPTIVE, bits)
+        for name, base in (("galore_adafactor", ADAFACTOR), ("galore_adamw8bit", {**ADAM, **EIGHT_BIT}))
+        for p, bits in (("randomized_svd", 4), ("dct", None))
+    ],
     # Q-GaLore's own schedule is the adaptive one (INT4 projections by default); a fixed one may replace it
     _lowrank("q_galore_adamw8bit", {**ADAM, **EIGHT_BIT}, None, ("adaptive", GROWING, (4, 6))),
     _lowrank("q_galore_adamw8bit", {**ADAM, **EIGHT_BIT}, None, FIXED),
@@ -114,8 +122,10 @@ CASES: list[Case] = [
     # the class defaults, but Muon's lr is Keller Jordan's 0.02 (torch's default 1e-3 barely moves in a dozen steps)
     *[Case(name, MATRIX_LR.get(name, {})) for name in sorted(MATRIX_OPTIMIZERS)],
     # the rule in a rank-3 subspace of each matrix (the 4 x 12 conv weight too), refreshed every 2 steps
-    *[Case(name, {**MATRIX_LR.get(name, {}), "rank": 3, "update_proj_gap": 2}, "rank3", (2, 6))
-      for name in sorted(MATRIX_OPTIMIZERS)],
+    *[
+        Case(name, {**MATRIX_LR.get(name, {}), "rank": 3, "update_proj_gap": 2}, "rank3", (2, 6))
+        for name in sorted(MATRIX_OPTIMIZERS)
+    ],
 ]
 OUR_CASES = [case for case in CASES if case.name in OURS]
 
@@ -262,11 +272,19 @@ BAD: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
     (("galore_adafactor",), {"beta1": 1.5}, "beta1"),
     (("galore_adafactor",), {"decay_rate": 0.5}, "decay_rate"),
     (("galore_adafactor",), {"clip_threshold": 0}, "clip_threshold"),
-    *[(tuple(sorted(LOWRANK_OPTIMIZERS | MATRIX_OPTIMIZERS)), kwargs, key) for kwargs, key in [
-        ({"rank": 0}, "rank"), ({"rank": 2.5}, "rank"), ({"update_proj_gap": 0}, "update_proj_gap"),
-        ({"scale": 0.0}, "scale"), ({"scale": math.nan}, "scale"), ({"proj_type": "diagonal"}, "proj_type"),
-        ({"proj_method": "qr"}, "proj_method"), ({"refresh": "sometimes"}, "refresh"),
-    ]],
+    *[
+        (tuple(sorted(LOWRANK_OPTIMIZERS | MATRIX_OPTIMIZERS)), kwargs, key)
+        for kwargs, key in [
+            ({"rank": 0}, "rank"),
+            ({"rank": 2.5}, "rank"),
+            ({"update_proj_gap": 0}, "update_proj_gap"),
+            ({"scale": 0.0}, "scale"),
+            ({"scale": math.nan}, "scale"),
+            ({"proj_type": "diagonal"}, "proj_type"),
+            ({"proj_method": "qr"}, "proj_method"),
+            ({"refresh": "sometimes"}, "refresh"),
+        ]
+    ],
     (tuple(sorted(MATRIX_OPTIMIZERS)), {"momentum": 1.0}, "momentum"),
     (tuple(sorted(MATRIX_OPTIMIZERS)), {"momentum": -0.5}, "momentum"),
     (tuple(sorted(MATRIX_OPTIMIZERS)), {"nesterov": 1}, "nesterov"),
@@ -285,8 +303,11 @@ SUBSPACE_KEYS = {"rank", "update_proj_gap", "scale", "proj_type"}
 
 
 def _bad_params() -> list:
-    return [pytest.param(name, kwargs, key, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in kwargs.items())}")
-            for names, kwargs, key in BAD for name in names]
+    return [
+        pytest.param(name, kwargs, key, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in kwargs.items())}")
+        for names, kwargs, key in BAD
+        for name in names
+    ]
 
 
 @pytest.mark.parametrize("name, kwargs, key", _bad_params())

@@ -115,18 +115,23 @@ def flag_problems(piece: str) -> list[str]:
     if not matches:
         if FOREIGN.match(piece):
             return []
-        return [f"{flag} (in `{piece}`) is no flag of any command line" for flag in FLAG.findall(piece)
-                if flag not in all_flags()]
+        return [
+            f"{flag} (in `{piece}`) is no flag of any command line"
+            for flag in FLAG.findall(piece)
+            if flag not in all_flags()
+        ]
     start, end, cli = min(matches)
     allowed = cli_flags(cli)
-    return [f"{flag} is not a flag of {cli} (in `{piece}`)" for flag in FLAG.findall(piece[end:]) if flag not in allowed]
+    return [
+        f"{flag} is not a flag of {cli} (in `{piece}`)" for flag in FLAG.findall(piece[end:]) if flag not in allowed
+    ]
 
 
 def _expand(path: str) -> list[str]:
     match = re.search(r"\{([^{}]*)\}", path)
     if not match:
         return [path]
-    return [p for alt in match.group(1).split(",") for p in _expand(path[:match.start()] + alt + path[match.end():])]
+    return [p for alt in match.group(1).split(",") for p in _expand(path[: match.start()] + alt + path[match.end() :])]
 
 
 def slug(heading: str) -> str:
@@ -203,7 +208,7 @@ def readme_optimizer_table() -> dict[str, float]:
     header = next(i for i, line in enumerate(lines) if "state bytes / param" in line)
     column = [c.strip() for c in lines[header].split("|")].index("state bytes / param")
     rows = {}
-    for line in lines[header + 2:]:
+    for line in lines[header + 2 :]:
         cells = [c.strip() for c in line.split("|")]
         name = re.match(r"`(\w+)`", cells[1])
         if not name:
@@ -233,8 +238,9 @@ def test_readme_state_bytes_per_parameter_match_the_optimizers():
         weight.grad = torch.randn_like(weight)
         optimizer.step()
         state = optimizer.state[weight]
-        measured[name] = round(sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
-                               / weight.numel(), 2)
+        measured[name] = round(
+            sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v)) / weight.numel(), 2
+        )
     assert measured == readme_optimizer_table()
 
 
@@ -246,7 +252,7 @@ def memory_examples() -> list[tuple[str, list[str], str]]:
         for block, output in zip(found, found[1:]):
             command = block.group(2).replace("\\\n", " ")
             if output.group(1).strip() == "text" and "lowmem-optim memory" in command:
-                line = next(l for l in command.splitlines() if "lowmem-optim memory" in l)
+                line = next(text for text in command.splitlines() if "lowmem-optim memory" in text)
                 argv = shlex.split(line.split("lowmem-optim memory", 1)[1].split(" #")[0])
                 examples.append((page.name, argv, output.group(2)))
     return examples

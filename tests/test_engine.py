@@ -32,7 +32,10 @@ def _kwargs(cls):
     return {"min_8bit_size": 0} if cls is GaLoreAdamW8bit else {}
 
 
-_X, _Y = torch.randn(32, 16, generator=torch.Generator().manual_seed(1)), torch.randn(32, 4, generator=torch.Generator().manual_seed(2))
+_X, _Y = (
+    torch.randn(32, 16, generator=torch.Generator().manual_seed(1)),
+    torch.randn(32, 4, generator=torch.Generator().manual_seed(2)),
+)
 
 
 def _train(model, opt, steps, scheduler=None):
@@ -75,7 +78,9 @@ def test_state_follows_params_to_another_dtype_keeping_codes_and_scales():
     opt_bf16 = GaLoreAdamW8bit(_groups(model_bf16), min_8bit_size=0)
     opt_bf16.load_state_dict(saved)
     low = opt_bf16.state[model_bf16[0].weight]
-    assert low["proj_right"].dtype == torch.bfloat16 if "proj_right" in low else low["proj_left"].dtype == torch.bfloat16
+    assert (
+        low["proj_right"].dtype == torch.bfloat16 if "proj_right" in low else low["proj_left"].dtype == torch.bfloat16
+    )
     assert low["exp_avg_codes"].dtype == torch.uint8 and low["exp_avg_absmax"].dtype == torch.float32
     assert opt_bf16.state[model_bf16[0].bias]["exp_avg_sq_absmax"].dtype == torch.float32
     model_bf16[0].weight.grad = torch.randn_like(model_bf16[0].weight)
@@ -87,8 +92,13 @@ def test_per_group_lr_and_weight_decay_are_honoured():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(32, 16, generator=gen)
     a, b = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
-    opt = GaLoreAdamW([{"params": [a], "rank": 4, "lr": 0.0, "weight_decay": 0.5},
-                       {"params": [b], "rank": 4, "lr": 1e-2, "weight_decay": 0.0}], lr=1.0)
+    opt = GaLoreAdamW(
+        [
+            {"params": [a], "rank": 4, "lr": 0.0, "weight_decay": 0.5},
+            {"params": [b], "rank": 4, "lr": 1e-2, "weight_decay": 0.0},
+        ],
+        lr=1.0,
+    )
     a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
     opt.step()
     assert torch.equal(a, w)  # lr 0: neither the update nor the (lr-scaled) decay moves it
@@ -149,7 +159,13 @@ def test_layer_stats_and_state_bytes_report_the_real_state():
     stats = {s["name"]: s for s in opt.layer_stats()}
     assert set(stats) == {"param2", "param3"}
     first = stats["param2"]  # Linear(16, 96).weight: 96 x 16, std projects on the right
-    assert (first["shape"], first["rank"], first["side"], first["refreshes"], first["gap"]) == ((96, 16), 4, "right", 3, 3)
+    assert (first["shape"], first["rank"], first["side"], first["refreshes"], first["gap"]) == (
+        (96, 16),
+        4,
+        "right",
+        3,
+        3,
+    )
     assert 0.0 <= first["last_similarity"] <= 1.0
     state = opt.state[model[0].weight]
     assert state["exp_avg"].shape == (96, 4) and state["proj_right"].shape == (4, 16)
@@ -182,8 +198,10 @@ def test_param_names_from_lowrank_param_groups_appear_in_stats():
 def test_half_precision_params_train_and_stay_in_their_dtype(cls, dtype):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4)).to(dtype)
-    groups = [{"params": [model[0].bias, model[2].bias]},
-              {"params": [model[0].weight, model[2].weight], "rank": 4, "update_proj_gap": 5}]
+    groups = [
+        {"params": [model[0].bias, model[2].bias]},
+        {"params": [model[0].weight, model[2].weight], "rank": 4, "update_proj_gap": 5},
+    ]
     extra = {} if cls is GaLoreAdafactor else {"lr": 1e-2}
     opt = cls(groups, **extra)
     x, y = torch.randn(32, 16).to(dtype), torch.randn(32, 4).to(dtype)
@@ -261,7 +279,10 @@ def test_optimizers_step_on_cuda_and_match_cpu(cls):
     results = []
     for device in ("cpu", "cuda"):
         p = torch.nn.Parameter(w.clone().to(device))
-        opt = cls([{"params": [p], "rank": 16, "update_proj_gap": 2}], **({"min_8bit_size": 0} if cls is GaLoreAdamW8bit else {}))
+        opt = cls(
+            [{"params": [p], "rank": 16, "update_proj_gap": 2}],
+            **({"min_8bit_size": 0} if cls is GaLoreAdamW8bit else {}),
+        )
         for g in grads:
             p.grad = g.to(device)
             opt.step()
@@ -276,21 +297,41 @@ def _trained_state(make) -> dict:
     return copy.deepcopy(opt.state_dict())
 
 
-@pytest.mark.parametrize(("source", "target", "message"), [
-    (lambda m: GaLoreAdamW(_groups(m), lr=1e-3), lambda m: GaLoreAdamW8bit(_groups(m), lr=1e-3),
-     "param group 0 has rule='adam' in the state dict but rule='adam8bit' here"),
-    (lambda m: lowmem_optim.AuON(lowmem_optim.normalized_param_groups(m), lr=1e-3),
-     lambda m: GaLoreAdamW(lowmem_optim.lowrank_param_groups(m, rank=4), lr=1e-3),
-     "param group 1 has rule='auon' in the state dict but rule='adam' here"),
-    (lambda m: GaLoreAdamW(_groups(m, rank=2), lr=1e-3), lambda m: GaLoreAdamW(_groups(m, rank=3), lr=1e-3),
-     "param group 1 has rank=2 in the state dict but rank=3 here"),
-    (lambda m: GaLoreAdamW(_groups(m, proj_type="left"), lr=1e-3), lambda m: GaLoreAdamW(_groups(m), lr=1e-3),
-     "param group 1 has proj_type='left' in the state dict but proj_type='std' here"),
-    (lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), lambda m: GaLoreAdamW(_groups(m), lr=1e-3),
-     "the state dict has 1 param groups, this optimizer 2"),
-    (lambda m: torch.optim.AdamW(_groups(m), lr=1e-3), lambda m: GaLoreAdamW(_groups(m), lr=1e-3),
-     "param group 0 of the state dict names no rule, proj_method, refresh"),
-])
+@pytest.mark.parametrize(
+    ("source", "target", "message"),
+    [
+        (
+            lambda m: GaLoreAdamW(_groups(m), lr=1e-3),
+            lambda m: GaLoreAdamW8bit(_groups(m), lr=1e-3),
+            "param group 0 has rule='adam' in the state dict but rule='adam8bit' here",
+        ),
+        (
+            lambda m: lowmem_optim.AuON(lowmem_optim.normalized_param_groups(m), lr=1e-3),
+            lambda m: GaLoreAdamW(lowmem_optim.lowrank_param_groups(m, rank=4), lr=1e-3),
+            "param group 1 has rule='auon' in the state dict but rule='adam' here",
+        ),
+        (
+            lambda m: GaLoreAdamW(_groups(m, rank=2), lr=1e-3),
+            lambda m: GaLoreAdamW(_groups(m, rank=3), lr=1e-3),
+            "param group 1 has rank=2 in the state dict but rank=3 here",
+        ),
+        (
+            lambda m: GaLoreAdamW(_groups(m, proj_type="left"), lr=1e-3),
+            lambda m: GaLoreAdamW(_groups(m), lr=1e-3),
+            "param group 1 has proj_type='left' in the state dict but proj_type='std' here",
+        ),
+        (
+            lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
+            lambda m: GaLoreAdamW(_groups(m), lr=1e-3),
+            "the state dict has 1 param groups, this optimizer 2",
+        ),
+        (
+            lambda m: torch.optim.AdamW(_groups(m), lr=1e-3),
+            lambda m: GaLoreAdamW(_groups(m), lr=1e-3),
+            "param group 0 of the state dict names no rule, proj_method, refresh",
+        ),
+    ],
+)
 def test_load_state_dict_refuses_another_algorithm_or_layout_and_loads_nothing(source, target, message):
     saved = _trained_state(source)
     model = _model()

@@ -17,8 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 def test_gpu_session_dry_run_takes_every_step_and_stays_within_the_result_limits(tmp_path):
     out = tmp_path / "session"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "BUDGET_S": "1500"}
-    run = subprocess.run(["bash", str(REPO / "scripts" / "bench" / "gpu_session.sh"), "--dry-run"], env=env,
-                         capture_output=True, text=True, timeout=1500)
+    run = subprocess.run(
+        ["bash", str(REPO / "scripts" / "bench" / "gpu_session.sh"), "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     log = (out / "session.log").read_text()
     assert run.returncode == 0, run.stdout + run.stderr
     assert log.count("   rc=0,") == 6, log  # steps 0-5, none skipped or failed
@@ -28,5 +33,8 @@ def test_gpu_session_dry_run_takes_every_step_and_stays_within_the_result_limits
     split = json.loads((out / "split" / "step_split.json").read_text())
     assert split["tokens_per_s_vs_floor"] > 0 and split["predicted_peak_bytes"] > 0
     assert {"forward", "backward", "update", "int8 apply_update"} <= set(split["ours"]["parts_s_per_step"])
-    assert [json.loads(line)["step"] for line in (out / "recipe7b" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["step"] for line in (out / "recipe7b" / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+    ]
     assert json.loads((out / "memory.jsonl").read_text().splitlines()[-1])["max_memory_allocated"] > 0

@@ -18,8 +18,14 @@ from lowmem_optim.quant.int8_linear import quantize_linear_layers
 
 def tiny_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Embedding(16, 24), nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 24), nn.LayerNorm(24),
-                         nn.Linear(24, 16, bias=False))
+    return nn.Sequential(
+        nn.Embedding(16, 24),
+        nn.Linear(24, 40),
+        nn.GELU(),
+        nn.Linear(40, 24),
+        nn.LayerNorm(24),
+        nn.Linear(24, 16, bias=False),
+    )
 
 
 def batches(n: int, seed: int = 1) -> list[torch.Tensor]:
@@ -39,7 +45,7 @@ def galore(model: nn.Module, cls=GaLoreAdamW) -> torch.optim.Optimizer:
 
 def train_ordinary(model, opt, data, accumulation_steps=1, clip=None):
     for i in range(0, len(data), accumulation_steps):
-        for tokens in data[i:i + accumulation_steps]:
+        for tokens in data[i : i + accumulation_steps]:
             loss_of(model, tokens).backward()
         if clip is not None:
             for p in model.parameters():
@@ -63,7 +69,7 @@ def test_layerwise_equals_ordinary_stepping_after_n_steps(cls):
     ref, lw = tiny_model(), tiny_model()
     data = batches(5)
     train_ordinary(ref, galore(ref, cls), data)
-    handle = layerwise.attach(galore(lw, cls))
+    layerwise.attach(galore(lw, cls))
     train_layerwise(lw, data)
     assert_same_params(ref, lw)
     assert all(p.grad is None for p in lw.parameters()), "every gradient is freed inside backward"
@@ -184,7 +190,6 @@ def test_layerwise_data_parallel_averages_gradients_over_ranks(tmp_path):
         torch.testing.assert_close(got[name], p, rtol=1e-5, atol=1e-6, msg=name)
 
 
-
 @pytest.mark.parametrize("make", [galore, lambda model: torch.optim.AdamW(model.parameters())])
 def test_optimizer_step_while_attached_is_refused_and_allowed_again_after_remove(make):
     model = tiny_model()
@@ -204,15 +209,34 @@ def test_hf_trainer_with_a_layerwise_optimizer_is_refused_with_the_reason(tmp_pa
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, max_position_embeddings=16))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+        )
+    )
     opt = GaLoreAdamW(lowrank_param_groups(model, rank=4), lr=1e-3)
     layerwise.attach(opt)
     rows = [{"input_ids": torch.arange(16) % 64, "labels": torch.arange(16) % 64}] * 8
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=2,
-                             per_device_train_batch_size=4, gradient_accumulation_steps=2, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=rows,
-                      optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        max_steps=2,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)),
+    )
     with pytest.raises(RuntimeError, match="layer-wise updates are attached.*HF Trainer"):
         trainer.train()
 

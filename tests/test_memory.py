@@ -26,13 +26,20 @@ def measured_bytes(setup: TrainingSetup, steps: int) -> dict[str, int]:
     """Build the real model and optimizer as training does, step, and count tensor bytes."""
     from train.model import build_model
 
-    model = build_model(str(TINY), dtype=setup.torch_dtype(), device=torch.device("cpu"), seed=0,
-                        vocab_needed=512, seq_len=setup.seq_len)
+    model = build_model(
+        str(TINY),
+        dtype=setup.torch_dtype(),
+        device=torch.device("cpu"),
+        seed=0,
+        vocab_needed=512,
+        seq_len=setup.seq_len,
+    )
     if setup.weight_bits == 8:
         quantize_linear_layers(model, setup.target_modules)
     extra = {"rank": setup.rank, "proj_bits": setup.proj_bits} if setup.optimizer in LOWRANK else {}
-    opt = build_optimizer(setup.optimizer, model, target_modules=setup.target_modules, **extra,
-                          **dict(setup.optimizer_kwargs))
+    opt = build_optimizer(
+        setup.optimizer, model, target_modules=setup.target_modules, **extra, **dict(setup.optimizer_kwargs)
+    )
     tokens = torch.randint(0, 512, (setup.batch_size, setup.seq_len), generator=torch.Generator().manual_seed(0))
     grads = 0
     for _ in range(steps):
@@ -40,29 +47,55 @@ def measured_bytes(setup: TrainingSetup, steps: int) -> dict[str, int]:
         grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
         opt.step()
         opt.zero_grad()
-    weights = sum(p.element_size() if isinstance(p, Int8Weight) else p.numel() * p.element_size()
-                  for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
+    weights = sum(
+        p.element_size() if isinstance(p, Int8Weight) else p.numel() * p.element_size() for p in model.parameters()
+    ) + sum(b.numel() * b.element_size() for b in model.buffers())
     states = proj = 0
     for state in opt.state.values():
         for key, value in state.items():
             if torch.is_tensor(value):
                 nbytes = value.numel() * value.element_size()
                 proj, states = (proj + nbytes, states) if key.startswith("proj_") else (proj, states + nbytes)
-    return {"weights_bytes": weights, "gradients_bytes": grads, "optimizer_states_bytes": states,
-            "projections_bytes": proj}
+    return {
+        "weights_bytes": weights,
+        "gradients_bytes": grads,
+        "optimizer_states_bytes": states,
+        "projections_bytes": proj,
+    }
 
 
-@pytest.mark.parametrize("setup", [
-    TrainingSetup("adamw", weight_bits=32, batch_size=2, seq_len=16),
-    TrainingSetup("galore_adamw", rank=8, weight_bits=16, batch_size=2, seq_len=16),
-    # INT8 weights, INT4 projections, adaptive refresh whose similarity queue is full after 2 steps
-    TrainingSetup("galore_adamw8bit", rank=8, weight_bits=8, proj_bits=4, batch_size=2, seq_len=16,
-                  optimizer_kwargs=(("refresh", "adaptive"), ("update_proj_gap", 1), ("queue_size", 1),
-                                    ("cos_threshold", 1.0))),
-    # error feedback: the 4-bit buffer of every projected weight (INT4 codes, scale and zero per 256)
-    TrainingSetup("galore_adamw", rank=8, weight_bits=16, batch_size=2, seq_len=16,
-                  optimizer_kwargs=(("error_feedback", "4bit"),)),
-], ids=lambda s: f"{s.optimizer}-w{s.weight_bits}-p{s.proj_bits}-{dict(s.optimizer_kwargs).get('error_feedback')}")
+@pytest.mark.parametrize(
+    "setup",
+    [
+        TrainingSetup("adamw", weight_bits=32, batch_size=2, seq_len=16),
+        TrainingSetup("galore_adamw", rank=8, weight_bits=16, batch_size=2, seq_len=16),
+        # INT8 weights, INT4 projections, adaptive refresh whose similarity queue is full after 2 steps
+        TrainingSetup(
+            "galore_adamw8bit",
+            rank=8,
+            weight_bits=8,
+            proj_bits=4,
+            batch_size=2,
+            seq_len=16,
+            optimizer_kwargs=(
+                ("refresh", "adaptive"),
+                ("update_proj_gap", 1),
+                ("queue_size", 1),
+                ("cos_threshold", 1.0),
+            ),
+        ),
+        # error feedback: the 4-bit buffer of every projected weight (INT4 codes, scale and zero per 256)
+        TrainingSetup(
+            "galore_adamw",
+            rank=8,
+            weight_bits=16,
+            batch_size=2,
+            seq_len=16,
+            optimizer_kwargs=(("error_feedback", "4bit"),),
+        ),
+    ],
+    ids=lambda s: f"{s.optimizer}-w{s.weight_bits}-p{s.proj_bits}-{dict(s.optimizer_kwargs).get('error_feedback')}",
+)
 def test_weights_gradients_states_and_projections_match_real_tensor_bytes(setup):
     predicted = estimate_memory(tiny_config(), setup).as_dict()
     measured = measured_bytes(setup, steps=2)
@@ -85,8 +118,17 @@ def test_llama7b_recipe_of_pretrain_script_is_predicted_under_15_gib():
     # scripts/pretrain_llama7b.sh: q_galore_adamw8bit, INT8 weights, INT4 projections, rank 1024,
     # layer-wise, activation checkpointing, bf16, batch 16 x seq 256
     config = json.loads((CONFIGS / "llama_7b.json").read_text())
-    setup = TrainingSetup("q_galore_adamw8bit", rank=1024, weight_bits=8, proj_bits=4, dtype="bfloat16",
-                          batch_size=16, seq_len=256, activation_checkpointing=True, layerwise=True)
+    setup = TrainingSetup(
+        "q_galore_adamw8bit",
+        rank=1024,
+        weight_bits=8,
+        proj_bits=4,
+        dtype="bfloat16",
+        batch_size=16,
+        seq_len=256,
+        activation_checkpointing=True,
+        layerwise=True,
+    )
     estimate = estimate_memory(config, setup)
     assert estimate.total_bytes <= 15 * 2**30
     assert 6.5 * 2**30 < estimate.weights_bytes < 7 * 2**30  # 6.5B INT8 linear weights + bf16 embeddings

@@ -34,11 +34,17 @@ def _run(opt_cls, w0, grads, group_kwargs, **opt_kwargs):
     return p.detach(), opt
 
 
-@pytest.mark.parametrize("shape,proj_type,side", [
-    ((64, 24), "std", "right"), ((24, 64), "std", "left"),
-    ((64, 24), "reverse_std", "left"), ((24, 64), "reverse_std", "right"),
-    ((40, 40), "left", "left"), ((40, 40), "right", "right"),
-])
+@pytest.mark.parametrize(
+    "shape,proj_type,side",
+    [
+        ((64, 24), "std", "right"),
+        ((24, 64), "std", "left"),
+        ((64, 24), "reverse_std", "left"),
+        ((24, 64), "reverse_std", "right"),
+        ((40, 40), "left", "left"),
+        ((40, 40), "right", "right"),
+    ],
+)
 def test_galore_adamw_matches_float64_reference(shape, proj_type, side):
     w0 = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     grads = _grads(shape, 12)
@@ -63,8 +69,9 @@ def test_full_projection_matches_two_sided_reference():
     equations rather than about rounding noise."""
     w0 = torch.randn(32, 48, generator=torch.Generator().manual_seed(4))
     grads = _grads((32, 48), 6, seed=5)
-    ours, opt = _run(GaLoreAdamW, w0, grads, dict(rank=5, update_proj_gap=3, proj_type="full"), lr=1e-2,
-                     eps=1e-2, weight_decay=0.0)
+    ours, opt = _run(
+        GaLoreAdamW, w0, grads, dict(rank=5, update_proj_gap=3, proj_type="full"), lr=1e-2, eps=1e-2, weight_decay=0.0
+    )
     w, state = w0.double().clone(), {}
     for t, g in enumerate(grads, start=1):
         g = g.double()
@@ -134,11 +141,11 @@ def minmax_roundtrip(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     flat = x.reshape(-1)
     out = torch.empty_like(flat)
     for start in range(0, flat.numel(), group):
-        g = flat[start:start + group]
+        g = flat[start : start + group]
         lo, hi = g.min(), g.max()
         scale = (hi - lo) / (2**bits - 1) if hi > lo else torch.ones((), dtype=g.dtype)
         zero = -lo / scale
-        out[start:start + group] = scale * (torch.clamp(torch.round(g / scale + zero), 0, 2**bits - 1) - zero)
+        out[start : start + group] = scale * (torch.clamp(torch.round(g / scale + zero), 0, 2**bits - 1) - zero)
     return out.view_as(x)
 
 
@@ -169,8 +176,18 @@ def qgalore_ref(w0, grads, *, rank, gap, scale, lr, wd, queue_size, gamma, max_g
 
 def run_q_galore(w0, grads, **kwargs):
     p = nn.Parameter(w0.clone())
-    opt = QGaLoreAdamW8bit([{"params": [p], "rank": 6}], lr=1e-2, weight_decay=0.1, update_proj_gap=1,
-                           scale=0.5, queue_size=2, cos_threshold=0.0, gamma_proj=2, max_gap=4, **kwargs)
+    opt = QGaLoreAdamW8bit(
+        [{"params": [p], "rank": 6}],
+        lr=1e-2,
+        weight_decay=0.1,
+        update_proj_gap=1,
+        scale=0.5,
+        queue_size=2,
+        cos_threshold=0.0,
+        gamma_proj=2,
+        max_gap=4,
+        **kwargs,
+    )
     for g in grads:
         p.grad = g.clone()
         opt.step()
@@ -186,8 +203,9 @@ def q_galore_problem(m=48, n=40, steps=9):
 def test_q_galore_matches_float64_reference_with_float32_moments(shape):
     w0, grads = q_galore_problem(*shape)
     got, opt = run_q_galore(w0, grads, min_8bit_size=10**9)  # moments below the 8-bit threshold stay fp32
-    want, refreshes = qgalore_ref(w0, grads, rank=6, gap=1, scale=0.5, lr=1e-2, wd=0.1, queue_size=2, gamma=2,
-                                  max_gap=4)
+    want, refreshes = qgalore_ref(
+        w0, grads, rank=6, gap=1, scale=0.5, lr=1e-2, wd=0.1, queue_size=2, gamma=2, max_gap=4
+    )
     assert refreshes == [1, 2, 3, 5, 7]  # gap 1, 1, 2, 2, 4: the adaptive schedule at work
     state = opt.state[opt.param_groups[0]["params"][0]]
     assert state["refreshes"] == len(refreshes)
@@ -206,11 +224,27 @@ def test_q_galore_8bit_moments_stay_within_quantization_tolerance_of_the_referen
 
 def test_q_galore_accepts_q_galore_torch_group_keys():
     p = nn.Parameter(torch.zeros(8, 8))
-    opt = QGaLoreAdamW8bit([{"params": [p], "rank": 2, "quant": True, "quant_n_bit": 8, "quant_group_size": 64,
-                             "cos_threshold": 0.5, "gamma_proj": 3, "queue_size": 4}])
+    opt = QGaLoreAdamW8bit(
+        [
+            {
+                "params": [p],
+                "rank": 2,
+                "quant": True,
+                "quant_n_bit": 8,
+                "quant_group_size": 64,
+                "cos_threshold": 0.5,
+                "gamma_proj": 3,
+                "queue_size": 4,
+            }
+        ]
+    )
     group = opt.param_groups[0]
-    assert (group["proj_bits"], group["proj_group_size"], group["refresh"], group["rule"]) == (8, 64, "adaptive",
-                                                                                               "adam8bit")
+    assert (group["proj_bits"], group["proj_group_size"], group["refresh"], group["rule"]) == (
+        8,
+        64,
+        "adaptive",
+        "adam8bit",
+    )
     off = QGaLoreAdamW8bit([{"params": [nn.Parameter(torch.zeros(8, 8))], "rank": 2, "quant": False}])
     assert off.param_groups[0]["proj_bits"] is None
     with pytest.raises(ValueError, match="quant_n_bit"):
@@ -221,9 +255,16 @@ def tiny_llama(seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -239,8 +280,13 @@ def train_conv(model: nn.Module, opt: torch.optim.Optimizer, seeds: range) -> No
 def test_adamw_groups_get_adamw_defaults_and_equal_torch_adamw(cls):
     model = ConvNet()
     twin = copy.deepcopy(model)
-    opt = cls(lowmem_optim.normalized_param_groups(model, ["conv", "fc"]), lr=0.05, adamw_lr=3e-3,
-              adamw_betas=(0.8, 0.95), adamw_weight_decay=0.1)
+    opt = cls(
+        lowmem_optim.normalized_param_groups(model, ["conv", "fc"]),
+        lr=0.05,
+        adamw_lr=3e-3,
+        adamw_betas=(0.8, 0.95),
+        adamw_weight_decay=0.1,
+    )
     rest = opt.param_groups[0]
     assert (rest["rule"], rest["lr"], rest["betas"], rest["weight_decay"]) == ("adam", 3e-3, (0.8, 0.95), 0.1)
     assert opt.param_groups[1]["lr"] == 0.05
@@ -263,15 +309,15 @@ def test_adamw_groups_get_adamw_defaults_and_equal_torch_adamw(cls):
 
 def test_conv_weight_is_updated_as_out_by_rest_matrix():
     model = ConvNet()
-    opt = lowmem_optim.AuON(lowmem_optim.normalized_param_groups(model, ["conv"]), lr=0.1, momentum=0.0,
-                            adjust_lr_fn="none")
+    opt = lowmem_optim.AuON(
+        lowmem_optim.normalized_param_groups(model, ["conv"]), lr=0.1, momentum=0.0, adjust_lr_fn="none"
+    )
     w0 = model.conv.weight.detach().clone()
     train_conv(model, opt, range(1))
     g = model.conv.weight.grad.reshape(8, -1).double()
     x = g / (g.norm() + 1e-7)
     u = x / torch.sqrt(torch.mean(torch.cosh(x) ** 2))
-    torch.testing.assert_close((w0 - model.conv.weight.detach()).reshape(8, -1).double(), 0.1 * u,
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close((w0 - model.conv.weight.detach()).reshape(8, -1).double(), 0.1 * u, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("cls", NORMALIZED)
@@ -306,8 +352,9 @@ def llama_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return model(input_ids=tokens, labels=tokens).loss
 
 
-@pytest.mark.parametrize(("cls", "lr"), [(lowmem_optim.AuON, 0.3), (lowmem_optim.HybridAuON, 0.1),
-                                         (lowmem_optim.Muon, 0.02)])
+@pytest.mark.parametrize(
+    ("cls", "lr"), [(lowmem_optim.AuON, 0.3), (lowmem_optim.HybridAuON, 0.1), (lowmem_optim.Muon, 0.02)]
+)
 def test_tiny_llama_loss_goes_down(cls, lr):
     model = tiny_llama()
     opt = cls(lowmem_optim.normalized_param_groups(model), lr=lr, adamw_lr=3e-3)

@@ -14,8 +14,11 @@ from lowmem_optim.registry import available_optimizers, get_optimizer_class
 from lowmem_optim.rules import RULES
 from lowmem_optim.schedules import SCHEDULES
 
-NAMED = [get_optimizer_class(name) for name in available_optimizers()
-         if issubclass(get_optimizer_class(name), ComposedOptimizer)]
+NAMED = [
+    get_optimizer_class(name)
+    for name in available_optimizers()
+    if issubclass(get_optimizer_class(name), ComposedOptimizer)
+]
 
 
 def _model() -> nn.Module:
@@ -58,8 +61,11 @@ def test_named_optimizers_defaults_win_over_the_declarations():
 
 
 def test_unknown_constructor_key_is_refused_naming_it_and_the_allowed_keys():
-    with pytest.raises(ValueError, match=r"Invalid hyperparameter of GaLoreAdamW: 'gap' \(allowed: lr, betas, .*"
-                                         r"update_proj_gap"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid hyperparameter of GaLoreAdamW: 'gap' \(allowed: lr, betas, .*"
+        r"update_proj_gap",
+    ):
         GaLoreAdamW([nn.Parameter(torch.zeros(4, 4))], gap=3)
 
 
@@ -75,8 +81,11 @@ def test_a_group_key_that_none_of_its_parts_declares_is_refused():
 
 def test_a_named_optimizer_refuses_a_part_it_fixes_and_says_so():
     w = nn.Parameter(torch.zeros(8, 4))
-    with pytest.raises(ValueError, match=r"Invalid proj_method: 'svd' .*DCTAdamW \(dct_adamw\) fixes "
-                                         r"proj_method='dct'"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid proj_method: 'svd' .*DCTAdamW \(dct_adamw\) fixes "
+        r"proj_method='dct'",
+    ):
         DCTAdamW([w], rank=2, proj_method="svd")
     with pytest.raises(ValueError, match=r"fixes rule='adam'"):
         GaLoreAdamW([{"params": [w], "rank": 2, "rule": "adafactor"}])
@@ -88,8 +97,16 @@ def test_named_optimizers_accept_every_key_of_their_parts_through_the_registry()
     opt = build_optimizer("q_galore_adamw8bit", _model(), rank=4, refresh="fixed")
     low = next(g for g in opt.param_groups if g.get("rank") is not None)
     assert (low["refresh"], low["rule"], low["proj_bits"]) == ("fixed", "adam8bit", 4)
-    opt = build_optimizer("galore_adamw", _model(), rank=4, proj_method="randomized_svd", power_iters=1,
-                          refresh="adaptive", max_gap=500, proj_bits=8)
+    opt = build_optimizer(
+        "galore_adamw",
+        _model(),
+        rank=4,
+        proj_method="randomized_svd",
+        power_iters=1,
+        refresh="adaptive",
+        max_gap=500,
+        proj_bits=8,
+    )
     low = next(g for g in opt.param_groups if g.get("rank") is not None)
     assert (low["power_iters"], low["max_gap"], low["proj_bits"]) == (1, 500, 8)
     opt = build_optimizer("muon", _model(), rank=2, proj_method="dct", dct_score="l2")
@@ -98,8 +115,21 @@ def test_named_optimizers_accept_every_key_of_their_parts_through_the_registry()
 
 def test_registry_routes_every_low_rank_key_the_parts_declare():
     keys = set(lowrank_hparams())
-    assert {"rank", "scale", "proj_method", "refresh", "proj_type", "update_proj_gap", "proj_bits",
-            "proj_group_size", "oversample", "power_iters", "dct_score", "queue_size", "max_gap"} <= keys
+    assert {
+        "rank",
+        "scale",
+        "proj_method",
+        "refresh",
+        "proj_type",
+        "update_proj_gap",
+        "proj_bits",
+        "proj_group_size",
+        "oversample",
+        "power_iters",
+        "dct_score",
+        "queue_size",
+        "max_gap",
+    } <= keys
     assert "lr" not in keys and "seed" not in keys
     with pytest.raises(ValueError, match="oversample given for optimizer 'adamw'"):
         build_optimizer("adamw", _model(), oversample=4)
@@ -108,9 +138,12 @@ def test_registry_routes_every_low_rank_key_the_parts_declare():
 @pytest.mark.parametrize("cls", NAMED, ids=lambda c: c.__name__)
 def test_help_lists_every_hyperparameter_with_its_default(cls):
     doc = cls.__doc__
-    shown = {**{hp.name: hp.default for hp in ENGINE_HPARAMS}, **{k: c[0] for k, c in cls.part_choices.items()},
-             **cls.named_defaults}
-    for name, hp in group_parts(shown).hparams().items():
+    shown = {
+        **{hp.name: hp.default for hp in ENGINE_HPARAMS},
+        **{k: c[0] for k, c in cls.part_choices.items()},
+        **cls.named_defaults,
+    }
+    for name in group_parts(shown).hparams():
         assert f"``{name}`` = " in doc, name
     for name in ("proj_method", "refresh", "seed", "rank", "update_proj_gap", "queue_size", "max_gap"):
         assert f"``{name}`` = " in doc, name
@@ -130,8 +163,19 @@ def test_cli_flags_are_the_declared_low_rank_keys_with_their_docs_and_checks(tmp
     helps = {a.dest: a.help for a in build_parser()._actions}
     hp = lowrank_hparams()["cos_threshold"]
     assert helps["cos_threshold"].startswith(hp.doc) and hp.check.allowed in helps["cos_threshold"]
-    cfg = parse_args(["--model-config", "x.json", "--refresh", "adaptive", "--cos-threshold", "0.5",
-                      "--dct-keep-moments=False", "--max-gap", "None"])
+    cfg = parse_args(
+        [
+            "--model-config",
+            "x.json",
+            "--refresh",
+            "adaptive",
+            "--cos-threshold",
+            "0.5",
+            "--dct-keep-moments=False",
+            "--max-gap",
+            "None",
+        ]
+    )
     assert (cfg.refresh, cfg.cos_threshold, cfg.dct_keep_moments, cfg.max_gap) == ("adaptive", 0.5, False, None)
     with pytest.raises(ValueError, match=r"Invalid --cos-threshold: 1.5 \(allowed: a number in \[0, 1\]\)"):
         parse_args(["--model-config", "x.json", "--cos-threshold", "1.5"])
@@ -141,8 +185,22 @@ def test_cli_passes_a_declared_flag_to_the_low_rank_group():
     from train.config import parse_args
     from train.optim import make_optimizer
 
-    cfg = parse_args(["--model-config", "x.json", "--optimizer", "galore_adamw", "--rank", "2",
-                      "--proj-method", "randomized_svd", "--oversample", "3", "--target-modules", "0"])
+    cfg = parse_args(
+        [
+            "--model-config",
+            "x.json",
+            "--optimizer",
+            "galore_adamw",
+            "--rank",
+            "2",
+            "--proj-method",
+            "randomized_svd",
+            "--oversample",
+            "3",
+            "--target-modules",
+            "0",
+        ]
+    )
     opt = make_optimizer(cfg, _model())
     low = next(g for g in opt.param_groups if g.get("rank") is not None)
     assert (low["proj_method"], low["oversample"], low["seed"]) == ("randomized_svd", 3, 0)

@@ -69,8 +69,15 @@ def test_adaptive_queue_is_cleared_at_growth_so_the_next_growth_needs_fresh_reco
 
 @pytest.mark.parametrize(
     "key, value",
-    [("queue_size", 0), ("queue_size", 2.5), ("cos_threshold", 1.5), ("cos_threshold", -0.1),
-     ("gamma_proj", 0.5), ("max_gap", 1), ("max_gap", 3.0)],
+    [
+        ("queue_size", 0),
+        ("queue_size", 2.5),
+        ("cos_threshold", 1.5),
+        ("cos_threshold", -0.1),
+        ("gamma_proj", 0.5),
+        ("max_gap", 1),
+        ("max_gap", 3.0),
+    ],
 )
 def test_adaptive_rejects_bad_hyperparameters_by_name(key, value):
     w = torch.nn.Parameter(torch.zeros(8, 4))
@@ -92,10 +99,14 @@ def _staggered_run(steps: int, resume_at: int | None = None, gap: int = 4, refre
     grads = [[torch.randn(16, 12, generator=gen) for _ in weights] for _ in range(steps)]
 
     def build(params):
-        return GaLoreAdamW([{"params": params[:6], "rank": 2, "update_proj_gap": gap, "stagger": True, "refresh": refresh},
-                            {"params": [bias]},
-                            {"params": params[6:], "rank": 2, "update_proj_gap": gap, "stagger": True,
-                             "refresh": refresh}], lr=1e-2)
+        return GaLoreAdamW(
+            [
+                {"params": params[:6], "rank": 2, "update_proj_gap": gap, "stagger": True, "refresh": refresh},
+                {"params": [bias]},
+                {"params": params[6:], "rank": 2, "update_proj_gap": gap, "stagger": True, "refresh": refresh},
+            ],
+            lr=1e-2,
+        )
 
     opt, seen, per_step = build(weights), [0] * 12, []
     for step in range(1, steps + 1):

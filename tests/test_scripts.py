@@ -26,8 +26,11 @@ def script_config(tmp_path: Path, size: str, **env: str) -> TrainConfig:
     stub = tmp_path / "python"
     stub.write_text(f'#!/bin/sh\nif [ "$1" = -c ]; then echo 0; exit 0; fi\nprintf "%s\\n" "$@" > {record}\n')
     stub.chmod(0o755)
-    subprocess.run(["bash", str(REPO / "scripts" / f"pretrain_llama{size}.sh")], check=True,
-                   env={**os.environ, "PYTHON": str(stub), **env})
+    subprocess.run(
+        ["bash", str(REPO / "scripts" / f"pretrain_llama{size}.sh")],
+        check=True,
+        env={**os.environ, "PYTHON": str(stub), **env},
+    )
     argv = record.read_text().splitlines()
     assert argv[:2] == ["-m", "train"]
     return parse_args(argv[2:])
@@ -56,19 +59,25 @@ def test_galore_adamw8bit_keeps_its_own_eps(tmp_path):
 def test_dct_adamw_runs_its_own_gap_scale_and_error_feedback(tmp_path):
     cfg = script_config(tmp_path, "60m", OPTIMIZER="dct_adamw")
     assert (cfg.optimizer, cfg.update_proj_gap, cfg.scale) == ("dct_adamw", 1, 0.25)
-    assert [(g["proj_method"], g["update_proj_gap"], g["scale"], g["error_feedback"])
-            for g in lowrank_groups(cfg)] == [("dct", 1, 0.25, "4bit")]
+    assert [(g["proj_method"], g["update_proj_gap"], g["scale"], g["error_feedback"]) for g in lowrank_groups(cfg)] == [
+        ("dct", 1, 0.25, "4bit")
+    ]
 
 
-@pytest.mark.parametrize("size, lr, rank", [("60m", 0.015, 128), ("130m", 0.015, 256), ("350m", 0.01, 256),
-                                            ("1b", 0.01, 1024)])
+@pytest.mark.parametrize(
+    "size, lr, rank", [("60m", 0.015, 128), ("130m", 0.015, 256), ("350m", 0.01, 256), ("1b", 0.01, 1024)]
+)
 def test_q_galore_runs_q_galores_recipe_for_the_size(tmp_path, size, lr, rank):
     cfg = script_config(tmp_path, size, OPTIMIZER="q_galore_adamw8bit")
     assert (cfg.lr, cfg.rank, cfg.adam_betas, cfg.weight_bits, cfg.proj_bits) == (lr, rank, (0.9, 0.95), 8, 4)
     assert (cfg.update_proj_gap, cfg.scale) == (200, 0.25)
     (group,) = lowrank_groups(cfg)
-    assert (group["betas"], group["refresh"], group["proj_bits"], group["update_proj_gap"]) == ((0.9, 0.95), "adaptive",
-                                                                                                 4, 200)
+    assert (group["betas"], group["refresh"], group["proj_bits"], group["update_proj_gap"]) == (
+        (0.9, 0.95),
+        "adaptive",
+        4,
+        200,
+    )
 
 
 def test_lr_from_the_environment_overrides_the_recipes(tmp_path):

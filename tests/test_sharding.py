@@ -34,8 +34,11 @@ TOLERANCE = 1e-5  # max |sharded - unsharded| / max |unsharded|, per parameter
 #: (shape, in the low-rank / matrix group): tall (right projection, each rank's rank-4 moments
 #: one 256-value block), wide (left projection), odd rows (uneven split), and full-rank ones
 SHAPES: dict[str, tuple[tuple[int, ...], bool]] = {
-    "tall": ((128, 24), True), "wide": ((24, 128), True), "odd": ((37, 20), True),
-    "table": ((256, 8), False), "bias": ((64,), False),
+    "tall": ((128, 24), True),
+    "wide": ((24, 128), True),
+    "odd": ((37, 20), True),
+    "table": ((256, 8), False),
+    "bias": ((64,), False),
 }
 
 LOWRANK = {"rank": 4, "update_proj_gap": 2}
@@ -49,8 +52,12 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
     "galore_adamw randomized_svd": ("galore_adamw", {**LOWRANK, "proj_method": "randomized_svd"}, {}, {}),
     "galore_adamw svd int4": ("galore_adamw", {**LOWRANK, "proj_bits": 4, "proj_group_size": 32}, {}, {}),
     "galore_adamw svd int8": ("galore_adamw", {**LOWRANK, "proj_bits": 8, "proj_group_size": 32}, {}, {}),
-    "galore_adamw adaptive": ("galore_adamw", {**LOWRANK, "refresh": "adaptive", "queue_size": 1,
-                                               "cos_threshold": 0.0}, {}, {}),
+    "galore_adamw adaptive": (
+        "galore_adamw",
+        {**LOWRANK, "refresh": "adaptive", "queue_size": 1, "cos_threshold": 0.0},
+        {},
+        {},
+    ),
     "dct_adamw l1": ("dct_adamw", LOWRANK, {}, {}),
     "dct_adamw l2 reverse_std": ("dct_adamw", {**LOWRANK, "proj_type": "reverse_std"}, {"dct_score": "l2"}, {}),
     "galore_adafactor": ("galore_adafactor", LOWRANK, {}, {}),
@@ -59,8 +66,12 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
     "q_galore_adamw8bit": ("q_galore_adamw8bit", {**LOWRANK, "proj_group_size": 32}, {}, {}),
     # every moment in 8-bit codes: blocks cut per rank match the whole tensor's where each rank
     # holds whole 256-value blocks (tall, wide, table); odd and bias cut theirs differently
-    "q_galore_adamw8bit 8-bit everywhere": ("q_galore_adamw8bit", {**LOWRANK, "proj_group_size": 32},
-                                            {"min_8bit_size": 0}, {"odd": 2e-2, "bias": 2e-2}),
+    "q_galore_adamw8bit 8-bit everywhere": (
+        "q_galore_adamw8bit",
+        {**LOWRANK, "proj_group_size": 32},
+        {"min_8bit_size": 0},
+        {"odd": 2e-2, "bias": 2e-2},
+    ),
     "auon": ("auon", {}, {}, {}),
     "auon low-rank": ("auon", LOWRANK, {}, {}),
     "hybrid_auon": ("hybrid_auon", {}, {"ns_dtype": "float32"}, {}),
@@ -191,8 +202,11 @@ def _run_case(case: str, mesh, workdir: Path) -> dict[str, Any]:
         _step(model, optimizer, step, mesh)
         if step == SAVED:
             dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(directory / "sharded"))
-    result = {"errors": _errors(model, reference), "state_bytes": _state_bytes(optimizer),
-              "reference_state_bytes": _state_bytes(reference_opt)}
+    result = {
+        "errors": _errors(model, reference),
+        "state_bytes": _state_bytes(optimizer),
+        "reference_state_bytes": _state_bytes(reference_opt),
+    }
     result["resumed"] = _resume_error(case, str(directory / "sharded"), mesh, model)
     result["from_one_process"] = _resume_error(case, str(directory / "one_process"), mesh, reference)
     return result
@@ -215,8 +229,9 @@ def _worker(rank: int, world: int, workdir: str) -> None:
 
     torch.set_num_threads(1)
     # a rank left waiting in a collective fails after COLLECTIVE_TIMEOUT instead of gloo's 30 minutes
-    dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world,
-                            timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT
+    )
     mesh = init_device_mesh("cpu", (world,))
     results: dict[str, Any] = {}
     try:

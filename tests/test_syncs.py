@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from lowmem_optim import layerwise
 from lowmem_optim.op_count import OpCounter
 from lowmem_optim.quant.int8_linear import quantize_linear_layers
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer

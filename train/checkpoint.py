@@ -32,7 +32,9 @@ import torch
 _NAME = re.compile(r"step_(\d+)\.pt")
 _CHUNK = 16 * 2**20
 #: what every checkpoint of this loop holds
-KEYS = frozenset({"step", "model", "optimizer", "scheduler", "data", "rng", "config", "model_config", "data_fingerprint"})
+KEYS = frozenset(
+    {"step", "model", "optimizer", "scheduler", "data", "rng", "config", "model_config", "data_fingerprint"}
+)
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -133,8 +135,11 @@ def save(output_dir: str | Path, step: int, payload: dict[str, Any], keep: int) 
         cause = writer.error if writer is not None and writer.error is not None else err
         if not isinstance(cause, OSError):
             raise
-        raise OSError(cause.errno, f"could not write checkpoint {str(path)!r} ({cause.strerror or cause}); "
-                                   "the previous checkpoints are intact") from err
+        raise OSError(
+            cause.errno,
+            f"could not write checkpoint {str(path)!r} ({cause.strerror or cause}); "
+            "the previous checkpoints are intact",
+        ) from err
     verify(path)
     older = [p for p in saved(output_dir) if step_of(p) < step]
     for old in older[: max(0, len(older) - (keep - 1))]:
@@ -158,11 +163,15 @@ def verify(path: Path) -> None:
     try:
         expected = recorded.read_text().split()[0]
     except (OSError, IndexError) as err:
-        raise ValueError(f"checkpoint {str(path)!r} has no readable checksum file ({recorded.name}), so it cannot be "
-                         "verified; it was left as is") from err
+        raise ValueError(
+            f"checkpoint {str(path)!r} has no readable checksum file ({recorded.name}), so it cannot be "
+            "verified; it was left as is"
+        ) from err
     if file_sha256(path) != expected:
-        raise ValueError(f"checkpoint {str(path)!r} is corrupt: its contents do not match the SHA-256 in "
-                         f"{recorded.name}. It was left as is; --resume takes the newest intact checkpoint")
+        raise ValueError(
+            f"checkpoint {str(path)!r} is corrupt: its contents do not match the SHA-256 in "
+            f"{recorded.name}. It was left as is; --resume takes the newest intact checkpoint"
+        )
 
 
 def newest_intact(output_dir: str | Path) -> tuple[Path | None, list[str]]:

@@ -27,11 +27,26 @@ WANDB_MODES = ("off", "offline", "online")
 ON_NONFINITE = ("stop", "skip")
 
 #: fields a resumed run may change; any other difference from the checkpoint's config is an error
-RESUMABLE_CHANGES = frozenset({
-    "max_steps", "eval_every", "eval_batches", "save", "save_every", "keep_checkpoints", "log_every",
-    "wandb", "wandb_project", "run_name", "resume", "output_dir", "progress", "on_nonfinite",
-    "model_config", "data",  # compared by contents: the model config's keys, the data's fingerprint
-})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "max_steps",
+        "eval_every",
+        "eval_batches",
+        "save",
+        "save_every",
+        "keep_checkpoints",
+        "log_every",
+        "wandb",
+        "wandb_project",
+        "run_name",
+        "resume",
+        "output_dir",
+        "progress",
+        "on_nonfinite",
+        "model_config",
+        "data",  # compared by contents: the model config's keys, the data's fingerprint
+    }
+)
 
 
 def _opt(default: Any, help: str, **more: Any) -> Any:
@@ -41,11 +56,17 @@ def _opt(default: Any, help: str, **more: Any) -> Any:
 #: the low-rank setup's flags, one per key a part declares (lowmem_optim.engine.lowrank_hparams);
 #: None leaves the optimizer's default
 LOWRANK_HPARAMS = lowrank_hparams()
-LowRankFlags = dataclasses.make_dataclass("LowRankFlags", [
-    (name, f"{hp.check.type.__name__} | None",
-     _opt(None, f"{hp.doc} (allowed: {hp.check.allowed}; unset: the optimizer's default)"))
-    for name, hp in LOWRANK_HPARAMS.items()
-])
+LowRankFlags = dataclasses.make_dataclass(
+    "LowRankFlags",
+    [
+        (
+            name,
+            f"{hp.check.type.__name__} | None",
+            _opt(None, f"{hp.doc} (allowed: {hp.check.allowed}; unset: the optimizer's default)"),
+        )
+        for name, hp in LOWRANK_HPARAMS.items()
+    ],
+)
 
 
 @dataclass
@@ -56,22 +77,30 @@ class TrainConfig(LowRankFlags):
     model_config: str = _opt("", "path of a LLaMA config JSON, e.g. configs/llama_60m.json (required)")
     dtype: str = _opt("float32", "weight and compute dtype", choices=tuple(DTYPES))
     activation_checkpointing: bool = _opt(False, "recompute activations in backward (saves memory)")
-    weight_bits: int = _opt(16, "8: INT8 weights in the linear layers (Q-GaLore); 16: weights in --dtype",
-                            choices=(8, 16))
+    weight_bits: int = _opt(
+        16, "8: INT8 weights in the linear layers (Q-GaLore); 16: weights in --dtype", choices=(8, 16)
+    )
     # optimizer
     optimizer: str = _opt("adamw", "a registry name (lowmem_optim.available_optimizers())")
     lr: float = _opt(1e-3, "peak learning rate")
     weight_decay: float = _opt(0.0, "decoupled weight decay")
-    betas: str | None = _opt(None, f"Adam's betas as beta1,beta2, e.g. 0.9,0.95 (allowed: {BETAS.check.allowed}; "
-                                   "unset: the optimizer's)")
+    betas: str | None = _opt(
+        None, f"Adam's betas as beta1,beta2, e.g. 0.9,0.95 (allowed: {BETAS.check.allowed}; unset: the optimizer's)"
+    )
     beta1: float | None = _opt(None, f"Adam's beta1 alone (with beta2 at {BETAS.default[1]}, unless --beta2)")
     beta2: float | None = _opt(None, f"Adam's beta2 alone (with beta1 at {BETAS.default[0]}, unless --beta1)")
-    eps: float | None = _opt(None, f"Adam's eps: {EPS.doc} (allowed: {EPS.check.allowed}; unset: the optimizer's, "
-                                   "e.g. 1e-8; galore-torch's GaLoreAdamW used 1e-6)")
+    eps: float | None = _opt(
+        None,
+        f"Adam's eps: {EPS.doc} (allowed: {EPS.check.allowed}; unset: the optimizer's, "
+        "e.g. 1e-8; galore-torch's GaLoreAdamW used 1e-6)",
+    )
     grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: no clipping)")
     target_modules: str = _opt("all-linear", f"low-rank linear layers: {TARGET_MODULES_HELP}")
-    layerwise: bool = _opt(False, "update each parameter inside backward and free its gradient (layer-wise); "
-                                 "--grad-clip then clips per parameter")
+    layerwise: bool = _opt(
+        False,
+        "update each parameter inside backward and free its gradient (layer-wise); "
+        "--grad-clip then clips per parameter",
+    )
     # schedule
     max_steps: int = _opt(1000, "optimizer steps to train")
     warmup_steps: int = _opt(0, "linear warm-up steps")
@@ -79,10 +108,13 @@ class TrainConfig(LowRankFlags):
     min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (cosine, linear)")
     # batch and data
     batch_size: int = _opt(16, "sequences per micro-batch per process")
-    total_batch_size: int | None = _opt(None, "sequences per optimizer step over all processes and "
-                                              "accumulation steps (default: batch-size x processes)")
+    total_batch_size: int | None = _opt(
+        None, "sequences per optimizer step over all processes and accumulation steps (default: batch-size x processes)"
+    )
     seq_len: int = _opt(256, "tokens per sequence")
-    data: str = _opt("builtin", "builtin (offline text corpus), c4 (streaming, online), or a .txt/.jsonl file or folder")
+    data: str = _opt(
+        "builtin", "builtin (offline text corpus), c4 (streaming, online), or a .txt/.jsonl file or folder"
+    )
     tokenizer: str | None = _opt(None, "bytes, or an HF tokenizer name/path (default: bytes; t5-base for c4)")
     val_fraction: float = _opt(0.05, "held-out share of a local corpus")
     # evaluation, logging, checkpoints
@@ -93,18 +125,24 @@ class TrainConfig(LowRankFlags):
     save_every: int = _opt(0, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _opt(2, "checkpoints kept in the output dir (oldest removed)")
     output_dir: str = _opt("runs/default", "where metrics.jsonl, config.json and checkpoints go")
-    resume: bool = _opt(False, "continue from the newest intact checkpoint in --output-dir (newer corrupt ones "
-                               "are named and skipped)")
-    on_nonfinite: str = _opt("stop", "a step whose loss is not finite: stop (one-line error naming the step and "
-                                     "the last good checkpoint, exit 1), or skip it and its update (its loss or "
-                                     "gradients not finite; one device sync per step)", choices=ON_NONFINITE)
+    resume: bool = _opt(
+        False, "continue from the newest intact checkpoint in --output-dir (newer corrupt ones are named and skipped)"
+    )
+    on_nonfinite: str = _opt(
+        "stop",
+        "a step whose loss is not finite: stop (one-line error naming the step and "
+        "the last good checkpoint, exit 1), or skip it and its update (its loss or "
+        "gradients not finite; one device sync per step)",
+        choices=ON_NONFINITE,
+    )
     wandb: str = _opt("off", "wandb logging (online without WANDB_API_KEY logs offline)", choices=WANDB_MODES)
     wandb_project: str = _opt("lowmem_optim", "wandb project")
     run_name: str | None = _opt(None, "run name (default: the output dir's name)")
     progress: bool = _opt(True, "show a progress bar on rank 0")
     # parallelism and reproducibility
-    parallel: str = _opt("ddp", "multi-process strategy under torchrun: ddp, or fsdp (FSDP2 fully_shard)",
-                         choices=PARALLEL)
+    parallel: str = _opt(
+        "ddp", "multi-process strategy under torchrun: ddp, or fsdp (FSDP2 fully_shard)", choices=PARALLEL
+    )
     seed: int = _opt(0, "seed of the model init, the data order and the optimizer")
 
     def __post_init__(self) -> None:
@@ -121,8 +159,9 @@ class TrainConfig(LowRankFlags):
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices is not None and getattr(self, f.name) not in choices:
-                raise ValueError(f"Invalid --{_kebab(f.name)}: {getattr(self, f.name)!r} "
-                                 f"(allowed: {', '.join(map(str, choices))})")
+                raise ValueError(
+                    f"Invalid --{_kebab(f.name)}: {getattr(self, f.name)!r} (allowed: {', '.join(map(str, choices))})"
+                )
         for name, hp in LOWRANK_HPARAMS.items():
             if getattr(self, name) is not None:
                 hp.validate(getattr(self, name), f"--{_kebab(name)}")
@@ -147,14 +186,19 @@ class TrainConfig(LowRankFlags):
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"Invalid --val-fraction: {self.val_fraction!r} (allowed: 0 < fraction < 1)")
         if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError(f"Invalid --grad-clip {self.grad_clip!r} / --weight-decay {self.weight_decay!r} "
-                             "(allowed: numbers >= 0)")
+            raise ValueError(
+                f"Invalid --grad-clip {self.grad_clip!r} / --weight-decay {self.weight_decay!r} (allowed: numbers >= 0)"
+            )
         if self.layerwise and self.parallel == "fsdp":
-            raise ValueError("--layerwise with --parallel fsdp is not supported (allowed: --parallel ddp, where the "
-                             "layer-wise hooks average each gradient over the ranks)")
+            raise ValueError(
+                "--layerwise with --parallel fsdp is not supported (allowed: --parallel ddp, where the "
+                "layer-wise hooks average each gradient over the ranks)"
+            )
         if self.on_nonfinite == "skip" and self.layerwise:
-            raise ValueError("--on-nonfinite skip with --layerwise is not supported: layer-wise updates run inside "
-                             "backward, before a step's loss and gradients can be checked (allowed: --on-nonfinite stop)")
+            raise ValueError(
+                "--on-nonfinite skip with --layerwise is not supported: layer-wise updates run inside "
+                "backward, before a step's loss and gradients can be checked (allowed: --on-nonfinite stop)"
+            )
         if self.weight_bits == 8 and self.parallel == "fsdp":
             raise ValueError("--weight-bits 8 with --parallel fsdp is not supported (allowed: --parallel ddp)")
         parse_target_modules(self.target_modules)
@@ -172,8 +216,10 @@ class TrainConfig(LowRankFlags):
                 raise invalid("--betas", self.betas, BETAS.check.allowed + ", written beta1,beta2") from None
         if self.beta1 is None and self.beta2 is None:
             return None
-        return (BETAS.default[0] if self.beta1 is None else self.beta1,
-                BETAS.default[1] if self.beta2 is None else self.beta2)
+        return (
+            BETAS.default[0] if self.beta1 is None else self.beta1,
+            BETAS.default[1] if self.beta2 is None else self.beta2,
+        )
 
     @property
     def torch_dtype_name(self) -> str:
@@ -200,6 +246,7 @@ def parse_bool(text: str) -> bool:
 def _optional(convert: type):
     def parse(text: str) -> Any:
         return None if text.strip().lower() in ("none", "null", "") else convert(text)
+
     parse.__name__ = convert.__name__
     return parse
 

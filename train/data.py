@@ -45,8 +45,9 @@ from typing import Any, Protocol
 import torch
 
 #: stdlib folders that hold tests, GUIs or vendored code rather than documentation
-_STDLIB_SKIP = frozenset({"test", "tests", "idlelib", "site-packages", "lib2to3", "tkinter", "turtledemo",
-                          "ensurepip", "__pycache__"})
+_STDLIB_SKIP = frozenset(
+    {"test", "tests", "idlelib", "site-packages", "lib2to3", "tkinter", "turtledemo", "ensurepip", "__pycache__"}
+)
 _MIN_DOC_CHARS = 40
 
 
@@ -67,7 +68,11 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> torch.Tensor:
         data = text.encode("utf-8")
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int32) if data else torch.empty(0, dtype=torch.int32)
+        return (
+            torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int32)
+            if data
+            else torch.empty(0, dtype=torch.int32)
+        )
 
 
 class HFTokenizer:
@@ -81,8 +86,10 @@ class HFTokenizer:
             self._tok = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as err:  # not on the hub, not cached offline, not a tokenizer folder
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"--tokenizer {name!r} could not be loaded ({type(err).__name__}: {first}) (allowed: "
-                             "bytes, or an HF tokenizer name or local path that is cached or downloadable)") from err
+            raise ValueError(
+                f"--tokenizer {name!r} could not be loaded ({type(err).__name__}: {first}) (allowed: "
+                "bytes, or an HF tokenizer name or local path that is cached or downloadable)"
+            ) from err
         self.vocab_size = len(self._tok)
         if self._tok.eos_token_id is None:
             raise ValueError(f"--tokenizer {name!r} has no end-of-sequence token; documents could not be separated")
@@ -137,7 +144,11 @@ def builtin_corpus() -> Path:
 
 # ---- local files ----------------------------------------------------------------------------
 def _text_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()) if path.is_dir() else [path]
+    return (
+        sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+        if path.is_dir()
+        else [path]
+    )
 
 
 def read_documents(path: str | Path) -> list[str]:
@@ -147,7 +158,9 @@ def read_documents(path: str | Path) -> list[str]:
         raise ValueError(f"--data {str(path)!r} does not exist (allowed: builtin, c4, or a .txt/.jsonl file or folder)")
     files = _text_files(path)
     if not files or any(f.suffix not in (".txt", ".jsonl") for f in files):
-        raise ValueError(f"--data {str(path)!r} holds no .txt or .jsonl file (allowed: a .txt/.jsonl file or a folder of them)")
+        raise ValueError(
+            f"--data {str(path)!r} holds no .txt or .jsonl file (allowed: a .txt/.jsonl file or a folder of them)"
+        )
     docs: list[str] = []
     for f in files:
         try:
@@ -162,10 +175,14 @@ def read_documents(path: str | Path) -> list[str]:
                 try:
                     doc = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(f"--data: {str(f)!r} line {line_no} is not a JSON object with a 'text' field") from err
+                    raise ValueError(
+                        f"--data: {str(f)!r} line {line_no} is not a JSON object with a 'text' field"
+                    ) from err
                 if not isinstance(doc, str):
-                    raise ValueError(f"--data: {str(f)!r} line {line_no}: 'text' is {type(doc).__name__} "
-                                     f"{str(doc)[:40]!r} (allowed: a string)")
+                    raise ValueError(
+                        f"--data: {str(f)!r} line {line_no}: 'text' is {type(doc).__name__} "
+                        f"{str(doc)[:40]!r} (allowed: a string)"
+                    )
                 docs.append(doc)
     return docs
 
@@ -260,7 +277,7 @@ class C4Stream:
     def next_batch(self) -> torch.Tensor:
         windows = [next(self._windows) for _ in range(self.batch_size * self.world)]
         self.position += len(windows)
-        mine = windows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        mine = windows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         return torch.stack(mine).long()
 
     def state_dict(self) -> dict[str, Any]:
@@ -279,8 +296,10 @@ def _c4(split: str) -> Any:
 
         return load_dataset("allenai/c4", "en", split=split, streaming=True)
     except Exception as err:  # no datasets package, no network, hub refusal: all mean "not here"
-        raise ValueError(f"--data c4 needs the datasets package and access to the Hugging Face hub ({type(err).__name__}: "
-                         f"{err}) (allowed offline: --data builtin, or a .txt/.jsonl file or folder)") from err
+        raise ValueError(
+            f"--data c4 needs the datasets package and access to the Hugging Face hub ({type(err).__name__}: "
+            f"{err}) (allowed offline: --data builtin, or a .txt/.jsonl file or folder)"
+        ) from err
 
 
 def c4_validation(tokenizer: Tokenizer, seq_len: int, n_windows: int) -> torch.Tensor:
@@ -326,8 +345,12 @@ class Prefetched:
                 self._ahead = False
             self._queue, self._stop = queue.Queue(maxsize=self.depth), threading.Event()
             # the thread holds the stream, not this object: dropping the object stops it
-            self._thread = threading.Thread(target=_read_ahead, daemon=True, name="train-data-prefetch",
-                                            args=(self.stream, self._queue, self._stop, self.device.type == "cuda"))
+            self._thread = threading.Thread(
+                target=_read_ahead,
+                daemon=True,
+                name="train-data-prefetch",
+                args=(self.stream, self._queue, self._stop, self.device.type == "cuda"),
+            )
             self._thread.start()
         batch, position = self._queue.get()
         if position is None:
@@ -367,25 +390,56 @@ def _val_batches(windows: torch.Tensor, batch_size: int, n_batches: int, rank: i
     per_step = batch_size * world
     n = min(n_batches, len(windows) // per_step)
     if n == 0:
-        raise ValueError(f"the validation split has {len(windows)} windows, fewer than --batch-size x processes "
-                         f"= {per_step}; lower --batch-size or --seq-len, or raise --val-fraction")
-    return [windows[k * per_step + rank * batch_size:k * per_step + (rank + 1) * batch_size].long() for k in range(n)]
+        raise ValueError(
+            f"the validation split has {len(windows)} windows, fewer than --batch-size x processes "
+            f"= {per_step}; lower --batch-size or --seq-len, or raise --val-fraction"
+        )
+    return [windows[k * per_step + rank * batch_size : k * per_step + (rank + 1) * batch_size].long() for k in range(n)]
 
 
-def build_data(source: str, tokenizer_name: str | None, seq_len: int, batch_size: int, *, seed: int,
-               val_fraction: float, eval_batches: int, rank: int = 0, world: int = 1,
-               device: torch.device | str | None = None) -> Data:
+def build_data(
+    source: str,
+    tokenizer_name: str | None,
+    seq_len: int,
+    batch_size: int,
+    *,
+    seed: int,
+    val_fraction: float,
+    eval_batches: int,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | str | None = None,
+) -> Data:
     """The training stream and validation batches of ``source`` for this rank; with ``device``
     the stream is read ahead and hands out batches there (:class:`Prefetched`)."""
-    data = _build_data(source, tokenizer_name, seq_len, batch_size, seed=seed, val_fraction=val_fraction,
-                       eval_batches=eval_batches, rank=rank, world=world)
+    data = _build_data(
+        source,
+        tokenizer_name,
+        seq_len,
+        batch_size,
+        seed=seed,
+        val_fraction=val_fraction,
+        eval_batches=eval_batches,
+        rank=rank,
+        world=world,
+    )
     if device is not None:
         data.train = Prefetched(data.train, device)
     return data
 
 
-def _build_data(source: str, tokenizer_name: str | None, seq_len: int, batch_size: int, *, seed: int,
-                val_fraction: float, eval_batches: int, rank: int, world: int) -> Data:
+def _build_data(
+    source: str,
+    tokenizer_name: str | None,
+    seq_len: int,
+    batch_size: int,
+    *,
+    seed: int,
+    val_fraction: float,
+    eval_batches: int,
+    rank: int,
+    world: int,
+) -> Data:
     tokenizer = load_tokenizer(tokenizer_name or ("t5-base" if source == "c4" else "bytes"))
     if source == "c4":
         val = c4_validation(tokenizer, seq_len, eval_batches * batch_size * world)
@@ -396,8 +450,13 @@ def _build_data(source: str, tokenizer_name: str | None, seq_len: int, batch_siz
     split = int(len(tokens) * (1 - val_fraction))
     train_tokens, val_tokens = tokens[:split], tokens[split:]
     if len(train_tokens) < seq_len * batch_size * world:
-        raise ValueError(f"--data {source!r} has {len(train_tokens)} training tokens, fewer than one step needs "
-                         f"(--batch-size x processes x --seq-len = {seq_len * batch_size * world})")
+        raise ValueError(
+            f"--data {source!r} has {len(train_tokens)} training tokens, fewer than one step needs "
+            f"(--batch-size x processes x --seq-len = {seq_len * batch_size * world})"
+        )
     val_windows = val_tokens[: len(val_tokens) // seq_len * seq_len].view(-1, seq_len)
-    return Data(ShuffledWindows(train_tokens, seq_len, batch_size, seed, rank, world),
-                _val_batches(val_windows, batch_size, eval_batches, rank, world), tokenizer)
+    return Data(
+        ShuffledWindows(train_tokens, seq_len, batch_size, seed, rank, world),
+        _val_batches(val_windows, batch_size, eval_batches, rank, world),
+        tokenizer,
+    )

@@ -71,8 +71,12 @@ def wrap(model: nn.Module, parallel: str, d: Dist) -> nn.Module:
         # builds the same model from the seed, and their codes stay equal (same gradient, same
         # seeded rounding), so neither the initial sync nor the buffer broadcast is needed
         int8 = any(hasattr(p, "apply_update") for p in model.parameters())
-        return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-                                       init_sync=not int8, broadcast_buffers=not int8)
+        return DistributedDataParallel(
+            model,
+            device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+            init_sync=not int8,
+            broadcast_buffers=not int8,
+        )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -86,8 +90,10 @@ def wrap(model: nn.Module, parallel: str, d: Dist) -> nn.Module:
 def check_shardable(optimizer: torch.optim.Optimizer) -> None:
     """ValueError for an optimizer that cannot step FSDP2's DTensor parameters."""
     if type(optimizer).__module__.split(".")[0] == "bitsandbytes":
-        raise ValueError(f"{type(optimizer).__name__} (bitsandbytes) steps plain tensors, not the DTensor shards "
-                         "FSDP2 holds (allowed: --parallel ddp, or an optimizer of lowmem_optim)")
+        raise ValueError(
+            f"{type(optimizer).__name__} (bitsandbytes) steps plain tensors, not the DTensor shards "
+            "FSDP2 holds (allowed: --parallel ddp, or an optimizer of lowmem_optim)"
+        )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -165,14 +171,20 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     return unwrap(model).state_dict(), optimizer.state_dict()
 
 
-def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
-                          optim_state: dict[str, Any]) -> None:
+def load_full_state_dicts(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any], optim_state: dict[str, Any]
+) -> None:
     """Inverse of :func:`full_state_dicts` (scattered back into shards under FSDP2)."""
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                       options=StateDictOptions(full_state_dict=True))
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=model_state,
+            optim_state_dict=optim_state,
+            options=StateDictOptions(full_state_dict=True),
+        )
         return
     unwrap(model).load_state_dict(model_state)
     optimizer.load_state_dict(optim_state)

@@ -35,32 +35,43 @@ def accumulation_steps(cfg: TrainConfig, world: int) -> int:
     per_micro = cfg.batch_size * world
     total = cfg.total_batch_size or per_micro
     if total % per_micro:
-        raise ValueError(f"Invalid --total-batch-size: {total} (allowed: a multiple of --batch-size x processes "
-                         f"= {cfg.batch_size} x {world})")
+        raise ValueError(
+            f"Invalid --total-batch-size: {total} (allowed: a multiple of --batch-size x processes "
+            f"= {cfg.batch_size} x {world})"
+        )
     return total // per_micro
 
 
-def check_resumable(cfg: TrainConfig, model_config: dict[str, Any], data_fingerprint: str,
-                    resumed: dict[str, Any]) -> None:
+def check_resumable(
+    cfg: TrainConfig, model_config: dict[str, Any], data_fingerprint: str, resumed: dict[str, Any]
+) -> None:
     """A resumed run must train the same thing: the same flags (only logging, saving, the
     length and the paths may change), the same model config contents and the same data."""
     saved = resumed["config"]
     changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
     if changed:
         diffs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise ValueError(f"--resume: the checkpoint was trained with other settings ({diffs}); "
-                         "resume with the same settings or start a new --output-dir")
+        raise ValueError(
+            f"--resume: the checkpoint was trained with other settings ({diffs}); "
+            "resume with the same settings or start a new --output-dir"
+        )
     before = resumed["model_config"]
-    keys = sorted(k for k in before.keys() | model_config.keys() if before.get(k, before) != model_config.get(k, before))
+    keys = sorted(
+        k for k in before.keys() | model_config.keys() if before.get(k, before) != model_config.get(k, before)
+    )
     if keys:
         shown = [[repr(config[k]) if k in config else "(unset)" for config in (before, model_config)] for k in keys]
         diffs = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in zip(keys, shown))
-        raise ValueError(f"--resume: --model-config {cfg.model_config!r} differs from the config the checkpoint was "
-                         f"trained with ({diffs}); resume with the same model or start a new --output-dir")
+        raise ValueError(
+            f"--resume: --model-config {cfg.model_config!r} differs from the config the checkpoint was "
+            f"trained with ({diffs}); resume with the same model or start a new --output-dir"
+        )
     if resumed["data_fingerprint"] != data_fingerprint:
-        raise ValueError(f"--resume: --data {cfg.data!r} is not the data the checkpoint was trained on (its contents "
-                         f"changed: {resumed['data_fingerprint']} -> {data_fingerprint}); resume with the same data "
-                         "or start a new --output-dir")
+        raise ValueError(
+            f"--resume: --data {cfg.data!r} is not the data the checkpoint was trained on (its contents "
+            f"changed: {resumed['data_fingerprint']} -> {data_fingerprint}); resume with the same data "
+            "or start a new --output-dir"
+        )
 
 
 def attach_layerwise(optimizer: torch.optim.Optimizer, accum: int, grad_clip: float, d: distributed.Dist) -> Any:
@@ -71,8 +82,12 @@ def attach_layerwise(optimizer: torch.optim.Optimizer, accum: int, grad_clip: fl
 
     from lowmem_optim import layerwise
 
-    return layerwise.attach(optimizer, accumulation_steps=accum, max_grad_norm=grad_clip or None,
-                            process_group=torch_dist.group.WORLD if d.world > 1 else None)
+    return layerwise.attach(
+        optimizer,
+        accumulation_steps=accum,
+        max_grad_norm=grad_clip or None,
+        process_group=torch_dist.group.WORLD if d.world > 1 else None,
+    )
 
 
 @torch.no_grad()
@@ -121,12 +136,27 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
         check_resumable(cfg, model_config, data_fingerprint, resumed)
 
     # ---- data, model, optimizer, schedule ----
-    data: Data = build_data(cfg.data, cfg.tokenizer, cfg.seq_len, cfg.batch_size, seed=cfg.seed,
-                            val_fraction=cfg.val_fraction, eval_batches=cfg.eval_batches, rank=d.rank, world=d.world,
-                            device=d.device)
-    model = build_model(cfg.model_config, dtype=dtype, device=d.device, seed=cfg.seed,
-                        vocab_needed=data.tokenizer.vocab_size, seq_len=cfg.seq_len,
-                        activation_checkpointing=cfg.activation_checkpointing)
+    data: Data = build_data(
+        cfg.data,
+        cfg.tokenizer,
+        cfg.seq_len,
+        cfg.batch_size,
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        eval_batches=cfg.eval_batches,
+        rank=d.rank,
+        world=d.world,
+        device=d.device,
+    )
+    model = build_model(
+        cfg.model_config,
+        dtype=dtype,
+        device=d.device,
+        seed=cfg.seed,
+        vocab_needed=data.tokenizer.vocab_size,
+        seq_len=cfg.seq_len,
+        activation_checkpointing=cfg.activation_checkpointing,
+    )
     if cfg.weight_bits == 8:
         model = quantize_weights(model, parse_target_modules(cfg.target_modules))
     n_params = count_parameters(model)
@@ -139,8 +169,9 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
             distributed.check_shardable(optimizer)
     except ValueError as err:
         if distributed.is_sharded(model):
-            raise ValueError(f"--parallel fsdp: --optimizer {cfg.optimizer} cannot take FSDP2-sharded parameters: "
-                             f"{err}") from err
+            raise ValueError(
+                f"--parallel fsdp: --optimizer {cfg.optimizer} cannot take FSDP2-sharded parameters: {err}"
+            ) from err
         raise
     scheduler = make_scheduler(cfg, optimizer)
 
@@ -157,15 +188,42 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(d.device)
 
-    run_config = {**cfg.to_dict(), "world_size": d.world, "accumulation_steps": accum, "n_params": n_params,
-                  "tokenizer": data.tokenizer.name, "model": _model_config(model)}
-    metrics = Metrics(out, run_config, enabled=d.is_main, wandb_mode=cfg.wandb, project=cfg.wandb_project,
-                      run_name=cfg.run_name or out.name, resume_step=start if cfg.resume else None)
+    run_config = {
+        **cfg.to_dict(),
+        "world_size": d.world,
+        "accumulation_steps": accum,
+        "n_params": n_params,
+        "tokenizer": data.tokenizer.name,
+        "model": _model_config(model),
+    }
+    metrics = Metrics(
+        out,
+        run_config,
+        enabled=d.is_main,
+        wandb_mode=cfg.wandb,
+        project=cfg.wandb_project,
+        run_name=cfg.run_name or out.name,
+        resume_step=start if cfg.resume else None,
+    )
     progress = _progress_bar(cfg, start, enabled=d.is_main)
     layerwise = attach_layerwise(optimizer, accum, cfg.grad_clip, d) if cfg.layerwise else None
     try:
-        _loop(cfg, d, out, accum, start, last, model, optimizer, scheduler, data, metrics, progress,
-              model_config, data_fingerprint)
+        _loop(
+            cfg,
+            d,
+            out,
+            accum,
+            start,
+            last,
+            model,
+            optimizer,
+            scheduler,
+            data,
+            metrics,
+            progress,
+            model_config,
+            data_fingerprint,
+        )
     finally:
         if layerwise is not None:
             layerwise.remove()
@@ -175,9 +233,22 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
     return Trained(metrics.records, model, optimizer)
 
 
-def _loop(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int, start: int, last_good: Path | None,
-          model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Data, metrics: Metrics,
-          progress: Any, model_config: dict[str, Any], data_fingerprint: str) -> None:
+def _loop(
+    cfg: TrainConfig,
+    d: distributed.Dist,
+    out: Path,
+    accum: int,
+    start: int,
+    last_good: Path | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    data: Data,
+    metrics: Metrics,
+    progress: Any,
+    model_config: dict[str, Any],
+    data_fingerprint: str,
+) -> None:
     """Steps ``start + 1 .. cfg.max_steps``. The loss stays on the device: it is read (one sync)
     only on logging and saving steps, together with the first step since the previous read whose
     loss was not finite, so a step costs no host sync (``--on-nonfinite skip`` syncs each step)."""
@@ -230,22 +301,35 @@ def _loop(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int, start: i
             progress.update(step - progress.n)
             progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if bad_step and not skip:
-            raise RunStopped(f"step {bad_step}: the loss is not finite; stopped without saving. {_last_good(last_good)} "
-                             "(continue from it with --resume, e.g. with a lower --lr; or pass --on-nonfinite skip "
-                             "to skip such steps)")
+            raise RunStopped(
+                f"step {bad_step}: the loss is not finite; stopped without saving. {_last_good(last_good)} "
+                "(continue from it with --resume, e.g. with a lower --lr; or pass --on-nonfinite skip "
+                "to skip such steps)"
+            )
         if saving:
             if not _state_is_finite(model, optimizer, d):
-                raise RunStopped(f"step {step}: the weights or optimizer state are not finite; not saved. "
-                                 f"{_last_good(last_good)}")
+                raise RunStopped(
+                    f"step {step}: the weights or optimizer state are not finite; not saved. {_last_good(last_good)}"
+                )
             model_state, optim_state = distributed.full_state_dicts(model, optimizer)
             if d.is_main:
                 try:
-                    last_good = checkpoint.save(out, step, {
-                        "step": step, "model": model_state, "optimizer": optim_state,
-                        "scheduler": scheduler.state_dict(), "data": data.train.state_dict(),
-                        "rng": checkpoint.rng_state(), "config": cfg.to_dict(), "model_config": model_config,
-                        "data_fingerprint": data_fingerprint,
-                    }, keep=cfg.keep_checkpoints)
+                    last_good = checkpoint.save(
+                        out,
+                        step,
+                        {
+                            "step": step,
+                            "model": model_state,
+                            "optimizer": optim_state,
+                            "scheduler": scheduler.state_dict(),
+                            "data": data.train.state_dict(),
+                            "rng": checkpoint.rng_state(),
+                            "config": cfg.to_dict(),
+                            "model_config": model_config,
+                            "data_fingerprint": data_fingerprint,
+                        },
+                        keep=cfg.keep_checkpoints,
+                    )
                 except OSError as err:  # a full disk, no permission: the previous checkpoints are intact
                     raise RunStopped(f"step {step}: {err.strerror or err}") from err
                 except ValueError as err:  # the file read back does not match what was written
@@ -254,8 +338,9 @@ def _loop(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int, start: i
         clock, steps_timed = time.perf_counter(), 0  # tokens/s covers training only, not evaluation and saving
 
 
-def _train_step(cfg: TrainConfig, d: distributed.Dist, accum: int, model: nn.Module,
-                optimizer: torch.optim.Optimizer, data: Data) -> torch.Tensor | None:
+def _train_step(
+    cfg: TrainConfig, d: distributed.Dist, accum: int, model: nn.Module, optimizer: torch.optim.Optimizer, data: Data
+) -> torch.Tensor | None:
     """One optimizer step over ``accum`` micro-batches; its mean loss, still on the device
     (None: skipped under ``--on-nonfinite skip``, its loss or gradients not finite)."""
     loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
@@ -336,13 +421,24 @@ def _last_good(path: Path | None) -> str:
 
 def _model_config(model: nn.Module) -> dict[str, Any]:
     config = distributed.unwrap(model).config
-    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-            "max_position_embeddings")
+    keys = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+        "max_position_embeddings",
+    )
     return {k: getattr(config, k) for k in keys}
 
 
 def _progress_bar(cfg: TrainConfig, start: int, *, enabled: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=cfg.max_steps, initial=start, disable=not (enabled and cfg.progress),
-                dynamic_ncols=True, desc=Path(cfg.output_dir).name)
+    return tqdm(
+        total=cfg.max_steps,
+        initial=start,
+        disable=not (enabled and cfg.progress),
+        dynamic_ncols=True,
+        desc=Path(cfg.output_dir).name,
+    )

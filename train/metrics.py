@@ -32,8 +32,10 @@ import torch
 
 def peak_memory(device: torch.device) -> dict[str, int]:
     if device.type == "cuda":
-        return {"peak_mem_bytes": torch.cuda.max_memory_allocated(device),
-                "peak_mem_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+        return {
+            "peak_mem_bytes": torch.cuda.max_memory_allocated(device),
+            "peak_mem_reserved_bytes": torch.cuda.max_memory_reserved(device),
+        }
     # ru_maxrss is in KiB on Linux (bytes on macOS)
     scale = 1 if sys.platform == "darwin" else 1024
     return {"peak_mem_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
@@ -83,8 +85,17 @@ def _dumps(record: dict[str, Any]) -> str:
 class Metrics:
     """The run's sinks; on ranks other than 0 every call does nothing."""
 
-    def __init__(self, output_dir: str | Path, config: dict[str, Any], *, enabled: bool, wandb_mode: str,
-                 project: str, run_name: str, resume_step: int | None) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        config: dict[str, Any],
+        *,
+        enabled: bool,
+        wandb_mode: str,
+        project: str,
+        run_name: str,
+        resume_step: int | None,
+    ) -> None:
         self.enabled = enabled
         self.records: list[dict[str, Any]] = []
         self._wandb = None
@@ -118,8 +129,9 @@ class Metrics:
             mode = "offline"
         # one wandb run per output dir, so that a resumed run continues its wandb run
         run_id = f"{run_name}-{hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:8]}"
-        return wandb.init(project=project, name=run_name, config=config, mode=mode, dir=str(self.dir),
-                          resume="allow", id=run_id)
+        return wandb.init(
+            project=project, name=run_name, config=config, mode=mode, dir=str(self.dir), resume="allow", id=run_id
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -137,8 +149,12 @@ class Metrics:
         self._layers.write(_dumps({"step": step, "layers": layers}) + "\n")
         self._layers.flush()
         if self._wandb is not None:
-            flat = {f"layers/{layer['name']}/{key}": value for layer in layers
-                    for key, value in layer.items() if isinstance(value, (int, float)) and key != "index"}
+            flat = {
+                f"layers/{layer['name']}/{key}": value
+                for layer in layers
+                for key, value in layer.items()
+                if isinstance(value, (int, float)) and key != "index"
+            }
             self._wandb.log(flat, step=step)
 
     def close(self) -> None:

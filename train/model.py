@@ -46,8 +46,10 @@ def build_model(
     raw = load_llama_config(config_path)
     check_seq_len(raw, seq_len, config_path)
     if vocab_needed > raw["vocab_size"]:
-        raise ValueError(f"the tokenizer has {vocab_needed} ids but {config_path} has vocab_size {raw['vocab_size']}; "
-                         "use a config with a larger vocab_size or a smaller --tokenizer")
+        raise ValueError(
+            f"the tokenizer has {vocab_needed} ids but {config_path} has vocab_size {raw['vocab_size']}; "
+            "use a config with a larger vocab_size or a smaller --tokenizer"
+        )
     try:
         config = LlamaConfig(**{k: v for k, v in raw.items() if k != "model_type"})
         config.use_cache = False  # training never reuses keys/values; the cache would only hold memory
@@ -56,8 +58,9 @@ def build_model(
             model = LlamaForCausalLM(config)
     except (TypeError, ValueError, KeyError, AttributeError) as err:  # a key transformers does not accept
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--model-config {config_path!r} is rejected by transformers' LLaMA model "
-                         f"({type(err).__name__}: {first})") from err
+        raise ValueError(
+            f"--model-config {config_path!r} is rejected by transformers' LLaMA model ({type(err).__name__}: {first})"
+        ) from err
     if activation_checkpointing:
         # non-reentrant checkpointing works with DDP, FSDP2 and gradient hooks (layer-wise updates);
         # transformers renamed the method (the older name warns from 5.2x on, older 5.x lack the new)

@@ -17,8 +17,13 @@ from torch import nn
 
 from lowmem_optim.engine import ComposedOptimizer, lowrank_hparams
 from lowmem_optim.groups import check_some_matrix_projected, parse_target_modules
-from lowmem_optim.registry import (LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, build_optimizer, check_int8_capable,
-                                   get_optimizer_class)
+from lowmem_optim.registry import (
+    LOWRANK_OPTIMIZERS,
+    MATRIX_OPTIMIZERS,
+    build_optimizer,
+    check_int8_capable,
+    get_optimizer_class,
+)
 from train.config import TrainConfig
 
 #: flags that configure low-rank groups (group key = flag name in snake_case), from the parts' declarations
@@ -53,8 +58,11 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     else:
         if lowrank:
             # a sweep may grid over optimizers with fixed low-rank flags: say so, but do not fail
-            print(f"note: --optimizer {name} takes no param groups; ignoring "
-                  f"{', '.join('--' + k.replace('_', '-') for k in lowrank)}", file=sys.stderr)
+            print(
+                f"note: --optimizer {name} takes no param groups; ignoring "
+                f"{', '.join('--' + k.replace('_', '-') for k in lowrank)}",
+                file=sys.stderr,
+            )
         kwargs = {}
     if any(hasattr(p, "apply_update") for p in model.parameters()):
         check_int8_capable(name)

@@ -53,8 +53,9 @@ def acquire(out: Path) -> Path:
             return lock
         holder = lock.read_text().split()
     except OSError as err:
-        raise ValueError(f"--output-dir {str(out)!r} is not writable ({err.strerror or err}); "
-                         "choose a folder this user can write") from err
+        raise ValueError(
+            f"--output-dir {str(out)!r} is not writable ({err.strerror or err}); choose a folder this user can write"
+        ) from err
     pid, host = (int(holder[0]), holder[1]) if len(holder) == 2 and holder[0].isdigit() else (None, None)
     if host == socket.gethostname() and pid is not None and not _pid_alive(pid):
         print(f"note: {str(lock)!r} was left by process {pid}, which no longer runs; taking it over", file=sys.stderr)
@@ -62,8 +63,10 @@ def acquire(out: Path) -> Path:
         if _try_create(lock):
             return lock
     who = f"process {pid} on {host}" if pid is not None else "an unknown process"
-    raise ValueError(f"--output-dir {str(out)!r} is in use by another run ({who}, see {LOCK_NAME}); wait for it, "
-                     f"choose another --output-dir, or delete {str(lock)!r} if no run uses the folder")
+    raise ValueError(
+        f"--output-dir {str(out)!r} is in use by another run ({who}, see {LOCK_NAME}); wait for it, "
+        f"choose another --output-dir, or delete {str(lock)!r} if no run uses the folder"
+    )
 
 
 @contextmanager
@@ -74,12 +77,16 @@ def claimed(out: Path, *, resume: bool) -> Iterator[None]:
         if not resume:
             last = checkpoint.latest(out)
             if last is not None:
-                raise ValueError(f"{str(out)!r} already holds checkpoints ({last.name}); pass --resume to continue "
-                                 "that run, or choose another --output-dir")
+                raise ValueError(
+                    f"{str(out)!r} already holds checkpoints ({last.name}); pass --resume to continue "
+                    "that run, or choose another --output-dir"
+                )
             metrics = out / "metrics.jsonl"
             if metrics.exists() and metrics.stat().st_size > 0:
-                raise ValueError(f"{str(out)!r} already holds another run's metrics.jsonl; pass --resume to continue "
-                                 "that run, or choose another --output-dir")
+                raise ValueError(
+                    f"{str(out)!r} already holds another run's metrics.jsonl; pass --resume to continue "
+                    "that run, or choose another --output-dir"
+                )
         for stale in checkpoint.remove_stale(out):
             print(f"note: removed {stale.name}, left by a checkpoint write that was interrupted", file=sys.stderr)
         yield

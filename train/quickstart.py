@@ -45,11 +45,22 @@ OWN_GAP_SCALE = frozenset({"dct_adamw"})
 def command(optimizer: str, args: argparse.Namespace, out: Path) -> list[str]:
     lowrank = [f"--rank={args.rank}", *([] if optimizer in OWN_GAP_SCALE else GAP_SCALE), "--lr=1e-2"]
     return [
-        sys.executable, "-m", "train", f"--model-config={args.model_config}", f"--optimizer={optimizer}",
+        sys.executable,
+        "-m",
+        "train",
+        f"--model-config={args.model_config}",
+        f"--optimizer={optimizer}",
         *(lowrank if optimizer in LOWRANK_OPTIMIZERS else [f"--lr={ADAMW_LR}"]),
-        f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}", f"--max-steps={args.steps}",
-        f"--warmup-steps={max(1, args.steps // 10)}", f"--eval-every={args.steps}", "--eval-batches=8", "--seed=0",
-        "--data=builtin", f"--output-dir={out}", "--wandb=off",
+        f"--batch-size={args.batch_size}",
+        f"--seq-len={args.seq_len}",
+        f"--max-steps={args.steps}",
+        f"--warmup-steps={max(1, args.steps // 10)}",
+        f"--eval-every={args.steps}",
+        "--eval-batches=8",
+        "--seed=0",
+        "--data=builtin",
+        f"--output-dir={out}",
+        "--wandb=off",
     ]
 
 
@@ -70,13 +81,17 @@ def summarize(optimizer: str, records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = ("| optimizer | train loss (last 10) | val loss | val ppl | peak memory (MiB) | optimizer state (KiB) "
-              "| tokens/s | tokens/s after step 1 |")
+    header = (
+        "| optimizer | train loss (last 10) | val loss | val ppl | peak memory (MiB) | optimizer state (KiB) "
+        "| tokens/s | tokens/s after step 1 |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['optimizer']} | {r['train_loss']:.3f} | {r['val_loss']:.3f} | {r['val_ppl']:.2f} | "
-                     f"{r['peak_mem_mib']:.0f} | {r['opt_state_kib']:.0f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['tokens_per_s_after_step1']:.0f} |")
+        lines.append(
+            f"| {r['optimizer']} | {r['train_loss']:.3f} | {r['val_loss']:.3f} | {r['val_ppl']:.2f} | "
+            f"{r['peak_mem_mib']:.0f} | {r['opt_state_kib']:.0f} | {r['tokens_per_s']:.0f} | "
+            f"{r['tokens_per_s_after_step1']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -102,8 +117,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             raise SystemExit(f"error: the {optimizer} run failed (see the messages above)")
         rows.append(summarize(optimizer, read_jsonl(out / "metrics.jsonl")))
     (root / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"\n{Path(args.model_config).name}, built-in corpus, byte tokenizer, batch {args.batch_size} x {args.seq_len}, "
-          f"{args.steps} steps, {'GPU' if torch.cuda.is_available() else 'CPU'}\n")
+    print(
+        f"\n{Path(args.model_config).name}, built-in corpus, byte tokenizer, batch {args.batch_size} x {args.seq_len}, "
+        f"{args.steps} steps, {'GPU' if torch.cuda.is_available() else 'CPU'}\n"
+    )
     print(table(rows))
     return rows
 

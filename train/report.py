@@ -31,12 +31,33 @@ from lowmem_optim.registry import LOWRANK_OPTIMIZERS
 from train.optim import LOWRANK_FLAGS
 
 #: flags that name where or how a run logs, not what it trains: never hyperparameter columns
-NOT_HYPERPARAMETERS = frozenset({"output_dir", "run_name", "wandb", "wandb_project", "resume", "progress",
-                                 "save_every", "keep_checkpoints", "log_every", "optimizer"})
+NOT_HYPERPARAMETERS = frozenset(
+    {
+        "output_dir",
+        "run_name",
+        "wandb",
+        "wandb_project",
+        "resume",
+        "progress",
+        "save_every",
+        "keep_checkpoints",
+        "log_every",
+        "optimizer",
+    }
+)
 ALWAYS_SHOWN = ("lr", "rank")
-FIGURES = ("status", "steps", "final_loss", "final_val_loss", "best_val_loss", "peak_mem_bytes",
-           "opt_state_bytes", "tokens_per_s", "pareto")
-MIB = 2 ** 20
+FIGURES = (
+    "status",
+    "steps",
+    "final_loss",
+    "final_val_loss",
+    "best_val_loss",
+    "peak_mem_bytes",
+    "opt_state_bytes",
+    "tokens_per_s",
+    "pareto",
+)
+MIB = 2**20
 
 
 @dataclass
@@ -59,10 +80,14 @@ def load_runs(root: str | Path) -> list[Run]:
     for folder in sorted(folders):
         metrics_path = folder / "metrics.jsonl"
         lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        runs.append(Run(name=str(folder.relative_to(root)) if folder != root else folder.name,
-                        config=_read_json(folder / "config.json") or {},
-                        metrics=[json.loads(line) for line in lines if line.strip()],
-                        trial=_read_json(folder / "trial.json")))
+        runs.append(
+            Run(
+                name=str(folder.relative_to(root)) if folder != root else folder.name,
+                config=_read_json(folder / "config.json") or {},
+                metrics=[json.loads(line) for line in lines if line.strip()],
+                trial=_read_json(folder / "trial.json"),
+            )
+        )
     return runs
 
 
@@ -114,8 +139,14 @@ def build_table(runs: list[Run]) -> tuple[list[str], list[dict[str, Any]]]:
         config = {**{k.replace("-", "_"): v for k, v in params.items()}, **run.config}
         if config.get("optimizer") not in LOWRANK_OPTIMIZERS:  # the CLI ignored its low-rank flags
             config.update(dict.fromkeys(LOWRANK_FLAGS))
-        rows.append({"run": run.name, "optimizer": config.get("optimizer"),
-                     **{k: config.get(k) for k in hparams}, **summarize(run)})
+        rows.append(
+            {
+                "run": run.name,
+                "optimizer": config.get("optimizer"),
+                **{k: config.get(k) for k in hparams},
+                **summarize(run),
+            }
+        )
     scored = [r for r in rows if r["final_val_loss"] is not None and r["opt_state_bytes"] is not None]
     for row, on_front in zip(scored, pareto_front([(r["opt_state_bytes"], r["final_val_loss"]) for r in scored])):
         row["pareto"] = on_front
@@ -137,11 +168,16 @@ def _cell(key: str, value: Any) -> str:
 
 def _markdown(columns: list[str], rows: list[dict[str, Any]], source: Path) -> str:
     header = [c.replace("_bytes", " (MiB)") for c in columns]
-    lines = [f"# Optimizer comparison: {source}", "",
-             "Final/best val loss: last and lowest validation loss; peak memory and optimizer state: "
-             "largest logged value (MiB); tokens/s: median over logged steps after the first; "
-             "pareto: no run has both less optimizer state and a lower final val loss.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
+    lines = [
+        f"# Optimizer comparison: {source}",
+        "",
+        "Final/best val loss: last and lowest validation loss; peak memory and optimizer state: "
+        "largest logged value (MiB); tokens/s: median over logged steps after the first; "
+        "pareto: no run has both less optimizer state and a lower final val loss.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(columns),
+    ]
     lines += ["| " + " | ".join(_cell(c, r.get(c)) for c in columns) + " |" for r in rows]
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
@@ -163,11 +199,12 @@ def _plot_losses(runs: dict[str, Run], rows: list[dict[str, Any]], hparams: list
     for row in rows:  # sorted best first, so the first row of an optimizer is its best run
         if row["steps"] is not None:
             best.setdefault(str(row["optimizer"]), row)
-    for optimizer, row in sorted(best.items()):
+    for _, row in sorted(best.items()):
         metrics = runs[row["run"]].metrics
         logged = [m for m in metrics if m.get("loss") is not None]
-        line, = ax.plot([m["step"] for m in logged], [m["loss"] for m in logged], alpha=0.6,
-                        label=_label(row, hparams))
+        (line,) = ax.plot(
+            [m["step"] for m in logged], [m["loss"] for m in logged], alpha=0.6, label=_label(row, hparams)
+        )
         evals = [m for m in metrics if m.get("val_loss") is not None]
         ax.plot([m["step"] for m in evals], [m["val_loss"] for m in evals], "o--", color=line.get_color())
     ax.set(xlabel="step", ylabel="loss (line: train, dots: validation)", title="Loss vs step, best run per optimizer")
@@ -208,14 +245,18 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, Path]:
         raise ValueError(f"Invalid runs folder {str(root)!r}: no metrics.jsonl or trial.json under it")
     columns, rows = build_table(runs)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"markdown": out / "report.md", "csv": out / "report.csv",
-             "loss_plot": out / "loss_vs_step.png", "pareto_plot": out / "memory_vs_loss.png"}
+    paths = {
+        "markdown": out / "report.md",
+        "csv": out / "report.csv",
+        "loss_plot": out / "loss_vs_step.png",
+        "pareto_plot": out / "memory_vs_loss.png",
+    }
     paths["markdown"].write_text(_markdown(columns, rows, root))
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    hparams = columns[2:-len(FIGURES)]
+    hparams = columns[2 : -len(FIGURES)]
     _plot_losses({r.name: r for r in runs}, rows, hparams, paths["loss_plot"])
     _plot_pareto(rows, paths["pareto_plot"])
     return paths

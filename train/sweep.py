@@ -87,8 +87,7 @@ SAMPLERS: dict[str, Callable[[dict[str, Any], float], Any]] = {
     "q_uniform": lambda s, u: _q(s["min"] + u * (s["max"] - s["min"]), s.get("q", 1.0)),
     "log_uniform": lambda s, u: _log_uniform(s["min"], s["max"], u),
     "log_uniform_values": lambda s, u: _log_uniform(math.log(s["min"]), math.log(s["max"]), u),
-    "q_log_uniform_values": lambda s, u: _q(_log_uniform(math.log(s["min"]), math.log(s["max"]), u),
-                                            s.get("q", 1.0)),
+    "q_log_uniform_values": lambda s, u: _q(_log_uniform(math.log(s["min"]), math.log(s["max"]), u), s.get("q", 1.0)),
     "normal": _normal,
     "q_normal": lambda s, u: _q(_normal(s, u), s.get("q", 1.0)),
     "log_normal": lambda s, u: math.exp(_normal(s, u)),
@@ -99,8 +98,10 @@ SAMPLERS: dict[str, Callable[[dict[str, Any], float], Any]] = {
 def distribution(name: str, spec: dict[str, Any]) -> str:
     """The parameter's distribution: its ``distribution`` key, or inferred from its keys as wandb does."""
     if not isinstance(spec, dict) or "parameters" in spec:
-        raise ValueError(f"Invalid parameter {name!r}: {spec!r} (allowed: a dict with value, values or "
-                         "distribution/min/max; nested parameters are not command-line flags)")
+        raise ValueError(
+            f"Invalid parameter {name!r}: {spec!r} (allowed: a dict with value, values or "
+            "distribution/min/max; nested parameters are not command-line flags)"
+        )
     if "distribution" in spec:
         kind = spec["distribution"]
     elif "value" in spec:
@@ -128,8 +129,10 @@ def grid_values(name: str, spec: dict[str, Any]) -> list[Any]:
         return list(range(spec["min"], spec["max"] + 1))
     if kind == "q_uniform":
         return np.arange(spec["min"], spec["max"], spec.get("q", 1.0)).tolist()
-    raise ValueError(f"Invalid distribution of parameter {name!r} for method grid: {kind!r} "
-                     f"(allowed: {', '.join(GRID_DISTRIBUTIONS)})")
+    raise ValueError(
+        f"Invalid distribution of parameter {name!r} for method grid: {kind!r} "
+        f"(allowed: {', '.join(GRID_DISTRIBUTIONS)})"
+    )
 
 
 def _uniform_open(rng: random.Random) -> float:
@@ -169,13 +172,16 @@ def expand(config: dict[str, Any], count: int | None = None, seed: int = 0) -> l
         return [dict(zip(names, combo)) for combo in itertools.islice(combos, cap)]
     if method == "random":
         if cap is None:
-            raise ValueError("Invalid random sweep: no run_cap in the file and no --count "
-                             "(random search is endless without one)")
+            raise ValueError(
+                "Invalid random sweep: no run_cap in the file and no --count (random search is endless without one)"
+            )
         kinds = {n: distribution(n, params[n]) for n in names}
         rng = random.Random(seed)
         return [{n: SAMPLERS[kinds[n]](params[n], _uniform_open(rng)) for n in names} for _ in range(cap)]
-    raise ValueError(f"Invalid method for the offline runner: {method!r} (allowed: grid, random; "
-                     "bayes needs wandb's controller: `wandb sweep` + `wandb agent`)")
+    raise ValueError(
+        f"Invalid method for the offline runner: {method!r} (allowed: grid, random; "
+        "bayes needs wandb's controller: `wandb sweep` + `wandb agent`)"
+    )
 
 
 def render_args(params: dict[str, Any]) -> dict[str, list[str]]:
@@ -183,8 +189,7 @@ def render_args(params: dict[str, Any]) -> dict[str, list[str]]:
     return {
         "args": [f"--{k}={v}" for k, v in params.items()],
         "args_no_hyphens": [f"{k}={v}" for k, v in params.items()],
-        "args_no_boolean_flags": [f"--{k}" if v is True else f"--{k}={v}"
-                                  for k, v in params.items() if v is not False],
+        "args_no_boolean_flags": [f"--{k}" if v is True else f"--{k}={v}" for k, v in params.items() if v is not False],
         "args_json": [json.dumps(params)],
     }
 
@@ -202,8 +207,9 @@ def build_command(config: dict[str, Any], params: dict[str, Any]) -> list[str]:
         chunk = re.sub(r"\$\{envvar:([A-Z0-9_]*)\}", lambda m: os.environ.get(m.group(1), m.group(1)), chunk)
         if chunk.startswith("${") and chunk.endswith("}"):
             if chunk[2:-1] not in macros:
-                raise ValueError(f"Invalid command macro {chunk!r} (allowed: "
-                                 f"{', '.join('${' + m + '}' for m in macros)})")
+                raise ValueError(
+                    f"Invalid command macro {chunk!r} (allowed: {', '.join('${' + m + '}' for m in macros)})"
+                )
             command += macros[chunk[2:-1]]
         else:
             command.append(chunk)
@@ -254,16 +260,26 @@ class SweepRunner:
                 return
         trial_dir.mkdir(parents=True, exist_ok=True)
         command = self.command(index)
-        env = {**os.environ, "WANDB_MODE": "offline" if self.wandb == "offline" else "disabled",
-               "WANDB_DIR": str(trial_dir), "WANDB_SILENT": "true"}
+        env = {
+            **os.environ,
+            "WANDB_MODE": "offline" if self.wandb == "offline" else "disabled",
+            "WANDB_DIR": str(trial_dir),
+            "WANDB_SILENT": "true",
+        }
         # N trials at a time share the cores instead of each taking all of them
         env.setdefault("OMP_NUM_THREADS", str(threads))
         start = time.time()
         with open(trial_dir / "train.log", "w") as log:
             returncode = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-        record = {"name": name, "params": params, "status": "ok" if returncode == 0 else "failed",
-                  "returncode": returncode, "seconds": round(time.time() - start, 2), "command": command,
-                  "log": str(trial_dir / "train.log")}
+        record = {
+            "name": name,
+            "params": params,
+            "status": "ok" if returncode == 0 else "failed",
+            "returncode": returncode,
+            "seconds": round(time.time() - start, 2),
+            "command": command,
+            "log": str(trial_dir / "train.log"),
+        }
         record_path.write_text(json.dumps(record, indent=2))
         self._record(name, record)
         print(f"[sweep] {name}: {record['status']} (rc={returncode}, {record['seconds']} s)", flush=True)
@@ -276,8 +292,9 @@ class SweepRunner:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="python -m train.sweep", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     parser.add_argument("sweep", help="a wandb sweep YAML, e.g. configs/sweeps/tiny.yaml")
     parser.add_argument("--parallel", type=int, default=1, help="trials run at the same time")
     parser.add_argument("--output-root", default=None, help="trials' folder (default: runs/sweeps/<yaml name>)")
@@ -303,8 +320,11 @@ def main(argv: list[str] | None = None) -> int:
 
     write_report(root, root / "report")
     failed = [r["name"] for r in records if r["status"] != "ok"]
-    print(f"[sweep] {len(records) - len(failed)}/{len(records)} trials ok; report in {root / 'report'}"
-          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    print(
+        f"[sweep] {len(records) - len(failed)}/{len(records)} trials ok; report in {root / 'report'}"
+        + (f"; failed: {', '.join(failed)}" if failed else ""),
+        flush=True,
+    )
     return 1 if failed else 0
 
 

@@ -7,5 +7,12 @@ from lowmem_optim.projection.svd import SVDProjector
 
 PROJECTORS: dict[str, type] = {"svd": SVDProjector, "randomized_svd": RandomizedSVDProjector, "dct": DCTProjector}
 
-__all__ = ["MatrixProjector", "SVDProjector", "RandomizedSVDProjector", "DCTProjector", "PROJECTORS",
-           "PROJ_TYPES", "projection_sides"]
+__all__ = [
+    "MatrixProjector",
+    "SVDProjector",
+    "RandomizedSVDProjector",
+    "DCTProjector",
+    "PROJECTORS",
+    "PROJ_TYPES",
+    "projection_sides",
+]

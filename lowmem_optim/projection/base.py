@@ -18,8 +18,12 @@ from lowmem_optim.projection.storage import BasisStorage, load_basis, store_basi
 from lowmem_optim.sharding import RowShard
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-PROJ_TYPE = HParam("proj_type", "std", one_of(*PROJ_TYPES),
-                   "projected side: std (the smaller dimension's), reverse_std, left, right, full (both)")
+PROJ_TYPE = HParam(
+    "proj_type",
+    "std",
+    one_of(*PROJ_TYPES),
+    "projected side: std (the smaller dimension's), reverse_std, left, right, full (both)",
+)
 
 
 def projection_sides(shape: tuple[int, int], proj_type: str) -> tuple[bool, bool]:
@@ -65,26 +69,30 @@ class MatrixProjector(Part):
         left, right = projection_sides(shape, group["proj_type"])
         m, n = shape
         r = group["rank"]
-        return sum(self.storage.basis_bytes(numel, dtype, group) for used, numel in ((left, m * r), (right, r * n))
-                   if used)
+        return sum(
+            self.storage.basis_bytes(numel, dtype, group) for used, numel in ((left, m * r), (right, r * n)) if used
+        )
 
-    def factors(self, grad: torch.Tensor, group: dict[str, Any], seed: int, shard: RowShard | None = None,
-                left: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def factors(
+        self, grad: torch.Tensor, group: dict[str, Any], seed: int, shard: RowShard | None = None, left: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(U, V^T) in float32 with at least ``group['rank']`` leading singular vectors; U may be
         None when ``left`` is False. With ``shard``, ``grad`` is this rank's rows and both
         factors are whole, the same on every rank."""
         raise NotImplementedError
 
-    def refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int,
-                shard: RowShard | None = None) -> SubspaceChange:
+    def refresh(
+        self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int, shard: RowShard | None = None
+    ) -> SubspaceChange:
         finite = bool(torch.isfinite(grad).all())
         if not (finite if shard is None else not shard.any(not finite)):
             raise FloatingPointError(
                 f"{type(self).__name__}: the gradient holds inf/NaN at a subspace refresh; no subspace can be "
                 "chosen from it (use torch.amp.GradScaler, which skips such steps, or clip gradients)"
             )
-        left, right = projection_sides((grad.shape[0] if shard is None else shard.rows, grad.shape[1]),
-                                       group["proj_type"])
+        left, right = projection_sides(
+            (grad.shape[0] if shard is None else shard.rows, grad.shape[1]), group["proj_type"]
+        )
         rank = group["rank"]
         u, vh = self.factors(grad, group, seed, shard, left)
         similarity = None
@@ -120,7 +128,7 @@ class MatrixProjector(Part):
 
 def _rows(basis: torch.Tensor, shard: RowShard | None) -> torch.Tensor:
     """This rank's rows of a left basis (kept whole on every rank: m x r is r/n of the weight)."""
-    return basis if shard is None else basis[shard.start: shard.stop]
+    return basis if shard is None else basis[shard.start : shard.stop]
 
 
 def leading_similarity(old: torch.Tensor | None, new: torch.Tensor, vector_dim: int) -> float | None:

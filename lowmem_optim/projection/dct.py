@@ -123,8 +123,12 @@ class DCTProjector(Part):
         HParam("dct_score", "l1", one_of(*DCT_SCORES), "score of a DCT column: l1 (the paper's) or l2 (exact)"),
         HParam("dct_fft_threshold", 2048, integer(1), "DCT sizes from which the spectrum comes from an FFT"),
         HParam("dct_keep_moments", True, BOOLEAN, "move the moments of DCT indices that stay selected"),
-        HParam("dct_type", 2, one_of(*DCT_TYPES), "basis: 2, the DCT-II cosine vectors (columns of C^T); "
-               "3, the columns of C (the authors' matmul path)"),
+        HParam(
+            "dct_type",
+            2,
+            one_of(*DCT_TYPES),
+            "basis: 2, the DCT-II cosine vectors (columns of C^T); 3, the columns of C (the authors' matmul path)",
+        ),
     )
     #: the projector stores indices, not a matrix to quantize
     storage = None
@@ -141,15 +145,17 @@ class DCTProjector(Part):
         d = shape[0] if left else shape[1]
         return {("dct_basis", d, dtype): d * d * dtype.itemsize}  # the d x d basis cache
 
-    def refresh(self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int,
-                shard: RowShard | None = None) -> SubspaceChange:
+    def refresh(
+        self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int, shard: RowShard | None = None
+    ) -> SubspaceChange:
         left, _ = projection_sides((grad.shape[0] if shard is None else shard.rows, grad.shape[1]), group["proj_type"])
         dim = 0 if left else 1
         # sharded, the spectrum along the rows needs all of them (gathered); along the columns each
         # rank holds its rows of S = G Q, and a column's score is a sum over rows (all-reduced)
         gathered = shard is not None and dim == 0
-        spectrum = dct_spectrum(shard.gather_rows(grad) if gathered else grad, dim, group["dct_fft_threshold"],
-                                group["dct_type"])
+        spectrum = dct_spectrum(
+            shard.gather_rows(grad) if gathered else grad, dim, group["dct_fft_threshold"], group["dct_type"]
+        )
         norms = scores(spectrum, dim, group["dct_score"])
         if shard is not None and not gathered:
             shard.all_reduce_(norms)
@@ -186,10 +192,10 @@ class DCTProjector(Part):
             return grad @ q
         if shard is None:
             return q.T @ grad
-        return shard.all_reduce_(q[shard.start: shard.stop].T @ grad)  # Q_I^T G = sum over ranks
+        return shard.all_reduce_(q[shard.start : shard.stop].T @ grad)  # Q_I^T G = sum over ranks
 
     def back_project(self, low: torch.Tensor, state: dict[str, Any], shard: RowShard | None = None) -> torch.Tensor:
         q = self._columns(state, low)
         if state["proj_dim"] == 1:
             return low @ q.T
-        return (q if shard is None else q[shard.start: shard.stop]) @ low
+        return (q if shard is None else q[shard.start : shard.stop]) @ low

@@ -62,7 +62,12 @@ def _cholesky_qr(y: torch.Tensor, shard: RowShard) -> torch.Tensor:
 
 
 def sharded_randomized_singular_vectors(
-    a: torch.Tensor, shard: RowShard, rank: int, oversample: int, power_iters: int, generator: torch.Generator,
+    a: torch.Tensor,
+    shard: RowShard,
+    rank: int,
+    oversample: int,
+    power_iters: int,
+    generator: torch.Generator,
     left: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """:func:`randomized_singular_vectors` of the matrix whose rows ``a`` holds on this rank (see
@@ -82,12 +87,15 @@ def sharded_randomized_singular_vectors(
 class RandomizedSVDProjector(MatrixProjector):
     """Randomized-SVD subspace (module docstring)."""
 
-    hparams = (*MatrixProjector.hparams,
-               HParam("oversample", 10, integer(0), "extra random directions k - r of the randomized SVD"),
-               HParam("power_iters", 2, integer(0), "power iterations q of the randomized SVD"))
+    hparams = (
+        *MatrixProjector.hparams,
+        HParam("oversample", 10, integer(0), "extra random directions k - r of the randomized SVD"),
+        HParam("power_iters", 2, integer(0), "power iterations q of the randomized SVD"),
+    )
 
-    def factors(self, grad: torch.Tensor, group: dict[str, Any], seed: int, shard: RowShard | None = None,
-                left: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def factors(
+        self, grad: torch.Tensor, group: dict[str, Any], seed: int, shard: RowShard | None = None, left: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         args = (group["rank"], group["oversample"], group["power_iters"])
         if shard is not None:
             try:

@@ -24,7 +24,13 @@ from typing import Any
 import torch
 
 from lowmem_optim.parts import HParam, Part, integer, one_of
-from lowmem_optim.quant.groupwise import DEFAULT_GROUP_SIZE, dequantize_groupwise, pack_int4, quantize_groupwise, unpack_int4
+from lowmem_optim.quant.groupwise import (
+    DEFAULT_GROUP_SIZE,
+    dequantize_groupwise,
+    pack_int4,
+    quantize_groupwise,
+    unpack_int4,
+)
 
 _QUANTIZED_SUFFIXES = ("_codes", "_scale", "_zero", "_meta")
 
@@ -33,8 +39,12 @@ class BasisStorage(Part):
     """How a dense projector keeps its bases under ``keys`` in the state (module docstring)."""
 
     hparams = (
-        HParam("proj_bits", None, one_of(None, 4, 8, 16),
-               "bits of the stored projection: None or 16 = the gradient's dtype, 8 or 4 = quantized (Q-GaLore)"),
+        HParam(
+            "proj_bits",
+            None,
+            one_of(None, 4, 8, 16),
+            "bits of the stored projection: None or 16 = the gradient's dtype, 8 or 4 = quantized (Q-GaLore)",
+        ),
         HParam("proj_group_size", DEFAULT_GROUP_SIZE, integer(1), "values per quantization group of the projection"),
     )
 

@@ -51,7 +51,11 @@ def fix_signs(vectors: torch.Tensor, dim: int) -> torch.Tensor:
 def singular_vectors(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, V^T) of ``grad`` in float32, robust to convergence failures."""
     a = grad.float()
-    attempts = (("float32 SVD", lambda: _svd(a)), ("float64 SVD", lambda: _svd(a.double())), ("eigh", lambda: _eigh_fallback(a)))
+    attempts = (
+        ("float32 SVD", lambda: _svd(a)),
+        ("float64 SVD", lambda: _svd(a.double())),
+        ("eigh", lambda: _eigh_fallback(a)),
+    )
     for name, attempt in attempts:
         try:
             u, vh = attempt()
@@ -67,7 +71,8 @@ def singular_vectors(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class SVDProjector(MatrixProjector):
     """Exact SVD subspace, GaLore's ``proj_type`` sides (std, reverse_std, left, right, full)."""
 
-    def factors(self, grad: torch.Tensor, group: dict[str, Any], seed: int, shard: RowShard | None = None,
-                left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(
+        self, grad: torch.Tensor, group: dict[str, Any], seed: int, shard: RowShard | None = None, left: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # sharded, the exact SVD takes the whole matrix: gathered, at refresh steps only
         return singular_vectors(grad if shard is None else shard.gather_rows(grad))

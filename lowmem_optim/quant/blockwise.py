@@ -20,7 +20,7 @@ import torch
 BLOCKSIZE = 256
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_map(signed: bool, device: str) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
@@ -32,16 +32,12 @@ def dynamic_map(signed: bool, device: torch.device | str) -> torch.Tensor:
     return _dynamic_map(signed, str(torch.device(device)))
 
 
-def quantize_blockwise(
-    x: torch.Tensor, signed: bool, blocksize: int = BLOCKSIZE
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(x: torch.Tensor, signed: bool, blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` to (codes uint8 of x's shape, absmax float32 of one value per block)."""
     import bitsandbytes.functional as bnbf
 
     code = dynamic_map(signed, x.device)
-    codes, quant_state = bnbf.quantize_blockwise(
-        x.detach().float().contiguous(), code=code, blocksize=blocksize
-    )
+    codes, quant_state = bnbf.quantize_blockwise(x.detach().float().contiguous(), code=code, blocksize=blocksize)
     return codes, quant_state.absmax.float()
 
 

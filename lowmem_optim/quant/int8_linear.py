@@ -94,8 +94,13 @@ class Int8Weight(nn.Parameter):
     group_size: int
     stochastic_round: bool
 
-    def __new__(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None,
-                requires_grad: bool = True) -> Int8Weight:
+    def __new__(
+        cls,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+        requires_grad: bool = True,
+    ) -> Int8Weight:
         return super().__new__(cls, _valueless(shape, dtype, device), requires_grad)
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -115,8 +120,14 @@ class Int8Weight(nn.Parameter):
         for start in range(0, codes.numel(), chunk):
             stop = min(start + chunk, codes.numel())
             groups = slice(start // self.group_size, -(-stop // self.group_size))
-            w = dequantize_groupwise(codes[start:stop], self.scale[groups], self.zero[groups], (stop - start,),
-                                     torch.float32, self.group_size)
+            w = dequantize_groupwise(
+                codes[start:stop],
+                self.scale[groups],
+                self.zero[groups],
+                (stop - start,),
+                torch.float32,
+                self.group_size,
+            )
             total += w.square().sum()
         return math.sqrt(float(total) / codes.numel())
 
@@ -136,8 +147,17 @@ class Int8Weight(nn.Parameter):
         for start in range(0, whole, chunk):
             stop = min(start + chunk, whole)
             groups = slice(start // size, stop // size)
-            requantize(codes[start:stop].view(-1, size), self.scale[groups], self.zero[groups],
-                       upd[start:stop].view(-1, size), alpha, decay, 8, keys, start)
+            requantize(
+                codes[start:stop].view(-1, size),
+                self.scale[groups],
+                self.zero[groups],
+                upd[start:stop].view(-1, size),
+                alpha,
+                decay,
+                8,
+                keys,
+                start,
+            )
         if whole < codes.numel():
             # the last group is partial: padded with its own last value, which keeps its range
             tail = torch.cat([codes[whole:], codes[-1:].expand(whole + size - codes.numel())]).view(1, size)
@@ -156,8 +176,19 @@ class Int8Weight(nn.Parameter):
         return new
 
     def __reduce_ex__(self, proto: int) -> tuple[Any, ...]:
-        return (_rebuild_int8_weight, (tuple(self.shape), self.dtype, self.requires_grad, self.codes, self.scale,
-                                       self.zero, self.group_size, self.stochastic_round))
+        return (
+            _rebuild_int8_weight,
+            (
+                tuple(self.shape),
+                self.dtype,
+                self.requires_grad,
+                self.codes,
+                self.scale,
+                self.zero,
+                self.group_size,
+                self.stochastic_round,
+            ),
+        )
 
 
 def _rebuild_int8_weight(shape, dtype, requires_grad, codes, scale, zero, group_size, stochastic_round) -> Int8Weight:
@@ -234,12 +265,20 @@ class Int8Linear(nn.Linear):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, *, group_size: int = DEFAULT_GROUP_SIZE,
-                    stochastic_round: bool = True) -> Int8Linear:
+    def from_linear(
+        cls, linear: nn.Linear, *, group_size: int = DEFAULT_GROUP_SIZE, stochastic_round: bool = True
+    ) -> Int8Linear:
         """The INT8 version of ``linear`` (weight rounded to nearest; bias kept as is)."""
         w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype,
-                    group_size=group_size, stochastic_round=stochastic_round)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            w.device,
+            w.dtype,
+            group_size=group_size,
+            stochastic_round=stochastic_round,
+        )
         layer.load_weight(w)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias)
@@ -258,8 +297,13 @@ class Int8Linear(nn.Linear):
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the dequantized weight in the compute dtype."""
-        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         with torch.no_grad():
             linear.weight.copy_(self.weight.dequantized())
             if self.bias is not None:
@@ -271,12 +315,16 @@ class Int8Linear(nn.Linear):
         return _Int8LinearFunction.apply(x, self.weight, self.bias)
 
     def reset_parameters(self) -> None:
-        raise RuntimeError("Int8Linear holds no full-precision weight to re-initialize; "
-                           "use load_weight(tensor) or Int8Linear.from_linear(nn.Linear(...))")
+        raise RuntimeError(
+            "Int8Linear holds no full-precision weight to re-initialize; "
+            "use load_weight(tensor) or Int8Linear.from_linear(nn.Linear(...))"
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"group_size={self.group_size}, stochastic_round={self.stochastic_round}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"group_size={self.group_size}, stochastic_round={self.stochastic_round}"
+        )
 
     # ---- keeping the weight's view of the buffers current ---------------------------------
     def _link(self) -> None:
@@ -301,13 +349,15 @@ class Int8Linear(nn.Linear):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         del destination[prefix + "weight"]
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         params = self._parameters
         self._parameters = {k: v for k, v in params.items() if k != "weight"}  # never loaded into
         try:
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                          unexpected_keys, error_msgs)
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
         finally:
             self._parameters = params
         self._link()
@@ -343,8 +393,10 @@ def quantize_linear_layers(
 
     chosen = [(name, module) for name, module in selected_modules(model, target_modules) if type(module) is nn.Linear]
     if not chosen:
-        raise ValueError(f"Invalid target_modules: {target_modules!r} selects no nn.Linear layer of "
-                         f"{type(model).__name__} to quantize")
+        raise ValueError(
+            f"Invalid target_modules: {target_modules!r} selects no nn.Linear layer of "
+            f"{type(model).__name__} to quantize"
+        )
     for name, module in chosen:
         _replace(model, name, Int8Linear.from_linear(module, group_size=group_size, stochastic_round=stochastic_round))
     return model
@@ -357,4 +409,3 @@ def dequantize_linear_layers(model: nn.Module) -> nn.Module:
         if isinstance(module, Int8Linear):
             _replace(model, name, module.to_linear())
     return model
-

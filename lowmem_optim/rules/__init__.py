@@ -5,7 +5,13 @@ from lowmem_optim.rules.adam import AdamRule
 from lowmem_optim.rules.adam8bit import Adam8bitRule
 from lowmem_optim.rules.normalized import AuONRule, HybridAuONRule, MuonRule
 
-RULES: dict[str, type] = {"adam": AdamRule, "adafactor": AdafactorRule, "adam8bit": Adam8bitRule,
-                         "auon": AuONRule, "hybrid_auon": HybridAuONRule, "muon": MuonRule}
+RULES: dict[str, type] = {
+    "adam": AdamRule,
+    "adafactor": AdafactorRule,
+    "adam8bit": Adam8bitRule,
+    "auon": AuONRule,
+    "hybrid_auon": HybridAuONRule,
+    "muon": MuonRule,
+}
 
 __all__ = ["AdamRule", "AdafactorRule", "Adam8bitRule", "AuONRule", "HybridAuONRule", "MuonRule", "RULES"]

@@ -37,10 +37,18 @@ def weight_rms(param: torch.Tensor) -> float:
 
 class AdafactorRule(Part):
     hparams = (
-        dataclasses.replace(LR, default=None, check=optional(LR.check),
-                            doc="fixed learning rate; None: the relative step min(1e-2, 1/sqrt(t))"),
-        HParam("eps", (1e-30, 1e-3), sequence(number(0), 2, "a pair (eps1, eps2) of numbers >= 0"),
-               "(eps1 added to g^2, eps2 the floor of RMS(W) in the relative step)"),
+        dataclasses.replace(
+            LR,
+            default=None,
+            check=optional(LR.check),
+            doc="fixed learning rate; None: the relative step min(1e-2, 1/sqrt(t))",
+        ),
+        HParam(
+            "eps",
+            (1e-30, 1e-3),
+            sequence(number(0), 2, "a pair (eps1, eps2) of numbers >= 0"),
+            "(eps1 added to g^2, eps2 the floor of RMS(W) in the relative step)",
+        ),
         HParam("clip_threshold", 1.0, number(0, low_open=True), "clip the update's RMS to this value"),
         HParam("decay_rate", -0.8, number(high=0, high_open=True), "beta2_t = 1 - t^decay_rate"),
         HParam("beta1", None, optional(number(0, 1, high_open=True)), "first-moment decay (None: no first moment)"),
@@ -89,7 +97,11 @@ class AdafactorRule(Part):
         return StateLayout(rows=frozenset(rows))
 
     def update(
-        self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor,
+        self,
+        g: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        param: torch.Tensor,
         shard: RowShard | None = None,
     ) -> tuple[torch.Tensor, float]:
         g = g.float()

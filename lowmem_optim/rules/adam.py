@@ -23,8 +23,12 @@ from lowmem_optim.parts import HParam, Part, SubspaceChange, number, sequence
 from lowmem_optim.rules.base import LR, WEIGHT_DECAY, reindex_along
 from lowmem_optim.sharding import RowShard, StateLayout
 
-BETAS = HParam("betas", (0.9, 0.999), sequence(number(0, 1, high_open=True), 2, "a pair of numbers in [0, 1)"),
-               "decay rates (beta1, beta2) of the first and second moment")
+BETAS = HParam(
+    "betas",
+    (0.9, 0.999),
+    sequence(number(0, 1, high_open=True), 2, "a pair of numbers in [0, 1)"),
+    "decay rates (beta1, beta2) of the first and second moment",
+)
 EPS = HParam("eps", 1e-8, number(0), "added to sqrt(V) after the bias correction")
 
 
@@ -71,7 +75,11 @@ class AdamRule(Part):
         return StateLayout(rows=frozenset({"exp_avg", "exp_avg_sq"}))
 
     def update(
-        self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor,
+        self,
+        g: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        param: torch.Tensor,
         shard: RowShard | None = None,
     ) -> tuple[torch.Tensor, float]:
         if "exp_avg" not in state:
@@ -80,7 +88,14 @@ class AdamRule(Part):
             state["exp_avg_sq"] = torch.zeros_like(g, dtype=dtype, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
         update = adam_update(
-            g.to(state["exp_avg"].dtype), state["exp_avg"], state["exp_avg_sq"], int(state["step"]), group["lr"], beta1, beta2, group["eps"]
+            g.to(state["exp_avg"].dtype),
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            int(state["step"]),
+            group["lr"],
+            beta1,
+            beta2,
+            group["eps"],
         )
         return update, group["lr"]
 

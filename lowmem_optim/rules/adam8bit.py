@@ -56,8 +56,7 @@ class Adam8bitRule(Part):
         if "exp_avg" in state:
             return state["exp_avg"], state["exp_avg_sq"]
         return tuple(  # type: ignore[return-value]
-            dequantize_blockwise(state[f"{key}_codes"], state[f"{key}_absmax"], signed)
-            for key, signed in _MOMENTS
+            dequantize_blockwise(state[f"{key}_codes"], state[f"{key}_absmax"], signed) for key, signed in _MOMENTS
         )
 
     def _store(self, state: dict[str, Any], moments: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -69,11 +68,17 @@ class Adam8bitRule(Part):
     def sharded_layout(self, dim: int) -> StateLayout:
         """Moments and codes have the rows of g; each absmax covers 256 of this rank's codes
         (blocks are cut on the local rows: :func:`lowmem_optim.sharding.wrap_blocks`)."""
-        return StateLayout(rows=frozenset({"exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes"}),
-                           blocks=tuple((f"{key}_absmax", f"{key}_codes", BLOCKSIZE) for key, _ in _MOMENTS))
+        return StateLayout(
+            rows=frozenset({"exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes"}),
+            blocks=tuple((f"{key}_absmax", f"{key}_codes", BLOCKSIZE) for key, _ in _MOMENTS),
+        )
 
     def update(
-        self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor,
+        self,
+        g: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        param: torch.Tensor,
         shard: RowShard | None = None,
     ) -> tuple[torch.Tensor, float]:
         fresh = "exp_avg" not in state and "exp_avg_codes" not in state
@@ -93,8 +98,12 @@ class Adam8bitRule(Part):
             part, blocks = slice(start, start + _CHUNK), slice(start // BLOCKSIZE, (start + _CHUNK) // BLOCKSIZE)
             codes = [state[f"{key}_codes"].view(-1)[part] for key, _ in _MOMENTS]
             absmax = [state[f"{key}_absmax"][blocks] for key, _ in _MOMENTS]
-            moments = [torch.zeros(c.shape, dtype=torch.float32, device=g.device) if fresh
-                       else dequantize_blockwise(c, a, signed) for c, a, (_, signed) in zip(codes, absmax, _MOMENTS)]
+            moments = [
+                torch.zeros(c.shape, dtype=torch.float32, device=g.device)
+                if fresh
+                else dequantize_blockwise(c, a, signed)
+                for c, a, (_, signed) in zip(codes, absmax, _MOMENTS)
+            ]
             update.view(-1)[part] = adam_update(g.reshape(-1)[part].float(), *moments, *args)
             for c, a, m, (_, signed) in zip(codes, absmax, moments, _MOMENTS):
                 c[:], a[:] = quantize_blockwise(m, signed)

@@ -55,14 +55,20 @@ ADJUST_LR_FNS = ("original", "match_rms_adamw", "none")
 
 MOMENTUM = HParam("momentum", 0.95, number(0, 1, high_open=True), "momentum decay beta")
 NESTEROV = HParam("nesterov", True, BOOLEAN, "Nesterov momentum D = (1 - beta) G + beta M")
-ADJUST_LR_FN = HParam("adjust_lr_fn", "original", one_of(*ADJUST_LR_FNS),
-                      "shape factor s: sqrt(max(1, m/n)), 0.2 sqrt(max(m, n)), or 1")
+ADJUST_LR_FN = HParam(
+    "adjust_lr_fn", "original", one_of(*ADJUST_LR_FNS), "shape factor s: sqrt(max(1, m/n)), 0.2 sqrt(max(m, n)), or 1"
+)
 GAMMA = HParam("gamma", 1.0, number(0, low_open=True), "AuON's cosh scale r = sqrt(mean(cosh(gamma X)^2))")
 NS_STEPS = HParam("ns_steps", 5, integer(1, 99), "Newton-Schulz iterations")
-NS_COEFFICIENTS = HParam("ns_coefficients", MUON_COEFFICIENTS, sequence(number(), 3, "three finite numbers (a, b, c)"),
-                         "quintic Newton-Schulz coefficients (a, b, c)")
-NS_DTYPE = HParam("ns_dtype", "auto", one_of("auto", *NS_DTYPES),
-                  "dtype of Newton-Schulz; auto: bfloat16 on CUDA, float32 elsewhere")
+NS_COEFFICIENTS = HParam(
+    "ns_coefficients",
+    MUON_COEFFICIENTS,
+    sequence(number(), 3, "three finite numbers (a, b, c)"),
+    "quintic Newton-Schulz coefficients (a, b, c)",
+)
+NS_DTYPE = HParam(
+    "ns_dtype", "auto", one_of("auto", *NS_DTYPES), "dtype of Newton-Schulz; auto: bfloat16 on CUDA, float32 elsewhere"
+)
 
 
 def nesterov_direction(g: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool) -> torch.Tensor:
@@ -109,8 +115,13 @@ def lr_adjustment(m: int, n: int, adjust_lr_fn: str) -> float:
 
 def _with_defaults(lr: float, weight_decay: float) -> tuple[HParam, ...]:
     """The shared keys with a rule's own lr and weight decay defaults."""
-    return (dataclasses.replace(LR, default=lr), dataclasses.replace(WEIGHT_DECAY, default=weight_decay),
-            MOMENTUM, NESTEROV, ADJUST_LR_FN)
+    return (
+        dataclasses.replace(LR, default=lr),
+        dataclasses.replace(WEIGHT_DECAY, default=weight_decay),
+        MOMENTUM,
+        NESTEROV,
+        ADJUST_LR_FN,
+    )
 
 
 class NormalizedMomentumRule(Part):
@@ -132,8 +143,9 @@ class NormalizedMomentumRule(Part):
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         return 3 * 4 * math.prod(shape)  # the direction D, its normalized or orthogonalized image, the update
 
-    def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float,
-                         shard: RowShard | None = None) -> torch.Tensor:
+    def scaled_direction(
+        self, d: torch.Tensor, group: dict[str, Any], step_size: float, shard: RowShard | None = None
+    ) -> torch.Tensor:
         """step_size * U for the 2-D momentum ``d`` (this rank's rows with ``shard``), which the
         rule owns and may overwrite."""
         raise NotImplementedError
@@ -143,7 +155,11 @@ class NormalizedMomentumRule(Part):
         return StateLayout(rows=frozenset({"momentum_buffer"}))
 
     def update(
-        self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor,
+        self,
+        g: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        param: torch.Tensor,
         shard: RowShard | None = None,
     ) -> tuple[torch.Tensor, float]:
         if "momentum_buffer" not in state:
@@ -176,17 +192,21 @@ def _newton_schulz_of(d: torch.Tensor, group: dict[str, Any], shard: RowShard | 
 
 
 def _rows(y: torch.Tensor, shard: RowShard | None) -> torch.Tensor:
-    return y if shard is None else y[shard.start: shard.stop]
+    return y if shard is None else y[shard.start : shard.stop]
 
 
 class AuONRule(NormalizedMomentumRule):
     """U = X / (r + 1e-8), r = sqrt(mean(cosh(gamma X)^2)); ``normalize=False``: U = D / (r + 1e-8)."""
 
-    hparams = (*_with_defaults(lr=0.24, weight_decay=0.0), GAMMA,
-               HParam("normalize", True, BOOLEAN, "U from X = D / ||D||_F (False: from D, the authors' later code)"))
+    hparams = (
+        *_with_defaults(lr=0.24, weight_decay=0.0),
+        GAMMA,
+        HParam("normalize", True, BOOLEAN, "U from X = D / ||D||_F (False: from D, the authors' later code)"),
+    )
 
-    def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float,
-                         shard: RowShard | None = None) -> torch.Tensor:
+    def scaled_direction(
+        self, d: torch.Tensor, group: dict[str, Any], step_size: float, shard: RowShard | None = None
+    ) -> torch.Tensor:
         # All scalars fold into one multiply of d, so the step makes a single temporary (the
         # cosh): this is what keeps AuON at about AdamW's cost. Sharded: two all-reduced scalars.
         norm = global_norm(d, shard) + NORM_EPS
@@ -197,11 +217,17 @@ class AuONRule(NormalizedMomentumRule):
 class HybridAuONRule(NormalizedMomentumRule):
     """Y = ``ns_steps`` Newton-Schulz iterations of X;  U = Y / (r + 1e-8), r from cosh(gamma Y)."""
 
-    hparams = (*_with_defaults(lr=0.24, weight_decay=0.0), GAMMA, dataclasses.replace(NS_STEPS, default=1),
-               NS_COEFFICIENTS, NS_DTYPE)
+    hparams = (
+        *_with_defaults(lr=0.24, weight_decay=0.0),
+        GAMMA,
+        dataclasses.replace(NS_STEPS, default=1),
+        NS_COEFFICIENTS,
+        NS_DTYPE,
+    )
 
-    def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float,
-                         shard: RowShard | None = None) -> torch.Tensor:
+    def scaled_direction(
+        self, d: torch.Tensor, group: dict[str, Any], step_size: float, shard: RowShard | None = None
+    ) -> torch.Tensor:
         y = _newton_schulz_of(d, group, shard)  # r in d's dtype: bfloat16 would round r = 1 + O(1/N) to 1
         return _rows(y, shard).mul_(step_size / (cosh_rms(y, group["gamma"]) + COSH_EPS))
 
@@ -211,6 +237,7 @@ class MuonRule(NormalizedMomentumRule):
 
     hparams = (*_with_defaults(lr=1e-3, weight_decay=0.1), NS_STEPS, NS_COEFFICIENTS, NS_DTYPE)
 
-    def scaled_direction(self, d: torch.Tensor, group: dict[str, Any], step_size: float,
-                         shard: RowShard | None = None) -> torch.Tensor:
+    def scaled_direction(
+        self, d: torch.Tensor, group: dict[str, Any], step_size: float, shard: RowShard | None = None
+    ) -> torch.Tensor:
         return _rows(_newton_schulz_of(d, group, shard), shard).mul_(step_size)

@@ -40,8 +40,12 @@ DCT = {"optimizer": "dct_adamw", "lr": 1e-3, "group": {"scale": 1.0, "error_feed
 
 
 def _variant(base: dict[str, Any], lr: float | None = None, target: str = "all-linear", **group: Any) -> dict[str, Any]:
-    return {"optimizer": base["optimizer"], "lr": base["lr"] if lr is None else lr, "target": target,
-            "group": {**base["group"], **group}}
+    return {
+        "optimizer": base["optimizer"],
+        "lr": base["lr"] if lr is None else lr,
+        "target": target,
+        "group": {**base["group"], **group},
+    }
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -118,20 +122,44 @@ def worker(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from train.optim import lr_lambda
 
     spec = VARIANTS[name]
-    cfg = TrainConfig(model_config=args.model_config, optimizer=spec["optimizer"], lr=spec["lr"],
-                      max_steps=args.steps, warmup_steps=args.steps // 10, batch_size=args.batch_size,
-                      seq_len=args.seq_len, seed=seed)
+    cfg = TrainConfig(
+        model_config=args.model_config,
+        optimizer=spec["optimizer"],
+        lr=spec["lr"],
+        max_steps=args.steps,
+        warmup_steps=args.steps // 10,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        seed=seed,
+    )
     device = torch.device("cpu")
-    data = build_data(cfg.data, cfg.tokenizer, cfg.seq_len, cfg.batch_size, seed=seed, val_fraction=cfg.val_fraction,
-                      eval_batches=cfg.eval_batches)
-    model = build_model(cfg.model_config, dtype=torch.float32, device=device, seed=seed,
-                        vocab_needed=data.tokenizer.vocab_size, seq_len=cfg.seq_len)
+    data = build_data(
+        cfg.data,
+        cfg.tokenizer,
+        cfg.seq_len,
+        cfg.batch_size,
+        seed=seed,
+        val_fraction=cfg.val_fraction,
+        eval_batches=cfg.eval_batches,
+    )
+    model = build_model(
+        cfg.model_config,
+        dtype=torch.float32,
+        device=device,
+        seed=seed,
+        vocab_needed=data.tokenizer.vocab_size,
+        seq_len=cfg.seq_len,
+    )
     cls = get_optimizer_class(spec["optimizer"])
     if spec["target"] is None:
         optimizer = cls(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     else:
-        groups = lowrank_param_groups(model, spec["target"].split(",") if "," in spec["target"] else spec["target"],
-                                      rank=args.rank, **spec["group"])
+        groups = lowrank_param_groups(
+            model,
+            spec["target"].split(",") if "," in spec["target"] else spec["target"],
+            rank=args.rank,
+            **spec["group"],
+        )
         optimizer = cls(groups, lr=cfg.lr, weight_decay=0.0, seed=seed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     step_s = 0.0
@@ -147,13 +175,21 @@ def worker(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     stats = optimizer.layer_stats() if hasattr(optimizer, "layer_stats") else []
     refreshes = sum(s["refreshes"] for s in stats if s["rank"] is not None)
     return {
-        "variant": name, "seed": seed, "val_loss": evaluate(model, data.val, device),
-        "state_bytes": sum(t.numel() * t.element_size() for s in optimizer.state.values()
-                           for t in s.values() if torch.is_tensor(t)),
+        "variant": name,
+        "seed": seed,
+        "val_loss": evaluate(model, data.val, device),
+        "state_bytes": sum(
+            t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+        ),
         "refreshes": refreshes,
-        "refresh_ms_per_step": _refresh_ms(optimizer) * refreshes / max(1, sum(
-            1 for s in stats if s["rank"] is not None)) / cfg.max_steps if stats else 0.0,
-        "step_s": step_s, "torch": torch.__version__,
+        "refresh_ms_per_step": _refresh_ms(optimizer)
+        * refreshes
+        / max(1, sum(1 for s in stats if s["rank"] is not None))
+        / cfg.max_steps
+        if stats
+        else 0.0,
+        "step_s": step_s,
+        "torch": torch.__version__,
     }
 
 
@@ -171,9 +207,17 @@ def energy(args: argparse.Namespace, at: list[int]) -> None:
     from train.model import build_model
 
     data = build_data("builtin", None, args.seq_len, args.batch_size, seed=0, val_fraction=0.05, eval_batches=10)
-    model = build_model(args.model_config, dtype=torch.float32, device=torch.device("cpu"), seed=0,
-                        vocab_needed=data.tokenizer.vocab_size, seq_len=args.seq_len)
-    matrices = [p for g in lowrank_param_groups(model, "all-linear", rank=args.rank) if g.get("rank") for p in g["params"]]
+    model = build_model(
+        args.model_config,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        seed=0,
+        vocab_needed=data.tokenizer.vocab_size,
+        seq_len=args.seq_len,
+    )
+    matrices = [
+        p for g in lowrank_param_groups(model, "all-linear", rank=args.rank) if g.get("rank") for p in g["params"]
+    ]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     print("| step | SVD | DCT-II L1 | DCT-II L2 | DCT-III L1 |\n|---|---|---|---|---|")
     for step in range(1, max(at) + 1):
@@ -185,7 +229,7 @@ def energy(args: argparse.Namespace, at: list[int]) -> None:
                 g = p.grad.reshape(matrix_shape(p)).double()
                 dim = 0 if projection_sides(tuple(g.shape), "std")[0] else 1
                 total = g.square().sum()
-                shares["svd"].append(float(torch.linalg.svdvals(g)[:args.rank].square().sum() / total))
+                shares["svd"].append(float(torch.linalg.svdvals(g)[: args.rank].square().sum() / total))
                 for kind, dct_type, score in (("2l1", 2, "l1"), ("2l2", 2, "l2"), ("3l1", 3, "l1")):
                     spectrum = dct_spectrum(g, dim, 10**9, dct_type)
                     kept = spectrum.index_select(dim, select_indices(spectrum, dim, args.rank, score))
@@ -201,8 +245,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--json", default=None, help="append one JSON line per run to this file")
-    parser.add_argument("--energy", default=None, help="comma-separated steps: print the gradient energy each "
-                        "projection keeps along an AdamW run (no ablation runs)")
+    parser.add_argument(
+        "--energy",
+        default=None,
+        help="comma-separated steps: print the gradient energy each "
+        "projection keeps along an AdamW run (no ablation runs)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -218,8 +266,18 @@ def main() -> None:
     if unknown:
         raise ValueError(f"Invalid --variants: {', '.join(unknown)} (allowed: {', '.join(VARIANTS)})")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    passthrough = ["--model-config", args.model_config, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                   "--seq-len", str(args.seq_len), "--rank", str(args.rank)]
+    passthrough = [
+        "--model-config",
+        args.model_config,
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--rank",
+        str(args.rank),
+    ]
 
     def launch(job: tuple[str, int]) -> dict[str, Any]:
         cmd = [sys.executable, __file__, *passthrough, "--worker", job[0], "--worker-seed", str(job[1])]
@@ -232,16 +290,20 @@ def main() -> None:
 
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(launch, [(n, s) for n in names for s in seeds]))
-    print(f"{args.model_config}, batch {args.batch_size} x seq {args.seq_len}, {args.steps} steps, rank {args.rank}, "
-          f"seeds {args.seeds}, OMP_NUM_THREADS=1, torch {results[0]['torch']}")
+    print(
+        f"{args.model_config}, batch {args.batch_size} x seq {args.seq_len}, {args.steps} steps, rank {args.rank}, "
+        f"seeds {args.seeds}, OMP_NUM_THREADS=1, torch {results[0]['torch']}"
+    )
     print("\n| variant | val loss per seed | mean | state bytes | refreshes | refresh ms/step | step s |")
     print("|---|---|---|---|---|---|---|")
     for name in names:
         rs = [r for r in results if r["variant"] == name]
         losses = [r["val_loss"] for r in rs]
-        print(f"| {name} | {' / '.join(f'{v:.4f}' for v in losses)} | {statistics.mean(losses):.4f} | "
-              f"{rs[0]['state_bytes']} | {rs[0]['refreshes']} | {rs[0]['refresh_ms_per_step']:.2f} | "
-              f"{statistics.mean(r['step_s'] for r in rs):.1f} |")
+        print(
+            f"| {name} | {' / '.join(f'{v:.4f}' for v in losses)} | {statistics.mean(losses):.4f} | "
+            f"{rs[0]['state_bytes']} | {rs[0]['refreshes']} | {rs[0]['refresh_ms_per_step']:.2f} | "
+            f"{statistics.mean(r['step_s'] for r in rs):.1f} |"
+        )
 
 
 if __name__ == "__main__":

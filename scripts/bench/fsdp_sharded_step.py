@@ -44,14 +44,32 @@ import torch.distributed as dist
 from lowmem_optim import sharding
 from lowmem_optim.engine import matrix_shape
 from lowmem_optim.projection.base import projection_sides
-from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, build_optimizer
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer
 
-OPTIMIZERS = ("galore_adamw", "galore_adamw8bit", "q_galore_adamw8bit", "galore_adafactor", "dct_adamw",
-              "auon", "hybrid_auon", "muon")
-LLAMA_60M = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
-             "vocab_size": 32000}
-LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-            "vocab_size": 32000}
+OPTIMIZERS = (
+    "galore_adamw",
+    "galore_adamw8bit",
+    "q_galore_adamw8bit",
+    "galore_adafactor",
+    "dct_adamw",
+    "auon",
+    "hybrid_auon",
+    "muon",
+)
+LLAMA_60M = {
+    "hidden_size": 512,
+    "intermediate_size": 1376,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "vocab_size": 32000,
+}
+LLAMA_7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "vocab_size": 32000,
+}
 
 
 def llama(config: dict[str, int], device: str = "cpu"):
@@ -100,8 +118,9 @@ def predicted_bytes(name: str, optimizer, world: int) -> tuple[float, float]:
     return step, step + refresh
 
 
-def _rule_bytes(rule: str, group: dict[str, Any], shape: tuple[int, int], rows_sharded: bool, dim: int,
-                world: int) -> float:
+def _rule_bytes(
+    rule: str, group: dict[str, Any], shape: tuple[int, int], rows_sharded: bool, dim: int, world: int
+) -> float:
     """Bytes a rule's reductions send for a tensor of ``shape`` (its rows sharded or whole)."""
     if rule == "adafactor":
         param_rms = 4 if group["scale_parameter"] else 0
@@ -185,8 +204,9 @@ def predict_7b(world: int) -> list[dict[str, Any]]:
     for name in OPTIMIZERS:
         optimizer = build_optimizer(name, model, **hparams(name, 1024, gap=200))
         step, refresh = predicted_bytes(name, optimizer, world)
-        rows.append({"optimizer": name, "step_bytes": step, "refresh_bytes": refresh,
-                     "naive_bytes": naive_bytes(model, world)})
+        rows.append(
+            {"optimizer": name, "step_bytes": step, "refresh_bytes": refresh, "naive_bytes": naive_bytes(model, world)}
+        )
     return rows
 
 
@@ -206,28 +226,38 @@ def main() -> None:
     big = predict_7b(dist.get_world_size())
     if dist.get_rank() == 0:
         mib = 2**20
-        print(f"LLaMA-60M shape, {dist.get_world_size()} ranks (gloo, CPU, 1 thread each), rank {args.rank}, fp32, "
-              f"torch {torch.__version__}; largest over ranks\n")
-        print("| optimizer | state MiB per rank: sharded / one process (ratio) | plain step s: sharded / one "
-              "process | refresh step s: sharded / one process |")
+        print(
+            f"LLaMA-60M shape, {dist.get_world_size()} ranks (gloo, CPU, 1 thread each), rank {args.rank}, fp32, "
+            f"torch {torch.__version__}; largest over ranks\n"
+        )
+        print(
+            "| optimizer | state MiB per rank: sharded / one process (ratio) | plain step s: sharded / one "
+            "process | refresh step s: sharded / one process |"
+        )
         print("|---|---|---|---|")
         for r in rows:
-            print(f"| {r['optimizer']} | {r['sharded_state_bytes'] / mib:.1f} / {r['unsharded_state_bytes'] / mib:.1f} "
-                  f"({r['sharded_state_bytes'] / r['unsharded_state_bytes']:.3f}) | {r['sharded_step_s']:.3f} / "
-                  f"{r['unsharded_step_s']:.3f} | {r['sharded_refresh_s']:.2f} / {r['unsharded_refresh_s']:.2f} |")
+            print(
+                f"| {r['optimizer']} | {r['sharded_state_bytes'] / mib:.1f} / {r['unsharded_state_bytes'] / mib:.1f} "
+                f"({r['sharded_state_bytes'] / r['unsharded_state_bytes']:.3f}) | {r['sharded_step_s']:.3f} / "
+                f"{r['unsharded_step_s']:.3f} | {r['sharded_refresh_s']:.2f} / {r['unsharded_refresh_s']:.2f} |"
+            )
         print("\nBytes each rank sends per optimizer step (MiB): measured (predicted from shapes)\n")
         print("| optimizer | plain step | refresh step | naive: gather every gradient |")
         print("|---|---|---|---|")
         for r in rows:
-            print(f"| {r['optimizer']} | {r['step_bytes'] / mib:.3f} ({r['predicted_step_bytes'] / mib:.3f}) | "
-                  f"{r['refresh_bytes'] / mib:.2f} ({r['predicted_refresh_bytes'] / mib:.2f}) | "
-                  f"{r['naive_bytes'] / mib:.1f} |")
+            print(
+                f"| {r['optimizer']} | {r['step_bytes'] / mib:.3f} ({r['predicted_step_bytes'] / mib:.3f}) | "
+                f"{r['refresh_bytes'] / mib:.2f} ({r['predicted_refresh_bytes'] / mib:.2f}) | "
+                f"{r['naive_bytes'] / mib:.1f} |"
+            )
         print("\nLLaMA-7B shape, rank 1024, predicted from shapes (MiB each rank sends)\n")
         print("| optimizer | plain step | refresh step | naive: gather every gradient |")
         print("|---|---|---|---|")
         for r in big:
-            print(f"| {r['optimizer']} | {r['step_bytes'] / mib:.1f} | {r['refresh_bytes'] / mib:.0f} | "
-                  f"{r['naive_bytes'] / mib:.0f} |")
+            print(
+                f"| {r['optimizer']} | {r['step_bytes'] / mib:.1f} | {r['refresh_bytes'] / mib:.0f} | "
+                f"{r['naive_bytes'] / mib:.0f} |"
+            )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"llama_60m": rows, "llama_7b": big, "world": dist.get_world_size()}, f, indent=1)

@@ -49,9 +49,15 @@ from train.model import build_model, quantize_weights  # noqa: E402
 
 
 def _build(args: argparse.Namespace, setup: TrainingSetup, config: dict, device: torch.device):
-    model = build_model(args.model_config, dtype=setup.torch_dtype(), device=device, seed=0,
-                        vocab_needed=config["vocab_size"], seq_len=args.seq_len,
-                        activation_checkpointing=args.activation_checkpointing)
+    model = build_model(
+        args.model_config,
+        dtype=setup.torch_dtype(),
+        device=device,
+        seed=0,
+        vocab_needed=config["vocab_size"],
+        seq_len=args.seq_len,
+        activation_checkpointing=args.activation_checkpointing,
+    )
     if args.weight_bits == 8:
         quantize_weights(model, "all-linear")
     extra = {}
@@ -86,9 +92,13 @@ def _cuda_peak(model, opt, handle, tokens: torch.Tensor, steps: int) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     steady = times[1:] or times
-    return {"device": torch.cuda.get_device_name(), "max_memory_allocated": torch.cuda.max_memory_allocated(),
-            "max_memory_reserved": torch.cuda.max_memory_reserved(), "first_step_s": times[0],
-            "tokens_per_s": tokens.numel() * len(steady) / sum(steady)}
+    return {
+        "device": torch.cuda.get_device_name(),
+        "max_memory_allocated": torch.cuda.max_memory_allocated(),
+        "max_memory_reserved": torch.cuda.max_memory_reserved(),
+        "first_step_s": times[0],
+        "tokens_per_s": tokens.numel() * len(steady) / sum(steady),
+    }
 
 
 def _cpu_peak(model, opt, handle, tokens: torch.Tensor, steps: int) -> dict:
@@ -101,15 +111,26 @@ def _cpu_peak(model, opt, handle, tokens: torch.Tensor, steps: int) -> dict:
     with tracker:
         _training_step(model, opt, handle, tokens)
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
-    return {"device": "cpu (MemTracker)", "max_memory_allocated": peak["Total"],
-            "tracker_peak": {str(k).split(".")[-1]: v for k, v in peak.items()}}
+    return {
+        "device": "cpu (MemTracker)",
+        "max_memory_allocated": peak["Total"],
+        "tracker_peak": {str(k).split(".")[-1]: v for k, v in peak.items()},
+    }
 
 
 def measure(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    setup = TrainingSetup(args.optimizer, rank=args.rank, weight_bits=args.weight_bits, dtype=args.dtype,
-                          proj_bits=args.proj_bits, batch_size=args.batch_size, seq_len=args.seq_len,
-                          activation_checkpointing=args.activation_checkpointing, layerwise=args.layerwise)
+    setup = TrainingSetup(
+        args.optimizer,
+        rank=args.rank,
+        weight_bits=args.weight_bits,
+        dtype=args.dtype,
+        proj_bits=args.proj_bits,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        activation_checkpointing=args.activation_checkpointing,
+        layerwise=args.layerwise,
+    )
     config = json.loads(Path(args.model_config).read_text())
     predicted = estimate_memory(config, setup).as_dict()
     model, opt, handle = _build(args, setup, config, device)
@@ -122,11 +143,23 @@ def measure(args: argparse.Namespace) -> dict:
                 nbytes = value.numel() * value.element_size()
                 proj, states = (proj + nbytes, states) if key.startswith("proj_") else (proj, states + nbytes)
     result = {
-        "model_config": args.model_config, "optimizer": args.optimizer, "rank": args.rank,
-        "weight_bits": args.weight_bits, "proj_bits": args.proj_bits, "dtype": str(setup.torch_dtype()),
-        "batch_size": args.batch_size, "seq_len": args.seq_len, "activation_checkpointing": args.activation_checkpointing,
-        "layerwise": args.layerwise, "proj_method": args.proj_method, "steps": args.steps, "torch": torch.__version__,
-        **peak, "measured_optimizer_states_bytes": states, "measured_projections_bytes": proj, "predicted": predicted,
+        "model_config": args.model_config,
+        "optimizer": args.optimizer,
+        "rank": args.rank,
+        "weight_bits": args.weight_bits,
+        "proj_bits": args.proj_bits,
+        "dtype": str(setup.torch_dtype()),
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "activation_checkpointing": args.activation_checkpointing,
+        "layerwise": args.layerwise,
+        "proj_method": args.proj_method,
+        "steps": args.steps,
+        "torch": torch.__version__,
+        **peak,
+        "measured_optimizer_states_bytes": states,
+        "measured_projections_bytes": proj,
+        "predicted": predicted,
     }
     result["predicted_over_measured"] = predicted["total_bytes"] / result["max_memory_allocated"]
     return result
@@ -156,10 +189,14 @@ def main() -> None:
     gib = 2**30
     reserved = f", reserved {result['max_memory_reserved'] / gib:.3f} GiB" if "max_memory_reserved" in result else ""
     speed = f", {result['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in result else ""
-    print(f"{Path(args.model_config).stem} {args.optimizer} b{args.batch_size}x{args.seq_len} w{args.weight_bits} "
-          f"ckpt={args.activation_checkpointing} lw={args.layerwise}: measured {result['max_memory_allocated'] / gib:.4f} "
-          f"GiB{reserved}, predicted {result['predicted']['total_bytes'] / gib:.4f} GiB "
-          f"(x{result['predicted_over_measured']:.3f}){speed}", flush=True)
+    print(
+        f"{Path(args.model_config).stem} {args.optimizer} b{args.batch_size}x{args.seq_len} w{args.weight_bits} "
+        f"ckpt={args.activation_checkpointing} lw={args.layerwise}: "
+        f"measured {result['max_memory_allocated'] / gib:.4f} GiB{reserved}, "
+        f"predicted {result['predicted']['total_bytes'] / gib:.4f} GiB "
+        f"(x{result['predicted_over_measured']:.3f}){speed}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

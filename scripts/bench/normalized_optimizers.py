@@ -64,8 +64,10 @@ def _sync(device: torch.device) -> None:
 
 
 def steptime(shapes: list[tuple[int, int]], repeats: int, device: torch.device) -> None:
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, float32, "
-          f"median of {repeats} steps after 1 warm-up")
+    print(
+        f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, float32, "
+        f"median of {repeats} steps after 1 warm-up"
+    )
     for shape in shapes:
         gen = torch.Generator().manual_seed(0)
         w0 = torch.randn(shape, generator=gen).mul_(0.02).to(device)
@@ -88,7 +90,7 @@ def steptime(shapes: list[tuple[int, int]], repeats: int, device: torch.device) 
             bytes_per[name] = state_bytes(opt) / w.numel()
             del opt, w
         print(f"\n{shape[0]}x{shape[1]}")
-        print(f"| optimizer | step (s) | vs AdamW | state bytes/entry |\n|---|---|---|---|")
+        print("| optimizer | step (s) | vs AdamW | state bytes/entry |\n|---|---|---|---|")
         for name, t in medians.items():
             print(f"| {name} | {t:.4f} | {t / medians['AdamW']:.2f}x | {bytes_per[name]:.2f} |")
 
@@ -107,9 +109,16 @@ def small_llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=257, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=257,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -123,8 +132,9 @@ def make_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> t
     return getattr(lowmem_optim, name)(lowmem_optim.normalized_param_groups(model), **common)
 
 
-def train_run(name: str, lr: float, tokens: torch.Tensor, steps: int, adamw_lr: float,
-              device: torch.device) -> tuple[float, float]:
+def train_run(
+    name: str, lr: float, tokens: torch.Tensor, steps: int, adamw_lr: float, device: torch.device
+) -> tuple[float, float]:
     split = int(0.9 * len(tokens))
     train_windows = tokens[:split][: (split // SEQ) * SEQ].view(-1, SEQ).to(device)
     val_windows = tokens[split:][: VAL_BATCHES * BATCH * SEQ].view(-1, SEQ).to(device)
@@ -132,7 +142,7 @@ def train_run(name: str, lr: float, tokens: torch.Tensor, steps: int, adamw_lr: 
     model = small_llama().to(device)
     opt = make_optimizer(name, model, lr, adamw_lr)
     for step in range(steps):
-        idx = order[(step * BATCH) % len(order):][:BATCH]
+        idx = order[(step * BATCH) % len(order) :][:BATCH]
         batch = train_windows[idx]
         opt.zero_grad(set_to_none=True)
         model(input_ids=batch, labels=batch).loss.backward()
@@ -145,8 +155,10 @@ def train_run(name: str, lr: float, tokens: torch.Tensor, steps: int, adamw_lr: 
 
 def loss(steps: int, adamw_lr: float, only: list[str] | None, lrs: list[float] | None, device: torch.device) -> None:
     tokens = corpus()
-    print(f"tokens {len(tokens):,} (bytes), model hidden 128 x 2 layers, seq {SEQ}, batch {BATCH}, steps {steps}, "
-          f"aux AdamW lr {adamw_lr}, device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(
+        f"tokens {len(tokens):,} (bytes), model hidden 128 x 2 layers, seq {SEQ}, batch {BATCH}, steps {steps}, "
+        f"aux AdamW lr {adamw_lr}, device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}"
+    )
     print("| optimizer | lr | held-out loss | state bytes/param |\n|---|---|---|---|")
     for name, grid in LR_GRID.items():
         if only and name not in only:
@@ -154,7 +166,9 @@ def loss(steps: int, adamw_lr: float, only: list[str] | None, lrs: list[float] |
         for lr in lrs or grid:
             start = time.perf_counter()
             val, per_param = train_run(name, lr, tokens, steps, adamw_lr, device)
-            print(f"| {name} | {lr:g} | {val:.4f} | {per_param:.2f} |  ({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"| {name} | {lr:g} | {val:.4f} | {per_param:.2f} |  ({time.perf_counter() - start:.0f} s)", flush=True
+            )
 
 
 def main() -> None:

@@ -37,16 +37,24 @@ RANK = 128
 
 
 def llama_60m() -> LlamaForCausalLM:
-    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                         vocab_size=32000, max_position_embeddings=1024, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config)
 
 
 def groups(model: torch.nn.Module, gap: int) -> list[dict]:
     """The same partition for ours and galore-torch (galore-torch's keys)."""
-    built = lowmem_optim.lowrank_param_groups(model, "all-linear", rank=RANK, update_proj_gap=gap,
-                                              scale=0.25, proj_type="std")
+    built = lowmem_optim.lowrank_param_groups(
+        model, "all-linear", rank=RANK, update_proj_gap=gap, scale=0.25, proj_type="std"
+    )
     return [{k: v for k, v in g.items() if k != "param_names"} for g in built]
 
 
@@ -58,7 +66,9 @@ def candidates() -> dict[str, callable]:
         "ours GaLoreAdamW": lambda m, gap: lowmem_optim.GaLoreAdamW(groups(m, gap)),
         "ours GaLoreAdafactor": lambda m, gap: lowmem_optim.GaLoreAdafactor(groups(m, gap)),
         "ours GaLoreAdamW8bit": lambda m, gap: lowmem_optim.GaLoreAdamW8bit(groups(m, gap)),
-        "galore-torch GaLoreAdamW": lambda m, gap: galore_torch.GaLoreAdamW(groups(m, gap), no_deprecation_warning=True),
+        "galore-torch GaLoreAdamW": lambda m, gap: galore_torch.GaLoreAdamW(
+            groups(m, gap), no_deprecation_warning=True
+        ),
         "galore-torch GaLoreAdafactor": lambda m, gap: galore_torch.GaLoreAdafactor(groups(m, gap)),
         "galore-torch GaLoreAdamW8bit": lambda m, gap: galore_torch.GaLoreAdamW8bit(groups(m, gap)),
     }
@@ -133,17 +143,21 @@ def main() -> None:
         rows.append(row)
         model = llama_60m()  # fresh weights for the next candidate
     base = next(r for r in rows if r["optimizer"] == "torch AdamW")
-    print(f"LLaMA-60M shape ({n_params / 1e6:.1f}M params), rank {RANK}, CPU fp32, {args.threads} threads, "
-          f"median of {args.steps} steps, torch {torch.__version__}\n")
+    print(
+        f"LLaMA-60M shape ({n_params / 1e6:.1f}M params), rank {RANK}, CPU fp32, {args.threads} threads, "
+        f"median of {args.steps} steps, torch {torch.__version__}\n"
+    )
     print("| optimizer | state bytes/param | state MiB | retained MiB | step vs AdamW | refresh step vs AdamW |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['optimizer']} | not run: {r['error']} | | | | |")
             continue
-        print(f"| {r['optimizer']} | {r['state_bytes_per_param']:.3f} | {r['state_bytes'] / 2**20:.1f} | "
-              f"{r['retained_bytes'] / 2**20:.1f} | "
-              f"{r['step_s'] / base['step_s']:.2f}x | {r['refresh_step_s'] / base['step_s']:.2f}x |")
+        print(
+            f"| {r['optimizer']} | {r['state_bytes_per_param']:.3f} | {r['state_bytes'] / 2**20:.1f} | "
+            f"{r['retained_bytes'] / 2**20:.1f} | "
+            f"{r['step_s'] / base['step_s']:.2f}x | {r['refresh_step_s'] / base['step_s']:.2f}x |"
+        )
     print(f"\ntorch AdamW median step: {base['step_s'] * 1e3:.1f} ms")
     if args.json:
         with open(args.json, "w") as f:

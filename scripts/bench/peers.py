@@ -46,10 +46,23 @@ from train.loop import evaluate  # noqa: E402
 from train.model import build_model  # noqa: E402
 from train.optim import make_optimizer, make_scheduler  # noqa: E402
 
-MODEL = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4,
-         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256, "vocab_size": 512,
-         "hidden_act": "silu", "rms_norm_eps": 1e-6, "initializer_range": 0.02, "tie_word_embeddings": False,
-         "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": None}
+MODEL = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 352,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+    "vocab_size": 512,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "initializer_range": 0.02,
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": None,
+}
 BATCH, SEQ, EVAL_BATCHES, SEED = 16, 64, 8, 0
 RANK, GAP, SCALE = 32, 25, 0.25
 #: peak lr per family: full-rank Adam 1e-3 and low-rank (GaLore, APOLLO) 1e-2 as in GaLore's and
@@ -107,41 +120,59 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
 
 
 def _lowrank_groups(model: nn.Module, **keys: Any) -> list[dict[str, Any]]:
-    return lowrank_param_groups(model, "all-linear", rank=RANK, update_proj_gap=GAP, scale=SCALE,
-                                proj_type="std", **keys)
+    return lowrank_param_groups(
+        model, "all-linear", rank=RANK, update_proj_gap=GAP, scale=SCALE, proj_type="std", **keys
+    )
 
 
 def peers() -> dict[str, tuple[float, Callable[[nn.Module, float], torch.optim.Optimizer]]]:
     """Peer name -> (peak lr, constructor); imports happen inside, so a missing peer fails alone."""
+
     def torch_adamw(m, lr):
         return torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
 
     def bnb_adamw8bit(m, lr):
         import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(m.parameters(), lr=lr, weight_decay=0.0)
 
     def torchao(cls_name):
         def build(m, lr):
             import torchao.optim
+
             return getattr(torchao.optim, cls_name)(m.parameters(), lr=lr, weight_decay=0.0)
+
         return build
 
     def galore_adamw(m, lr):
         import galore_torch
+
         return galore_torch.GaLoreAdamW(_lowrank_groups(m), lr=lr, weight_decay=0.0, eps=1e-8)
 
     def galore_adafactor(m, lr):
         import galore_torch
+
         # fixed lr under the schedule, as GaLore's script (and our CLI) builds it
-        return galore_torch.GaLoreAdafactor(_lowrank_groups(m), lr=lr, relative_step=False, scale_parameter=False,
-                                            warmup_init=False)
+        return galore_torch.GaLoreAdafactor(
+            _lowrank_groups(m), lr=lr, relative_step=False, scale_parameter=False, warmup_init=False
+        )
 
     def apollo(rank, scale_type, scale):
         def build(m, lr):
             import apollo_torch
-            groups = lowrank_param_groups(m, "all-linear", rank=rank, update_proj_gap=GAP, scale=scale,
-                                          proj_type="std", proj="random", scale_type=scale_type)
+
+            groups = lowrank_param_groups(
+                m,
+                "all-linear",
+                rank=rank,
+                update_proj_gap=GAP,
+                scale=scale,
+                proj_type="std",
+                proj="random",
+                scale_type=scale_type,
+            )
             return apollo_torch.APOLLOAdamW(groups, lr=lr, weight_decay=0.0, eps=1e-8)
+
         return build
 
     return {
@@ -158,9 +189,20 @@ def peers() -> dict[str, tuple[float, Callable[[nn.Module, float], torch.optim.O
 
 
 def _config(optimizer: str, lr: float, steps: int, model_config: str) -> TrainConfig:
-    return TrainConfig(model_config=model_config, optimizer=optimizer, lr=lr, rank=RANK, update_proj_gap=GAP,
-                       scale=SCALE, weight_decay=0.0, max_steps=steps, warmup_steps=steps // 10,
-                       batch_size=BATCH, seq_len=SEQ, seed=SEED)
+    return TrainConfig(
+        model_config=model_config,
+        optimizer=optimizer,
+        lr=lr,
+        rank=RANK,
+        update_proj_gap=GAP,
+        scale=SCALE,
+        weight_decay=0.0,
+        max_steps=steps,
+        warmup_steps=steps // 10,
+        batch_size=BATCH,
+        seq_len=SEQ,
+        seed=SEED,
+    )
 
 
 def ours(steps: int, model_config: str) -> dict[str, tuple[float, Callable[[nn.Module, float], torch.optim.Optimizer]]]:
@@ -172,14 +214,25 @@ def ours(steps: int, model_config: str) -> dict[str, tuple[float, Callable[[nn.M
             return "lowrank"
         return "muon" if name == "muon" else "auon" if "auon" in name else "adam"
 
-    return {f"lowmem_optim {name}": (LR[family(name)],
-                                     lambda m, lr, name=name: make_optimizer(_config(name, lr, steps, model_config), m))
-            for name in available_optimizers() if name not in PEER_NAMES}
+    return {
+        f"lowmem_optim {name}": (
+            LR[family(name)],
+            lambda m, lr, name=name: make_optimizer(_config(name, lr, steps, model_config), m),
+        )
+        for name in available_optimizers()
+        if name not in PEER_NAMES
+    }
 
 
 def run_one(name: str, lr: float, build: Callable, data: Any, steps: int, skip: int, model_config: str) -> Result:
-    model = build_model(model_config, dtype=torch.float32, device=torch.device("cpu"), seed=SEED,
-                        vocab_needed=data.tokenizer.vocab_size, seq_len=SEQ)
+    model = build_model(
+        model_config,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        seed=SEED,
+        vocab_needed=data.tokenizer.vocab_size,
+        seq_len=SEQ,
+    )
     data.train.load_state_dict({"position": 0})
     step_cpu = train_cpu = 0.0
     wall = time.perf_counter()
@@ -202,9 +255,16 @@ def run_one(name: str, lr: float, build: Callable, data: Any, steps: int, skip: 
         return Result(name, lr, not_run=f"{type(err).__name__}: {err}"[:200])
     timed = steps - skip
     retained, logical = state_bytes(optimizer)
-    return Result(name, lr, state_bytes=retained, logical_state_bytes=logical, step_cpu_s=step_cpu / timed,
-                  train_step_cpu_s=train_cpu / timed, final_val_loss=evaluate(model, data.val, torch.device("cpu")),
-                  wall_s=time.perf_counter() - wall)
+    return Result(
+        name,
+        lr,
+        state_bytes=retained,
+        logical_state_bytes=logical,
+        step_cpu_s=step_cpu / timed,
+        train_step_cpu_s=train_cpu / timed,
+        final_val_loss=evaluate(model, data.val, torch.device("cpu")),
+        wall_s=time.perf_counter() - wall,
+    )
 
 
 def markdown(results: list[Result]) -> str:
@@ -213,16 +273,21 @@ def markdown(results: list[Result]) -> str:
     def ratio(value: float, of: str) -> str:
         return f"{value / getattr(base, of):.2f}" if base else "-"
 
-    lines = ["| optimizer | peak lr | state (KiB) | state / AdamW | tensor bytes (KiB) | optimizer step (ms CPU) "
-             "| step time / AdamW | train step / AdamW | final val loss |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| optimizer | peak lr | state (KiB) | state / AdamW | tensor bytes (KiB) | optimizer step (ms CPU) "
+        "| step time / AdamW | train step / AdamW | final val loss |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         if r.not_run:
             lines.append(f"| {r.name} | {r.lr:g} | not run: {r.not_run} | | | | | | |")
             continue
-        lines.append(f"| {r.name} | {r.lr:g} | {r.state_bytes / 1024:.1f} | {ratio(r.state_bytes, 'state_bytes')} "
-                     f"| {r.logical_state_bytes / 1024:.1f} | {r.step_cpu_s * 1e3:.2f} "
-                     f"| {ratio(r.step_cpu_s, 'step_cpu_s')} | {ratio(r.train_step_cpu_s, 'train_step_cpu_s')} "
-                     f"| {r.final_val_loss:.4f} |")
+        lines.append(
+            f"| {r.name} | {r.lr:g} | {r.state_bytes / 1024:.1f} | {ratio(r.state_bytes, 'state_bytes')} "
+            f"| {r.logical_state_bytes / 1024:.1f} | {r.step_cpu_s * 1e3:.2f} "
+            f"| {ratio(r.step_cpu_s, 'step_cpu_s')} | {ratio(r.train_step_cpu_s, 'train_step_cpu_s')} "
+            f"| {r.final_val_loss:.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

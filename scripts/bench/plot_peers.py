@@ -44,8 +44,15 @@ def plot(ran: list[dict], not_run: list[dict], out: str | Path, title: str) -> P
     fig, ax = plt.subplots(figsize=(9, 5.6))
     for ours, colour, label in ((True, "tab:blue", "lowmem_optim"), (False, "tab:gray", "peers")):
         mine = [r for r in ran if r["name"].startswith(OURS) == ours]
-        ax.scatter([r["state_bytes"] / 1024 for r in mine], [r["final_val_loss"] for r in mine], s=36,
-                   color=colour, marker="o" if ours else "s", label=label, zorder=3)
+        ax.scatter(
+            [r["state_bytes"] / 1024 for r in mine],
+            [r["final_val_loss"] for r in mine],
+            s=36,
+            color=colour,
+            marker="o" if ours else "s",
+            label=label,
+            zorder=3,
+        )
     points = [(r["state_bytes"] / 1024, r["final_val_loss"]) for r in ran]
     front = sorted(p for p, on in zip(points, pareto_front(points)) if on)
     if front:
@@ -65,16 +72,28 @@ def plot(ran: list[dict], not_run: list[dict], out: str | Path, title: str) -> P
     for r, (x, y) in sorted(zip(ran, points), key=lambda item: item[1]):
         name = r["name"].removeprefix(OURS)
         for dx, dy in OFFSETS:
-            text = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7.5,
-                               ha="left" if dx > 0 else "right", va="center")
+            text = ax.annotate(
+                name,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=7.5,
+                ha="left" if dx > 0 else "right",
+                va="center",
+            )
             box = text.get_window_extent(renderer).expanded(1.02, 1.1)
             if not any(box.overlaps(other) for other in placed) or (dx, dy) == OFFSETS[-1]:
                 placed.append(box)
                 break
             text.remove()
     if not_run:
-        fig.text(0.01, 0.01, "not run: " + "; ".join(f"{r['name']} ({r['not_run'][:60]})" for r in not_run),
-                 fontsize=7, wrap=True)
+        fig.text(
+            0.01,
+            0.01,
+            "not run: " + "; ".join(f"{r['name']} ({r['not_run'][:60]})" for r in not_run),
+            fontsize=7,
+            wrap=True,
+        )
     fig.tight_layout(rect=(0, 0.04 if not_run else 0, 1, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ projector's ``refresh`` (what the optimizer runs: choose the subspace and store 
 One warm-up call per method on that shape builds the DCT basis cache and FFT plans (the exact
 SVD is warmed up on a 256 x 256 matrix instead: a full warm-up would double the run); then
 the minimum over ``--repeats`` timed calls. Also checks that both DCT paths select the same
-indices. One intra-op thread by default (``--threads``). Prints a Markdown table (seconds, and the exact SVD's time over each method's).
+indices. One intra-op thread by default (``--threads``). Prints a Markdown table (seconds, and
+the exact SVD's time over each method's).
 
     .venv/bin/python scripts/bench/projection_cost.py [--shapes 4096x4096,4096x11008] [--rank 1024]
 """
@@ -51,8 +52,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads (1: on a shared machine more threads mostly wait on each other)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads (1: on a shared machine more threads mostly wait on each other)",
+    )
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -68,8 +73,10 @@ def main() -> None:
         "DCT FFT": lambda g, s: dct.refresh(g, s, {**dct_group, "dct_fft_threshold": 1}, 0),
     }
     methods["exact SVD"](torch.randn(256, 256, device=device, dtype=dtype), {})
-    print(f"device {device} ({torch.get_num_threads()} threads), dtype {args.dtype}, rank {args.rank}, "
-          f"torch {torch.__version__}, min of {args.repeats} timed call(s)")
+    print(
+        f"device {device} ({torch.get_num_threads()} threads), dtype {args.dtype}, rank {args.rank}, "
+        f"torch {torch.__version__}, min of {args.repeats} timed call(s)"
+    )
     results = []
     for shape in args.shapes.split(","):
         m, n = (int(x) for x in shape.split("x"))
@@ -79,11 +86,18 @@ def main() -> None:
         for name, refresh in methods.items():
             row[name], states[name] = _time(refresh, grad, args.repeats, warm_up=name != "exact SVD")
             print(f"  {shape} {name}: {row[name]:.4f} s", flush=True)
-        row["dct_paths_same_indices"] = bool(torch.equal(states["DCT matmul"]["proj_index"], states["DCT FFT"]["proj_index"]))
+        row["dct_paths_same_indices"] = bool(
+            torch.equal(states["DCT matmul"]["proj_index"], states["DCT FFT"]["proj_index"])
+        )
         results.append(row)
     names = list(methods)
-    print("\n| shape | " + " | ".join(f"{n} (s)" for n in names) + " | " + " | ".join(f"SVD / {n}" for n in names[1:])
-          + " | DCT paths same indices |")
+    print(
+        "\n| shape | "
+        + " | ".join(f"{n} (s)" for n in names)
+        + " | "
+        + " | ".join(f"SVD / {n}" for n in names[1:])
+        + " | DCT paths same indices |"
+    )
     print("|---" * (2 * len(names) + 1) + "|")
     for row in results:
         times = " | ".join(f"{row[n]:.3g}" for n in names)

@@ -66,9 +66,30 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    common = ["--model-config", args.model_config, "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-              "--seq-len", str(args.seq_len), "--warmup-steps", str(args.steps // 10), "--eval-every", str(args.steps),
-              "--log-every", "5", "--seed", "0", "--wandb", "off", "--progress", "false", "--save-every", "0"]
+    common = [
+        "--model-config",
+        args.model_config,
+        "--max-steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--warmup-steps",
+        str(args.steps // 10),
+        "--eval-every",
+        str(args.steps),
+        "--log-every",
+        "5",
+        "--seed",
+        "0",
+        "--wandb",
+        "off",
+        "--progress",
+        "false",
+        "--save-every",
+        "0",
+    ]
     lowrank = ["--rank", str(args.rank), "--update-proj-gap", str(args.gap), "--scale", "0.25", "--lr", args.lowrank_lr]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -93,24 +114,31 @@ def main() -> None:
         stats = _read(out / "layer_stats.jsonl") if (out / "layer_stats.jsonl").exists() else []
         layers = stats[-1]["layers"] if stats else []  # AdamW logs none
         results[name] = {
-            "final_train_loss": sum(losses[-args.tail:]) / len(losses[-args.tail:]),
+            "final_train_loss": sum(losses[-args.tail :]) / len(losses[-args.tail :]),
             "val_loss": next(m["val_loss"] for m in reversed(metrics) if "val_loss" in m),
             "refreshes": sum(layer["refreshes"] for layer in layers if layer["rank"] is not None),
             "projected_matrices": sum(1 for layer in layers if layer["rank"] is not None),
             "max_gap": max((layer["gap"] for layer in layers if layer["gap"] is not None), default=None),
             "wall_s": walls[name],
         }
-    print(f"{args.model_config}, batch {args.batch_size} x seq {args.seq_len}, {args.steps} steps, seed 0, "
-          f"rank {args.rank}, gap {args.gap}, scale 0.25, lr {args.lowrank_lr} (AdamW 1e-3), "
-          f"warm-up {args.steps // 10}, OMP_NUM_THREADS=1, {args.parallel} runs at a time")
+    print(
+        f"{args.model_config}, batch {args.batch_size} x seq {args.seq_len}, {args.steps} steps, seed 0, "
+        f"rank {args.rank}, gap {args.gap}, scale 0.25, lr {args.lowrank_lr} (AdamW 1e-3), "
+        f"warm-up {args.steps // 10}, OMP_NUM_THREADS=1, {args.parallel} runs at a time"
+    )
     print("\n| run | final train loss | val loss | refreshes (all matrices) | largest gap at the end | wall (s) |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['final_train_loss']:.4f} | {r['val_loss']:.4f} | {r['refreshes']} | {r['max_gap']} | "
-              f"{r['wall_s']:.0f} |")
+        print(
+            f"| {name} | {r['final_train_loss']:.4f} | {r['val_loss']:.4f} | {r['refreshes']} | {r['max_gap']} | "
+            f"{r['wall_s']:.0f} |"
+        )
     fixed, adaptive = results.get("galore_svd_fixed"), results.get("galore_svd_adaptive")
     if fixed and adaptive and fixed["refreshes"]:
-        print(f"\nadaptive schedule: {1 - adaptive['refreshes'] / fixed['refreshes']:.0%} fewer refreshes than the fixed gap")
+        print(
+            f"\nadaptive schedule: {1 - adaptive['refreshes'] / fixed['refreshes']:.0%} fewer refreshes "
+            "than the fixed gap"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -10,7 +10,8 @@ Protocol (one process, the recipe's own flags: those of ``python -m train``):
   first subspace refresh of every matrix) is reported alone, tokens/s and the split are over the
   steps after it. CUDA: ``torch.cuda.synchronize()`` around each step,
   ``reset_peak_memory_stats()`` after building, ``max_memory_allocated`` and
-  ``max_memory_reserved`` over the steps (with the memory model's prediction for ours); the split comes from CUDA events recorded around
+  ``max_memory_reserved`` over the steps (with the memory model's prediction for ours); the split
+  comes from CUDA events recorded around
   forward, backward (layer-wise updates run inside it), the optimizer's per-parameter update and,
   within it, the projector's refresh / project / back-project, the inner rule, the INT8
   dequantize and apply_update (nested parts are included in their parents). CPU: wall time.
@@ -116,12 +117,15 @@ def _reset_memory(device: torch.device) -> None:
 def _peaks(device: torch.device) -> dict[str, int | None]:
     if device.type != "cuda":
         return {"peak_allocated_bytes": None, "peak_reserved_bytes": None}
-    return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
-            "peak_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+    return {
+        "peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
+    }
 
 
-def _run_steps(step: Callable[[], None], steps: int, tokens_per_step: int, device: torch.device,
-               timer: PartTimer) -> dict[str, Any]:
+def _run_steps(
+    step: Callable[[], None], steps: int, tokens_per_step: int, device: torch.device, timer: PartTimer
+) -> dict[str, Any]:
     """Step 1 alone, then tokens/s and the split over the others."""
     _sync(device)
     begin = time.perf_counter()
@@ -135,8 +139,13 @@ def _run_steps(step: Callable[[], None], steps: int, tokens_per_step: int, devic
     _sync(device)
     elapsed = time.perf_counter() - begin
     timed = max(steps - 1, 1)
-    return {"first_step_s": first, "step_s": elapsed / timed, "tokens_per_s": tokens_per_step * timed / elapsed,
-            "parts_s_per_step": {k: v / timed for k, v in sorted(timer.seconds().items())}, **_peaks(device)}
+    return {
+        "first_step_s": first,
+        "step_s": elapsed / timed,
+        "tokens_per_s": tokens_per_step * timed / elapsed,
+        "parts_s_per_step": {k: v / timed for k, v in sorted(timer.seconds().items())},
+        **_peaks(device),
+    }
 
 
 def _tokens(cfg: TrainConfig, vocab: int, device: torch.device) -> torch.Tensor:
@@ -147,8 +156,15 @@ def _tokens(cfg: TrainConfig, vocab: int, device: torch.device) -> torch.Tensor:
 def floor(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     """Forward and backward of the same model and micro-batch in bfloat16, gradients dropped."""
     vocab = load_llama_config(cfg.model_config)["vocab_size"]
-    model = build_model(cfg.model_config, dtype=torch.bfloat16, device=device, seed=cfg.seed, vocab_needed=vocab,
-                        seq_len=cfg.seq_len, activation_checkpointing=cfg.activation_checkpointing)
+    model = build_model(
+        cfg.model_config,
+        dtype=torch.bfloat16,
+        device=device,
+        seed=cfg.seed,
+        vocab_needed=vocab,
+        seq_len=cfg.seq_len,
+        activation_checkpointing=cfg.activation_checkpointing,
+    )
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     tokens = _tokens(cfg, vocab, device)
@@ -162,7 +178,6 @@ def floor(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
 
     _reset_memory(device)
     out = _run_steps(step, cfg.max_steps, cfg.batch_size * cfg.seq_len, device, timer)
-    del model
     return out
 
 
@@ -170,8 +185,15 @@ def ours(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     """The recipe's model, optimizer and stepping, each part timed."""
     vocab = load_llama_config(cfg.model_config)["vocab_size"]
     dtype = getattr(torch, cfg.torch_dtype_name)
-    model = build_model(cfg.model_config, dtype=dtype, device=device, seed=cfg.seed, vocab_needed=vocab,
-                        seq_len=cfg.seq_len, activation_checkpointing=cfg.activation_checkpointing)
+    model = build_model(
+        cfg.model_config,
+        dtype=dtype,
+        device=device,
+        seed=cfg.seed,
+        vocab_needed=vocab,
+        seq_len=cfg.seq_len,
+        activation_checkpointing=cfg.activation_checkpointing,
+    )
     if cfg.weight_bits == 8:
         model = quantize_weights(model, parse_target_modules(cfg.target_modules))
     optimizer = make_optimizer(cfg, model)
@@ -192,8 +214,11 @@ def ours(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    parts = {(ComposedOptimizer, "step_param"): "update", (Int8Weight, "dequantized"): "int8 dequantize",
-             (Int8Weight, "apply_update"): "int8 apply_update"}
+    parts = {
+        (ComposedOptimizer, "step_param"): "update",
+        (Int8Weight, "dequantized"): "int8 dequantize",
+        (Int8Weight, "apply_update"): "int8 apply_update",
+    }
     for kind, registry in (("projector", PROJECTORS), ("rule", RULES)):
         for cls in registry.values():
             for attr in ("refresh", "project", "back_project", "update"):
@@ -208,16 +233,23 @@ def ours(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     if handle is not None:
         handle.remove()
     out["accumulation_steps"] = accum
-    del model, optimizer
     return out
 
 
 def predicted_bytes(cfg: TrainConfig) -> int:
     """The memory model's peak for the recipe (:func:`lowmem_optim.memory.estimate_memory`)."""
-    setup = TrainingSetup(optimizer=cfg.optimizer, rank=cfg.rank, weight_bits=cfg.weight_bits,
-                          dtype=cfg.torch_dtype_name, proj_bits=cfg.proj_bits, batch_size=cfg.batch_size,
-                          seq_len=cfg.seq_len, activation_checkpointing=cfg.activation_checkpointing,
-                          layerwise=cfg.layerwise, target_modules=parse_target_modules(cfg.target_modules))
+    setup = TrainingSetup(
+        optimizer=cfg.optimizer,
+        rank=cfg.rank,
+        weight_bits=cfg.weight_bits,
+        dtype=cfg.torch_dtype_name,
+        proj_bits=cfg.proj_bits,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        activation_checkpointing=cfg.activation_checkpointing,
+        layerwise=cfg.layerwise,
+        target_modules=parse_target_modules(cfg.target_modules),
+    )
     return estimate_memory(load_llama_config(cfg.model_config), setup).total_bytes
 
 
@@ -226,8 +258,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # as the training CLI sets it
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                              "torch": torch.__version__, "config": cfg.to_dict()}
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "config": cfg.to_dict(),
+    }
     result["floor"] = floor(cfg, device)
     result["ours"] = ours(cfg, device)
     result["tokens_per_s_vs_floor"] = result["ours"]["tokens_per_s"] / result["floor"]["tokens_per_s"]
@@ -238,13 +273,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gib = 2.0**30
     for name in ("floor", "ours"):
         r = result[name]
-        peak = "" if r["peak_allocated_bytes"] is None else (
-            f", peak allocated {r['peak_allocated_bytes'] / gib:.2f} GiB, reserved {r['peak_reserved_bytes'] / gib:.2f} GiB")
-        print(f"{name}: {r['tokens_per_s']:.0f} tokens/s, step {r['step_s']:.3f} s (first {r['first_step_s']:.2f} s){peak}")
+        peak = (
+            ""
+            if r["peak_allocated_bytes"] is None
+            else (
+                f", peak allocated {r['peak_allocated_bytes'] / gib:.2f} GiB, "
+                f"reserved {r['peak_reserved_bytes'] / gib:.2f} GiB"
+            )
+        )
+        print(
+            f"{name}: {r['tokens_per_s']:.0f} tokens/s, step {r['step_s']:.3f} s "
+            f"(first {r['first_step_s']:.2f} s){peak}"
+        )
         for part, seconds in r["parts_s_per_step"].items():
             print(f"    {part:<24} {seconds:.4f} s/step")
-    print(f"ours / floor: {result['tokens_per_s_vs_floor']:.3f}; memory model's peak for ours: "
-          f"{result['predicted_peak_bytes'] / gib:.3f} GiB")
+    print(
+        f"ours / floor: {result['tokens_per_s_vs_floor']:.3f}; memory model's peak for ours: "
+        f"{result['predicted_peak_bytes'] / gib:.3f} GiB"
+    )
     return result
 
 

@@ -81,8 +81,9 @@ def _set_grad(model: nn.Module, step: int) -> None:
     p.grad = g.to(p.dtype) if p.device.type != "meta" else torch.empty(p.shape, dtype=p.dtype, device="meta")
 
 
-def _counted_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                  counter: OpCounter | None = None) -> OpCounter:
+def _counted_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, step: int, counter: OpCounter | None = None
+) -> OpCounter:
     counter = counter or OpCounter()
     _set_grad(model, step)
     with counter:
@@ -110,13 +111,22 @@ def dispatch_figures(name: str, shape: tuple[int, int], rank: int, dtype: torch.
         load_failure = None
     except RuntimeError as err:  # a host read of a value the load left on the device, where meta has none
         load_failure = str(err).splitlines()[0]
-        print(f"# {name} int8={int8}: the step after load_state_dict failed after {after_load.syncs} syncs "
-              f"({load_failure})")
-    return {"ops": steady.ops, "syncs": steady.syncs, "syncs_after_load": after_load.syncs,
-            "after_load_failure": load_failure,
-            "refresh_ops": refresh.ops, "refresh_syncs": refresh.syncs,
-            "alloc_bytes": steady.allocated_bytes, "peak_bytes": steady.peak_bytes,
-            "top_ops": dict(steady.by_op.most_common(8)), "sync_ops_after_load": dict(after_load.sync_ops)}
+        print(
+            f"# {name} int8={int8}: the step after load_state_dict failed after {after_load.syncs} syncs "
+            f"({load_failure})"
+        )
+    return {
+        "ops": steady.ops,
+        "syncs": steady.syncs,
+        "syncs_after_load": after_load.syncs,
+        "after_load_failure": load_failure,
+        "refresh_ops": refresh.ops,
+        "refresh_syncs": refresh.syncs,
+        "alloc_bytes": steady.allocated_bytes,
+        "peak_bytes": steady.peak_bytes,
+        "top_ops": dict(steady.by_op.most_common(8)),
+        "sync_ops_after_load": dict(after_load.sync_ops),
+    }
 
 
 def fused_figures(name: str, shape: tuple[int, int], rank: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -138,8 +148,9 @@ def fused_figures(name: str, shape: tuple[int, int], rank: int, dtype: torch.dty
     return {"fused_ops": steady.ops, "fused_alloc_bytes": steady.allocated_bytes, "fused_peak_bytes": steady.peak_bytes}
 
 
-def cpu_figures(name: str, shape: tuple[int, int], rank: int, dtype: torch.dtype, int8: bool,
-                steps: int) -> dict[str, Any]:
+def cpu_figures(
+    name: str, shape: tuple[int, int], rank: int, dtype: torch.dtype, int8: bool, steps: int
+) -> dict[str, Any]:
     """Median CPU seconds of a step without a refresh (module docstring), and the ops and
     temporaries of one more such step, counted on the CPU."""
     model = OneMatrix(shape, dtype, "cpu", int8)
@@ -154,8 +165,12 @@ def cpu_figures(name: str, shape: tuple[int, int], rank: int, dtype: torch.dtype
         optimizer.step()
         times.append(time.process_time() - start)
     counted = _counted_step(model, optimizer, steps + 2)
-    return {"cpu_s": statistics.median(times), "cpu_ops": counted.ops, "cpu_alloc_bytes": counted.allocated_bytes,
-            "cpu_peak_bytes": counted.peak_bytes}
+    return {
+        "cpu_s": statistics.median(times),
+        "cpu_ops": counted.ops,
+        "cpu_alloc_bytes": counted.allocated_bytes,
+        "cpu_peak_bytes": counted.peak_bytes,
+    }
 
 
 def _cell(value: float | None, unit: str) -> str:
@@ -178,16 +193,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shape, dtype, cpu_dtype = tuple(args.shape), getattr(torch, args.dtype), getattr(torch, args.cpu_dtype)
-    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "
-          f"shape {shape[0]} x {shape[1]}, rank {args.rank}, dispatch figures in {args.dtype} on meta, "
-          f"CPU time in {args.cpu_dtype}")
-    columns = (("ops", "ops", "d"), ("syncs", "syncs", "d"), ("syncs/load", "syncs_after_load", "d"),
-               ("refresh ops", "refresh_ops", "d"), ("refresh syncs", "refresh_syncs", "d"),
-               ("alloc MiB", "alloc_bytes", "MiB"), ("peak MiB", "peak_bytes", "MiB"),
-               ("fused ops", "fused_ops", "d"), ("fused alloc MiB", "fused_alloc_bytes", "MiB"),
-               ("fused peak MiB", "fused_peak_bytes", "MiB"), ("CPU ms", "cpu_s", "ms"),
-               ("CPU ops", "cpu_ops", "d"), ("CPU alloc MiB", "cpu_alloc_bytes", "MiB"),
-               ("CPU peak MiB", "cpu_peak_bytes", "MiB"))
+    print(
+        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "
+        f"shape {shape[0]} x {shape[1]}, rank {args.rank}, dispatch figures in {args.dtype} on meta, "
+        f"CPU time in {args.cpu_dtype}"
+    )
+    columns = (
+        ("ops", "ops", "d"),
+        ("syncs", "syncs", "d"),
+        ("syncs/load", "syncs_after_load", "d"),
+        ("refresh ops", "refresh_ops", "d"),
+        ("refresh syncs", "refresh_syncs", "d"),
+        ("alloc MiB", "alloc_bytes", "MiB"),
+        ("peak MiB", "peak_bytes", "MiB"),
+        ("fused ops", "fused_ops", "d"),
+        ("fused alloc MiB", "fused_alloc_bytes", "MiB"),
+        ("fused peak MiB", "fused_peak_bytes", "MiB"),
+        ("CPU ms", "cpu_s", "ms"),
+        ("CPU ops", "cpu_ops", "d"),
+        ("CPU alloc MiB", "cpu_alloc_bytes", "MiB"),
+        ("CPU peak MiB", "cpu_peak_bytes", "MiB"),
+    )
     print(f"{'optimizer':<20} {'int8':<5}" + "".join(f" {title:>{len(title)}}" for title, _, _ in columns))
     rows = []
     for name in args.optimizers.split(","):
@@ -198,8 +224,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if not args.no_time:
                 row.update(cpu_figures(name, shape, args.rank, cpu_dtype, int8, args.steps))
             rows.append(row)
-            print(f"{name:<20} {'on' if int8 else 'off':<5}"
-                  + "".join(f" {_cell(row.get(key), unit):>{len(title)}}" for title, key, unit in columns), flush=True)
+            print(
+                f"{name:<20} {'on' if int8 else 'off':<5}"
+                + "".join(f" {_cell(row.get(key), unit):>{len(title)}}" for title, key, unit in columns),
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": rows}, indent=1))
     return rows

@@ -1,6 +1,6 @@
 """GaLore with HF accelerate: prepare, train, save_state, and resume with load_state (CPU, offline).
 
-    python scripts/examples/accelerate_train.py [--optimizer galore_adamw] [--rank 8]
+python scripts/examples/accelerate_train.py [--optimizer galore_adamw] [--rank 8]
 """
 
 from __future__ import annotations

@@ -40,8 +40,10 @@ def main() -> None:
         scaler.step(optimizer)  # skipped when the gradients hold inf/NaN
         scaler.update()
         optimizer.zero_grad()
-        print(f"step {step}: loss {loss.item():.4f}  grad norm {norm.item():.3g}  scale {scale:g}"
-              + ("  (skipped: overflow)" if scaler.get_scale() < scale else ""))
+        print(
+            f"step {step}: loss {loss.item():.4f}  grad norm {norm.item():.3g}  scale {scale:g}"
+            + ("  (skipped: overflow)" if scaler.get_scale() < scale else "")
+        )
 
 
 if __name__ == "__main__":

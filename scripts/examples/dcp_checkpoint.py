@@ -59,8 +59,10 @@ def main() -> None:
     checkpoint = os.path.join(tempfile.gettempdir(), f"lowmem_optim_dcp_example_{args.optimizer}")
     model, optimizer = setup(args.optimizer, seed=0)
     train(model, optimizer, token_rows(24, seed=1 + rank))
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
-             checkpoint_id=checkpoint)
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+        checkpoint_id=checkpoint,
+    )
 
     fresh, fresh_optimizer = setup(args.optimizer, seed=1)
     state = {"model": get_model_state_dict(fresh), "optim": get_optimizer_state_dict(fresh, fresh_optimizer)}

@@ -33,15 +33,28 @@ class Tokens(torch.utils.data.Dataset):
 
 def train(out: str, optimizer: str, rank: int, resume: str | None = None) -> list[float]:
     model = tiny_llama()
-    args = TrainingArguments(output_dir=out, use_cpu=True, report_to="none", max_steps=8, save_steps=4,
-                             per_device_train_batch_size=8, logging_steps=1, disable_tqdm=True,
-                             optim_target_modules=["attn", "mlp"])
+    args = TrainingArguments(
+        output_dir=out,
+        use_cpu=True,
+        report_to="none",
+        max_steps=8,
+        save_steps=4,
+        per_device_train_batch_size=8,
+        logging_steps=1,
+        disable_tqdm=True,
+        optim_target_modules=["attn", "mlp"],
+    )
     hparams = {"rank": rank, "update_proj_gap": 2} if optimizer in LOWRANK_OPTIMIZERS else {}
     if "relative_step" in inspect.signature(get_optimizer_class(optimizer)).parameters:
         hparams["relative_step"] = False  # the Trainer's LR schedule needs a number in lr
-    trainer = Trainer(model=model, args=args, train_dataset=Tokens(),
-                      optimizer_cls_and_kwargs=trainer_optimizer(optimizer, lr=1e-2, target_modules=args.optim_target_modules,
-                                                                 **hparams))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Tokens(),
+        optimizer_cls_and_kwargs=trainer_optimizer(
+            optimizer, lr=1e-2, target_modules=args.optim_target_modules, **hparams
+        ),
+    )
     trainer.train(resume_from_checkpoint=resume)
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 

@@ -18,7 +18,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.integration.tiny import OPTIMIZERS, OURS, assert_same_state, make_optimizer, snapshot, tiny_llama, token_batches, train
+from tests.integration.tiny import (
+    OPTIMIZERS,
+    OURS,
+    assert_same_state,
+    make_optimizer,
+    snapshot,
+    tiny_llama,
+    token_batches,
+    train,
+)
 
 STEPS = 3
 

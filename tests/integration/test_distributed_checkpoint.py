@@ -44,8 +44,10 @@ def dcp_round_trip(name: str, checkpoint_id: str, rank: int = 0, wrap=lambda m: 
     optimizer = make_optimizer(name, model, **overrides)  # groups from the bare model (head detection)
     net = wrap(model)
     train(net, optimizer, token_batches(3, seed=1 + rank))  # crosses the refreshes at steps 1 and 3
-    dcp.save({"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, optimizer)},
-             checkpoint_id=checkpoint_id)
+    dcp.save(
+        {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, optimizer)},
+        checkpoint_id=checkpoint_id,
+    )
 
     fresh_model = tiny_llama(seed=1)  # other weights: the load must overwrite them
     fresh = make_optimizer(name, fresh_model, **overrides)

@@ -15,7 +15,15 @@ import torch
 
 from lowmem_optim.integrations.hf import trainer_optimizer
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS
-from tests.integration.tiny import OPTIMIZERS, explicit_lr, make_optimizer, optimizer_kwargs, snapshot, tiny_llama, token_batches
+from tests.integration.tiny import (
+    OPTIMIZERS,
+    explicit_lr,
+    make_optimizer,
+    optimizer_kwargs,
+    snapshot,
+    tiny_llama,
+    token_batches,
+)
 
 STEPS, SAVE_AT = 4, 2
 
@@ -46,9 +54,19 @@ def run_trainer(name: str, way: str, output_dir, resume_from=None, model_seed: i
 
     model = tiny_llama(seed=model_seed)
     args = TrainingArguments(
-        output_dir=str(output_dir), use_cpu=True, report_to="none", max_steps=STEPS, per_device_train_batch_size=4,
-        save_strategy="steps", save_steps=SAVE_AT, lr_scheduler_type="cosine", warmup_steps=1, logging_steps=1,
-        disable_tqdm=True, seed=0, **trainer_args,
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to="none",
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        save_strategy="steps",
+        save_steps=SAVE_AT,
+        lr_scheduler_type="cosine",
+        warmup_steps=1,
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        **trainer_args,
     )
     hparams = optimizer_kwargs(name, **explicit_lr(name, 1e-2))
     if way == "optimizers":
@@ -69,8 +87,13 @@ def test_trainer_resumed_from_a_checkpoint_repeats_the_uninterrupted_run(name, t
     it: equal losses and weights cover both ways in, and the checkpoint between them."""
     losses, full = run_trainer(name, "optimizers", tmp_path / "full")
     assert len(losses) == STEPS and all(map(math.isfinite, losses))
-    resumed, again = run_trainer(name, "optimizer_cls_and_kwargs", tmp_path / "resumed", model_seed=1,
-                                 resume_from=str(tmp_path / "full" / f"checkpoint-{SAVE_AT}"))
+    resumed, again = run_trainer(
+        name,
+        "optimizer_cls_and_kwargs",
+        tmp_path / "resumed",
+        model_seed=1,
+        resume_from=str(tmp_path / "full" / f"checkpoint-{SAVE_AT}"),
+    )
     assert type(again.optimizer.optimizer) is type(full.optimizer.optimizer)  # the Trainer wraps it for accelerate
     assert resumed == losses[SAVE_AT:]
     final = snapshot(full.model)
@@ -83,7 +106,9 @@ def test_trainer_factory_selects_low_rank_matrices_like_optim_target_modules(nam
     from lowmem_optim.integrations.hf import TrainerOptimizerFactory
 
     model = tiny_llama()
-    factory_cls, kwargs = trainer_optimizer(name, **optimizer_kwargs(name, target_modules=["self_attn"], **explicit_lr(name, 1e-2)))
+    factory_cls, kwargs = trainer_optimizer(
+        name, **optimizer_kwargs(name, target_modules=["self_attn"], **explicit_lr(name, 1e-2))
+    )
     optimizer = factory_cls()(model, **kwargs)
     low = [n for g in optimizer.param_groups if g.get("rank") for n in g["param_names"]]
     assert low == [f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in "qkvo"]

@@ -57,8 +57,10 @@ def test_scheduler_scales_each_group_from_its_own_lr_and_resumes_with_the_optimi
     first.load_state_dict(tiny_llama(0).state_dict())
     train(first, optimizer2, batches[:SAVE_AT], scheduler2)
     buffer = io.BytesIO()
-    torch.save({"optimizer": optimizer2.state_dict(), "scheduler": scheduler2.state_dict(),
-                "model": first.state_dict()}, buffer)
+    torch.save(
+        {"optimizer": optimizer2.state_dict(), "scheduler": scheduler2.state_dict(), "model": first.state_dict()},
+        buffer,
+    )
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)
     resumed, optimizer3, scheduler3 = build(name, schedule, seed=2)

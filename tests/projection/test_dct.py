@@ -53,7 +53,9 @@ def test_l2_selection_minimizes_the_projection_error_over_all_subsets_of_the_bas
     assert error(chosen) <= min(error(c) for c in itertools.combinations(range(8), 3)) + 1e-12
 
 
-@pytest.mark.parametrize("proj_type, shape, dim", [("std", (24, 16), 1), ("std", (16, 24), 0), ("reverse_std", (24, 16), 0)])
+@pytest.mark.parametrize(
+    "proj_type, shape, dim", [("std", (24, 16), 1), ("std", (16, 24), 0), ("reverse_std", (24, 16), 0)]
+)
 def test_projection_reads_the_selected_spectrum_and_back_projection_uses_the_same_vectors(proj_type, shape, dim):
     g = _randn(*shape, seed=1)
     state = {}
@@ -157,9 +159,15 @@ def test_adaptive_schedule_on_dct_grows_the_gap_while_the_index_set_stays():
 
 @pytest.mark.parametrize(
     "key, value, match",
-    [("proj_type", "full", "proj_type"), ("dct_score", "l3", "dct_score"), ("dct_fft_threshold", 0, "dct_fft_threshold"),
-     ("dct_keep_moments", "yes", "dct_keep_moments"), ("proj_bits", 4, "proj_bits"), ("dct_type", 1, "dct_type"),
-     ("dct_type", True, "dct_type")],
+    [
+        ("proj_type", "full", "proj_type"),
+        ("dct_score", "l3", "dct_score"),
+        ("dct_fft_threshold", 0, "dct_fft_threshold"),
+        ("dct_keep_moments", "yes", "dct_keep_moments"),
+        ("proj_bits", 4, "proj_bits"),
+        ("dct_type", 1, "dct_type"),
+        ("dct_type", True, "dct_type"),
+    ],
 )
 def test_dct_rejects_bad_settings_by_name(key, value, match):
     w = torch.nn.Parameter(torch.zeros(8, 4))

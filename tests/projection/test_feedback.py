@@ -19,8 +19,15 @@ def test_dct_adamw_with_error_feedback_matches_a_float64_reference_of_its_equati
     lr, wd, eps, (b1, b2), rank, (m, n) = 0.05, 0.1, 1e-8, (0.9, 0.999), 3, (12, 9)
     w0 = _randn(m, n, seed=5)
     w = torch.nn.Parameter(w0.clone())
-    opt = DCTAdamW([{"params": [w], "rank": rank}], lr=lr, weight_decay=wd, eps=eps, betas=(b1, b2),
-                   dct_keep_moments=keep, error_feedback="float32")
+    opt = DCTAdamW(
+        [{"params": [w], "rank": rank}],
+        lr=lr,
+        weight_decay=wd,
+        eps=eps,
+        betas=(b1, b2),
+        dct_keep_moments=keep,
+        error_feedback="float32",
+    )
     q = dct_basis(n, torch.float64, CPU)
     ref, e = w0.clone(), torch.zeros(m, n, dtype=torch.float64)
     mom, v, index = torch.zeros(m, rank, dtype=torch.float64), torch.zeros(m, rank, dtype=torch.float64), None
@@ -59,8 +66,11 @@ def test_error_feedback_composes_with_galore_the_buffer_is_the_part_outside_the_
 
 
 def _eight_bit_layout(state: dict) -> bool:
-    return (state["ef_codes"].shape == (64, 48) and state["ef_absmax"].dtype == torch.float32
-            and state["ef_absmax"].numel() == 64 * 48 // 256)
+    return (
+        state["ef_codes"].shape == (64, 48)
+        and state["ef_absmax"].dtype == torch.float32
+        and state["ef_absmax"].numel() == 64 * 48 // 256
+    )
 
 
 def _four_bit_layout(state: dict) -> bool:
@@ -75,14 +85,17 @@ def _within_half_an_int4_step(blocks: torch.Tensor) -> torch.Tensor:
     return (blocks.amax(1) - blocks.amin(1)) / 30 * (1 + 1e-5)
 
 
-@pytest.mark.parametrize("kind, layout, tolerance", [
-    # uint8 codes of the signed dynamic map, float32 absmax per 256 values (1 + 4/256 bytes per weight):
-    # near the top of the map codes lie ~1/100 of absmax apart (measured max error: 0.7% of absmax)
-    ("8bit", _eight_bit_layout, _within_one_percent_of_absmax),
-    # INT4 min-max, two codes per byte, float32 scale and zero per 256 values (1/2 + 8/256 bytes):
-    # round to nearest, within half a step (max - min) / 15 / 2
-    ("4bit", _four_bit_layout, _within_half_an_int4_step),
-])
+@pytest.mark.parametrize(
+    "kind, layout, tolerance",
+    [
+        # uint8 codes of the signed dynamic map, float32 absmax per 256 values (1 + 4/256 bytes per weight):
+        # near the top of the map codes lie ~1/100 of absmax apart (measured max error: 0.7% of absmax)
+        ("8bit", _eight_bit_layout, _within_one_percent_of_absmax),
+        # INT4 min-max, two codes per byte, float32 scale and zero per 256 values (1/2 + 8/256 bytes):
+        # round to nearest, within half a step (max - min) / 15 / 2
+        ("4bit", _four_bit_layout, _within_half_an_int4_step),
+    ],
+)
 def test_quantized_buffer_holds_each_steps_discarded_part_within_its_quantization_error(kind, layout, tolerance):
     """Each step stores E_t = A_t - Q_I Q_I^T A_t, with A_t = G_t + the dequantized E_{t-1}."""
     w = torch.nn.Parameter(torch.zeros(64, 48))

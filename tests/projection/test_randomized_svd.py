@@ -27,14 +27,18 @@ def test_subspace_error_is_within_one_percent_of_the_exact_svd_on_decaying_spect
     a = _decaying(*shape, spectrum, seed=1)
     rank = 12
     exact = _error(a, singular_vectors(a)[0], rank)
-    u, vh = randomized_singular_vectors(a, rank, oversample=10, power_iters=2, generator=torch.Generator().manual_seed(0))
+    u, vh = randomized_singular_vectors(
+        a, rank, oversample=10, power_iters=2, generator=torch.Generator().manual_seed(0)
+    )
     assert _error(a, u, rank) <= 1.01 * exact
     assert float((a - (a @ vh[:rank].T) @ vh[:rank]).norm()) <= 1.01 * exact
 
 
 def test_power_iterations_reduce_the_error_on_a_slowly_decaying_spectrum():
     a = _decaying(200, 120, torch.arange(1, 121, dtype=torch.float32) ** -0.5, seed=2)
-    errors = [_error(a, randomized_singular_vectors(a, 10, 5, q, torch.Generator().manual_seed(0))[0], 10) for q in (0, 2)]
+    errors = [
+        _error(a, randomized_singular_vectors(a, 10, 5, q, torch.Generator().manual_seed(0))[0], 10) for q in (0, 2)
+    ]
     assert errors[1] < errors[0]
 
 

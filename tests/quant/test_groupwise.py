@@ -40,10 +40,12 @@ def test_constant_group_decodes_exactly():
 def test_stochastic_rounding_is_unbiased_for_sub_step_values():
     step = 1.0 / 255
     x = torch.cat([torch.tensor([0.0, 1.0]), torch.full((254,), 0.1 * step + 0.5)])  # 0.1 step above a grid point
-    means = torch.stack([
-        dequantize_groupwise(*quantize_groupwise(x, 8, stochastic=True, seed=seed), x.shape)[2:]
-        for seed in range(400)
-    ]).mean()
+    means = torch.stack(
+        [
+            dequantize_groupwise(*quantize_groupwise(x, 8, stochastic=True, seed=seed), x.shape)[2:]
+            for seed in range(400)
+        ]
+    ).mean()
     deterministic = dequantize_groupwise(*quantize_groupwise(x, 8), x.shape)[2:].mean()
     assert abs(float(means) - float(x[2:].mean())) < 0.02 * step
     assert abs(float(deterministic) - float(x[2:].mean())) > 0.05 * step  # the sub-step part vanishes

@@ -116,7 +116,7 @@ def test_apply_update_is_decay_then_step_in_fp32_within_rounding():
     update = torch.randn(20, 300) * 0.05
     layer.weight.apply_update(update, alpha=0.5, decay=0.9, seed=3)
     expected = 0.9 * w0 - 0.5 * update
-    steps = layer.weight_scale.repeat_interleave(128)[: 6000].view(20, 300)
+    steps = layer.weight_scale.repeat_interleave(128)[:6000].view(20, 300)
     error = (layer.weight.dequantized(torch.float32) - expected).abs()
     assert bool((error <= steps + 1e-6).all())  # stochastic rounding moves a value by < 1 step
 

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import lowmem_optim.quant.int8_linear as int8_linear
-from lowmem_optim.quant.int8_linear import Int8Linear
 from lowmem_optim.parts import defaults
+from lowmem_optim.quant.int8_linear import Int8Linear
 from lowmem_optim.rules.adafactor import AdafactorRule, weight_rms
 
 
@@ -40,4 +40,3 @@ def test_relative_step_of_an_int8_weight_is_its_dequantized_copys():
     assert steps["int8"][1] == pytest.approx(steps["dense"][1], rel=1e-6)
     assert steps["int8"][1] == pytest.approx(rms * 1e-2, rel=1e-6)  # not the eps2 floor, 1e-3 * 1e-2
     torch.testing.assert_close(steps["int8"][0], steps["dense"][0])
-

@@ -26,8 +26,20 @@ def ns_ref(x: torch.Tensor, steps: int) -> torch.Tensor:
     return x.T if tall else x
 
 
-def normalized_momentum_ref(w0, grads, *, kind, lr, weight_decay=0.0, momentum=0.95, nesterov=True, gamma=1.0,
-                            normalize=True, ns_steps=5, adjust="original"):
+def normalized_momentum_ref(
+    w0,
+    grads,
+    *,
+    kind,
+    lr,
+    weight_decay=0.0,
+    momentum=0.95,
+    nesterov=True,
+    gamma=1.0,
+    normalize=True,
+    ns_steps=5,
+    adjust="original",
+):
     """The paper formulas in float64: Nesterov momentum, X = D/(||D||+1e-7), the kind's direction,
     W <- W (1 - lr wd) - lr s U."""
     w = w0.double().clone()
@@ -87,8 +99,7 @@ def test_auon_later_code_variant_and_lr_adjustments_match_reference(adjust):
 @pytest.mark.parametrize("ns_steps", [1, 3])
 def test_hybrid_auon_float32_matches_float64_reference(shape, ns_steps):
     w0, *grads = gaussians(*shape, count=4)
-    got, _ = run(lowmem_optim.HybridAuON, w0, grads, lr=0.1, weight_decay=0.05, ns_steps=ns_steps,
-                 ns_dtype="float32")
+    got, _ = run(lowmem_optim.HybridAuON, w0, grads, lr=0.1, weight_decay=0.05, ns_steps=ns_steps, ns_dtype="float32")
     want = normalized_momentum_ref(w0, grads, kind="hybrid", lr=0.1, weight_decay=0.05, ns_steps=ns_steps)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 

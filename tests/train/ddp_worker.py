@@ -20,8 +20,10 @@ from train.loop import run
 
 
 def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for name, p in distributed.unwrap(model).named_parameters()}
+    return {
+        name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for name, p in distributed.unwrap(model).named_parameters()
+    }
 
 
 def main(out: Path, base: list[str]) -> None:
@@ -29,16 +31,29 @@ def main(out: Path, base: list[str]) -> None:
     dist.init_process_group("gloo")  # owned here, so the runs below share it
     d = distributed.setup()
     rank = d.rank
-    ddp = run(parse_args(base + ["--optimizer=galore_adamw", "--rank=8", "--update-proj-gap=2",
-                                 f"--output-dir={out / 'ddp'}"]), d)
+    ddp = run(
+        parse_args(
+            base + ["--optimizer=galore_adamw", "--rank=8", "--update-proj-gap=2", f"--output-dir={out / 'ddp'}"]
+        ),
+        d,
+    )
     torch.save(full_parameters(ddp.model), out / f"ddp_rank{rank}.pt")
 
-    int8 = run(parse_args(base + ["--optimizer=galore_adamw", "--rank=8", "--weight-bits=8",
-                                  f"--output-dir={out / 'ddp_int8'}"]), d)
+    int8 = run(
+        parse_args(
+            base + ["--optimizer=galore_adamw", "--rank=8", "--weight-bits=8", f"--output-dir={out / 'ddp_int8'}"]
+        ),
+        d,
+    )
     torch.save(distributed.unwrap(int8.model).state_dict(), out / f"ddp_int8_rank{rank}.pt")
 
-    fsdp_flags = ["--optimizer=q_galore_adamw8bit", "--rank=8", "--update-proj-gap=2", "--parallel=fsdp",
-                  "--save-every=2"]
+    fsdp_flags = [
+        "--optimizer=q_galore_adamw8bit",
+        "--rank=8",
+        "--update-proj-gap=2",
+        "--parallel=fsdp",
+        "--save-every=2",
+    ]
     fsdp = run(parse_args(base + fsdp_flags + [f"--output-dir={out / 'fsdp'}"]), d)
     torch.save(full_parameters(fsdp.model), out / f"fsdp_rank{rank}.pt")
     if rank == 0:  # as if killed after step 2's checkpoint
@@ -52,8 +67,13 @@ def main(out: Path, base: list[str]) -> None:
     for name in available_optimizers():
         lowrank = ["--rank=8", "--update-proj-gap=2"] if name in LOWRANK_OPTIMIZERS else []
         try:
-            trained = run(parse_args(base + [f"--optimizer={name}", "--parallel=fsdp", *lowrank,
-                                             f"--output-dir={out / ('fsdp_' + name)}"]), d)
+            trained = run(
+                parse_args(
+                    base
+                    + [f"--optimizer={name}", "--parallel=fsdp", *lowrank, f"--output-dir={out / ('fsdp_' + name)}"]
+                ),
+                d,
+            )
             outcomes[name] = {"losses": [r["loss"] for r in trained.records]}
             torch.save(full_parameters(trained.model), out / f"fsdp_{name}_rank{rank}.pt")
         except ValueError as err:

@@ -14,10 +14,13 @@ from train.metrics import read_jsonl
 SAME_IN_BOTH = ("step", "loss", "lr", "opt_state_bytes", "val_loss", "val_ppl")
 
 
-@pytest.mark.parametrize(("optimizer", "flags"), [
-    ("galore_adamw", {}),
-    ("galore_adamw8bit", {"layerwise": True, "total_batch_size": 8}),  # 8-bit codes; hooks; accumulation
-])
+@pytest.mark.parametrize(
+    ("optimizer", "flags"),
+    [
+        ("galore_adamw", {}),
+        ("galore_adamw8bit", {"layerwise": True, "total_batch_size": 8}),  # 8-bit codes; hooks; accumulation
+    ],
+)
 def test_a_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path, tiny_argv, optimizer, flags):
     # gap 3: refreshes at steps 1, 4, 7, so the first step after resuming refreshes the subspace
     settings = dict(max_steps=6, save_every=3, eval_every=3, keep_checkpoints=3, **flags)
@@ -28,7 +31,9 @@ def test_a_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path, tiny_a
     resumed = main(tiny_argv(tmp_path / "cut", optimizer, resume=True, **settings))
 
     assert [r["step"] for r in resumed] == [4, 5, 6]
-    assert [{k: r.get(k) for k in SAME_IN_BOTH} for r in resumed] == [{k: r.get(k) for k in SAME_IN_BOTH} for r in full[3:]]
+    assert [{k: r.get(k) for k in SAME_IN_BOTH} for r in resumed] == [
+        {k: r.get(k) for k in SAME_IN_BOTH} for r in full[3:]
+    ]
     lines = read_jsonl(tmp_path / "cut" / "metrics.jsonl")  # the interrupted run's steps 4-6 were dropped
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
     a = checkpoint.load(tmp_path / "full" / "checkpoints" / "step_00000006.pt")
@@ -70,8 +75,10 @@ def test_a_write_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path, m
         checkpoint.save(tmp_path, 2, {"weights": torch.zeros(3)}, keep=2)
     assert checkpoint.latest(tmp_path).name == "step_00000001.pt"
     assert torch.equal(torch.load(checkpoint.latest(tmp_path), weights_only=True)["weights"], torch.ones(3))
-    assert sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()) == ["step_00000001.pt",
-                                                                                   "step_00000001.pt.sha256"]
+    assert sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()) == [
+        "step_00000001.pt",
+        "step_00000001.pt.sha256",
+    ]
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):

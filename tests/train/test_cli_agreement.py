@@ -17,8 +17,20 @@ TINY = json.loads((REPO / "configs" / "llama_tiny.json").read_text())
 
 
 def _memory(*flags: str, config: str | Path = REPO / "configs" / "llama_tiny.json", optimizer: str = "galore_adamw"):
-    return memory_main(["memory", "--model-config", str(config), "--optimizer", optimizer, "--batch-size", "2",
-                        "--seq-len", "32", *flags])
+    return memory_main(
+        [
+            "memory",
+            "--model-config",
+            str(config),
+            "--optimizer",
+            optimizer,
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            *flags,
+        ]
+    )
 
 
 def _write(tmp_path: Path, **changes) -> Path:
@@ -27,18 +39,36 @@ def _write(tmp_path: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({k: None for k in ("intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                        "max_position_embeddings", "num_key_value_heads")},
-     "lacks intermediate_size, num_hidden_layers, num_attention_heads, vocab_size, max_position_embeddings (required"),
-    ({"hidden_size": -64}, ": hidden_size is -64 (allowed: an int >= 1)"),
-    ({"hidden_size": 60, "num_attention_heads": 7, "num_key_value_heads": 7},
-     ": hidden_size 60 does not split into num_attention_heads 7 heads"),
-    ({"hidden_size": 60, "num_attention_heads": 4}, ": the head size is 15, odd"),
-    ({"num_key_value_heads": 3}, ": num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {
+                k: None
+                for k in (
+                    "intermediate_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "vocab_size",
+                    "max_position_embeddings",
+                    "num_key_value_heads",
+                )
+            },
+            "lacks intermediate_size, num_hidden_layers, num_attention_heads, vocab_size, "
+            "max_position_embeddings (required",
+        ),
+        ({"hidden_size": -64}, ": hidden_size is -64 (allowed: an int >= 1)"),
+        (
+            {"hidden_size": 60, "num_attention_heads": 7, "num_key_value_heads": 7},
+            ": hidden_size 60 does not split into num_attention_heads 7 heads",
+        ),
+        ({"hidden_size": 60, "num_attention_heads": 4}, ": the head size is 15, odd"),
+        ({"num_key_value_heads": 3}, ": num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ],
+)
 def test_both_clis_refuse_an_incomplete_or_impossible_model_config_naming_file_and_key(
-        tmp_path, tiny_argv, capsys, changes, message):
+    tmp_path, tiny_argv, capsys, changes, message
+):
     path = _write(tmp_path, **changes)
     with pytest.raises(ValueError) as err:
         train_main(tiny_argv(tmp_path / "run", model_config=path))
@@ -61,11 +91,14 @@ def test_both_clis_accept_the_same_target_modules(tmp_path, run_tiny, spec):
     run_tiny("run", "galore_adamw", target_modules=spec, max_steps=1, eval_every=1)
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    (".*attn.*", "Invalid --target-modules: '.*attn.*'; a regular expression is written re:.*attn.*"),
-    ("re:([", "Invalid --target-modules: 're:([' is not a valid regular expression"),
-    (",", "Invalid --target-modules: ','"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (".*attn.*", "Invalid --target-modules: '.*attn.*'; a regular expression is written re:.*attn.*"),
+        ("re:([", "Invalid --target-modules: 're:([' is not a valid regular expression"),
+        (",", "Invalid --target-modules: ','"),
+    ],
+)
 def test_both_clis_refuse_the_same_target_modules(tmp_path, tiny_argv, capsys, spec, message):
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         train_main(tiny_argv(tmp_path / "run", "galore_adamw", target_modules=spec))
@@ -73,11 +106,14 @@ def test_both_clis_refuse_the_same_target_modules(tmp_path, tiny_argv, capsys, s
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("flags", "optimizer", "message"), [
-    (("--seq-len", "512"), "galore_adamw", "--seq-len 512 exceeds max_position_embeddings 256"),
-    (("--rank", "64"), "galore_adamw", "Invalid --rank: 64 is >= min(rows, cols) of every low-rank matrix"),
-    (("--weight-bits", "8"), "adamw", "--weight-bits 8: --optimizer adamw writes into its parameters"),
-])
+@pytest.mark.parametrize(
+    ("flags", "optimizer", "message"),
+    [
+        (("--seq-len", "512"), "galore_adamw", "--seq-len 512 exceeds max_position_embeddings 256"),
+        (("--rank", "64"), "galore_adamw", "Invalid --rank: 64 is >= min(rows, cols) of every low-rank matrix"),
+        (("--weight-bits", "8"), "adamw", "--weight-bits 8: --optimizer adamw writes into its parameters"),
+    ],
+)
 def test_the_memory_cli_refuses_what_training_refuses(tmp_path, tiny_argv, capsys, flags, optimizer, message):
     argv = dict(zip((f.lstrip("-") for f in flags[::2]), flags[1::2]))
     with pytest.raises(ValueError, match="^" + re.escape(message)):

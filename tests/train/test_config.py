@@ -13,19 +13,53 @@ TINY = str(Path(__file__).resolve().parents[2] / "configs" / "llama_tiny.json")
 
 
 def test_key_value_snake_and_kebab_spellings_parse_alike():
-    kebab = parse_args(["--model-config", TINY, "--update-proj-gap", "50", "--activation-checkpointing",
-                        "--rank", "4", "--optimizer", "galore_adamw", "--lr", "0.002"])
-    wandb_form = parse_args([f"--model-config={TINY}", "--update-proj-gap=50", "--activation-checkpointing=True",
-                             "--rank=4", "--optimizer=galore_adamw", "--lr=0.002"])
-    snake = parse_args([f"--model_config={TINY}", "--update_proj_gap=50", "--activation_checkpointing", "True",
-                        "--rank", "4", "--optimizer", "galore_adamw", "--lr", "2e-3"])
+    kebab = parse_args(
+        [
+            "--model-config",
+            TINY,
+            "--update-proj-gap",
+            "50",
+            "--activation-checkpointing",
+            "--rank",
+            "4",
+            "--optimizer",
+            "galore_adamw",
+            "--lr",
+            "0.002",
+        ]
+    )
+    wandb_form = parse_args(
+        [
+            f"--model-config={TINY}",
+            "--update-proj-gap=50",
+            "--activation-checkpointing=True",
+            "--rank=4",
+            "--optimizer=galore_adamw",
+            "--lr=0.002",
+        ]
+    )
+    snake = parse_args(
+        [
+            f"--model_config={TINY}",
+            "--update_proj_gap=50",
+            "--activation_checkpointing",
+            "True",
+            "--rank",
+            "4",
+            "--optimizer",
+            "galore_adamw",
+            "--lr",
+            "2e-3",
+        ]
+    )
     assert kebab == wandb_form == snake
     assert kebab.activation_checkpointing is True and kebab.update_proj_gap == 50 and kebab.lr == 0.002
 
 
 def test_false_and_none_values_as_wandb_renders_them():
-    cfg = parse_args([f"--model-config={TINY}", "--progress=False", "--layerwise=false", "--rank=None",
-                      "--total-batch-size=null"])
+    cfg = parse_args(
+        [f"--model-config={TINY}", "--progress=False", "--layerwise=false", "--rank=None", "--total-batch-size=null"]
+    )
     assert cfg.progress is False and cfg.layerwise is False and cfg.rank is None and cfg.total_batch_size is None
     assert parse_args([f"--model-config={TINY}"]) == TrainConfig(model_config=TINY)
 

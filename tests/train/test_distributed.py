@@ -21,8 +21,16 @@ from train.metrics import read_jsonl
 from train.model import build_model
 
 REPO = Path(__file__).resolve().parents[2]
-BASE = ["--model-config=configs/llama_tiny.json", "--lr=0.01", "--batch-size=2", "--seq-len=32", "--max-steps=4",
-        "--eval-every=2", "--eval-batches=1", "--progress=False"]
+BASE = [
+    "--model-config=configs/llama_tiny.json",
+    "--lr=0.01",
+    "--batch-size=2",
+    "--seq-len=32",
+    "--max-steps=4",
+    "--eval-every=2",
+    "--eval-batches=1",
+    "--progress=False",
+]
 
 
 def _free_port() -> int:
@@ -36,9 +44,21 @@ def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={_free_port()}",
-         str(REPO / "tests" / "train" / "ddp_worker.py"), str(out), *BASE],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=280,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master-port={_free_port()}",
+            str(REPO / "tests" / "train" / "ddp_worker.py"),
+            str(out),
+            *BASE,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -52,14 +72,28 @@ def test_ddp_ranks_end_with_identical_parameters(two_ranks):
     rank0, rank1 = _load(two_ranks / "ddp_rank0.pt"), _load(two_ranks / "ddp_rank1.pt")
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    fresh = build_model(str(REPO / "configs" / "llama_tiny.json"), dtype=torch.float32, device=torch.device("cpu"),
-                        seed=0, vocab_needed=257, seq_len=32).state_dict()
+    fresh = build_model(
+        str(REPO / "configs" / "llama_tiny.json"),
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        seed=0,
+        vocab_needed=257,
+        seq_len=32,
+    ).state_dict()
     assert all(not torch.equal(fresh[k], rank0[k]) for k in rank0 if k.endswith("proj.weight"))  # they trained
 
 
 def test_ddp_matches_one_process_on_the_same_global_batch(two_ranks):
-    one = main(BASE + ["--optimizer=galore_adamw", "--rank=8", "--update-proj-gap=2", "--batch-size=4",
-                       f"--output-dir={two_ranks / 'single'}"])
+    one = main(
+        BASE
+        + [
+            "--optimizer=galore_adamw",
+            "--rank=8",
+            "--update-proj-gap=2",
+            "--batch-size=4",
+            f"--output-dir={two_ranks / 'single'}",
+        ]
+    )
     ddp = read_jsonl(two_ranks / "ddp" / "metrics.jsonl")
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in one], rel=1e-5)
     assert ddp[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-5)
@@ -88,7 +122,10 @@ def test_fsdp2_trains_q_galore_with_ranks_agreeing(two_ranks):
 
 
 def test_fsdp2_resumes_from_a_gathered_checkpoint_exactly(two_ranks):
-    full, resumed = read_jsonl(two_ranks / "fsdp" / "metrics.jsonl"), read_jsonl(two_ranks / "fsdp_cut" / "metrics.jsonl")
+    full, resumed = (
+        read_jsonl(two_ranks / "fsdp" / "metrics.jsonl"),
+        read_jsonl(two_ranks / "fsdp_cut" / "metrics.jsonl"),
+    )
     assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in full]
     for rank in (0, 1):
         a, b = _load(two_ranks / f"fsdp_rank{rank}.pt"), _load(two_ranks / f"fsdp_resumed_rank{rank}.pt")

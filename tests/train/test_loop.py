@@ -51,19 +51,31 @@ def test_adamw_state_bytes_are_its_two_moments_and_step_counters(run_tiny, tmp_p
     assert records[-1]["opt_state_bytes"] == 8 * config["n_params"] + 4 * n_tensors
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    ({"model-config": "configs/llama_nope.json"}, "--model-config 'configs/llama_nope.json' is not a file"),
-    ({"optimizer": "sgdx"}, "Invalid --optimizer: 'sgdx' (allowed: adamw"),
-    ({"optimizer": "galore_adamw", "rank": 64}, "Invalid --rank: 64 is >= min(rows, cols) of every low-rank matrix"),
-    ({"optimizer": "galore_adamw", "rank": None}, "--rank is required for --optimizer galore_adamw"),
-    ({"data": "/nonexistent/corpus"}, "--data '/nonexistent/corpus' does not exist"),
-    ({"total-batch-size": 6}, "Invalid --total-batch-size: 6 (allowed: a multiple of --batch-size"),
-    ({"seq-len": 512}, "--seq-len 512 exceeds max_position_embeddings 256"),
-    ({"dtype": "float8"}, "Invalid --dtype: 'float8' (allowed: float32"),
-    ({"weight-bits": 8}, "--weight-bits 8: --optimizer adamw writes into its parameters and cannot update INT8"),
-    ({"parallel": "fsdp", "layerwise": True}, "--layerwise with --parallel fsdp is not supported (allowed: --parallel ddp"),
-    ({"parallel": "fsdp", "weight-bits": 8}, "--weight-bits 8 with --parallel fsdp is not supported (allowed: --parallel"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"model-config": "configs/llama_nope.json"}, "--model-config 'configs/llama_nope.json' is not a file"),
+        ({"optimizer": "sgdx"}, "Invalid --optimizer: 'sgdx' (allowed: adamw"),
+        (
+            {"optimizer": "galore_adamw", "rank": 64},
+            "Invalid --rank: 64 is >= min(rows, cols) of every low-rank matrix",
+        ),
+        ({"optimizer": "galore_adamw", "rank": None}, "--rank is required for --optimizer galore_adamw"),
+        ({"data": "/nonexistent/corpus"}, "--data '/nonexistent/corpus' does not exist"),
+        ({"total-batch-size": 6}, "Invalid --total-batch-size: 6 (allowed: a multiple of --batch-size"),
+        ({"seq-len": 512}, "--seq-len 512 exceeds max_position_embeddings 256"),
+        ({"dtype": "float8"}, "Invalid --dtype: 'float8' (allowed: float32"),
+        ({"weight-bits": 8}, "--weight-bits 8: --optimizer adamw writes into its parameters and cannot update INT8"),
+        (
+            {"parallel": "fsdp", "layerwise": True},
+            "--layerwise with --parallel fsdp is not supported (allowed: --parallel ddp",
+        ),
+        (
+            {"parallel": "fsdp", "weight-bits": 8},
+            "--weight-bits 8 with --parallel fsdp is not supported (allowed: --parallel",
+        ),
+    ],
+)
 def test_bad_input_names_the_flag_and_what_is_allowed(tmp_path, tiny_argv, flags, message):
     from train import main
 
@@ -74,8 +86,12 @@ def test_bad_input_names_the_flag_and_what_is_allowed(tmp_path, tiny_argv, flags
 
 
 def test_the_module_entry_point_exits_2_with_one_error_line(tmp_path, tiny_argv):
-    result = subprocess.run([sys.executable, "-m", "train", *tiny_argv(tmp_path / "run", optimizer="nope")],
-                            cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "train", *tiny_argv(tmp_path / "run", optimizer="nope")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: Invalid --optimizer: 'nope'")
     assert not Path(tmp_path / "run").exists()
@@ -89,7 +105,9 @@ def test_int8_weights_train_layerwise_and_are_saved_as_codes(run_tiny, tmp_path)
     assert "model.layers.0.mlp.up_proj.weight" not in saved and "lm_head.weight" in saved
 
 
-def test_wandb_without_an_api_key_logs_offline_with_config_and_layer_statistics(run_tiny, tmp_path, monkeypatch, capsys):
+def test_wandb_without_an_api_key_logs_offline_with_config_and_layer_statistics(
+    run_tiny, tmp_path, monkeypatch, capsys
+):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_tiny("run", "galore_adamw", wandb="online", max_steps=2, eval_every=2)

@@ -40,14 +40,20 @@ def test_unset_flags_leave_the_optimizers_defaults():
     assert {(g["betas"], g["eps"]) for g in opt.param_groups} == {((0.9, 0.999), 1e-8)}
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--betas=0.9"], "Invalid --betas: (0.9,) (allowed: a pair of numbers in [0, 1))"),
-    (["--betas=0.9,1.0"], "Invalid --betas: (0.9, 1.0)"),
-    (["--betas=high,low"], "Invalid --betas: 'high,low' (allowed: a pair of numbers in [0, 1), written beta1,beta2)"),
-    (["--betas=0.9,0.95", "--beta2=0.9"], "--betas '0.9,0.95' and --beta1/--beta2 both given"),
-    (["--beta1=1.5"], "Invalid --beta1/--beta2: (1.5, 0.999)"),
-    (["--eps=-1e-8"], "Invalid --eps: -1e-08 (allowed: a finite number >= 0)"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--betas=0.9"], "Invalid --betas: (0.9,) (allowed: a pair of numbers in [0, 1))"),
+        (["--betas=0.9,1.0"], "Invalid --betas: (0.9, 1.0)"),
+        (
+            ["--betas=high,low"],
+            "Invalid --betas: 'high,low' (allowed: a pair of numbers in [0, 1), written beta1,beta2)",
+        ),
+        (["--betas=0.9,0.95", "--beta2=0.9"], "--betas '0.9,0.95' and --beta1/--beta2 both given"),
+        (["--beta1=1.5"], "Invalid --beta1/--beta2: (1.5, 0.999)"),
+        (["--eps=-1e-8"], "Invalid --eps: -1e-08 (allowed: a finite number >= 0)"),
+    ],
+)
 def test_bad_adam_flags_name_the_flag_and_what_is_allowed(flags, message):
     with pytest.raises(ValueError) as err:
         parse_args([f"--model-config={TINY}", *flags])

@@ -11,7 +11,7 @@ import pytest
 
 from train.report import build_table, load_runs, main, pareto_front, write_report
 
-MIB = 2 ** 20
+MIB = 2**20
 
 
 def _write_run(folder: Path, config: dict, metrics: list[dict], trial: dict | None = None) -> None:
@@ -22,32 +22,55 @@ def _write_run(folder: Path, config: dict, metrics: list[dict], trial: dict | No
         (folder / "trial.json").write_text(json.dumps(trial))
 
 
-def _metrics(losses: list[float], vals: dict[int, float], state_mib: float, peak_mib: list[float],
-             speeds: list[float]) -> list[dict]:
-    return [{"step": s, "loss": loss, "lr": 0.01, "tokens_per_s": speed, "peak_mem_bytes": int(peak * MIB),
-             "opt_state_bytes": int(state_mib * MIB), **({"val_loss": vals[s]} if s in vals else {})}
-            for s, (loss, peak, speed) in enumerate(zip(losses, peak_mib, speeds), start=1)]
+def _metrics(
+    losses: list[float], vals: dict[int, float], state_mib: float, peak_mib: list[float], speeds: list[float]
+) -> list[dict]:
+    return [
+        {
+            "step": s,
+            "loss": loss,
+            "lr": 0.01,
+            "tokens_per_s": speed,
+            "peak_mem_bytes": int(peak * MIB),
+            "opt_state_bytes": int(state_mib * MIB),
+            **({"val_loss": vals[s]} if s in vals else {}),
+        }
+        for s, (loss, peak, speed) in enumerate(zip(losses, peak_mib, speeds), start=1)
+    ]
 
 
 @pytest.fixture
 def runs(tmp_path: Path) -> Path:
     base = {"max_steps": 4, "seed": 0, "output_dir": "ignored", "batch_size": 4}
     # a sweep may pass --rank to every optimizer; the CLI ignores it for full-rank ones, so does the table
-    _write_run(tmp_path / "adamw", {**base, "optimizer": "adamw", "lr": 0.001, "rank": 8},
-               _metrics([5, 4, 3.5, 3.2], {2: 4.2, 4: 3.6}, 8.0, [100, 120, 110, 115], [10, 1000, 1100, 1200]))
-    _write_run(tmp_path / "galore_r8", {**base, "optimizer": "galore_adamw", "lr": 0.01, "rank": 8},
-               _metrics([5, 4.5, 3.9, 3.7], {2: 4.4, 4: 3.9}, 2.0, [90, 95, 96, 94], [10, 900, 950, 1000]))
+    _write_run(
+        tmp_path / "adamw",
+        {**base, "optimizer": "adamw", "lr": 0.001, "rank": 8},
+        _metrics([5, 4, 3.5, 3.2], {2: 4.2, 4: 3.6}, 8.0, [100, 120, 110, 115], [10, 1000, 1100, 1200]),
+    )
+    _write_run(
+        tmp_path / "galore_r8",
+        {**base, "optimizer": "galore_adamw", "lr": 0.01, "rank": 8},
+        _metrics([5, 4.5, 3.9, 3.7], {2: 4.4, 4: 3.9}, 2.0, [90, 95, 96, 94], [10, 900, 950, 1000]),
+    )
     # worse loss with more state than galore_r8: dominated, not on the Pareto front
-    _write_run(tmp_path / "galore_r16", {**base, "optimizer": "galore_adamw", "lr": 0.01, "rank": 16},
-               _metrics([5, 4.6, 4.2, 4.1], {2: 4.5, 4: 4.0}, 3.0, [91, 96, 97, 95], [10, 800, 850, 900]))
+    _write_run(
+        tmp_path / "galore_r16",
+        {**base, "optimizer": "galore_adamw", "lr": 0.01, "rank": 16},
+        _metrics([5, 4.6, 4.2, 4.1], {2: 4.5, 4: 4.0}, 3.0, [91, 96, 97, 95], [10, 800, 850, 900]),
+    )
     # a run whose best validation loss is not its last one
-    _write_run(tmp_path / "sweep" / "001_lr-0.1", {**base, "optimizer": "galore_adamw", "lr": 0.1, "rank": 8},
-               _metrics([5, 3.0, 6.0, 7.0], {2: 3.1, 4: 6.5}, 2.0, [90, 90, 90, 90], [10, 10, 10, 10]),
-               trial={"status": "ok", "params": {"lr": 0.1}})
+    _write_run(
+        tmp_path / "sweep" / "001_lr-0.1",
+        {**base, "optimizer": "galore_adamw", "lr": 0.1, "rank": 8},
+        _metrics([5, 3.0, 6.0, 7.0], {2: 3.1, 4: 6.5}, 2.0, [90, 90, 90, 90], [10, 10, 10, 10]),
+        trial={"status": "ok", "params": {"lr": 0.1}},
+    )
     failed = tmp_path / "sweep" / "002_bad"
     failed.mkdir(parents=True)
-    (failed / "trial.json").write_text(json.dumps({"status": "failed", "returncode": 1,
-                                                   "params": {"optimizer": "bogus", "lr": 0.5}}))
+    (failed / "trial.json").write_text(
+        json.dumps({"status": "failed", "returncode": 1, "params": {"optimizer": "bogus", "lr": 0.5}})
+    )
     return tmp_path
 
 
@@ -68,7 +91,11 @@ def test_table_figures_come_from_the_metrics_files(runs):
     unstable = by_run["sweep/001_lr-0.1"]
     assert (unstable["final_val_loss"], unstable["best_val_loss"]) == (6.5, 3.1)
     assert {r: by_run[r]["pareto"] for r in ("adamw", "galore_r8", "galore_r16", "sweep/001_lr-0.1")} == {
-        "adamw": True, "galore_r8": True, "galore_r16": False, "sweep/001_lr-0.1": False}
+        "adamw": True,
+        "galore_r8": True,
+        "galore_r16": False,
+        "sweep/001_lr-0.1": False,
+    }
     assert by_run["sweep/002_bad"]["status"] == "failed" and by_run["sweep/002_bad"]["optimizer"] == "bogus"
     assert by_run["sweep/002_bad"]["lr"] == 0.5
     # best final validation loss first, failed runs last
@@ -77,9 +104,19 @@ def test_table_figures_come_from_the_metrics_files(runs):
 
 def test_hyperparameter_columns_are_lr_rank_and_the_flags_that_differ(runs):
     extra = runs / "adamw_bs8"
-    _write_run(extra, {"max_steps": 4, "seed": 0, "output_dir": "elsewhere", "batch_size": 8,
-                       "optimizer": "adamw", "lr": 0.001, "rank": None},
-               _metrics([5, 4, 3, 3], {4: 3.5}, 8.0, [1] * 4, [1] * 4))
+    _write_run(
+        extra,
+        {
+            "max_steps": 4,
+            "seed": 0,
+            "output_dir": "elsewhere",
+            "batch_size": 8,
+            "optimizer": "adamw",
+            "lr": 0.001,
+            "rank": None,
+        },
+        _metrics([5, 4, 3, 3], {4: 3.5}, 8.0, [1] * 4, [1] * 4),
+    )
     columns, _ = build_table(load_runs(runs))
     assert columns[2:5] == ["lr", "rank", "batch_size"]  # output_dir differs too, but is not a hyperparameter
     assert "output_dir" not in columns and "seed" not in columns

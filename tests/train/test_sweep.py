@@ -30,8 +30,9 @@ def test_grid_is_the_product_in_sorted_name_order_with_the_last_name_fastest():
 
 
 def test_grid_int_uniform_includes_max_and_q_uniform_excludes_it():
-    trials = expand(_grid({"n": {"min": 1, "max": 3}, "q": {"distribution": "q_uniform", "min": 0, "max": 1,
-                                                           "q": 0.25}}))
+    trials = expand(
+        _grid({"n": {"min": 1, "max": 3}, "q": {"distribution": "q_uniform", "min": 0, "max": 1, "q": 0.25}})
+    )
     assert sorted({t["n"] for t in trials}) == [1, 2, 3]
     assert sorted({t["q"] for t in trials}) == [0.0, 0.25, 0.5, 0.75]
     assert len(trials) == 12
@@ -59,23 +60,29 @@ def test_bayes_is_refused_offline_and_points_to_the_agent():
 
 
 def test_random_search_is_seeded():
-    config = _random({"lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-1},
-                      "rank": {"values": [64, 128]}}, run_cap=5)
+    config = _random(
+        {"lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-1}, "rank": {"values": [64, 128]}},
+        run_cap=5,
+    )
     assert expand(config, seed=3) == expand(config, seed=3)
     assert expand(config, seed=3) != expand(config, seed=4)
 
 
 def test_random_distributions_follow_wandb_definitions():
-    trials = expand(_random({
-        "categorical": {"values": ["a", "b", "c", "d"]},
-        "weighted": {"values": ["x", "y"], "probabilities": [0.8, 0.2]},
-        "ints": {"min": 2, "max": 5},  # inferred int_uniform: both ends included
-        "floats": {"min": 2.0, "max": 5.0},  # inferred uniform
-        "log_values": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
-        "log_exponents": {"distribution": "log_uniform", "min": 0.0, "max": 1.0},
-        "q_log": {"distribution": "q_log_uniform_values", "min": 8, "max": 512, "q": 8},
-        "normal": {"distribution": "normal", "mu": 1.0, "sigma": 2.0},
-    }))
+    trials = expand(
+        _random(
+            {
+                "categorical": {"values": ["a", "b", "c", "d"]},
+                "weighted": {"values": ["x", "y"], "probabilities": [0.8, 0.2]},
+                "ints": {"min": 2, "max": 5},  # inferred int_uniform: both ends included
+                "floats": {"min": 2.0, "max": 5.0},  # inferred uniform
+                "log_values": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
+                "log_exponents": {"distribution": "log_uniform", "min": 0.0, "max": 1.0},
+                "q_log": {"distribution": "q_log_uniform_values", "min": 8, "max": 512, "q": 8},
+                "normal": {"distribution": "normal", "mu": 1.0, "sigma": 2.0},
+            }
+        )
+    )
     column = {k: [t[k] for t in trials] for k in trials[0]}
     n = len(trials)
     assert set(column["categorical"]) == set("abcd")
@@ -100,8 +107,15 @@ def test_unknown_distribution_is_a_value_error_listing_the_allowed_ones():
 def test_args_render_as_wandbs_agent_writes_them():
     params = {"lr": 0.01, "layerwise": True, "activation-checkpointing": False, "rank": None}
     config = {"command": ["${env}", "${interpreter}", "-m", "train", "${args}"]}
-    assert build_command(config, params) == [sys.executable, "-m", "train", "--lr=0.01", "--layerwise=True",
-                                             "--activation-checkpointing=False", "--rank=None"]
+    assert build_command(config, params) == [
+        sys.executable,
+        "-m",
+        "train",
+        "--lr=0.01",
+        "--layerwise=True",
+        "--activation-checkpointing=False",
+        "--rank=None",
+    ]
     config["command"] = ["${interpreter}", "${program}", "${args_no_boolean_flags}"]
     config["program"] = "train.py"
     assert build_command(config, params) == [sys.executable, "train.py", "--lr=0.01", "--layerwise", "--rank=None"]
@@ -137,9 +151,12 @@ open(f"{out}/metrics.jsonl", "w").write(json.dumps({"step": 1, "loss": 2.0, "val
 def _fake_sweep(tmp_path: Path, optimizers: list[str]) -> dict:
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAIN)
-    return {"method": "grid", "program": str(script),
-            "command": ["${env}", "${interpreter}", "${program}", "${args}"],
-            "parameters": {"optimizer": {"values": optimizers}, "lr": {"values": [0.1, 0.2]}}}
+    return {
+        "method": "grid",
+        "program": str(script),
+        "command": ["${env}", "${interpreter}", "${program}", "${args}"],
+        "parameters": {"optimizer": {"values": optimizers}, "lr": {"values": [0.1, 0.2]}},
+    }
 
 
 def test_parallel_runner_records_each_trial_and_a_failure_does_not_stop_the_others(tmp_path):
@@ -147,7 +164,11 @@ def test_parallel_runner_records_each_trial_and_a_failure_does_not_stop_the_othe
     records = SweepRunner(config, expand(config), tmp_path / "sweep").run(parallel=2)
     # names sorted: lr varies slowest
     assert [(r["params"]["optimizer"], r["status"]) for r in records] == [
-        ("bad", "failed"), ("adamw", "ok"), ("bad", "failed"), ("adamw", "ok")]
+        ("bad", "failed"),
+        ("adamw", "ok"),
+        ("bad", "failed"),
+        ("adamw", "ok"),
+    ]
     assert records[0]["returncode"] != 0 and records[1]["returncode"] == 0
     assert "no such optimizer" in Path(records[0]["log"]).read_text()
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["trials"] == records
@@ -177,11 +198,18 @@ def test_tiny_sweep_trains_every_trial_through_the_cli_records_a_failure_and_rep
     monkeypatch.chdir(REPO)
     config = load_sweep(REPO / "configs" / "sweeps" / "tiny.yaml")
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"line {i}: low-rank optimizers keep the state small, {i * 7 % 13} times."
-                                for i in range(600)))
-    config["parameters"].update({"optimizer": {"values": ["adamw", "no_such_optimizer", "galore_adamw"]},
-                                 "data": {"value": str(corpus)}, "max-steps": {"value": 6},
-                                 "warmup-steps": {"value": 1}, "eval-every": {"value": 3}})
+    corpus.write_text(
+        "\n".join(f"line {i}: low-rank optimizers keep the state small, {i * 7 % 13} times." for i in range(600))
+    )
+    config["parameters"].update(
+        {
+            "optimizer": {"values": ["adamw", "no_such_optimizer", "galore_adamw"]},
+            "data": {"value": str(corpus)},
+            "max-steps": {"value": 6},
+            "warmup-steps": {"value": 1},
+            "eval-every": {"value": 3},
+        }
+    )
     sweep_file = tmp_path / "tiny.yaml"
     sweep_file.write_text(yaml.safe_dump(config))
     root = tmp_path / "runs"
@@ -189,14 +217,16 @@ def test_tiny_sweep_trains_every_trial_through_the_cli_records_a_failure_and_rep
 
     trials = json.loads((root / "sweep.json").read_text())["trials"]
     assert [(t["params"]["optimizer"], t["status"]) for t in trials] == [
-        ("adamw", "ok"), ("no_such_optimizer", "failed"), ("galore_adamw", "ok")]
+        ("adamw", "ok"),
+        ("no_such_optimizer", "failed"),
+        ("galore_adamw", "ok"),
+    ]
     assert "no_such_optimizer" in Path(trials[1]["log"]).read_text()
     for trial in (trials[0], trials[2]):
         lines = [json.loads(x) for x in (root / trial["name"] / "metrics.jsonl").read_text().splitlines()]
         assert lines[-1]["step"] == 6 and lines[-1]["val_loss"] > 0
         assert any((root / trial["name"] / "wandb").glob("offline-run-*"))  # wandb ran offline
     report = root / "report"
-    assert {p.name for p in report.iterdir()} == {"report.md", "report.csv", "loss_vs_step.png",
-                                                  "memory_vs_loss.png"}
+    assert {p.name for p in report.iterdir()} == {"report.md", "report.csv", "loss_vs_step.png", "memory_vs_loss.png"}
     rows = (report / "report.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[-1].split(",")[1] == "no_such_optimizer"

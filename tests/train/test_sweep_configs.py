@@ -48,8 +48,22 @@ def _sweeps_wheel() -> Path:
     if not wheel.exists():
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder) as tmp:  # two xdist workers may fetch at once
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                            "sweeps==0.3.0", "-d", tmp], check=True, timeout=180)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "sweeps==0.3.0",
+                    "-d",
+                    tmp,
+                ],
+                check=True,
+                timeout=180,
+            )
             os.replace(Path(tmp) / SWEEPS_WHEEL, wheel)
     assert hashlib.sha256(wheel.read_bytes()).hexdigest() == SWEEPS_WHEEL_SHA256, f"{wheel} is not sweeps 0.3.0"
     return wheel
@@ -69,8 +83,11 @@ def wandb_validator() -> jsonschema.Draft7Validator:
 def _violations(validator: jsonschema.Draft7Validator, config: dict) -> list[str]:
     messages = [error.message for error in validator.iter_errors(config)]
     # wandb's checks beyond the schema: min < max for ranges
-    messages += [f"{name}: min >= max" for name, spec in config.get("parameters", {}).items()
-                 if "min" in spec and "max" in spec and spec["min"] >= spec["max"]]
+    messages += [
+        f"{name}: min >= max"
+        for name, spec in config.get("parameters", {}).items()
+        if "min" in spec and "max" in spec and spec["min"] >= spec["max"]
+    ]
     return messages
 
 
@@ -113,8 +130,13 @@ def test_shipped_sweep_expands_to_expected_trials_that_the_training_cli_accepts(
 
 #: each optimizer's own (update_proj_gap, scale), from its paper: GaLore's and Q-GaLore's C4 scripts,
 #: DCT-AdamW's code (a new subspace every step, no scale)
-PAPER_GAP_SCALE = {"galore_adamw": (200, 0.25), "galore_adamw8bit": (200, 0.25), "galore_adafactor": (200, 0.25),
-                   "q_galore_adamw8bit": (200, 0.25), "dct_adamw": (1, 1.0)}
+PAPER_GAP_SCALE = {
+    "galore_adamw": (200, 0.25),
+    "galore_adamw8bit": (200, 0.25),
+    "galore_adafactor": (200, 0.25),
+    "q_galore_adamw8bit": (200, 0.25),
+    "dct_adamw": (1, 1.0),
+}
 
 
 def test_lowrank_sweep_runs_each_optimizer_with_its_own_gap_and_scale():

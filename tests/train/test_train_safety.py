@@ -90,8 +90,9 @@ def test_a_non_finite_loss_between_logged_steps_is_caught_by_the_next_read(tmp_p
 
 def test_on_nonfinite_skip_skips_the_step_and_its_update(tmp_path, tiny_argv, monkeypatch):
     _poison_loss_at(monkeypatch, {3}, accum=2)
-    records = main(tiny_argv(tmp_path / "run", max_steps=5, eval_every=5, total_batch_size=8, save_every=5,
-                             on_nonfinite="skip"))
+    records = main(
+        tiny_argv(tmp_path / "run", max_steps=5, eval_every=5, total_batch_size=8, save_every=5, on_nonfinite="skip")
+    )
     assert [r["skipped_steps"] for r in records] == [0, 0, 1, 0, 0]
     assert records[2]["loss"] is None and all(r["loss"] is not None for r in records[3:])
     assert _all_finite(tmp_path / "run" / "checkpoints" / "step_00000005.pt")
@@ -197,10 +198,14 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_previous_checkpoints_st
     monkeypatch.setattr(checkpoint, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
     with pytest.raises(OSError) as err:
         checkpoint.save(tmp_path, 2, {"weights": torch.zeros(10_000)}, keep=1)
-    assert str(err.value) == (f"[Errno 28] could not write checkpoint '{tmp_path / 'checkpoints' / 'step_00000002.pt'}' "
-                              "(No space left on device); the previous checkpoints are intact")
-    assert sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()) == ["step_00000001.pt",
-                                                                                     "step_00000001.pt.sha256"]
+    assert str(err.value) == (
+        f"[Errno 28] could not write checkpoint '{tmp_path / 'checkpoints' / 'step_00000002.pt'}' "
+        "(No space left on device); the previous checkpoints are intact"
+    )
+    assert sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()) == [
+        "step_00000001.pt",
+        "step_00000001.pt.sha256",
+    ]
     checkpoint.verify(first)
     assert torch.equal(torch.load(first, weights_only=True)["weights"], torch.ones(3))
 
@@ -260,9 +265,12 @@ def test_resume_compares_the_model_config_contents_not_its_path(tmp_path, tiny_a
     assert [r["step"] for r in records] == [3]
 
     (tmp_path / "model.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5, "rope_theta": 500000.0}))
-    with pytest.raises(ValueError, match=r"^--resume: --model-config 'model.json' differs from the config the "
-                                         r"checkpoint was trained with \(rms_norm_eps 1e-06 -> 1e-05, rope_theta "
-                                         r"\(unset\) -> 500000.0\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^--resume: --model-config 'model.json' differs from the config the "
+        r"checkpoint was trained with \(rms_norm_eps 1e-06 -> 1e-05, rope_theta "
+        r"\(unset\) -> 500000.0\)",
+    ):
         main(tiny_argv(tmp_path / "run", model_config="model.json", max_steps=4, resume=True))
 
 
@@ -271,8 +279,11 @@ def test_resume_refuses_data_whose_contents_changed(tmp_path, tiny_argv):
     corpus.write_text(" ".join(f"word{j % 50} and more words" for j in range(800)))
     main(tiny_argv(tmp_path / "run", data=corpus, max_steps=2, eval_every=2, val_fraction=0.25))
     corpus.write_text(corpus.read_text().replace("word1 ", "WORD1 "))  # same size, other contents
-    with pytest.raises(ValueError, match=r"^--resume: --data '.*corpus.txt' is not the data the checkpoint was "
-                                         r"trained on \(its contents changed"):
+    with pytest.raises(
+        ValueError,
+        match=r"^--resume: --data '.*corpus.txt' is not the data the checkpoint was "
+        r"trained on \(its contents changed",
+    ):
         main(tiny_argv(tmp_path / "run", data=corpus, max_steps=3, val_fraction=0.25, resume=True))
 
 
