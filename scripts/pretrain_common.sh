@@ -16,9 +16,10 @@
 #     350m and 1b, rank 128 / 256 / 256 / 1024, gap 200, scale 0.25, INT8 weights, INT4 projections;
 #     its adaptive refresh (cos_threshold 0.4, gamma 2, queue 5) is q_galore_adamw8bit's default.
 #   DCT-AdamW (Modoranu et al., arXiv 2505.17967; the authors' code): a new DCT subspace every step,
-#     with the discarded part fed back in a 4-bit buffer and scale 0.25 (the dct_adamw defaults, chosen
-#     on the CPU training benchmark, scripts/bench/dct_ablations.py); the paper gives no C4 lr, so
-#     GaLore's 0.01 (at scale 0.25 GaLore's step size).
+#     with the discarded part fed back in a 4-bit buffer and scale 0.25 (this recipe, not the class
+#     defaults of gap 1, scale 1 and no error feedback, was chosen on the CPU training benchmark,
+#     scripts/bench/dct_ablations.py); the paper gives no C4 lr, so GaLore's 0.01 (at scale 0.25
+#     GaLore's step size).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
