@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lowmem_optim.groups import parse_target_modules
-from lowmem_optim.llama_config import load_llama_config
+from lowmem_optim.llama_config import SIZING_KEYS, load_llama_config
 from train import RunStopped, checkpoint, distributed, outdir
 from train.config import RESUMABLE_CHANGES, TrainConfig
 from train.data import Data, build_data, fingerprint
@@ -421,15 +421,7 @@ def _last_good(path: Path | None) -> str:
 
 def _model_config(model: nn.Module) -> dict[str, Any]:
     config = distributed.unwrap(model).config
-    keys = (
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "vocab_size",
-        "max_position_embeddings",
-    )
-    return {k: getattr(config, k) for k in keys}
+    return {k: getattr(config, k) for k in SIZING_KEYS}
 
 
 def _progress_bar(cfg: TrainConfig, start: int, *, enabled: bool) -> Any:
