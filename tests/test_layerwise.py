@@ -172,6 +172,8 @@ def _rank_main(rank: int, init_file: str, out: str) -> None:
         loss_of(model, tokens).backward()
     if rank == 0:
         torch.save(model.state_dict(), out)
+    # a rank that tears gloo down while its peer still holds the connection can abort the peer
+    dist.barrier()
     dist.destroy_process_group()
 
 
