@@ -68,8 +68,12 @@ ENGINE_HPARAMS: tuple[HParam, ...] = (
 )
 #: the engine's keys that only a low-rank group uses
 _ENGINE_LOWRANK = ("rank", "scale", "proj_method", "refresh", "error_feedback")
-#: group keys that are not hyperparameters
-_GROUP_FIELDS = frozenset({"params", "param_names"})
+#: group keys that are not hyperparameters: torch's own, the keys torch's LR schedulers keep in a
+#: group (a scheduler resumed with ``last_epoch`` needs them there at construction), and a group's
+#: ``name`` (PyTorch Lightning's LearningRateMonitor labels groups with it); carried untouched
+_GROUP_FIELDS = frozenset(
+    {"params", "param_names", "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "name"}
+)
 
 
 @dataclass(frozen=True)

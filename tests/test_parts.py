@@ -79,6 +79,19 @@ def test_a_group_key_that_none_of_its_parts_declares_is_refused():
         GaLoreAdamW([{"params": [w], "rank": 2, "queue_size": 3}])  # a key of the adaptive schedule
 
 
+def test_keys_lr_schedulers_and_trainers_keep_in_a_group_are_carried_not_refused():
+    w = nn.Parameter(torch.zeros(8, 4))
+    groups = [{"params": [w], "rank": 2, "initial_lr": 0.01, "max_lr": 0.1, "min_lr": 1e-4, "name": "attention"}]
+    opt = GaLoreAdamW(groups, lr=0.01)
+    group = opt.param_groups[0]
+    assert (group["initial_lr"], group["max_lr"], group["min_lr"], group["name"]) == (0.01, 0.1, 1e-4, "attention")
+    # a scheduler resumed mid-run reads initial_lr from the groups as built
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10, last_epoch=4)
+    assert scheduler.base_lrs == [0.01]
+    with pytest.raises(ValueError, match="'initial_lrs'"):  # a typo of one is still refused
+        GaLoreAdamW([{"params": [w], "rank": 2, "initial_lrs": 0.01}])
+
+
 def test_a_named_optimizer_refuses_a_part_it_fixes_and_says_so():
     w = nn.Parameter(torch.zeros(8, 4))
     with pytest.raises(
