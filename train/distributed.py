@@ -55,8 +55,14 @@ def setup() -> Dist:
     return Dist(rank, world, local_rank, device, owns)
 
 
-def teardown(d: Dist) -> None:
+def teardown(d: Dist, finished: bool = True) -> None:
+    """Destroy the process group this run created. After a run that finished, the ranks first
+    meet at a barrier: a rank that tears its group down while a peer is still in its last
+    collective can abort that peer (seen with gloo). After a failure there is no barrier, since
+    a peer that failed elsewhere would never reach it."""
     if d.owns_group and dist.is_initialized():
+        if finished and d.world > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

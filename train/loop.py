@@ -109,10 +109,13 @@ class Trained:
 def train(cfg: TrainConfig) -> list[dict[str, Any]]:
     """Train as ``cfg`` says; returns the metrics records (on rank 0; empty on other ranks)."""
     d = distributed.setup()
+    finished = False
     try:
-        return run(cfg, d).records
+        records = run(cfg, d).records
+        finished = True
+        return records
     finally:
-        distributed.teardown(d)
+        distributed.teardown(d, finished)
 
 
 def run(cfg: TrainConfig, d: distributed.Dist) -> Trained:

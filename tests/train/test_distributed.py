@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lowmem_optim import available_optimizers
-from train import checkpoint, main
+from train import checkpoint, distributed, main
 from train.metrics import read_jsonl
 from train.model import build_model
 
@@ -157,3 +157,19 @@ def test_fsdp2_refuses_bitsandbytes_with_a_clear_error(two_ranks):
     message = _fsdp_outcomes(two_ranks)["adamw8bit"]["refused"]
     assert message.startswith("--parallel fsdp: --optimizer adamw8bit cannot take FSDP2-sharded parameters")
     assert "(allowed: --parallel ddp, or an optimizer of lowmem_optim)" in message
+
+
+def test_teardown_meets_at_a_barrier_after_a_finished_run_and_not_after_a_failure(monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    d = distributed.Dist(rank=0, world=2, local_rank=0, device=torch.device("cpu"), owns_group=True)
+    distributed.teardown(d, finished=True)
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    distributed.teardown(d, finished=False)  # a peer that failed would never reach a barrier
+    assert calls == ["destroy"]
+    calls.clear()
+    distributed.teardown(distributed.Dist(0, 2, 0, torch.device("cpu"), owns_group=False))
+    assert calls == []  # a group this run did not create is left to its owner
