@@ -41,10 +41,10 @@ import torch
 from lowmem_optim.parts import HParam, Part, declared, integer, invalid, number, one_of, optional
 from lowmem_optim.projection import PROJECTORS
 from lowmem_optim.projection.base import projection_sides
-from lowmem_optim.projection.feedback import ERROR_FEEDBACK, FEEDBACK_KEYS, load_error, store_error
+from lowmem_optim.projection.feedback import ERROR_FEEDBACK, FEEDBACK_KEYS, SHARDED_LAYOUT, load_error, store_error
 from lowmem_optim.rules import RULES
 from lowmem_optim.schedules import SCHEDULES
-from lowmem_optim.sharding import StateLayout, is_dtensor, local_bytes, local_view, row_shard, store
+from lowmem_optim.sharding import StateLayout, local_bytes, local_view, row_shard, store
 
 logger = logging.getLogger(__name__)
 
@@ -244,12 +244,6 @@ class ComposedOptimizer(torch.optim.Optimizer):
                     "low-rank projection needs a matrix; put biases, norms and other 1-D parameters "
                     "in a group without 'rank' (lowmem_optim.lowrank_param_groups does this)"
                 )
-            if group["error_feedback"] is not None and is_dtensor(p):
-                raise ValueError(
-                    f"{_param_label(group, i, p)} is FSDP2-sharded and its group has error_feedback="
-                    f"{group['error_feedback']!r}: the feedback buffer is not sharded (allowed: "
-                    "error_feedback=None for sharded parameters)"
-                )
 
     # ---- the step -----------------------------------------------------------------------
     # torch.compile runs the step eagerly: traced by Dynamo (torch 2.13) it graph-breaks at each
@@ -343,15 +337,15 @@ class ComposedOptimizer(torch.optim.Optimizer):
             self._apply_update(target, update, 1.0, group, lr_t, index, step)
             return
         g = local_grad.reshape(-1, matrix_shape(p)[1])
-        feedback = group["error_feedback"]  # never on a sharded parameter (refused in _validate_group)
-        if feedback is not None:  # A = G + E: the selection and the projection see what was left out before
-            accumulated = load_error(state, g) + g
-            g = accumulated.to(g.dtype)
+        feedback = group["error_feedback"]
         left, _ = projection_sides(matrix_shape(p), group["proj_type"])
         # P^T G is summed over the ranks, so the rule sees R whole; G Q keeps the rows of G
         rule_shard = None if left else shard
         layout = parts.rule.sharded_layout(2) if rule_shard is not None else StateLayout()
-        view = local_view(state, shard, layout)
+        view = local_view(state, shard, layout | SHARDED_LAYOUT)  # the feedback buffer E has the rows of G
+        if feedback is not None:  # A = G + E: the selection and the projection see what was left out before
+            accumulated = load_error(view, g) + g
+            g = accumulated.to(g.dtype)
         if parts.schedule.due(view, step):
             change = parts.projector.refresh(g, view, group, _refresh_seed(group["seed"], index, step), shard)
             parts.schedule.record(view, step, group, change.similarity)
@@ -365,7 +359,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             store_error(view, accumulated - parts.projector.back_project(low, view, shard), feedback)
         update, lr_t = parts.rule.update(low, view, group, p, rule_shard)
         full = parts.projector.back_project(update.to(back_projection_dtype(p, update)), view, shard)
-        store(state, view, shard, layout)
+        store(state, view, shard, layout | SHARDED_LAYOUT)
         self._apply_update(target, full.view(target.shape), group["scale"], group, lr_t, index, step)
 
     @staticmethod

@@ -290,7 +290,7 @@ def optimizer_memory(
                 shape = projected_shape(matrix, group)
                 workspace += grad  # the back-projected update
                 if group["error_feedback"] is not None:
-                    states += feedback_bytes(group["error_feedback"], p.numel(), p.dtype)
+                    states += feedback_bytes(group["error_feedback"], matrix, p.dtype)
                     # A = G + E and its back-projected part, in float32 (or float64)
                     workspace += 2 * p.numel() * torch.empty((), dtype=error_dtype(p.dtype)).element_size()
             states += parts.rule.state_bytes(shape, p.dtype, group)

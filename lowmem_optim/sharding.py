@@ -156,7 +156,8 @@ def row_shard(p: torch.Tensor, label: str) -> RowShard | None:
     if local_rows != stop - start:
         raise ValueError(
             f"{label} is sharded with {local_rows} rows on rank {rank}; torch.chunk's split gives {stop - start} "
-            f"of {rows} over {world} ranks (allowed: FSDP2's default Shard(0) split)"
+            f"of {rows} over {world} ranks (allowed: Shard(0) on a 1-D mesh with torch.chunk's split, as FSDP2's "
+            "fully_shard places parameters)"
         )
     return RowShard(mesh, rows, start, stop)
 

@@ -30,6 +30,9 @@ from lowmem_optim.registry import get_optimizer_class
 STEPS = 4  # with update_proj_gap=2: refreshes at steps 1 and 3
 SAVED = 2  # the step after which checkpoints are saved: resuming crosses the refresh at step 3
 TOLERANCE = 1e-5  # max |sharded - unsharded| / max |unsharded|, per parameter
+EF_TOLERANCE = 5e-2  # a quantized feedback buffer whose blocks straddle two ranks (4-bit on odd: 3e-2)
+#: state of block statistics cut per rank: what a load on another world size may refuse, by name
+BLOCK_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax", "ef_absmax", "ef_scale", "ef_zero")
 
 #: (shape, in the low-rank / matrix group): tall (right projection, each rank's rank-4 moments
 #: one 256-value block), wide (left projection), odd rows (uneven split), and full-rank ones
@@ -71,6 +74,22 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
         {**LOWRANK, "proj_group_size": 32},
         {"min_8bit_size": 0},
         {"odd": 2e-2, "bias": 2e-2},
+    ),
+    # error feedback: the buffer E keeps each rank's rows; quantized, its blocks are cut per rank, the
+    # unsharded ones where a rank's rows fill whole 256-value blocks (tall, wide), not on odd's 19 x 20
+    "galore_adamw error feedback": ("galore_adamw", {**LOWRANK, "error_feedback": "float32"}, {}, {}),
+    "galore_adamw randomized_svd 8-bit error feedback": (
+        "galore_adamw",
+        {**LOWRANK, "proj_method": "randomized_svd", "error_feedback": "8bit"},
+        {},
+        {"odd": EF_TOLERANCE},
+    ),
+    "dct_adamw 4-bit error feedback": ("dct_adamw", {**LOWRANK, "error_feedback": "4bit"}, {}, {"odd": EF_TOLERANCE}),
+    "dct_adamw 4-bit error feedback left": (
+        "dct_adamw",
+        {**LOWRANK, "proj_type": "left", "error_feedback": "4bit"},
+        {},
+        {"odd": EF_TOLERANCE},
     ),
     "auon": ("auon", {}, {}, {}),
     "auon low-rank": ("auon", LOWRANK, {}, {}),
@@ -212,6 +231,45 @@ def _run_case(case: str, mesh, workdir: Path) -> dict[str, Any]:
     return result
 
 
+#: DTensor placements other than FSDP2's Shard(0) on a 1-D mesh (the uneven torch.chunk split of
+#: FSDP2 is the "odd" shape above): each is refused when the optimizer is built
+PLACEMENTS = ("Shard(1)", "Replicate", "Partial", "HSDP (Replicate, Shard(0)) on a 2-D mesh", "Shard(0) split 10 + 27")
+REFUSED_BY = {"galore_adamw": LOWRANK, "muon": {}}  # optimizer -> its group keys
+
+
+def _placed(placement: str, whole: torch.Tensor, mesh, hsdp_mesh) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    if placement == "Shard(1)":
+        return distribute_tensor(whole, mesh, [Shard(1)])
+    if placement == "Replicate":
+        return distribute_tensor(whole, mesh, [Replicate()])
+    if placement == "Partial":
+        return DTensor.from_local(whole / mesh.size(), mesh, [Partial()])
+    if placement.startswith("HSDP"):
+        return distribute_tensor(whole, hsdp_mesh, [Replicate(), Shard(0)])
+    rows = (0, 10, 37)[mesh.get_local_rank() : mesh.get_local_rank() + 2]
+    return DTensor.from_local(whole[rows[0] : rows[1]], mesh, [Shard(0)], shape=whole.shape, stride=whole.stride())
+
+
+def _placements(mesh) -> dict[str, dict[str, str]]:
+    """Per placement and optimizer, what building the optimizer on an "odd" weight so placed said."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    hsdp_mesh = init_device_mesh("cpu", (1, mesh.size()), mesh_dim_names=("replicate", "shard"))
+    out: dict[str, dict[str, str]] = {}
+    for placement in PLACEMENTS:
+        weight = nn.Parameter(_placed(placement, _weights()["odd"], mesh, hsdp_mesh))
+        out[placement] = {}
+        for name, keys in REFUSED_BY.items():
+            try:
+                get_optimizer_class(name)([{"params": [weight], "param_names": ["odd"], **keys}])
+                out[placement][name] = "accepted"
+            except ValueError as err:
+                out[placement][name] = str(err)
+    return out
+
+
 def _one_process_checkpoints(workdir: Path) -> None:
     """Each case's unsharded optimizer after step ``SAVED``, saved with DCP by one process."""
     import torch.distributed.checkpoint as dcp
@@ -241,6 +299,7 @@ def _worker(rank: int, world: int, workdir: str) -> None:
             except Exception:  # reported by the test, per case
                 results[case] = {"error": traceback.format_exc(limit=-4)}
             dist.barrier()
+        results["placements"] = _placements(mesh)
     finally:
         dist.destroy_process_group()
         Path(workdir, f"rank{rank}.json").write_text(json.dumps(results))
@@ -305,6 +364,14 @@ def test_dcp_checkpoints_load_across_world_sizes_or_name_what_cannot(two_ranks, 
     for where, load in loads:
         if "refused" in load:
             assert tolerances, (where, load["refused"])  # only block statistics cut per rank may refuse
-            assert "absmax" in load["refused"], (where, load["refused"])
+            assert any(key in load["refused"] for key in BLOCK_KEYS), (where, load["refused"])
         else:
             _assert_close(load["errors"], tolerances, where)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_other_placements_are_refused_naming_the_parameter_and_fsdp2s(two_ranks, placement):
+    for rank, results in enumerate(two_ranks):
+        for name in REFUSED_BY:
+            said = results["placements"][placement][name]
+            assert "'odd'" in said and "allowed: Shard(0) on a 1-D mesh" in said, (rank, name, said)

@@ -10,10 +10,18 @@ weight matrix's shape; it is stored as the group's ``error_feedback`` asks: ``"f
 (``ef``, 4 bytes per weight; float64 weights keep it in float64), ``"8bit"`` (``ef_codes``, uint8,
 and ``ef_absmax``, one float32 per block of 256 values: 1 + 4/256 bytes per weight; bitsandbytes'
 signed dynamic map, as the 8-bit Adam rule stores its first moment) or ``"4bit"`` (``ef_codes``,
-two INT4 codes per byte, and ``ef_scale`` / ``ef_zero``, float32 min-max per group of 256 values:
-1/2 + 8/256 bytes per weight; :mod:`lowmem_optim.quant.groupwise`, the authors' 4-bit buckets).
-A quantized buffer loses its rounding error at each step (E_t is written from A_t afresh), so
-that error does not accumulate.
+two INT4 codes per byte along each row, a row of odd length padded by one code, and ``ef_scale`` /
+``ef_zero``, float32 min-max per group of 256 values: 1/2 + 8/256 bytes per weight;
+:mod:`lowmem_optim.quant.groupwise`, the authors' 4-bit buckets). A quantized buffer loses its
+rounding error at each step (E_t is written from A_t afresh), so that error does not accumulate.
+
+On an FSDP2-sharded weight E is row-local (A's rows, and back_project(R)'s rows, are this
+rank's: :mod:`lowmem_optim.sharding`), so each rank keeps its rows of the buffer: ``ef`` and
+``ef_codes`` have the rows of the weight and are ``Shard(0)`` DTensors; the 8-bit absmax and the
+4-bit scale and zero are cut on each rank's rows (:data:`SHARDED_LAYOUT`). Where every rank's
+rows fill whole 256-value blocks the blocks are the unsharded buffer's and the result is the
+same; otherwise a block straddling two ranks is quantized as two, and the buffer differs from
+the unsharded one within its quantization error.
 """
 
 from __future__ import annotations
@@ -23,13 +31,24 @@ from typing import Any
 
 import torch
 
-from lowmem_optim.quant.blockwise import dequantize_blockwise, quantize_blockwise
+from lowmem_optim.quant.blockwise import BLOCKSIZE, dequantize_blockwise, quantize_blockwise
 from lowmem_optim.quant.groupwise import dequantize_groupwise, pack_int4, quantize_groupwise, unpack_int4
+from lowmem_optim.sharding import StateLayout
 
 #: the values of the group key ``error_feedback`` (None: off)
 ERROR_FEEDBACK = (None, "float32", "8bit", "4bit")
 #: state keys whose dtype is fixed (never cast to the parameter's dtype on load)
 FEEDBACK_KEYS = frozenset({"ef", "ef_absmax", "ef_scale", "ef_zero"})
+#: the buffer's entries on a row-sharded weight: ``ef`` and ``ef_codes`` have its rows; absmax,
+#: scale and zero summarize blocks of 256 values (of ``ef_codes``: 256 8-bit codes, 128 packed bytes)
+SHARDED_LAYOUT = StateLayout(
+    rows=frozenset({"ef", "ef_codes"}),
+    blocks=(
+        ("ef_absmax", "ef_codes", BLOCKSIZE),
+        ("ef_scale", "ef_codes", BLOCKSIZE // 2),
+        ("ef_zero", "ef_codes", BLOCKSIZE // 2),
+    ),
+)
 
 
 def error_dtype(grad_dtype: torch.dtype) -> torch.dtype:
@@ -45,8 +64,10 @@ def load_error(state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
     if "ef_absmax" in state:
         return dequantize_blockwise(state["ef_codes"], state["ef_absmax"], signed=True, dtype=dtype)
     if "ef_scale" in state:
-        codes = unpack_int4(state["ef_codes"], grad.numel())
-        return dequantize_groupwise(codes, state["ef_scale"], state["ef_zero"], grad.shape, dtype)
+        packed = state["ef_codes"]
+        codes = unpack_int4(packed.reshape(-1), 2 * packed.numel()).view(packed.shape[0], -1)[:, : grad.shape[1]]
+        groups = -(-grad.numel() // BLOCKSIZE)  # a sharded entry may end in one padding block
+        return dequantize_groupwise(codes, state["ef_scale"][:groups], state["ef_zero"][:groups], grad.shape, dtype)
     return torch.zeros(grad.shape, dtype=dtype, device=grad.device)
 
 
@@ -57,16 +78,20 @@ def store_error(state: dict[str, Any], error: torch.Tensor, kind: str) -> None:
     elif kind == "8bit":
         state["ef_codes"], state["ef_absmax"] = quantize_blockwise(error, signed=True)
     else:
-        codes, state["ef_scale"], state["ef_zero"] = quantize_groupwise(error, bits=4)
-        state["ef_codes"] = pack_int4(codes)
+        codes, state["ef_scale"], state["ef_zero"] = quantize_groupwise(error, bits=4, group_size=BLOCKSIZE)
+        rows = codes.view(error.shape[0], -1)
+        if rows.shape[1] % 2:
+            rows = torch.cat([rows, rows.new_zeros(rows.shape[0], 1)], dim=1)
+        state["ef_codes"] = pack_int4(rows).view(rows.shape[0], -1)
 
 
-def feedback_bytes(kind: str | None, numel: int, dtype: torch.dtype) -> int:
-    """Bytes of the buffer of a ``numel``-value weight of ``dtype`` under ``error_feedback=kind``."""
+def feedback_bytes(kind: str | None, shape: tuple[int, int], dtype: torch.dtype) -> int:
+    """Bytes of the buffer of a weight of matrix ``shape`` and ``dtype`` under ``error_feedback=kind``."""
     if kind is None:
         return 0
+    numel = shape[0] * shape[1]
     if kind == "float32":
         return numel * torch.empty((), dtype=error_dtype(dtype)).element_size()
     if kind == "8bit":
-        return numel + 4 * math.ceil(numel / 256)
-    return math.ceil(numel / 2) + 8 * math.ceil(numel / 256)
+        return numel + 4 * math.ceil(numel / BLOCKSIZE)
+    return shape[0] * math.ceil(shape[1] / 2) + 8 * math.ceil(numel / BLOCKSIZE)
