@@ -364,11 +364,20 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _apply_update(
-        p: torch.Tensor, update: torch.Tensor, alpha: float, group: dict[str, Any], lr_t: float, index: int, step: int
+        p: torch.Tensor,
+        update: torch.Tensor,
+        alpha: float,
+        group: dict[str, Any],
+        lr_t: float | torch.Tensor,
+        index: int,
+        step: int,
     ) -> None:
         """W <- W (1 - lr_t wd) - alpha * update. A parameter that stores its values itself
         (an INT8 weight, :mod:`lowmem_optim.quant.int8_linear`) does both in its ``apply_update``,
-        with random rounding draws seeded per (seed, parameter, step)."""
+        with random rounding draws seeded per (seed, parameter, step). ``lr_t`` may be a 0-D
+        tensor on the device (Adafactor's relative step): then, on a GPU, the factor 1 - lr_t wd
+        is rounded to a bfloat16 or float16 weight's dtype, which changes nothing for
+        lr_t wd < 2^-9 (bfloat16)."""
         apply_update = getattr(p, "apply_update", None)
         if apply_update is not None:
             apply_update(

@@ -208,7 +208,8 @@ class Rule(Protocol):
 
     ``update`` already carries the step size (so a rule can average lr-scaled updates, as HF's
     Adafactor does). ``lr_t`` is the group's ``lr`` for most rules; rules with their own
-    step-size logic (Adafactor's relative step) return theirs.
+    step-size logic (Adafactor's relative step) return theirs, as a 0-D tensor on the device when
+    it depends on values there (a host read would stall a GPU every step).
     """
 
     hparams: tuple[HParam, ...]
@@ -220,7 +221,7 @@ class Rule(Protocol):
         group: dict[str, Any],
         param: torch.Tensor,
         shard: RowShard | None = None,
-    ) -> tuple[torch.Tensor, float]:
+    ) -> tuple[torch.Tensor, float | torch.Tensor]:
         """Advance the rule's state with ``g`` (``state['step']`` already incremented). With
         ``shard``, ``g`` is this rank's rows (its state entries in :meth:`Part.sharded_layout`
         too) and every reduction over rows is summed over the ranks."""

@@ -187,12 +187,13 @@ def global_norm(t: torch.Tensor, shard: RowShard | None) -> torch.Tensor:
     return global_sum(t.square(), shard).sqrt()
 
 
-def param_rms(param: torch.Tensor) -> float:
-    """RMS of a parameter's values over the whole parameter, also when it is a sharded DTensor."""
+def param_rms(param: torch.Tensor) -> torch.Tensor:
+    """RMS of a parameter's values over the whole parameter, also when it is a sharded DTensor:
+    a 0-D float64 tensor on the parameter's device (its float32 value; no host read)."""
     if not is_dtensor(param):
-        return float(param.float().norm(2) / math.sqrt(param.numel()))
+        return (param.detach().float().norm(2) / math.sqrt(param.numel())).double()
     shard = row_shard(param, "parameter")
-    return float(global_norm(param.to_local().float(), shard) / math.sqrt(param.numel()))
+    return (global_norm(param.to_local().detach().float(), shard) / math.sqrt(param.numel())).double()
 
 
 # ---- sharded state -----------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def requantize_rows_(
     zero: torch.Tensor,
     update: torch.Tensor,
     alpha: float,
-    decay: float,
+    decay: float | torch.Tensor,
     bits: int,
     keys: tuple[int, int] | None,
     offset: int,

@@ -112,11 +112,12 @@ class Int8Weight(nn.Parameter):
         return dequantize_groupwise(self.codes.view(-1), self.scale, self.zero, self.shape, dtype, self.group_size)
 
     @torch.no_grad()
-    def rms(self) -> float:
+    def rms(self) -> torch.Tensor:
         """RMS of the dequantized weight, sqrt(mean(W^2)) (Adafactor's RMS(W)), in fp32 chunks of
-        at most ``_UPDATE_CHUNK`` values: no full-precision copy of the weight is made."""
+        at most ``_UPDATE_CHUNK`` values: no full-precision copy of the weight is made. A 0-D
+        float64 tensor on the codes' device: no host read."""
         codes, chunk = self.codes.view(-1), _UPDATE_CHUNK // self.group_size * self.group_size
-        total = torch.zeros((), dtype=torch.float64, device=codes.device)  # one host read at the end, not one per chunk
+        total = torch.zeros((), dtype=torch.float64, device=codes.device)
         for start in range(0, codes.numel(), chunk):
             stop = min(start + chunk, codes.numel())
             groups = slice(start // self.group_size, -(-stop // self.group_size))
@@ -129,10 +130,12 @@ class Int8Weight(nn.Parameter):
                 self.group_size,
             )
             total += w.square().sum()
-        return math.sqrt(float(total) / codes.numel())
+        return (total / codes.numel()).sqrt_()
 
     @torch.no_grad()
-    def apply_update(self, update: torch.Tensor, *, alpha: float = 1.0, decay: float = 1.0, seed: int = 0) -> None:
+    def apply_update(
+        self, update: torch.Tensor, *, alpha: float = 1.0, decay: float | torch.Tensor = 1.0, seed: int = 0
+    ) -> None:
         """W <- decay * W - alpha * update in fp32, re-quantized (stochastically unless
         ``stochastic_round`` is False) with the counter-based draws of ``seed``
         (:func:`lowmem_optim.quant.groupwise.counter_uniform`, counter = the value's index).

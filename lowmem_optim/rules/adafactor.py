@@ -29,8 +29,9 @@ from lowmem_optim.rules.base import LR, WEIGHT_DECAY, reindex_along
 from lowmem_optim.sharding import RowShard, StateLayout, global_mean, global_norm, global_numel, param_rms
 
 
-def weight_rms(param: torch.Tensor) -> float:
-    """RMS(W). An INT8 weight's parameter holds no values: its RMS is read from the codes; an
+def weight_rms(param: torch.Tensor) -> torch.Tensor:
+    """RMS(W), a 0-D float64 tensor on W's device (read on the host, it would stall a GPU every
+    step). An INT8 weight's parameter holds no values: its RMS is read from the codes; an
     FSDP2-sharded one's sum of squares is summed over the ranks."""
     return param.rms() if isinstance(param, Int8Weight) else param_rms(param)
 
@@ -78,7 +79,8 @@ class AdafactorRule(Part):
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         return 3 * 4 * math.prod(shape)  # fp32 g, its square, the factored update
 
-    def _lr(self, group: dict[str, Any], step: int, param: torch.Tensor) -> float:
+    def _lr(self, group: dict[str, Any], step: int, param: torch.Tensor) -> float | torch.Tensor:
+        """The step size: a number, or with ``scale_parameter`` a 0-D float64 tensor on the device."""
         lr = group["lr"]
         if lr == 0:
             # a zeroed lr stops the step also under relative_step: torch.distributed.checkpoint
@@ -88,7 +90,7 @@ class AdafactorRule(Part):
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             lr = min(min_step, 1.0 / math.sqrt(step))
         if group["scale_parameter"]:
-            lr *= max(group["eps"][1], weight_rms(param))
+            lr = weight_rms(param).clamp_(min=group["eps"][1]).mul_(lr)
         return lr
 
     def sharded_layout(self, dim: int) -> StateLayout:
@@ -103,7 +105,7 @@ class AdafactorRule(Part):
         group: dict[str, Any],
         param: torch.Tensor,
         shard: RowShard | None = None,
-    ) -> tuple[torch.Tensor, float]:
+    ) -> tuple[torch.Tensor, float | torch.Tensor]:
         g = g.float()
         factored = g.dim() >= 2
         if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
@@ -129,8 +131,9 @@ class AdafactorRule(Part):
         else:
             state["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
             update = state["exp_avg_sq"].rsqrt().mul_(g)
-        rms = float(global_norm(update, shard)) / math.sqrt(global_numel(update, shard))
-        update.div_(max(1.0, rms / group["clip_threshold"]))
+        # max(1, RMS(u) / d) stays on the device, in float64 as a host float would be
+        rms = global_norm(update, shard).double().div_(math.sqrt(global_numel(update, shard)))
+        update.div_(rms.div_(group["clip_threshold"]).clamp_(min=1.0))
         update.mul_(lr)
         if group["beta1"] is not None:
             state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])

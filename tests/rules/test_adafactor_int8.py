@@ -22,8 +22,10 @@ def _layer() -> tuple[Int8Linear, torch.Tensor]:
 def test_int8_weight_rms_is_the_dequantized_weights_chunk_by_chunk(monkeypatch, chunk):
     monkeypatch.setattr(int8_linear, "_UPDATE_CHUNK", chunk)  # 128: eight chunks of two groups
     layer, dense = _layer()
-    assert weight_rms(layer.weight) == pytest.approx(float(dense.square().mean().sqrt()), rel=1e-6)
-    assert weight_rms(layer.weight) > 0.01
+    rms = weight_rms(layer.weight)
+    assert rms.shape == () and rms.device == dense.device  # on the weight's device: no host read
+    assert float(rms) == pytest.approx(float(dense.square().mean().sqrt()), rel=1e-6)
+    assert float(rms) > 0.01
 
 
 def test_relative_step_of_an_int8_weight_is_its_dequantized_copys():
@@ -35,7 +37,7 @@ def test_relative_step_of_an_int8_weight_is_its_dequantized_copys():
     for name, param in (("int8", layer.weight), ("dense", nn.Parameter(dense))):
         state = {"step": torch.tensor(1.0)}
         update, lr_t = rule.update(g, state, defaults(rule), param)
-        steps[name] = (update, lr_t)
+        steps[name] = (update, float(lr_t))
     rms = float(dense.square().mean().sqrt())
     assert steps["int8"][1] == pytest.approx(steps["dense"][1], rel=1e-6)
     assert steps["int8"][1] == pytest.approx(rms * 1e-2, rel=1e-6)  # not the eps2 floor, 1e-3 * 1e-2
