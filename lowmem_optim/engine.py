@@ -152,6 +152,29 @@ def _refresh_seed(seed: int, index: int, step: int) -> int:
     return ((seed * 1_000_003 + index) * 1_000_033 + step) % (2**63 - 1)
 
 
+@dataclass
+class _ParamStep:
+    """One parameter's step in progress (:meth:`ComposedOptimizer._open`)."""
+
+    param: torch.Tensor
+    group: dict[str, Any]
+    parts: Parts
+    index: int
+    step: int
+    shard: Any  # RowShard | None
+    target: torch.Tensor  # what the update is applied to: the parameter, or its local rows
+    view: dict[str, Any]  # the state as the parts see it on this rank
+    layout: StateLayout
+    rule_shard: Any  # the rows the rule sees: None when it sees R whole
+    projected: bool
+    left: bool  # projected from the left (P^T G)
+
+    def matrix(self, grad: torch.Tensor) -> torch.Tensor:
+        """This rank's gradient as the projected matrix (m x n)."""
+        local = grad if self.shard is None else grad.to_local()
+        return local.reshape(-1, matrix_shape(self.param)[1])
+
+
 class ComposedOptimizer(torch.optim.Optimizer):
     """The optimizer loop over a rule, a projector and a refresh schedule per param group (see
     the module docstring): the base of every optimizer of the package, low-rank or not.
@@ -303,21 +326,106 @@ class ComposedOptimizer(torch.optim.Optimizer):
     def step_param(self, param: torch.Tensor, grad: torch.Tensor | None = None) -> None:
         """Update one parameter (with ``grad``, default ``param.grad``): the step of layer-wise
         training, run from a gradient hook. Same result as that parameter's share of ``step``."""
+        p, group, index = self._locate(param, "step_param")
+        g = param.grad if grad is None else grad
+        if g is not None:
+            self._check_refresh_gradients([(p, g, group, index)])
+            self._update(p, g, group, group_parts(group), index)
+
+    # ---- one projected parameter's step in three parts -------------------------------------
+    # ``step`` runs them back to back; low-rank gradient accumulation (lowmem_optim.layerwise)
+    # runs begin_step on a step's first micro-batch, project on each, and finish_step on the
+    # sum of the projections after the last, so no full gradient outlives its micro-batch.
+    def projects(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` is updated in a subspace (its group has a rank below min(m, n))."""
+        _, group, _ = self._locate(param, "projects")
+        return uses_projection(param, group)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def begin_step(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """Start ``param``'s next step: advance its counter and, when a refresh is due, choose
+        the subspace from ``grad`` (this gradient alone). Then :meth:`project` gradients onto
+        that subspace and end with :meth:`finish_step`. ValueError for a parameter that is not
+        projected, or whose group uses ``error_feedback`` (the feedback needs the whole
+        gradient of the step, which this split never holds)."""
+        p, group, index = self._locate(param, "begin_step")
+        self._check_split(p, group, index, "begin_step")
+        self._check_refresh_gradients([(p, grad, group, index)])
+        parts = group_parts(group)
+        self._advance(p, group, index)
+        s = self._open(p, group, parts, index)
+        self._refresh_if_due(s, s.matrix(grad))
+        store(self.state[p], s.view, s.shard, s.layout)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def project(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """R = project(G) on ``param``'s current subspace (r x n, m x r or r x r, in ``grad``'s
+        dtype); linear in G, so projecting micro-batch gradients and summing equals projecting
+        their sum. Call after :meth:`begin_step` of the step."""
+        p, group, index = self._locate(param, "project")
+        self._check_split(p, group, index, "project")
+        s = self._open(p, group, group_parts(group), index)
+        return s.parts.projector.project(s.matrix(grad), s.view, s.shard)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def finish_step(self, param: torch.Tensor, low: torch.Tensor) -> None:
+        """End the step :meth:`begin_step` started from the projected gradient ``low``: the
+        rule's update, back-projection, decay and the scaled update applied to ``param``."""
+        p, group, index = self._locate(param, "finish_step")
+        self._check_split(p, group, index, "finish_step")
+        self._finish(self._open(p, group, group_parts(group), index), low)
+
+    def _locate(self, param: torch.Tensor, caller: str) -> tuple[torch.Tensor, dict[str, Any], int]:
+        """The parameter, its group and its index over all groups."""
         index = 0
         for group in self.param_groups:
             for p in group["params"]:
                 if p is param:
-                    g = param.grad if grad is None else grad
-                    if g is not None:
-                        self._check_refresh_gradients([(p, g, group, index)])
-                        self._update(p, g, group, group_parts(group), index)
-                    return
+                    return p, group, index
                 index += 1
-        raise KeyError("step_param: the tensor is not a parameter of this optimizer")
+        raise KeyError(f"{caller}: the tensor is not a parameter of this optimizer")
+
+    def _check_split(self, p: torch.Tensor, group: dict[str, Any], index: int, caller: str) -> None:
+        i = next(i for i, q in enumerate(group["params"]) if q is p)
+        if not uses_projection(p, group):
+            raise ValueError(
+                f"{caller}: {_param_label(group, i, p)} is not projected (its group has rank={group.get('rank')!r}); "
+                "step it with step_param"
+            )
+        if group["error_feedback"] is not None:
+            raise ValueError(
+                f"{caller}: {_param_label(group, i, p)} sits in a group with error_feedback="
+                f"{group['error_feedback']!r}, which needs the step's whole gradient; a step split into "
+                "projected micro-batches never holds it (allowed: error_feedback=None)"
+            )
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], parts: Parts, index: int) -> None:
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        self._advance(p, group, index)
+        s = self._open(p, group, parts, index)
+        if not s.projected:
+            local_grad = grad if s.shard is None else grad.to_local()
+            update, lr_t = parts.rule.update(local_grad, s.view, group, p, s.shard)
+            store(self.state[p], s.view, s.shard, s.layout)
+            self._apply_update(s.target, update, 1.0, group, lr_t, index, s.step)
+            return
+        g = s.matrix(grad)
+        feedback = group["error_feedback"]
+        if feedback is not None:  # A = G + E: the selection and the projection see what was left out before
+            accumulated = load_error(s.view, g) + g
+            g = accumulated.to(g.dtype)
+        self._refresh_if_due(s, g)
+        low = parts.projector.project(g, s.view, s.shard)
+        if feedback is not None:
+            store_error(s.view, accumulated - parts.projector.back_project(low, s.view, s.shard), feedback)
+        self._finish(s, low)
+
+    def _advance(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
+        """The step counter, created (with the staggered schedule's slot) on the first step."""
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
@@ -325,42 +433,44 @@ class ComposedOptimizer(torch.optim.Optimizer):
             if group.get("stagger") and uses_projection(p, group):
                 state["refresh_slot"] = self._matrix_slot(p)
         state["step"] += 1
-        step = int(state["step"])
-        # an FSDP2-sharded parameter is stepped on this rank's rows (lowmem_optim.sharding)
+
+    def _open(self, p: torch.Tensor, group: dict[str, Any], parts: Parts, index: int) -> _ParamStep:
+        """The step in progress of ``p``: an FSDP2-sharded parameter is stepped on this rank's
+        rows (lowmem_optim.sharding), its state seen through their view."""
+        state = self.state[p]
         shard = row_shard(p, f"parameter {index}")
-        local_grad, target = (grad, p) if shard is None else (grad.to_local(), p.to_local())
-        if not uses_projection(p, group):
-            layout = parts.rule.sharded_layout(grad.dim()) if shard is not None else StateLayout()
-            view = local_view(state, shard, layout)
-            update, lr_t = parts.rule.update(local_grad, view, group, p, shard)
-            store(state, view, shard, layout)
-            self._apply_update(target, update, 1.0, group, lr_t, index, step)
-            return
-        g = local_grad.reshape(-1, matrix_shape(p)[1])
-        feedback = group["error_feedback"]
-        left, _ = projection_sides(matrix_shape(p), group["proj_type"])
+        target = p if shard is None else p.to_local()
+        projected = uses_projection(p, group)
+        left = projected and projection_sides(matrix_shape(p), group["proj_type"])[0]
         # P^T G is summed over the ranks, so the rule sees R whole; G Q keeps the rows of G
         rule_shard = None if left else shard
-        layout = parts.rule.sharded_layout(2) if rule_shard is not None else StateLayout()
-        view = local_view(state, shard, layout | SHARDED_LAYOUT)  # the feedback buffer E has the rows of G
-        if feedback is not None:  # A = G + E: the selection and the projection see what was left out before
-            accumulated = load_error(view, g) + g
-            g = accumulated.to(g.dtype)
-        if parts.schedule.due(view, step):
-            change = parts.projector.refresh(g, view, group, _refresh_seed(group["seed"], index, step), shard)
-            parts.schedule.record(view, step, group, change.similarity)
-            if not (g.any() if shard is None else shard.any(bool(g.any()))):
-                # an all-zero gradient holds no subspace (torch.distributed.checkpoint initializes
-                # empty state with one): the state now has its layout, the next gradient chooses
-                parts.schedule.defer(view, step)
-            parts.rule.carry(view, change, 0 if left else 1)
-        low = parts.projector.project(g, view, shard)
-        if feedback is not None:
-            store_error(view, accumulated - parts.projector.back_project(low, view, shard), feedback)
-        update, lr_t = parts.rule.update(low, view, group, p, rule_shard)
-        full = parts.projector.back_project(update.to(back_projection_dtype(p, update)), view, shard)
-        store(state, view, shard, layout | SHARDED_LAYOUT)
-        self._apply_update(target, full.view(target.shape), group["scale"], group, lr_t, index, step)
+        dims = 2 if projected else p.dim()
+        layout = parts.rule.sharded_layout(dims) if rule_shard is not None else StateLayout()
+        if projected:
+            layout = layout | SHARDED_LAYOUT  # the feedback buffer E has the rows of G
+        view = local_view(state, shard, layout)
+        return _ParamStep(
+            p, group, parts, index, int(state["step"]), shard, target, view, layout, rule_shard, projected, left
+        )
+
+    def _refresh_if_due(self, s: _ParamStep, g: torch.Tensor) -> None:
+        """Choose the subspace from ``g`` when the schedule says so; the rule's moments follow."""
+        if not s.parts.schedule.due(s.view, s.step):
+            return
+        change = s.parts.projector.refresh(g, s.view, s.group, _refresh_seed(s.group["seed"], s.index, s.step), s.shard)
+        s.parts.schedule.record(s.view, s.step, s.group, change.similarity)
+        if not (g.any() if s.shard is None else s.shard.any(bool(g.any()))):
+            # an all-zero gradient holds no subspace (torch.distributed.checkpoint initializes
+            # empty state with one): the state now has its layout, the next gradient chooses
+            s.parts.schedule.defer(s.view, s.step)
+        s.parts.rule.carry(s.view, change, 0 if s.left else 1)
+
+    def _finish(self, s: _ParamStep, low: torch.Tensor) -> None:
+        """N = rule(R); W <- W (1 - lr_t wd) - scale * back_project(N)."""
+        update, lr_t = s.parts.rule.update(low, s.view, s.group, s.param, s.rule_shard)
+        full = s.parts.projector.back_project(update.to(back_projection_dtype(s.param, update)), s.view, s.shard)
+        store(self.state[s.param], s.view, s.shard, s.layout)
+        self._apply_update(s.target, full.view(s.target.shape), s.group["scale"], s.group, lr_t, s.index, s.step)
 
     @staticmethod
     def _apply_update(
