@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     _flag(memory, "seq-len", type=int, required=True)
     _flag(memory, "activation-checkpointing", action="store_true")
     _flag(memory, "layerwise", action="store_true", help="layer-wise updates (gradients freed in backward)")
+    _flag(
+        memory,
+        "loss-chunk-tokens",
+        type=int,
+        default=TrainingSetup.loss_chunk_tokens,
+        help="tokens per chunk of the loss (0: unchunked; default: the training loop's)",
+    )
     _flag(memory, "target-modules", default="all-linear", help=f"low-rank/INT8 linear layers: {TARGET_MODULES_HELP}")
     _flag(memory, "json", action="store_true", help="print one JSON object")
     return parser
@@ -89,6 +96,7 @@ def memory_command(args: argparse.Namespace) -> dict[str, int]:
         seq_len=args.seq_len,
         activation_checkpointing=args.activation_checkpointing,
         layerwise=args.layerwise,
+        loss_chunk_tokens=args.loss_chunk_tokens,
         target_modules=targets,
     )
     return estimate_memory(config, setup).as_dict()

@@ -32,7 +32,16 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
   per layer) is kept, and one layer is rebuilt in backward, with its gradient working set
   s (h + 2 f) per token. The head keeps the final norm's tensors and the logits the output
   holds (s V per token); the loss adds, at the start of backward, the float32 log-softmax
-  output and the incoming and outgoing float32 gradients (12 V per token).
+  output and the incoming and outgoing float32 gradients (12 V per token). With the chunked
+  loss (``loss_chunk_tokens`` c below the micro-batch's tokens, the training default;
+  ``train/loss.py``) no logits are kept, and backward rebuilds one chunk at a time:
+
+      loss        max(12 V c, s V c + s h V) + s h tokens
+
+  (the chunk's float32 loss tensors, or its bf16 logit gradient with its share of the head's
+  gradient; plus the gradient of the final hidden states, gathered over the chunks), while
+  the head's gradient accumulates over the chunks (also with ``--layerwise``: its update
+  runs after the last chunk).
 * workspace: the transient memory of one parameter's update (the largest over parameters):
   the back-projected update (m x n), the rule's temporaries as it reports them
   (:meth:`~lowmem_optim.parts.Part.workspace_bytes`: 8-bit Adam's float32 update and its moments
@@ -42,7 +51,8 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
 The peak is the largest of the moments a step goes through, on top of the static part
 (weights + optimizer_states + projections):
 
-    start of backward      kept activations + loss tensors (+ the first gradient, the head's)
+    start of backward      kept activations + loss tensors (+ the first gradient, the head's;
+                           with --layerwise only while the loss is chunked)
     checkpointed backward  kept activations + one rebuilt layer (+ every gradient so far)
     optimizer step         every gradient + workspace                     (ordinary stepping)
     a layer-wise update    kept activations + that gradient + its workspace (+ the rebuilt layer,
@@ -166,6 +176,7 @@ class TrainingSetup:
     layerwise: bool = False
     target_modules: str | list[str] = "all-linear"
     group_size: int = 256
+    loss_chunk_tokens: int = 1024
     optimizer_kwargs: tuple[tuple[str, Any], ...] = ()
 
     def torch_dtype(self) -> torch.dtype:
@@ -307,9 +318,9 @@ def optimizer_memory(
 def activation_memory(shape: LlamaShape, setup: TrainingSetup) -> dict[str, int]:
     """Activation bytes (per-token terms in the module docstring): ``stored`` (kept through
     backward: each layer's saved tensors or checkpoint, the final norm's, the logits held by
-    the output), ``loss`` (the float32 loss tensors at the start of backward) and ``recompute``
-    (one checkpointed layer rebuilt in backward, with its gradient working set; 0 without
-    checkpointing)."""
+    the output unless the loss is chunked), ``loss`` (the float32 loss tensors at the start of
+    backward, or one chunk's) and ``recompute`` (one checkpointed layer rebuilt in backward,
+    with its gradient working set; 0 without checkpointing)."""
     s = torch.empty((), dtype=setup.torch_dtype()).element_size()
     h, f, a, kv = shape.hidden_size, shape.intermediate_size, shape.num_attention_heads, shape.num_key_value_heads
     tokens = setup.batch_size * setup.seq_len
@@ -317,11 +328,21 @@ def activation_memory(shape: LlamaShape, setup: TrainingSetup) -> dict[str, int]
     per_layer = 2 * norm + s * h * (3 + 2 * kv / a) + 4 * a + 4 * s * f
     kept = per_layer if not setup.activation_checkpointing else s * h
     recompute = per_layer + s * (h + 2 * f) if setup.activation_checkpointing else 0
+    v, chunk = shape.vocab_size, setup.loss_chunk_tokens
+    if loss_is_chunked(setup):
+        logits, loss = 0, max(12 * v * chunk, s * v * (chunk + h)) + s * h * tokens
+    else:
+        logits, loss = s * v * tokens, 12 * v * tokens
     return {
-        "stored": int(tokens * (shape.num_hidden_layers * kept + norm + s * shape.vocab_size)),
-        "loss": tokens * 12 * shape.vocab_size,
+        "stored": int(tokens * (shape.num_hidden_layers * kept + norm) + logits),
+        "loss": loss,
         "recompute": int(tokens * recompute),
     }
+
+
+def loss_is_chunked(setup: TrainingSetup) -> bool:
+    """Whether the training loss runs in chunks: a chunk size below the micro-batch's tokens."""
+    return 0 < setup.loss_chunk_tokens < setup.batch_size * setup.seq_len
 
 
 def estimate_memory(config: dict[str, Any], setup: TrainingSetup) -> MemoryEstimate:
@@ -330,6 +351,8 @@ def estimate_memory(config: dict[str, Any], setup: TrainingSetup) -> MemoryEstim
         raise ValueError(f"Invalid batch_size: {setup.batch_size!r} (allowed: an int >= 1)")
     if isinstance(setup.seq_len, bool) or not isinstance(setup.seq_len, int) or setup.seq_len < 1:
         raise ValueError(f"Invalid seq_len: {setup.seq_len!r} (allowed: an int >= 1)")
+    if not isinstance(setup.loss_chunk_tokens, int) or setup.loss_chunk_tokens < 0:
+        raise ValueError(f"Invalid loss_chunk_tokens: {setup.loss_chunk_tokens!r} (allowed: an int >= 0)")
     model, optimizer = build_setup_model(config, setup)
     opt = optimizer_memory(setup.optimizer, optimizer, frozenset(map(id, model.model.layers.parameters())))
     weights = _weight_bytes(model)
@@ -337,8 +360,10 @@ def estimate_memory(config: dict[str, Any], setup: TrainingSetup) -> MemoryEstim
     static = weights + opt["optimizer_states"] + opt["projections"]
     if setup.layerwise:
         gradients = opt["largest_gradient"]
-        # the head's update runs before any layer is rebuilt, the embedding's after the last
-        total = static + act["stored"] + max(act["loss"], act["recompute"] + opt["layer_step_peak"], opt["step_peak"])
+        # the head's update runs before any layer is rebuilt (after the last chunk of a chunked
+        # loss, whose gradient it accumulates), the embedding's after the last layer
+        loss = act["loss"] + (opt["largest_gradient"] if loss_is_chunked(setup) else 0)
+        total = static + act["stored"] + max(loss, act["recompute"] + opt["layer_step_peak"], opt["step_peak"])
     else:
         gradients = opt["gradients"]
         total = static + max(

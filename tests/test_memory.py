@@ -132,3 +132,60 @@ def test_llama7b_recipe_of_pretrain_script_is_predicted_under_15_gib():
     estimate = estimate_memory(config, setup)
     assert estimate.total_bytes <= 15 * 2**30
     assert 6.5 * 2**30 < estimate.weights_bytes < 7 * 2**30  # 6.5B INT8 linear weights + bf16 embeddings
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("chunk", [0, 64, 256])
+def test_loss_term_is_the_measured_peak_of_the_head_and_loss(dtype, chunk):
+    # the head and the loss alone, forward and backward, on CPU: the bytes of the tensors they
+    # create (OpCounter follows every new storage until it is freed) against the model's loss
+    # term, plus the logits the output holds (unchunked) and the head's gradient
+    import torch.nn.functional as F
+
+    from lowmem_optim.memory import LlamaShape, activation_memory
+    from lowmem_optim.op_count import OpCounter
+    from train.loss import chunked_causal_lm_loss
+
+    batch, seq, h, vocab = 4, 256, 64, 4096
+    setup = TrainingSetup(
+        "adamw",
+        weight_bits=32 if dtype == "float32" else 16,
+        dtype=dtype,
+        batch_size=batch,
+        seq_len=seq,
+        loss_chunk_tokens=chunk,
+    )
+    torch_dtype = setup.torch_dtype()
+    head = torch.nn.Linear(h, vocab, bias=False, dtype=torch_dtype)
+    hidden = torch.randn(batch, seq, h, dtype=torch_dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    with OpCounter() as counter:
+        if chunk:
+            loss = chunked_causal_lm_loss(hidden, head, labels, chunk)
+        else:
+            logits = head(hidden)  # held, as the model's output holds it
+            loss = F.cross_entropy(logits.float().view(-1, vocab)[:-1], labels.view(-1)[1:])
+        loss.backward()
+    s = torch.empty((), dtype=torch_dtype).element_size()
+    predicted = activation_memory(LlamaShape(vocab, h, 4 * h, 1, 4, 4), setup)["loss"] + s * vocab * h
+    predicted += 0 if chunk else s * vocab * batch * seq
+    assert abs(counter.peak_bytes / predicted - 1) < 0.02
+
+
+def test_chunked_loss_drops_the_logits_and_one_chunk_covers_a_small_micro_batch():
+    config = json.loads((CONFIGS / "llama_60m.json").read_text())
+    base = TrainingSetup("galore_adamw", rank=64, batch_size=8, seq_len=256, loss_chunk_tokens=0)
+
+    def estimate(**changes):
+        return estimate_memory(config, TrainingSetup(**{**base.__dict__, **changes}))
+
+    chunked = estimate(loss_chunk_tokens=256)
+    assert chunked.activations_bytes < estimate().activations_bytes
+    assert chunked.total_bytes < estimate().total_bytes
+    assert estimate(loss_chunk_tokens=8 * 256) == estimate()  # one chunk: HF's loss
+    # the loss holds one chunk: more tokens add only their per-token terms, not 12 V each
+    per_token = (estimate(batch_size=16).activations_bytes - estimate().activations_bytes) / (8 * 256)
+    chunked_per_token = (
+        estimate(batch_size=16, loss_chunk_tokens=256).activations_bytes - chunked.activations_bytes
+    ) / (8 * 256)
+    assert chunked_per_token < per_token - 12 * config["vocab_size"]

@@ -18,6 +18,7 @@ from lowmem_optim.engine import lowrank_hparams
 from lowmem_optim.groups import TARGET_MODULES_HELP, parse_target_modules
 from lowmem_optim.parts import invalid
 from lowmem_optim.rules.adam import BETAS, EPS
+from train.loss import CHUNK_TOKENS
 
 #: accepted spellings of ``--dtype`` and the torch dtype name each resolves to
 DTYPES: dict[str, str] = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -45,6 +46,7 @@ RESUMABLE_CHANGES = frozenset(
         "on_nonfinite",
         "model_config",
         "data",  # compared by contents: the model config's keys, the data's fingerprint
+        "loss_chunk_tokens",  # the same loss, up to the order of its sum
     }
 )
 
@@ -77,6 +79,12 @@ class TrainConfig(LowRankFlags):
     model_config: str = _opt("", "path of a LLaMA config JSON, e.g. configs/llama_60m.json (required)")
     dtype: str = _opt("float32", "weight and compute dtype", choices=tuple(DTYPES))
     activation_checkpointing: bool = _opt(False, "recompute activations in backward (saves memory)")
+    loss_chunk_tokens: int = _opt(
+        CHUNK_TOKENS,
+        "compute the output head and the loss this many tokens at a time, rebuilt in backward, so "
+        "a micro-batch's logits never exist whole (0: in one piece; a micro-batch of at most this many "
+        "tokens is one piece anyway)",
+    )
     weight_bits: int = _opt(
         16, "8: INT8 weights in the linear layers (Q-GaLore); 16: weights in --dtype", choices=(8, 16)
     )
@@ -176,7 +184,7 @@ class TrainConfig(LowRankFlags):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"Invalid --{_kebab(name)}: {value!r} (allowed: an int >= 1)")
-        for name in ("warmup_steps", "save_every"):
+        for name in ("warmup_steps", "save_every", "loss_chunk_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Invalid --{_kebab(name)}: {getattr(self, name)!r} (allowed: an int >= 0)")
         if not (math.isfinite(self.lr) and self.lr >= 0):

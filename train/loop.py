@@ -159,6 +159,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
         vocab_needed=data.tokenizer.vocab_size,
         seq_len=cfg.seq_len,
         activation_checkpointing=cfg.activation_checkpointing,
+        loss_chunk_tokens=cfg.loss_chunk_tokens,
     )
     if cfg.weight_bits == 8:
         model = quantize_weights(model, parse_target_modules(cfg.target_modules))

@@ -1,4 +1,5 @@
-"""The model: HF ``transformers``' LlamaForCausalLM built from a config JSON in ``configs/``.
+"""The model: HF ``transformers``' LlamaForCausalLM built from a config JSON in ``configs/``,
+with the chunked loss of :mod:`train.loss`.
 
 Built from the config (never ``from_pretrained``), with the seed set first so every rank and
 every run with that seed starts from the same weights. The weights are created directly in the
@@ -11,8 +12,11 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lowmem_optim.llama_config import check_seq_len, load_llama_config
+from train.loss import CHUNK_TOKENS, chunked_causal_lm_loss
 
 
 @contextmanager
@@ -25,6 +29,25 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+class LlamaWithChunkedLoss(LlamaForCausalLM):
+    """HF's ``LlamaForCausalLM`` (same parameters, state dict and config) whose
+    ``forward(input_ids=..., labels=...)`` computes the loss with :func:`chunked_causal_lm_loss`
+    when the micro-batch has more than ``loss_chunk_tokens`` tokens; its output then has no
+    logits. Any other call (no labels, ``loss_chunk_tokens`` 0, more arguments such as an
+    attention mask) is HF's forward. Going through ``forward`` keeps DDP's and FSDP2's hooks."""
+
+    def __init__(self, config: LlamaConfig, loss_chunk_tokens: int = CHUNK_TOKENS) -> None:
+        super().__init__(config)
+        self.loss_chunk_tokens = loss_chunk_tokens
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        chunked = labels is not None and input_ids is not None and not kwargs
+        if not (chunked and 0 < self.loss_chunk_tokens < labels.numel()):
+            return super().forward(input_ids=input_ids, labels=labels, **kwargs)
+        hidden = self.model(input_ids=input_ids).last_hidden_state
+        return CausalLMOutputWithPast(loss=chunked_causal_lm_loss(hidden, self.lm_head, labels, self.loss_chunk_tokens))
+
+
 def build_model(
     config_path: str,
     *,
@@ -34,15 +57,18 @@ def build_model(
     vocab_needed: int,
     seq_len: int,
     activation_checkpointing: bool = False,
+    loss_chunk_tokens: int = CHUNK_TOKENS,
 ) -> nn.Module:
     """A freshly initialised LlamaForCausalLM in ``dtype`` on ``device``.
 
     The config is read by :func:`lowmem_optim.llama_config.load_llama_config`; ``vocab_needed``
     (the tokenizer's size) and ``seq_len`` are checked against it, and whatever else
-    ``transformers`` rejects is a one-line ValueError naming the file.
+    ``transformers`` rejects is a one-line ValueError naming the file. Its loss is computed in
+    chunks of ``loss_chunk_tokens`` tokens (:mod:`train.loss`; 0: HF's loss over the whole
+    micro-batch).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    if loss_chunk_tokens < 0:
+        raise ValueError(f"Invalid loss_chunk_tokens: {loss_chunk_tokens!r} (allowed: an int >= 0)")
     raw = load_llama_config(config_path)
     check_seq_len(raw, seq_len, config_path)
     if vocab_needed > raw["vocab_size"]:
@@ -55,7 +81,7 @@ def build_model(
         config.use_cache = False  # training never reuses keys/values; the cache would only hold memory
         torch.manual_seed(seed)
         with _default_dtype(dtype), torch.device(device):
-            model = LlamaForCausalLM(config)
+            model = LlamaWithChunkedLoss(config, loss_chunk_tokens)
     except (TypeError, ValueError, KeyError, AttributeError) as err:  # a key transformers does not accept
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(

@@ -57,6 +57,7 @@ def _build(args: argparse.Namespace, setup: TrainingSetup, config: dict, device:
         vocab_needed=config["vocab_size"],
         seq_len=args.seq_len,
         activation_checkpointing=args.activation_checkpointing,
+        loss_chunk_tokens=args.loss_chunk_tokens,
     )
     if args.weight_bits == 8:
         quantize_weights(model, "all-linear")
@@ -130,6 +131,7 @@ def measure(args: argparse.Namespace) -> dict:
         seq_len=args.seq_len,
         activation_checkpointing=args.activation_checkpointing,
         layerwise=args.layerwise,
+        loss_chunk_tokens=args.loss_chunk_tokens,
     )
     config = json.loads(Path(args.model_config).read_text())
     predicted = estimate_memory(config, setup).as_dict()
@@ -153,6 +155,7 @@ def measure(args: argparse.Namespace) -> dict:
         "seq_len": args.seq_len,
         "activation_checkpointing": args.activation_checkpointing,
         "layerwise": args.layerwise,
+        "loss_chunk_tokens": args.loss_chunk_tokens,
         "proj_method": args.proj_method,
         "steps": args.steps,
         "torch": torch.__version__,
@@ -180,6 +183,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--layerwise", action="store_true")
+    parser.add_argument(
+        "--loss-chunk-tokens",
+        type=int,
+        default=TrainingSetup.loss_chunk_tokens,
+        help="tokens per chunk of the loss (0: unchunked; CPU: MemTracker refuses a module called "
+        "once per chunk, so use 0 when the micro-batch has more tokens than a chunk)",
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

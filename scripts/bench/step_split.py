@@ -164,6 +164,7 @@ def floor(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
         vocab_needed=vocab,
         seq_len=cfg.seq_len,
         activation_checkpointing=cfg.activation_checkpointing,
+        loss_chunk_tokens=cfg.loss_chunk_tokens,
     )
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
@@ -193,6 +194,7 @@ def ours(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
         vocab_needed=vocab,
         seq_len=cfg.seq_len,
         activation_checkpointing=cfg.activation_checkpointing,
+        loss_chunk_tokens=cfg.loss_chunk_tokens,
     )
     if cfg.weight_bits == 8:
         model = quantize_weights(model, parse_target_modules(cfg.target_modules))
@@ -249,6 +251,7 @@ def predicted_bytes(cfg: TrainConfig) -> int:
         activation_checkpointing=cfg.activation_checkpointing,
         layerwise=cfg.layerwise,
         target_modules=parse_target_modules(cfg.target_modules),
+        loss_chunk_tokens=cfg.loss_chunk_tokens,
     )
     return estimate_memory(load_llama_config(cfg.model_config), setup).total_bytes
 

@@ -1,7 +1,7 @@
-"""Two CPU processes on gloo (torchrun): DDP keeps ranks identical (INT8 weights included) and
-matches one process on the same global batch; FSDP2 trains every optimizer of the registry but
-bitsandbytes' (refused with a clear error), GaLore under FSDP2 equals GaLore under DDP, and a
-Q-GaLore run resumes exactly from its gathered checkpoint."""
+"""Two CPU processes on gloo (torchrun), the loss computed in chunks: DDP keeps ranks identical
+(INT8 weights included) and matches one process on the same global batch; FSDP2 trains every
+optimizer of the registry but bitsandbytes' (refused with a clear error), GaLore under FSDP2
+equals GaLore under DDP, and a Q-GaLore run resumes exactly from its gathered checkpoint."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ BASE = [
     "--eval-every=2",
     "--eval-batches=1",
     "--progress=False",
+    "--loss-chunk-tokens=16",  # 2 x 32 tokens per rank: the loss in 4 chunks under DDP and FSDP2
 ]
 
 
