@@ -378,6 +378,21 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self._check_split(p, group, index, "finish_step")
         self._finish(self._open(p, group, group_parts(group), index), low)
 
+    def refresh_due(self, param: torch.Tensor) -> bool:
+        """Whether ``param``'s next :meth:`begin_step` chooses a new subspace."""
+        p, group, _ = self._locate(param, "refresh_due")
+        state = self.state.get(p, {})
+        step = int(state["step"]) + 1 if "step" in state else 1
+        return uses_projection(p, group) and group_parts(group).schedule.due(state, step)
+
+    def draw_seed(self, param: torch.Tensor, stream: int) -> int:
+        """A seed per (group ``seed``, parameter, current step, ``stream``) for random draws
+        outside the step (stochastic rounding of an accumulation buffer): the same in every
+        hook order, on every rank and after a resume."""
+        p, group, index = self._locate(param, "draw_seed")
+        step = int(self.state[p]["step"]) if "step" in self.state.get(p, {}) else 0
+        return _refresh_seed(group["seed"], index, step) ^ (stream * 0x9E37_79B9_7F4A_7C15 % 2**63)
+
     def _locate(self, param: torch.Tensor, caller: str) -> tuple[torch.Tensor, dict[str, Any], int]:
         """The parameter, its group and its index over all groups."""
         index = 0

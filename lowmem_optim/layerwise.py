@@ -35,13 +35,35 @@ bitsandbytes' ``AdamW8bit``) is stepped for one parameter by calling its ``step(
 param groups narrowed to that parameter for the call (per-parameter overrides registered with
 bitsandbytes' ``GlobalOptimManager`` are looked up by position and are not supported).
 
-Gradient accumulation (``accumulation_steps=k``): the hooks leave the gradient of the first
-k - 1 backward passes accumulating in ``param.grad`` (as ordinary training does) and step and
-free it in the k-th, so the result equals ordinary accumulation exactly. During a step's first
-k - 1 micro-batches every gradient exists, so the peak gradient memory of accumulation is that
-of ordinary training; use ``accumulation_steps=1`` and a larger micro-batch where memory is
-the limit. Micro-batches are counted per parameter: every parameter must receive a gradient
-in every backward pass (true of a language model's forward).
+Gradient accumulation (``accumulation_steps=k``), as ``accumulation_buffer`` chooses:
+
+* ``"full"`` (the default): the hooks leave the gradient of the first k - 1 backward passes
+  accumulating in ``param.grad`` (as ordinary training does) and step and free it in the k-th,
+  so the result equals ordinary accumulation exactly; but during a step's first k - 1
+  micro-batches every gradient exists, so the peak gradient memory is that of ordinary training.
+* ``"float32"``, ``"bfloat16"`` or ``"8bit"`` (low-rank accumulation, with a
+  :class:`~lowmem_optim.engine.ComposedOptimizer`): a projected parameter's hook projects its
+  micro-batch gradient, R_j = project(G_j), adds it to a buffer of R's shape (r x n, m x r) and
+  frees G_j; the k-th steps from sum_j R_j = project(sum_j G_j) (projection is linear). No full
+  gradient of a projected parameter outlives its micro-batch. On a step where the subspace is
+  refreshed, the first micro-batch's gradient G_1 chooses it (ordinary accumulation chooses it
+  from the sum), and every micro-batch of the step is projected on that new subspace.
+  Parameters that are not projected (embeddings, head, norms) accumulate in ``param.grad`` as
+  with ``"full"``. ``"float32"`` buffers (the gradient's dtype when wider) give ordinary
+  accumulation's result up to float rounding on steps without a refresh; ``"bfloat16"`` (2 bytes
+  per value) and ``"8bit"`` (1 byte + a float32 scale per 256 values) round each partial sum
+  stochastically, so the sum stays unbiased (:mod:`lowmem_optim.quant.stochastic`; seeded per
+  parameter, step and micro-batch). The buffers live in the handle (``handle.buffers``), not in
+  the optimizer state: they are allocated on a parameter's first micro-batch and reused, and hold
+  nothing between steps, where checkpoints are taken. Refused (ValueError): groups with
+  ``error_feedback`` (the feedback needs the step's full gradient) and FSDP2-sharded parameters.
+  With ``max_grad_norm`` a projected parameter's sum R is clipped by its own norm (the full
+  gradient's norm is never known). With ``process_group``, the sum R is averaged over the ranks
+  at the k-th micro-batch, and on a refresh step G_1 is averaged first, so every rank chooses
+  the same subspace.
+
+Micro-batches are counted per parameter: every parameter must receive a gradient in every
+backward pass (true of a language model's forward).
 
 Gradient clipping (``max_grad_norm``): per parameter, not global. Each gradient is scaled by
 ``min(1, max_grad_norm / (||g|| + 1e-6))`` with its own norm, i.e. what
@@ -69,6 +91,77 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lowmem_optim.quant.blockwise import BLOCKSIZE, dequantize_blockwise
+from lowmem_optim.quant.groupwise import round_keys
+from lowmem_optim.quant.stochastic import quantize_blockwise_stochastic, round_bfloat16
+from lowmem_optim.sharding import is_dtensor
+
+#: values of ``accumulation_buffer``: "full" keeps full gradients in ``param.grad``; the others
+#: accumulate projected gradients in buffers of that precision
+ACCUMULATION_BUFFERS = ("full", "float32", "bfloat16", "8bit")
+
+
+def exact_buffer_dtype(grad_dtype: torch.dtype) -> torch.dtype:
+    """The "float32" buffer's dtype: float32, or the gradient's when wider (float64)."""
+    return torch.promote_types(grad_dtype, torch.float32)
+
+
+def buffer_bytes(kind: str, numel: int, grad_dtype: torch.dtype) -> int:
+    """Bytes of one accumulation buffer of ``numel`` projected values (0 for "full")."""
+    if kind == "float32":
+        return numel * exact_buffer_dtype(grad_dtype).itemsize
+    if kind == "bfloat16":
+        return 2 * numel
+    if kind == "8bit":
+        return numel + 4 * -(-numel // BLOCKSIZE)
+    return 0
+
+
+class AccumulationBuffer:
+    """The sum of one parameter's projected micro-batch gradients (r x n, m x r or r x r),
+    allocated once and overwritten by each step's first micro-batch. ``kind``: "float32"
+    (exact: float32 or the gradient's dtype when wider), "bfloat16", or "8bit" (signed blockwise
+    codes with a float32 scale per 256 values); the last two round each partial sum
+    stochastically (:mod:`lowmem_optim.quant.stochastic`), so the sum is unbiased."""
+
+    def __init__(self, kind: str, like: torch.Tensor) -> None:
+        self.kind = kind
+        if kind == "8bit":
+            blocks = -(-like.numel() // BLOCKSIZE)
+            self.tensors = (
+                torch.empty(like.shape, dtype=torch.uint8, device=like.device),
+                torch.empty(blocks, dtype=torch.float32, device=like.device),
+            )
+        else:
+            dtype = exact_buffer_dtype(like.dtype) if kind == "float32" else torch.bfloat16
+            self.tensors = (torch.empty(like.shape, dtype=dtype, device=like.device),)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def _value(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.kind == "8bit":
+            return dequantize_blockwise(*self.tensors, signed=True, dtype=dtype)
+        return self.tensors[0].to(dtype)
+
+    def write(self, low: torch.Tensor, first: bool, seed: int) -> None:
+        """buffer <- low (``first``) or buffer + low, rounded with the draws of ``seed``."""
+        if self.kind == "float32":
+            self.tensors[0].copy_(low) if first else self.tensors[0].add_(low)
+            return
+        total = low.float() if first else self._value(torch.float32).add_(low)
+        if self.kind == "bfloat16":
+            self.tensors[0].copy_(round_bfloat16(total, round_keys(seed)))
+        else:
+            quantize_blockwise_stochastic(total, round_keys(seed), out=self.tensors)
+
+    def total(self, low: torch.Tensor) -> torch.Tensor:
+        """buffer + low, in the exact buffer's dtype (the step's projected gradient)."""
+        if self.kind == "float32":
+            return self.tensors[0].add_(low)
+        return self._value(exact_buffer_dtype(low.dtype)).add_(low)
+
 
 class LayerwiseHandle:
     """The hooks of one attached optimizer; :func:`attach` builds it."""
@@ -79,12 +172,16 @@ class LayerwiseHandle:
         accumulation_steps: int,
         max_grad_norm: float | None,
         process_group: Any,
+        accumulation_buffer: str = "full",
     ) -> None:
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.process_group = process_group
+        self.accumulation_buffer = accumulation_buffer
         self._micro: dict[torch.Tensor, int] = {}
+        #: per projected parameter, its accumulation buffer (low-rank accumulation only)
+        self.buffers: dict[torch.Tensor, AccumulationBuffer] = {}
         self._stepping_one = False
         self._step_guard = optimizer.register_step_pre_hook(self._refuse_outside_step)
         self._hooks = []
@@ -96,12 +193,27 @@ class LayerwiseHandle:
         optimizer.add_param_group = self._add_and_hook  # type: ignore[method-assign]
         optimizer._layerwise_handle = self  # type: ignore[attr-defined]
 
+    @property
+    def lowrank(self) -> bool:
+        """Whether projected gradients are accumulated in buffers (``accumulation_buffer``)."""
+        return self.accumulation_buffer != "full" and self.accumulation_steps > 1
+
     def _hook_params(self, params: list[torch.Tensor]) -> None:
+        if self.lowrank:
+            _check_lowrank_accumulation(self.optimizer, params)
         self._hooks += [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
 
     def _add_and_hook(self, param_group: dict[str, Any]) -> None:
         self._add_param_group(param_group)
-        self._hook_params(self.optimizer.param_groups[-1]["params"])
+        try:
+            self._hook_params(self.optimizer.param_groups[-1]["params"])
+        except ValueError:
+            self.optimizer.param_groups.pop()
+            raise
+
+    def buffer_bytes(self) -> int:
+        """Bytes of the accumulation buffers (allocated on a parameter's first micro-batch, kept)."""
+        return sum(b.nbytes for b in self.buffers.values())
 
     def remove(self) -> None:
         """Detach the hooks: the optimizer is stepped with ``optimizer.step()`` again."""
@@ -109,6 +221,7 @@ class LayerwiseHandle:
             hook.remove()
         self._hooks.clear()
         self._micro.clear()
+        self.buffers.clear()
         self._step_guard.remove()
         if getattr(self.optimizer, "_layerwise_handle", None) is self:
             del self.optimizer.add_param_group  # the class's method again
@@ -127,6 +240,9 @@ class LayerwiseHandle:
 
     @torch.no_grad()
     def _hook(self, param: torch.Tensor) -> None:
+        if self.lowrank and self.optimizer.projects(param):
+            self._accumulate_projected(param)
+            return
         seen = self._micro.get(param, 0) + 1
         if seen < self.accumulation_steps:
             self._micro[param] = seen
@@ -146,6 +262,39 @@ class LayerwiseHandle:
             self._step_one(param)
         param.grad = None
         # LR schedulers warn when they step before the optimizer; this optimizer did step
+        self.optimizer._opt_called = True  # type: ignore[attr-defined]
+
+    def _average(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, group=self.process_group)
+        tensor.div_(dist.get_world_size(self.process_group))
+
+    def _accumulate_projected(self, param: torch.Tensor) -> None:
+        """Low-rank accumulation: micro-batch 1 starts the step (a due refresh chooses the
+        subspace from its gradient, averaged over the ranks first so that every rank chooses the
+        same), each micro-batch adds its projection to the buffer and frees its gradient, the
+        last steps from the sum (averaged over the ranks, then clipped by its own norm)."""
+        optimizer, k = self.optimizer, self.accumulation_steps
+        seen = self._micro.get(param, 0) + 1
+        self._micro[param] = seen % k
+        grad = param.grad
+        if seen == 1:
+            if self.process_group is not None and optimizer.refresh_due(param):
+                self._average(grad)  # the same on every rank, so averaging it again below changes nothing
+            optimizer.begin_step(param, grad)
+        low = optimizer.project(param, grad)
+        param.grad = None
+        buffer = self.buffers.get(param)
+        if buffer is None:
+            buffer = self.buffers[param] = AccumulationBuffer(self.accumulation_buffer, low)
+        if seen < k:
+            buffer.write(low, first=seen == 1, seed=optimizer.draw_seed(param, seen))
+            return
+        total = buffer.total(low)
+        if self.process_group is not None:
+            self._average(total)
+        if self.max_grad_norm is not None:
+            total.mul_((self.max_grad_norm / (total.norm() + 1e-6)).clamp(max=1.0))
+        optimizer.finish_step(param, total.to(low.dtype))
         self.optimizer._opt_called = True  # type: ignore[attr-defined]
 
     def _step_one(self, param: torch.Tensor) -> None:
@@ -169,6 +318,7 @@ def attach(
     accumulation_steps: int = 1,
     max_grad_norm: float | None = None,
     process_group: Any = None,
+    accumulation_buffer: str = "full",
 ) -> LayerwiseHandle:
     """Step ``optimizer`` layer-wise: each parameter inside backward, its gradient freed after.
 
@@ -179,6 +329,11 @@ def attach(
         max_grad_norm: per-parameter gradient clipping threshold (> 0), or None.
         process_group: a torch.distributed group to average each gradient over (data
             parallel without DDP); required when torch.distributed runs with several ranks.
+        accumulation_buffer: with ``accumulation_steps > 1``, where a step's micro-batch
+            gradients are summed: ``"full"`` (default) in ``param.grad``, as ordinary
+            training; ``"float32"``, ``"bfloat16"`` or ``"8bit"``: the projected parameters of a
+            ``ComposedOptimizer`` sum their projections in buffers of that precision and free
+            each full gradient (low-rank accumulation, module docstring).
 
     Returns the handle; ``handle.remove()`` detaches the hooks.
     """
@@ -211,4 +366,35 @@ def attach(
             "weights that hold no values (lowmem_optim.quant.int8_linear); use an optimizer of lowmem_optim "
             "(allowed: any lowmem_optim.ComposedOptimizer) or dequantize_linear_layers(model) first"
         )
-    return LayerwiseHandle(optimizer, accumulation_steps, max_grad_norm, process_group)
+    if accumulation_buffer not in ACCUMULATION_BUFFERS:
+        raise ValueError(
+            f"Invalid accumulation_buffer: {accumulation_buffer!r} (allowed: {', '.join(ACCUMULATION_BUFFERS)})"
+        )
+    return LayerwiseHandle(optimizer, accumulation_steps, max_grad_norm, process_group, accumulation_buffer)
+
+
+def _check_lowrank_accumulation(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    """ValueError unless low-rank accumulation can serve ``params``: an optimizer that steps in
+    parts (``ComposedOptimizer``), no error feedback, no sharded parameter."""
+    if not hasattr(optimizer, "finish_step"):
+        raise ValueError(
+            f"Invalid accumulation_buffer for {type(optimizer).__name__}: low-rank accumulation needs an "
+            "optimizer that projects its gradients (allowed: accumulation_buffer='full', or any "
+            "lowmem_optim.ComposedOptimizer)"
+        )
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in ids or not optimizer.projects(p):
+                continue
+            if group.get("error_feedback") is not None:
+                raise ValueError(
+                    f"Invalid accumulation_buffer with error_feedback={group['error_feedback']!r}: the error "
+                    "feedback needs each step's full gradient, which low-rank accumulation never holds "
+                    "(allowed: accumulation_buffer='full', or a group with error_feedback=None)"
+                )
+            if is_dtensor(p):
+                raise ValueError(
+                    "Invalid accumulation_buffer for an FSDP2-sharded parameter: layer-wise updates take "
+                    "whole parameters (allowed: parameters that are not DTensors)"
+                )

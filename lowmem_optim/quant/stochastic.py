@@ -1,0 +1,65 @@
+"""Stochastic rounding to bfloat16 and to blockwise 8-bit codes, for sums kept in low precision.
+
+A running sum S <- round(S + x) in a low-precision format loses, with round-to-nearest, every
+increment smaller than half a step of S's magnitude, and the loss is systematic (the sum stalls).
+Stochastic rounding rounds up with probability equal to the distance to the lower neighbour:
+
+    round(y) = hi with probability (y - lo) / (hi - lo), lo otherwise,    so E[round(y)] = y
+
+(Gupta et al., 2015), so a sum of k rounded additions is unbiased and its error grows like
+sqrt(k) steps, not k. The draws come from the counter-based generator of
+:mod:`lowmem_optim.quant.groupwise` (value i of a tensor gets a hash of (keys, i)): no generator
+object, and the same keys give the same result on every device, rank and resume.
+
+* bfloat16: add 16 random bits below the float32 value's upper 16, then truncate.
+* 8 bits: bitsandbytes' blockwise dynamic map (:mod:`lowmem_optim.quant.blockwise`: per block
+  of 256 values a float32 scale, and per value an index into the 256-entry signed map);
+  the value y = x / scale is rounded to one of its two neighbours in the map. Decoding is
+  :func:`lowmem_optim.quant.blockwise.dequantize_blockwise`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowmem_optim.quant.blockwise import BLOCKSIZE, dynamic_map
+from lowmem_optim.quant.groupwise import counter_uniform
+
+
+def _uniform(numel: int, keys: tuple[int, int], device: torch.device) -> torch.Tensor:
+    return counter_uniform(torch.arange(numel, dtype=torch.int64, device=device), keys)
+
+
+def round_bfloat16(x: torch.Tensor, keys: tuple[int, int]) -> torch.Tensor:
+    """``x`` (float32) stochastically rounded to bfloat16 with the draws of ``keys``."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = (_uniform(x.numel(), keys, x.device).view(x.shape) * 65536).to(torch.int32)
+    # float32 -> bfloat16 keeps the upper 16 bits; adding noise to the lower 16 first carries
+    # into them with probability (lower bits) / 2^16
+    return (bits + noise).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+
+
+def quantize_blockwise_stochastic(
+    x: torch.Tensor, keys: tuple[int, int], out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as signed blockwise 8-bit: codes (uint8, x's shape) and a float32 scale per block of
+    256 (:func:`~lowmem_optim.quant.blockwise.dequantize_blockwise` takes it as its absmax), each
+    value stochastically rounded to a neighbour in the dynamic map; written into ``out`` when given."""
+    flat = x.detach().float().reshape(-1)
+    numel = flat.numel()
+    blocks = -(-numel // BLOCKSIZE)
+    padded = torch.nn.functional.pad(flat, (0, blocks * BLOCKSIZE - numel)).view(blocks, BLOCKSIZE)
+    code = dynamic_map(True, x.device)
+    # the signed map spans [-0.993, 1]: the block's scale maps its largest magnitude to the
+    # map's smaller end, so no value lies outside the map and none is clipped (which would bias)
+    absmax = padded.abs().amax(dim=1) / code[0].abs()
+    y = (padded / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).view(-1)[:numel]
+    hi = torch.searchsorted(code, y).clamp_(1, code.numel() - 1)
+    lo = hi - 1
+    up = ((y - code[lo]) / (code[hi] - code[lo])).clamp_(0, 1)
+    codes = torch.where(_uniform(numel, keys, x.device) < up, hi, lo).to(torch.uint8).view(x.shape)
+    if out is None:
+        return codes, absmax
+    out[0].copy_(codes)
+    out[1].copy_(absmax)
+    return out
