@@ -44,7 +44,7 @@ from lowmem_optim.projection.base import projection_sides
 from lowmem_optim.projection.feedback import ERROR_FEEDBACK, FEEDBACK_KEYS, SHARDED_LAYOUT, load_error, store_error
 from lowmem_optim.rules import RULES
 from lowmem_optim.schedules import SCHEDULES
-from lowmem_optim.sharding import StateLayout, local_bytes, local_view, row_shard, store
+from lowmem_optim.sharding import Placed, local_bytes, local_view, row_shard, store
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +164,8 @@ class _ParamStep:
     shard: Any  # RowShard | None
     target: torch.Tensor  # what the update is applied to: the parameter, or its local rows
     view: dict[str, Any]  # the state as the parts see it on this rank
-    layout: StateLayout
-    rule_shard: Any  # the rows the rule sees: None when it sees R whole
+    placed: tuple[Placed, ...]  # which state entries have which rows (lowmem_optim.sharding)
+    rule_shard: Any  # the rows the rule sees: the weight's (G Q), a block of R's (P^T G), or None
     projected: bool
     left: bool  # projected from the left (P^T G)
 
@@ -356,7 +356,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self._advance(p, group, index)
         s = self._open(p, group, parts, index)
         self._refresh_if_due(s, s.matrix(grad))
-        store(self.state[p], s.view, s.shard, s.layout)
+        store(self.state[p], s.view, *s.placed)
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -425,7 +425,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if not s.projected:
             local_grad = grad if s.shard is None else grad.to_local()
             update, lr_t = parts.rule.update(local_grad, s.view, group, p, s.shard)
-            store(self.state[p], s.view, s.shard, s.layout)
+            store(self.state[p], s.view, *s.placed)
             self._apply_update(s.target, update, 1.0, group, lr_t, index, s.step)
             return
         g = s.matrix(grad)
@@ -457,15 +457,15 @@ class ComposedOptimizer(torch.optim.Optimizer):
         target = p if shard is None else p.to_local()
         projected = uses_projection(p, group)
         left = projected and projection_sides(matrix_shape(p), group["proj_type"])[0]
-        # P^T G is summed over the ranks, so the rule sees R whole; G Q keeps the rows of G
-        rule_shard = None if left else shard
-        dims = 2 if projected else p.dim()
-        layout = parts.rule.sharded_layout(dims) if rule_shard is not None else StateLayout()
+        # G Q keeps the rows of G; P^T G is summed over the ranks, and each rank steps a block of
+        # its rows, the update gathered whole. The feedback buffer E and P have the rows of G.
+        rule_shard = shard.split(group["rank"]) if left and shard is not None else shard
+        placed = ((rule_shard, parts.rule.sharded_layout(2 if projected else p.dim())),)
         if projected:
-            layout = layout | SHARDED_LAYOUT  # the feedback buffer E has the rows of G
-        view = local_view(state, shard, layout)
+            placed += ((shard, parts.projector.sharded_layout(2) | SHARDED_LAYOUT),)
+        view = local_view(state, *placed)
         return _ParamStep(
-            p, group, parts, index, int(state["step"]), shard, target, view, layout, rule_shard, projected, left
+            p, group, parts, index, int(state["step"]), shard, target, view, placed, rule_shard, projected, left
         )
 
     def _refresh_if_due(self, s: _ParamStep, g: torch.Tensor) -> None:
@@ -478,13 +478,18 @@ class ComposedOptimizer(torch.optim.Optimizer):
             # an all-zero gradient holds no subspace (torch.distributed.checkpoint initializes
             # empty state with one): the state now has its layout, the next gradient chooses
             s.parts.schedule.defer(s.view, s.step)
-        s.parts.rule.carry(s.view, change, 0 if s.left else 1)
+        s.parts.rule.carry(s.view, change, 0 if s.left else 1, s.rule_shard)
 
     def _finish(self, s: _ParamStep, low: torch.Tensor) -> None:
         """N = rule(R); W <- W (1 - lr_t wd) - scale * back_project(N)."""
-        update, lr_t = s.parts.rule.update(low, s.view, s.group, s.param, s.rule_shard)
+        if s.rule_shard is s.shard:
+            update, lr_t = s.parts.rule.update(low, s.view, s.group, s.param, s.shard)
+        else:  # this rank's block of the rows of R = P^T G, the update gathered whole
+            rows = s.rule_shard
+            update, lr_t = s.parts.rule.update(low[rows.start : rows.stop], s.view, s.group, s.param, rows)
+            update = rows.gather_rows(update)
         full = s.parts.projector.back_project(update.to(back_projection_dtype(s.param, update)), s.view, s.shard)
-        store(self.state[s.param], s.view, s.shard, s.layout)
+        store(self.state[s.param], s.view, *s.placed)
         self._apply_update(s.target, full.view(s.target.shape), s.group["scale"], s.group, lr_t, s.index, s.step)
 
     @staticmethod

@@ -226,8 +226,9 @@ class Rule(Protocol):
         ``shard``, ``g`` is this rank's rows (its state entries in :meth:`Part.sharded_layout`
         too) and every reduction over rows is summed over the ranks."""
 
-    def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int) -> None:
-        """Carry the rule's moments into a new subspace (``dim``: the projected dimension)."""
+    def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int, shard: RowShard | None = None) -> None:
+        """Carry the rule's moments into a new subspace (``dim``: the projected dimension; with
+        ``shard``, the state holds this rank's rows, as in :meth:`update`)."""
 
 
 class Storage(Protocol):

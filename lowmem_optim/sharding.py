@@ -15,11 +15,16 @@ all-reduce, and a step that needs the whole matrix gathers it:
 Other placements (``Replicate``, ``Shard(d)`` for d > 0, ``Partial``, meshes of more than one
 dimension as in HSDP or FSDP with tensor parallelism) are refused with a ValueError naming them.
 
+A tensor every rank holds whole (the all-reduced P^T G, r x n) can be divided the same way
+for work and state (:meth:`RowShard.split`): each rank steps a block of its rows and the
+results are gathered.
+
 State of a sharded parameter is kept as data that torch.distributed.checkpoint understands:
-an entry indexed by the matrix's rows (moments of a row-sharded tensor) is a ``Shard(0)``
-DTensor over the local rows, with the whole matrix's shape, so DCP saves each rank's rows once
-and ``full_tensor()`` gathers them; every other entry (bases, indices, schedule numbers,
-moments of an all-reduced low-rank gradient) is the same on every rank and kept as a plain
+an entry indexed by the rows of a sharded tensor (moments of the weight's rows or of the split
+P^T G, a left basis P, an error-feedback buffer) is a ``Shard(0)`` DTensor over the local rows,
+with the whole tensor's shape, so DCP saves each rank's rows once, ``full_tensor()`` gathers
+them, and a load on another world size reshards them; every other entry (the right basis Q,
+quantized bases, indices, schedule numbers) is the same on every rank and kept as a plain
 tensor or number. Entries of values quantized in blocks along a row-sharded tensor (8-bit
 moments' absmax) cut their blocks on each rank's local values and are padded to a common
 length per rank, so they too are ``Shard(0)`` DTensors (:func:`wrap_blocks`).
@@ -127,6 +132,12 @@ class RowShard:
         dist.all_gather(parts, padded, group=self.group)
         return torch.cat(parts)[: self.rows]
 
+    def split(self, rows: int) -> RowShard:
+        """This rank's block of a tensor of ``rows`` rows split over the same ranks (torch.chunk's
+        split): how a whole tensor every rank holds is divided for work and state."""
+        start, stop = _chunk_bounds(rows, self.world, self.mesh.get_local_rank())
+        return RowShard(self.mesh, rows, start, stop)
+
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on some rank."""
         t = torch.tensor([float(flag)])
@@ -149,9 +160,7 @@ def row_shard(p: torch.Tensor, label: str) -> RowShard | None:
             "(allowed: Shard(0) on a 1-D mesh, as FSDP2's fully_shard places parameters)"
         )
     rows, world, rank = p.shape[0], mesh.size(), mesh.get_local_rank()
-    chunk = -(-rows // world)
-    start = min(rank * chunk, rows)
-    stop = min(start + chunk, rows)
+    start, stop = _chunk_bounds(rows, world, rank)
     local_rows = p.to_local().shape[0]
     if local_rows != stop - start:
         raise ValueError(
@@ -160,6 +169,12 @@ def row_shard(p: torch.Tensor, label: str) -> RowShard | None:
             "fully_shard places parameters)"
         )
     return RowShard(mesh, rows, start, stop)
+
+
+def _chunk_bounds(rows: int, world: int, rank: int) -> tuple[int, int]:
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    return start, min(start + chunk, rows)
 
 
 # ---- reductions over a tensor whose dim 0 may be row-sharded -------------------------------------
@@ -252,52 +267,63 @@ class StateLayout:
         return StateLayout(self.rows | other.rows, self.blocks + other.blocks)
 
 
-def _local(value: Any, key: str, layout: StateLayout, shard: RowShard) -> Any:
-    """``value``'s local part: a DTensor's local tensor; a plain whole tensor (loaded from an
-    unsharded checkpoint) sliced to this rank's rows."""
-    if is_dtensor(value):
-        return value.to_local()
-    if torch.is_tensor(value) and key in layout.rows and value.dim() > 0 and value.shape[0] == shard.rows:
-        return value[shard.start : shard.stop]
-    return value
+#: state entries of one parameter sharded with one shard (several: the weight's rows for some
+#: entries, the rows of its low-rank gradient for others)
+Placed = tuple[RowShard | None, StateLayout]
 
 
-def local_view(state: dict[str, Any], shard: RowShard | None, layout: StateLayout) -> dict[str, Any]:
-    """The state as the parts see it on this rank: every row-sharded entry as its local rows."""
-    if shard is None:
+def local_view(state: dict[str, Any], *placed: Placed) -> dict[str, Any]:
+    """The state as the parts see it on this rank: every DTensor as its local tensor, and a plain
+    whole tensor of a sharded entry (loaded from an unsharded checkpoint) sliced to this rank's
+    rows; ``placed``: (shard, layout) pairs, a pair without a shard ignored."""
+    placed = tuple((shard, layout) for shard, layout in placed if shard is not None)
+    if not placed:
         return state
-    view = {key: _local(value, key, layout, shard) for key, value in state.items()}
-    for key, values_key, block in layout.blocks:
-        if key in view and values_key in view:
-            used = _block_count(view[values_key], block)
-            if view[key].numel() < used:
-                raise ValueError(
-                    f"optimizer state {key!r} holds {view[key].numel()} block statistics on this rank, its "
-                    f"{values_key!r} needs {used}: it was saved with its blocks cut on another world size, which "
-                    "cannot be resharded (load it on the world size that saved it)"
-                )
-            view[key] = view[key][:used]
+    view = {key: value.to_local() if is_dtensor(value) else value for key, value in state.items()}
+    for shard, layout in placed:
+        for key in layout.rows:
+            value = state.get(key)
+            if torch.is_tensor(value) and not is_dtensor(value) and value.dim() > 0 and value.shape[0] == shard.rows:
+                view[key] = value[shard.start : shard.stop]
+        for key, values_key, block in layout.blocks:
+            if key in view and values_key in view:
+                used = _block_count(view[values_key], block)
+                if view[key].numel() < used:
+                    raise ValueError(
+                        f"optimizer state {key!r} holds {view[key].numel()} block statistics on this rank, its "
+                        f"{values_key!r} needs {used}: it was saved with its blocks cut on another world size, "
+                        "which cannot be resharded (load it on the world size that saved it)"
+                    )
+                view[key] = view[key][:used]
     return view
 
 
-def store(state: dict[str, Any], view: dict[str, Any], shard: RowShard | None, layout: StateLayout) -> None:
-    """Write back what the parts replaced, added or removed in ``view`` (from :func:`local_view`)."""
-    if shard is None:
+def store(state: dict[str, Any], view: dict[str, Any], *placed: Placed) -> None:
+    """Write back what the parts replaced, added or removed in ``view`` (from :func:`local_view`
+    with the same ``placed``)."""
+    placed = tuple((shard, layout) for shard, layout in placed if shard is not None)
+    if not placed:
         return
-    before = local_view(state, shard, layout)
+    before = local_view(state, *placed)
     for key in [k for k in state if k not in view]:
         del state[key]
-    blocks = {key: (values_key, block) for key, values_key, block in layout.blocks}
     for key, value in view.items():
         if key in state and value is before.get(key) and is_dtensor(state[key]):
             continue  # updated in place through the alias
-        if torch.is_tensor(value) and key in layout.rows:
-            state[key] = wrap_rows(value, shard)
-        elif torch.is_tensor(value) and key in blocks:
-            values_key, block = blocks[key]
-            state[key] = wrap_blocks(value, view[values_key], shard, block)
-        else:
-            state[key] = value
+        state[key] = _wrapped(key, value, view, placed)
+
+
+def _wrapped(key: str, value: Any, view: dict[str, Any], placed: tuple[Placed, ...]) -> Any:
+    """``value`` as kept in the state: a sharded entry's local part as a DTensor."""
+    if not torch.is_tensor(value):
+        return value
+    for shard, layout in placed:
+        if key in layout.rows:
+            return wrap_rows(value, shard)
+        for block_key, values_key, block in layout.blocks:
+            if key == block_key:
+                return wrap_blocks(value, view[values_key], shard, block)
+    return value
 
 
 def local_bytes(value: Any) -> int:

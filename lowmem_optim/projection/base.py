@@ -15,7 +15,7 @@ import torch
 
 from lowmem_optim.parts import HParam, Part, SubspaceChange, one_of
 from lowmem_optim.projection.storage import BasisStorage, load_basis, store_basis
-from lowmem_optim.sharding import RowShard
+from lowmem_optim.sharding import RowShard, StateLayout
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 PROJ_TYPE = HParam(
@@ -60,6 +60,9 @@ class MatrixProjector(Part):
     columns / rows span the chosen subspace. State: ``proj_left`` (P = U[:, :r], m x r) and/or
     ``proj_right`` (V^T[:r], r x n, as galore-torch stores it), kept as the group's
     ``proj_bits`` asks (:mod:`lowmem_optim.projection.storage`: gradient dtype, or INT8/INT4).
+    On an FSDP2-sharded weight each rank keeps its rows of P (R = P^T G needs P_i only); an INT8
+    or INT4 P is kept whole (its quantization groups run across the rows; it is 1/8 or 1/4 of
+    a float32 P), and Q, which R = G Q needs whole on every rank, too.
     """
 
     hparams = (PROJ_TYPE,)
@@ -72,6 +75,10 @@ class MatrixProjector(Part):
         return sum(
             self.storage.basis_bytes(numel, dtype, group) for used, numel in ((left, m * r), (right, r * n)) if used
         )
+
+    def sharded_layout(self, dim: int) -> StateLayout:
+        """A float P has the rows of the weight (a quantized one is whole: ``_rows`` tells them apart)."""
+        return StateLayout(rows=frozenset({"proj_left"}))
 
     def factors(
         self, grad: torch.Tensor, group: dict[str, Any], seed: int, shard: RowShard | None = None, left: bool = True
@@ -100,7 +107,10 @@ class MatrixProjector(Part):
             if not used:
                 continue
             new = vectors.narrow(vector_dim, 0, rank).contiguous().to(grad.dtype)
-            moved = leading_similarity(load_basis(state, key, torch.float32), new, vector_dim)
+            rows = shard if key == "proj_left" and group["proj_bits"] in (None, 16) else None
+            if rows is not None:
+                new = new[rows.start : rows.stop]  # this rank's rows of P
+            moved = leading_similarity(load_basis(state, key, torch.float32), new, vector_dim, rows)
             similarity = moved if similarity is None else similarity
             store_basis(state, key, new, group)
         return SubspaceChange(similarity=similarity)
@@ -127,15 +137,20 @@ class MatrixProjector(Part):
 
 
 def _rows(basis: torch.Tensor, shard: RowShard | None) -> torch.Tensor:
-    """This rank's rows of a left basis (kept whole on every rank: m x r is r/n of the weight)."""
-    return basis if shard is None else basis[shard.start : shard.stop]
+    """This rank's rows of a left basis: kept as they are, or sliced from a whole (quantized) P."""
+    return basis if shard is None or basis.shape[0] != shard.rows else basis[shard.start : shard.stop]
 
 
-def leading_similarity(old: torch.Tensor | None, new: torch.Tensor, vector_dim: int) -> float | None:
+def leading_similarity(
+    old: torch.Tensor | None, new: torch.Tensor, vector_dim: int, shard: RowShard | None = None
+) -> float | None:
     """|cos| between the leading basis vectors of two projections (sign of a singular vector
-    is arbitrary, hence the absolute value)."""
+    is arbitrary, hence the absolute value); with ``shard``, of bases sharded by rows."""
     if old is None:
         return None
     a = old.select(vector_dim, 0).float()
     b = new.select(vector_dim, 0).float()
-    return float((a @ b).abs() / (a.norm() * b.norm()).clamp_min(1e-30))
+    dots = torch.stack([a @ b, a @ a, b @ b])
+    if shard is not None:
+        shard.all_reduce_(dots)
+    return float(dots[0].abs() / (dots[1] * dots[2]).sqrt().clamp_min(1e-30))

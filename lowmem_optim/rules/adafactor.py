@@ -140,13 +140,14 @@ class AdafactorRule(Part):
             update = state["exp_avg"].clone()
         return update, lr
 
-    def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int) -> None:
+    def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int, shard: RowShard | None = None) -> None:
         if change.kept is None:
             return
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
-                state[key] = reindex_along(state[key], change.kept, dim)
+                state[key] = reindex_along(state[key], change.kept, dim, shard)
         # a factored statistic indexed by the projected dimension is reindexed; the other is kept
+        # (the row statistic has the rows of a sharded g, the column statistic is whole)
         stat = "exp_avg_sq_row" if dim == 0 else "exp_avg_sq_col"
         if stat in state:
-            state[stat] = reindex_along(state[stat], change.kept, 0)
+            state[stat] = reindex_along(state[stat], change.kept, 0, shard if dim == 0 else None)

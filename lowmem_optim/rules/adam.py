@@ -99,8 +99,8 @@ class AdamRule(Part):
         )
         return update, group["lr"]
 
-    def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int) -> None:
+    def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int, shard: RowShard | None = None) -> None:
         if change.kept is None or "exp_avg" not in state:
             return
         for key in ("exp_avg", "exp_avg_sq"):
-            state[key] = reindex_along(state[key], change.kept, dim)
+            state[key] = reindex_along(state[key], change.kept, dim, shard)

@@ -109,10 +109,10 @@ class Adam8bitRule(Part):
                 c[:], a[:] = quantize_blockwise(m, signed)
         return update, group["lr"]
 
-    def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int) -> None:
+    def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int, shard: RowShard | None = None) -> None:
         if change.kept is None or not ("exp_avg" in state or "exp_avg_codes" in state):
             return
-        moments = tuple(reindex_along(m, change.kept, dim) for m in self._load(state))
+        moments = tuple(reindex_along(m, change.kept, dim, shard) for m in self._load(state))
         if "exp_avg" in state:
             state["exp_avg"], state["exp_avg_sq"] = moments
         else:

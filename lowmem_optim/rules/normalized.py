@@ -170,9 +170,9 @@ class NormalizedMomentumRule(Part):
         step_size = group["lr"] * lr_adjustment(m, param.numel() // m, group["adjust_lr_fn"])
         return self.scaled_direction(d.reshape(g.shape[0], -1), group, step_size, shard).reshape(g.shape), group["lr"]
 
-    def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int) -> None:
+    def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int, shard: RowShard | None = None) -> None:
         if change.kept is not None and "momentum_buffer" in state:
-            state["momentum_buffer"] = reindex_along(state["momentum_buffer"], change.kept, dim)
+            state["momentum_buffer"] = reindex_along(state["momentum_buffer"], change.kept, dim, shard)
 
 
 def newton_schulz_dtype(name: str, device: torch.device) -> torch.dtype:
