@@ -287,8 +287,15 @@ class ComposedOptimizer(torch.optim.Optimizer):
                     due.append((p, p.grad, group, index))
                 index += 1
         self._check_refresh_gradients(due)
+        together: dict[int, tuple[dict[str, Any], Parts, list[tuple[torch.Tensor, torch.Tensor, int]]]] = {}
         for p, grad, group, index in due:
-            self._update(p, grad, group, group_parts(group), index)
+            parts = group_parts(group)
+            if self._steps_in_place(p, grad, group, parts):  # a group's full-rank parameters, in one call
+                together.setdefault(id(group), (group, parts, []))[2].append((p, grad, index))
+            else:
+                self._update(p, grad, group, parts, index)
+        for group, parts, entries in together.values():
+            self._step_in_place(group, parts, entries)
         return loss
 
     def _check_refresh_gradients(self, updates: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]]) -> None:
@@ -417,9 +424,24 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 "projected micro-batches never holds it (allowed: error_feedback=None)"
             )
 
+    @staticmethod
+    def _steps_in_place(p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], parts: Parts) -> bool:
+        """Whether the rule steps this full-rank parameter by itself (:meth:`Part.step_in_place`)."""
+        return not uses_projection(p, group) and parts.rule.can_step_in_place(p, grad)
+
+    def _step_in_place(
+        self, group: dict[str, Any], parts: Parts, entries: list[tuple[torch.Tensor, torch.Tensor, int]]
+    ) -> None:
+        """The rule's whole step of these parameters of ``group``, in one call (it advances the counters)."""
+        states = [self._state(p, group, index) for p, _, index in entries]
+        parts.rule.step_in_place([p for p, _, _ in entries], [g for _, g, _ in entries], states, group)
+
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], parts: Parts, index: int) -> None:
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if self._steps_in_place(p, grad, group, parts):
+            self._step_in_place(group, parts, [(p, grad, index)])
+            return
         self._advance(p, group, index)
         s = self._open(p, group, parts, index)
         if not s.projected:
@@ -440,14 +462,19 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self._finish(s, low)
 
     def _advance(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
-        """The step counter, created (with the staggered schedule's slot) on the first step."""
+        """The step counter, advanced."""
+        self._state(p, group, index)["step"] += 1
+
+    def _state(self, p: torch.Tensor, group: dict[str, Any], index: int) -> dict[str, Any]:
+        """The parameter's state; on the first step, its counter (a float32 CPU tensor, as
+        torch's) and the staggered schedule's slot."""
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
             self._warn_if_full_rank(p, group, index)
             if group.get("stagger") and uses_projection(p, group):
                 state["refresh_slot"] = self._matrix_slot(p)
-        state["step"] += 1
+        return state
 
     def _open(self, p: torch.Tensor, group: dict[str, Any], parts: Parts, index: int) -> _ParamStep:
         """The step in progress of ``p``: an FSDP2-sharded parameter is stepped on this rank's

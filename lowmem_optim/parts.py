@@ -191,6 +191,23 @@ class Part:
         """Caches this part shares between parameters (key -> bytes; a key is counted once)."""
         return {}
 
+    def can_step_in_place(self, param: torch.Tensor, grad: torch.Tensor) -> bool:
+        """Whether this rule's :meth:`step_in_place` updates ``param`` (full-rank, with ``grad``)."""
+        return False
+
+    def step_in_place(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[dict[str, Any]],
+        group: dict[str, Any],
+    ) -> None:
+        """The whole step of full-rank parameters that :meth:`can_step_in_place` accepts, in one
+        call over all of them (a foreach or fused kernel): advance each state, ``step``
+        included, and apply W <- W (1 - lr wd) - update in place. The result is the same
+        whether the list holds one parameter or many."""
+        raise NotImplementedError
+
     def sharded_layout(self, dim: int) -> StateLayout:
         """Which of this part's state entries follow the rows of a ``dim``-D input whose rows are
         sharded (FSDP2, :mod:`lowmem_optim.sharding`); every other entry is the same on every rank."""

@@ -18,10 +18,11 @@ import math
 from typing import Any
 
 import torch
+from torch.optim.adamw import adamw
 
 from lowmem_optim.parts import HParam, Part, SubspaceChange, number, sequence
 from lowmem_optim.rules.base import LR, WEIGHT_DECAY, reindex_along
-from lowmem_optim.sharding import RowShard, StateLayout
+from lowmem_optim.sharding import RowShard, StateLayout, is_dtensor
 
 BETAS = HParam(
     "betas",
@@ -69,6 +70,50 @@ class AdamRule(Part):
 
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         return 2 * math.prod(shape) * dtype.itemsize  # the denominator and the update
+
+    def can_step_in_place(self, param: torch.Tensor, grad: torch.Tensor) -> bool:
+        """A plain dense tensor (not FSDP2-sharded, not one that applies its own updates, as an
+        INT8 weight) whose gradient and moments have its dtype (not float16: float32 moments)."""
+        return (
+            not hasattr(param, "apply_update")
+            and not is_dtensor(param)
+            and not grad.is_sparse
+            and grad.dtype == param.dtype == moment_dtype(param.dtype)
+        )
+
+    def step_in_place(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[dict[str, Any]],
+        group: dict[str, Any],
+    ) -> None:
+        """torch's functional AdamW over the parameters together (``torch.optim.adamw.adamw``,
+        ``foreach=True``: a handful of multi-tensor kernels per dtype on CUDA, one op per tensor on
+        CPU): bit for bit ``torch.optim.AdamW(foreach=True)``, and the same for one parameter or
+        many. The state is this rule's: ``step`` a float32 CPU tensor, moments of the parameter's
+        shape and dtype."""
+        for p, state in zip(params, states):
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        adamw(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            foreach=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
 
     def sharded_layout(self, dim: int) -> StateLayout:
         """Elementwise: the moments have the rows of g."""
