@@ -305,11 +305,13 @@ class ComposedOptimizer(torch.optim.Optimizer):
         checks = []
         schedules: dict[int, Any] = {}
         for p, grad, group, index in updates:
+            if not uses_projection(p, group):
+                continue
             state = self.state.get(p, {})
             step = int(state["step"]) + 1 if "step" in state else 1
             if id(group) not in schedules:
                 schedules[id(group)] = group_parts(group).schedule
-            if uses_projection(p, group) and schedules[id(group)].due(state, step):
+            if schedules[id(group)].due(state, step):
                 shard = row_shard(p, f"parameter {index}")
                 checks.append(
                     (p, group, index, shard, torch.isfinite(grad if shard is None else grad.to_local()).all())

@@ -42,7 +42,9 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
   gradient; plus the gradient of the final hidden states, gathered over the chunks), while
   the head's gradient accumulates over the chunks (also with ``--layerwise``: its update
   runs after the last chunk).
-* workspace: the transient memory of one parameter's update (the largest over parameters):
+* workspace: the transient memory of one parameter's update (the largest over parameters), or
+  of one call over the full-rank parameters a rule steps together (torch's foreach AdamW: one
+  denominator per parameter, alive together; :meth:`~lowmem_optim.parts.Part.step_in_place`):
   the back-projected update (m x n), the rule's temporaries as it reports them
   (:meth:`~lowmem_optim.parts.Part.workspace_bytes`: 8-bit Adam's float32 update and its moments
   dequantized chunk by chunk; Adam's denominator and update), and the INT8 weight's float32
@@ -275,6 +277,7 @@ def optimizer_memory(
         "layer_step_peak": 0,
     }
     shared: dict[Any, int] = {}  # caches shared between parameters (the DCT basis), counted once
+    together: dict[int, int] = {}  # per group, the workspace of its parameters stepped in one call
     for group in optimizer.param_groups:
         parts = group_parts(group) if isinstance(optimizer, ComposedOptimizer) else None
         for p in group["params"]:
@@ -305,12 +308,17 @@ def optimizer_memory(
                     # A = G + E and its back-projected part, in float32 (or float64)
                     workspace += 2 * p.numel() * torch.empty((), dtype=error_dtype(p.dtype)).element_size()
             states += parts.rule.state_bytes(shape, p.dtype, group)
-            workspace += parts.rule.workspace_bytes(shape, p.dtype, group)
+            if not uses_projection(p, group) and parts.rule.can_step_in_place(p, p):
+                workspace += parts.rule.step_in_place_workspace_bytes(shape, p.dtype, group)
+                together[id(group)] = together.get(id(group), 0) + workspace
+            else:
+                workspace += parts.rule.workspace_bytes(shape, p.dtype, group)
             out["optimizer_states"] += states
             out["workspace"] = max(out["workspace"], workspace)
             peak = "layer_step_peak" if id(p) in layer_params else "step_peak"
             out[peak] = max(out[peak], grad + workspace)
     out["projections"] += sum(shared.values())
+    out["workspace"] = max([out["workspace"], *together.values()])
     return out
 
 

@@ -208,6 +208,11 @@ class Part:
         whether the list holds one parameter or many."""
         raise NotImplementedError
 
+    def step_in_place_workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        """Transient bytes :meth:`step_in_place` allocates for one parameter; those of the
+        parameters of one call are alive together."""
+        return 0
+
     def sharded_layout(self, dim: int) -> StateLayout:
         """Which of this part's state entries follow the rows of a ``dim``-D input whose rows are
         sharded (FSDP2, :mod:`lowmem_optim.sharding`); every other entry is the same on every rank."""

@@ -115,6 +115,9 @@ class AdamRule(Part):
             maximize=False,
         )
 
+    def step_in_place_workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        return math.prod(shape) * dtype.itemsize  # the denominator (torch._foreach_sqrt of every exp_avg_sq)
+
     def sharded_layout(self, dim: int) -> StateLayout:
         """Elementwise: the moments have the rows of g."""
         return StateLayout(rows=frozenset({"exp_avg", "exp_avg_sq"}))

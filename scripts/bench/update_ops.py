@@ -28,8 +28,16 @@ Protocol (figures in the docs come from this script, as printed):
   and ``CPU peak MiB`` count one more such step there (in ``--cpu-dtype``; also where a step
   cannot run on the meta device, which then shows "-"). ``--no-time`` skips this part.
 
+``--full-rank CONFIG`` measures instead the full-rank parameters of a LLaMA config (embedding,
+head and the 2 L + 1 RMSNorm weights; the 7B recipe's full-rank group) in one group without a
+rank: ``galore_adamw``'s ``step()`` (the group in one call), its ``step_param`` over each
+parameter (layer-wise training), and torch.optim.AdamW with ``foreach=True`` and ``False``, as
+ops, temporaries (meta, ``--dtype``) and CPU time (``--cpu-dtype``) of a step after the first;
+``device ops`` leaves out the host reads of the CPU step counters (no kernel, no sync).
+
 Usage:
   OMP_NUM_THREADS=1 python scripts/bench/update_ops.py [--rank 1024] [--steps 3] [--json out.json]
+  OMP_NUM_THREADS=1 python scripts/bench/update_ops.py --full-rank configs/llama_7b.json --no-time
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lowmem_optim.op_count import OpCounter, as_one_op  # noqa: E402
 from lowmem_optim.quant import groupwise, int8_linear  # noqa: E402
 from lowmem_optim.quant.int8_linear import quantize_linear_layers  # noqa: E402
-from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer  # noqa: E402
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer, get_optimizer_class  # noqa: E402
 
 NO_REFRESH_GAP = 10**6
 SVD_BASED = ("galore_adamw", "galore_adafactor", "galore_adamw8bit", "q_galore_adamw8bit")
@@ -173,6 +181,84 @@ def cpu_figures(
     }
 
 
+FULL_RANK_WAYS = ("galore_adamw step", "galore_adamw step_param", "adamw foreach", "adamw single-tensor")
+
+
+def _full_rank_params(config: dict[str, Any], dtype: torch.dtype, device: str) -> list[nn.Parameter]:
+    vocab, hidden, layers = config["vocab_size"], config["hidden_size"], config["num_hidden_layers"]
+    shapes = [(vocab, hidden), (vocab, hidden)] + [(hidden,)] * (2 * layers + 1)
+    gen = torch.Generator().manual_seed(0)
+    make = (
+        (lambda shape: torch.empty(shape, dtype=dtype, device="meta"))
+        if device == "meta"
+        else (lambda shape: torch.randn(shape, generator=gen).mul_(0.02).to(dtype))
+    )
+    return [nn.Parameter(make(shape)) for shape in shapes]
+
+
+def _full_rank_step(way: str, params: list[nn.Parameter]) -> Any:
+    """One step of ``way`` (:data:`FULL_RANK_WAYS`) over ``params``, as a function of nothing."""
+    if way.startswith("adamw"):
+        optimizer = torch.optim.AdamW(params, foreach=way == "adamw foreach")
+        return optimizer.step
+    optimizer = get_optimizer_class("galore_adamw")(params)  # one group without a rank
+    if way.endswith("step_param"):
+        return lambda: [optimizer.step_param(p) for p in params]
+    return optimizer.step
+
+
+def full_rank_figures(
+    way: str, config: dict[str, Any], dtype: torch.dtype, cpu_dtype: torch.dtype, steps: int, timed: bool
+) -> dict[str, Any]:
+    """ops and temporaries on meta and the median CPU seconds of a step after the first."""
+    row: dict[str, Any] = {"optimizer": way}
+    params = _full_rank_params(config, dtype, "meta")
+    step = _full_rank_step(way, params)
+    for p in params:
+        p.grad = torch.empty_like(p)
+    step()
+    with OpCounter() as counter:
+        step()
+    host_reads = counter.by_op["_local_scalar_dense"] - counter.sync_ops["_local_scalar_dense"]  # of CPU tensors
+    row.update(ops=counter.ops, device_ops=counter.ops - host_reads, syncs=counter.syncs)
+    row.update(alloc_bytes=counter.allocated_bytes, peak_bytes=counter.peak_bytes)
+    if timed:
+        params = _full_rank_params(config, cpu_dtype, "cpu")
+        step = _full_rank_step(way, params)
+        times = []
+        for i in range(steps + 1):
+            gen = torch.Generator().manual_seed(i)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(cpu_dtype)
+            start = time.process_time()
+            step()
+            times.append(time.process_time() - start)
+        row["cpu_s"] = statistics.median(times[1:])
+    return row
+
+
+def full_rank_main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from lowmem_optim.llama_config import load_llama_config
+
+    config = load_llama_config(args.full_rank, "--full-rank")
+    dtype, cpu_dtype = getattr(torch, args.dtype), getattr(torch, args.cpu_dtype)
+    count = 2 * config["num_hidden_layers"] + 3
+    print(
+        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "
+        f"{args.full_rank}: {count} full-rank parameters, counts in {args.dtype} on meta, CPU time in {args.cpu_dtype}"
+    )
+    columns = (("ops", "ops", "d"), ("device ops", "device_ops", "d"), ("syncs", "syncs", "d"))
+    columns += (("alloc MiB", "alloc_bytes", "MiB"),)
+    columns += (("peak MiB", "peak_bytes", "MiB"), ("CPU ms", "cpu_s", "ms"))
+    print(f"{'step':<24}" + "".join(f" {title:>{len(title)}}" for title, _, _ in columns))
+    rows = []
+    for way in FULL_RANK_WAYS:
+        row = full_rank_figures(way, config, dtype, cpu_dtype, args.steps, not args.no_time)
+        rows.append(row)
+        print(f"{way:<24}" + "".join(f" {_cell(row.get(key), unit):>{len(title)}}" for title, key, unit in columns))
+    return rows
+
+
 def _cell(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
@@ -190,8 +276,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-time", action="store_true", help="skip the CPU timing")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--full-rank", metavar="CONFIG", help="the full-rank parameters of this LLaMA config instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.full_rank:
+        rows = full_rank_main(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": rows}))
+        return rows
     shape, dtype, cpu_dtype = tuple(args.shape), getattr(torch, args.dtype), getattr(torch, args.cpu_dtype)
     print(
         f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "

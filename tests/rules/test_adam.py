@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lowmem_optim import GaLoreAdamW
+from lowmem_optim.memory import optimizer_memory
 from lowmem_optim.op_count import OpCounter
 from tests.reference import step_side_by_side
 
@@ -94,3 +95,16 @@ def test_full_rank_params_of_several_groups_resume_bit_for_bit_through_a_state_d
             other.step()
     for a, b in zip(ours, resumed):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_memory_model_workspace_of_full_rank_params_stepped_together_is_the_measured_peak(dtype):
+    params = [torch.nn.Parameter(v) for v in _llama_like_full_rank(dtype)]
+    opt = GaLoreAdamW(params, weight_decay=0.1)
+    for _ in range(2):  # the second step: the moments exist, the step allocates its temporaries only
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with OpCounter() as counter:
+            opt.step()
+    predicted = optimizer_memory("galore_adamw", opt)["workspace"]
+    assert counter.peak_bytes == predicted == sum(p.numel() * p.element_size() for p in params)
