@@ -147,3 +147,15 @@ def test_a_jsonl_text_that_is_not_a_string_is_one_line(tmp_path, tiny_argv):
     (tmp_path / "data.jsonl").write_text('{"text": "fine"}\n{"text": 5}\n')
     with pytest.raises(ValueError, match=r"data.jsonl' line 2: 'text' is int '5' \(allowed: a string\)"):
         train_main(tiny_argv(tmp_path / "run", data=tmp_path / "data.jsonl"))
+
+
+def test_memory_model_chunks_the_loss_as_training_does_by_default():
+    from lowmem_optim.cli import _parser
+    from lowmem_optim.memory import TrainingSetup
+    from train.config import TrainConfig
+
+    trained = TrainConfig(model_config="configs/llama_tiny.json").loss_chunk_tokens
+    memory = _parser().parse_args(
+        ["memory", "--model-config", "x", "--optimizer", "adamw", "--batch-size", "1", "--seq-len", "1"]
+    )
+    assert trained == TrainingSetup.loss_chunk_tokens == memory.loss_chunk_tokens > 0
