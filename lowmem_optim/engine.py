@@ -40,7 +40,7 @@ import torch
 
 from lowmem_optim.parts import HParam, Part, declared, integer, invalid, number, one_of, optional
 from lowmem_optim.projection import PROJECTORS
-from lowmem_optim.projection.base import projection_sides
+from lowmem_optim.projection.base import projected_shape, projection_sides
 from lowmem_optim.projection.feedback import ERROR_FEEDBACK, FEEDBACK_KEYS, SHARDED_LAYOUT, load_error, store_error
 from lowmem_optim.rules import RULES
 from lowmem_optim.schedules import SCHEDULES
@@ -145,6 +145,20 @@ def back_projection_dtype(param: torch.Tensor, update: torch.Tensor) -> torch.dt
     (the INT8 re-quantization still adds it in float32, in registers); the rule's otherwise
     (float32 weights; float16, whose range would clip large updates)."""
     return torch.bfloat16 if param.dtype == torch.bfloat16 else update.dtype
+
+
+def splits_projected_rows(
+    rule: Any, group: dict[str, Any], shape: tuple[int, int], dtype: torch.dtype, world: int
+) -> bool:
+    """Whether, for a weight of matrix ``shape`` projected on the left and sharded over
+    ``world`` ranks, each rank steps a block of the rows of R = P^T G (which every rank holds
+    whole) and the update is gathered, rather than every rank stepping all of R: where that
+    saves at least as many bytes of the rule's state per rank as the gather sends per step.
+    Adam's two float32 moments (8 bytes per value of R, against 4 gathered) are split; 8-bit
+    Adam's codes and Adafactor's factored statistics are not (docs/distributed.md)."""
+    rows, cols = projected_shape(shape, group)
+    saved = rule.state_bytes((rows, cols), dtype, group) - rule.state_bytes((-(-rows // world), cols), dtype, group)
+    return saved >= 4 * rows * cols * (world - 1) / world
 
 
 def _refresh_seed(seed: int, index: int, step: int) -> int:
@@ -487,8 +501,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
         projected = uses_projection(p, group)
         left = projected and projection_sides(matrix_shape(p), group["proj_type"])[0]
         # G Q keeps the rows of G; P^T G is summed over the ranks, and each rank steps a block of
-        # its rows, the update gathered whole. The feedback buffer E and P have the rows of G.
-        rule_shard = shard.split(group["rank"]) if left and shard is not None else shard
+        # its rows, the update gathered whole, or all of it. The feedback buffer E and P have the rows of G.
+        rule_shard = shard
+        if left and shard is not None:
+            split = splits_projected_rows(parts.rule, group, matrix_shape(p), p.dtype, shard.world)
+            rule_shard = shard.split(group["rank"]) if split else None
         placed = ((rule_shard, parts.rule.sharded_layout(2 if projected else p.dim())),)
         if projected:
             placed += ((shard, parts.projector.sharded_layout(2) | SHARDED_LAYOUT),)
@@ -511,8 +528,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
     def _finish(self, s: _ParamStep, low: torch.Tensor) -> None:
         """N = rule(R); W <- W (1 - lr_t wd) - scale * back_project(N)."""
-        if s.rule_shard is s.shard:
-            update, lr_t = s.parts.rule.update(low, s.view, s.group, s.param, s.shard)
+        if s.rule_shard is s.shard or s.rule_shard is None:
+            update, lr_t = s.parts.rule.update(low, s.view, s.group, s.param, s.rule_shard)
         else:  # this rank's block of the rows of R = P^T G, the update gathered whole
             rows = s.rule_shard
             update, lr_t = s.parts.rule.update(low[rows.start : rows.stop], s.view, s.group, s.param, rows)

@@ -28,6 +28,9 @@ Protocol:
   The same counts are predicted from the shapes alone (:func:`predicted_bytes`) for the
   60M shape (checked against the count) and for LLaMA-7B (hidden 4096, intermediate 11008,
   32 layers; rank 1024 for the 7B, fp32 gradients: a prediction, not run).
+- Left projections: the rule's moments of R = P^T G per rank, split by R's rows (what this
+  package does) against kept whole on every rank, and the all-gather of the update the split
+  adds, from shapes (:func:`left_split`), for both shapes.
 """
 
 from __future__ import annotations
@@ -42,9 +45,10 @@ import torch
 import torch.distributed as dist
 
 from lowmem_optim import sharding
-from lowmem_optim.engine import matrix_shape
+from lowmem_optim.engine import matrix_shape, splits_projected_rows
 from lowmem_optim.projection.base import projection_sides
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer
+from lowmem_optim.rules import RULES
 
 OPTIMIZERS = (
     "galore_adamw",
@@ -104,14 +108,17 @@ def predicted_bytes(name: str, optimizer, world: int) -> tuple[float, float]:
             if rank is not None and rank < min(m, n):
                 left, right = projection_sides((m, n), group["proj_type"])
                 low = (rank, rank) if left and right else (rank, n) if left else (m, rank)
-                if left:
-                    step += _ring("all_reduce", 4 * low[0] * low[1], world)  # P^T G
+                split = left and splits_projected_rows(RULES[rule](), group, (m, n), p.dtype, world)
+                if left:  # P^T G all-reduced; where split, the rule's update of each rank's rows of it gathered
+                    step += _ring("all_reduce", 4 * low[0] * low[1], world)
+                if split:
+                    step += _ring("all_gather", 4 * low[0] * low[1], world)
                 refresh += _ring("all_reduce", 4, world)  # is the gradient all-zero (on some rank)?
                 if group["proj_method"] == "dct" and not left:
                     refresh += _ring("all_reduce", 4 * n, world)  # the column scores
                 else:
                     refresh += _ring("all_gather", 4 * m * n, world)
-                rows_sharded = not left
+                rows_sharded = split or not left  # the weight's rows (right) or a block of R's rows (left, split)
             else:
                 low, rows_sharded = (m, n), True
             step += _rule_bytes(rule, group, low, rows_sharded, p.dim(), world)
@@ -135,6 +142,27 @@ def _rule_bytes(
     if rule in ("muon", "hybrid_auon"):
         return _ring("all_gather", 4 * shape[0] * shape[1], world)
     return 0.0
+
+
+def left_split(optimizer, world: int) -> dict[str, float]:
+    """What splitting R = P^T G by rows for the rule costs and saves against every rank keeping its
+    moments whole (from shapes): moments bytes per rank either way, the bytes the gather of the
+    update adds per step, and whether the optimizer splits (:func:`splits_projected_rows`)."""
+    out = {"split_state": 0.0, "replicated_state": 0.0, "gather_bytes": 0.0, "split": False}
+    for group in optimizer.param_groups:
+        rule = RULES[group["rule"]]()
+        for p in group["params"]:
+            m, n = matrix_shape(p) if p.dim() >= 2 else (p.shape[0], 1)
+            rank = group.get("rank")
+            if rank is None or rank >= min(m, n) or not projection_sides((m, n), group["proj_type"])[0]:
+                continue
+            low = (rank, rank) if projection_sides((m, n), group["proj_type"])[1] else (rank, n)
+            whole = rule.state_bytes(low, p.dtype, group)
+            out["replicated_state"] += whole
+            out["split_state"] += rule.state_bytes((-(-low[0] // world), low[1]), p.dtype, group)
+            out["gather_bytes"] += _ring("all_gather", 4 * low[0] * low[1], world)
+            out["split"] = splits_projected_rows(rule, group, (m, n), p.dtype, world)
+    return out
 
 
 def naive_bytes(model: torch.nn.Module, world: int) -> float:
@@ -186,6 +214,7 @@ def measure(name: str, mesh, steps: int, rank: int) -> dict[str, Any]:
     opts = {"unsharded": build_optimizer(name, whole, **hp), "sharded": build_optimizer(name, sharded, **hp)}
     row: dict[str, Any] = {"optimizer": name, "naive_bytes": naive_bytes(whole, world)}
     row["predicted_step_bytes"], row["predicted_refresh_bytes"] = predicted_bytes(name, opts["unsharded"], world)
+    row["left_split"] = left_split(opts["unsharded"], world)
     for kind, model in (("unsharded", whole), ("sharded", sharded)):
         optimizer, on = opts[kind], (mesh if kind == "sharded" else None)
         refresh_s, refresh_sent = timed_step(model, optimizer, gradients(whole, 0), on)
@@ -205,7 +234,13 @@ def predict_7b(world: int) -> list[dict[str, Any]]:
         optimizer = build_optimizer(name, model, **hparams(name, 1024, gap=200))
         step, refresh = predicted_bytes(name, optimizer, world)
         rows.append(
-            {"optimizer": name, "step_bytes": step, "refresh_bytes": refresh, "naive_bytes": naive_bytes(model, world)}
+            {
+                "optimizer": name,
+                "step_bytes": step,
+                "refresh_bytes": refresh,
+                "naive_bytes": naive_bytes(model, world),
+                "left_split": left_split(optimizer, world),
+            }
         )
     return rows
 
@@ -258,6 +293,22 @@ def main() -> None:
                 f"| {r['optimizer']} | {r['step_bytes'] / mib:.1f} | {r['refresh_bytes'] / mib:.0f} | "
                 f"{r['naive_bytes'] / mib:.0f} |"
             )
+        print(
+            "\nLeft projections (R = P^T G, r x n): the rule's state of R per rank with R's rows split over the "
+            "ranks or kept whole on every rank, the bytes the gather of the split update adds per step "
+            "(MiB, from shapes), and the choice\n"
+        )
+        print("| shape | optimizer | state of R split / whole per rank | gather of the update per step | split |")
+        print("|---|---|---|---|---|")
+        for label, table in (("60M", rows), ("7B", big)):
+            for r in table:
+                split = r["left_split"]
+                if split["replicated_state"]:
+                    print(
+                        f"| {label} | {r['optimizer']} | {split['split_state'] / mib:.1f} / "
+                        f"{split['replicated_state'] / mib:.1f} | {split['gather_bytes'] / mib:.1f} | "
+                        f"{'yes' if split['split'] else 'no'} |"
+                    )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"llama_60m": rows, "llama_7b": big, "world": dist.get_world_size()}, f, indent=1)
