@@ -118,6 +118,8 @@ def predicted_bytes(name: str, optimizer, world: int) -> tuple[float, float]:
                     refresh += _ring("all_reduce", 4 * n, world)  # the column scores
                 else:
                     refresh += _ring("all_gather", 4 * m * n, world)
+                if group["proj_method"] == "dct" and left:  # R is read from the gathered spectrum
+                    refresh -= _ring("all_reduce", 4 * low[0] * low[1], world)
                 rows_sharded = split or not left  # the weight's rows (right) or a block of R's rows (left, split)
             else:
                 low, rows_sharded = (m, n), True
