@@ -65,7 +65,10 @@ def load_error(state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
         return dequantize_blockwise(state["ef_codes"], state["ef_absmax"], signed=True, dtype=dtype)
     if "ef_scale" in state:
         packed = state["ef_codes"]
-        codes = unpack_int4(packed.reshape(-1), 2 * packed.numel()).view(packed.shape[0], -1)[:, : grad.shape[1]]
+        if packed.dim() == 1:  # packed over the flattened buffer, as checkpoints before the per-row packing hold it
+            codes = unpack_int4(packed, grad.numel()).view(grad.shape)
+        else:
+            codes = unpack_int4(packed.reshape(-1), 2 * packed.numel()).view(packed.shape[0], -1)[:, : grad.shape[1]]
         groups = -(-grad.numel() // BLOCKSIZE)  # a sharded entry may end in one padding block
         return dequantize_groupwise(codes, state["ef_scale"][:groups], state["ef_zero"][:groups], grad.shape, dtype)
     return torch.zeros(grad.shape, dtype=dtype, device=grad.device)

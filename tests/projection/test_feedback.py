@@ -5,7 +5,8 @@ import torch
 
 from lowmem_optim import DCTAdamW, GaLoreAdamW
 from lowmem_optim.projection.dct import dct_basis
-from lowmem_optim.projection.feedback import load_error
+from lowmem_optim.projection.feedback import load_error, store_error
+from lowmem_optim.quant.groupwise import pack_int4, quantize_groupwise
 
 CPU = torch.device("cpu")
 
@@ -120,3 +121,16 @@ def test_bad_error_feedback_is_refused_by_name(value):
     w = torch.nn.Parameter(torch.zeros(8, 4))
     with pytest.raises(ValueError, match="error_feedback"):
         DCTAdamW([{"params": [w], "rank": 2, "error_feedback": value}])
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (37, 21)])
+def test_4bit_buffer_is_packed_per_row_and_reads_like_a_flat_packed_one(shape):
+    """Per-row packing (a row of odd length padded by one code) keeps a sharded rank's rows whole
+    bytes; a buffer packed over the flattened values, as saved before, reads back the same."""
+    error = _randn(*shape, seed=3).float()
+    state: dict = {}
+    store_error(state, error, "4bit")
+    codes, scale, zero = quantize_groupwise(error, bits=4)
+    flat = {"ef_codes": pack_int4(codes), "ef_scale": scale, "ef_zero": zero}
+    assert state["ef_codes"].shape == (shape[0], -(-shape[1] // 2))
+    assert torch.equal(load_error(state, error), load_error(flat, error))
