@@ -277,7 +277,7 @@ def optimizer_memory(
         "layer_step_peak": 0,
     }
     shared: dict[Any, int] = {}  # caches shared between parameters (the DCT basis), counted once
-    together: dict[int, int] = {}  # per group, the workspace of its parameters stepped in one call
+    together: dict[int, tuple[Any, dict[str, Any], list[Any]]] = {}  # per group, its parameters stepped in one call
     for group in optimizer.param_groups:
         parts = group_parts(group) if isinstance(optimizer, ComposedOptimizer) else None
         for p in group["params"]:
@@ -309,8 +309,8 @@ def optimizer_memory(
                     workspace += 2 * p.numel() * torch.empty((), dtype=error_dtype(p.dtype)).element_size()
             states += parts.rule.state_bytes(shape, p.dtype, group)
             if not uses_projection(p, group) and parts.rule.can_step_in_place(p, p):
-                workspace += parts.rule.step_in_place_workspace_bytes(shape, p.dtype, group)
-                together[id(group)] = together.get(id(group), 0) + workspace
+                workspace += parts.rule.step_in_place_workspace_bytes([(shape, p.dtype)], group)
+                together.setdefault(id(group), (parts.rule, group, []))[2].append((shape, p.dtype))
             else:
                 workspace += parts.rule.workspace_bytes(shape, p.dtype, group)
             out["optimizer_states"] += states
@@ -318,7 +318,8 @@ def optimizer_memory(
             peak = "layer_step_peak" if id(p) in layer_params else "step_peak"
             out[peak] = max(out[peak], grad + workspace)
     out["projections"] += sum(shared.values())
-    out["workspace"] = max([out["workspace"], *together.values()])
+    for rule, group, params in together.values():
+        out["workspace"] = max(out["workspace"], rule.step_in_place_workspace_bytes(params, group))
     return out
 
 

@@ -208,9 +208,11 @@ class Part:
         whether the list holds one parameter or many."""
         raise NotImplementedError
 
-    def step_in_place_workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
-        """Transient bytes :meth:`step_in_place` allocates for one parameter; those of the
-        parameters of one call are alive together."""
+    def step_in_place_workspace_bytes(
+        self, params: list[tuple[tuple[int, ...], torch.dtype]], group: dict[str, Any]
+    ) -> int:
+        """The most transient bytes alive during one :meth:`step_in_place` call over parameters
+        of these (shape, dtype)."""
         return 0
 
     def sharded_layout(self, dim: int) -> StateLayout:

@@ -115,8 +115,11 @@ class AdamRule(Part):
             maximize=False,
         )
 
-    def step_in_place_workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
-        return math.prod(shape) * dtype.itemsize  # the denominator (torch._foreach_sqrt of every exp_avg_sq)
+    def step_in_place_workspace_bytes(
+        self, params: list[tuple[tuple[int, ...], torch.dtype]], group: dict[str, Any]
+    ) -> int:
+        # the denominators, alive together (torch._foreach_sqrt of every exp_avg_sq)
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in params)
 
     def sharded_layout(self, dim: int) -> StateLayout:
         """Elementwise: the moments have the rows of g."""

@@ -2,10 +2,19 @@
 
 Same equations as :mod:`lowmem_optim.rules.adam`; between steps M and V are stored as uint8
 codes of bitsandbytes' dynamic map (signed for M, unsigned for V) with one float32 absmax per
-block of 256 values. Each step dequantizes to float32, applies Adam, and re-quantizes. Tensors
-with fewer than ``min_8bit_size`` elements keep float32 moments (bitsandbytes' convention:
-quantizing them saves little and costs accuracy). Works wherever bitsandbytes' blockwise
-kernels do: CPU and CUDA.
+block of 256 values. Each step dequantizes to float32, applies Adam, and re-quantizes, in
+chunks of ``_CHUNK`` values. Tensors with fewer than ``min_8bit_size`` elements keep float32
+moments (bitsandbytes' convention: quantizing them saves little and costs accuracy). Works
+wherever bitsandbytes' blockwise kernels do: CPU and CUDA.
+
+This is bitsandbytes' own 8-bit blockwise state (its ``AdamW8bit``: the same two maps, blocks of
+256 values, a float32 absmax each), so on CUDA one call of its fused kernel
+(``bitsandbytes.functional.optimizer_update_8bit_blockwise``: dequantize, update, re-quantize in
+registers) replaces the eager passes: for a full-rank parameter it also applies the decay and
+the update to the weight (no float32 update of the weight's size), for a projected gradient it
+writes the update into a zeroed buffer. Elsewhere the eager code runs, the reference: the kernel
+agrees with it up to float32 rounding and the codes that rounding moves (bitsandbytes orders
+the arithmetic its own way, and leaves an entry whose gradient is not finite unchanged).
 """
 
 from __future__ import annotations
@@ -16,16 +25,70 @@ from typing import Any
 import torch
 
 from lowmem_optim.parts import HParam, Part, SubspaceChange, integer
-from lowmem_optim.quant.blockwise import BLOCKSIZE, dequantize_blockwise, quantize_blockwise
+from lowmem_optim.quant.blockwise import BLOCKSIZE, dequantize_blockwise, dynamic_map, quantize_blockwise
 from lowmem_optim.rules.adam import AdamRule, adam_update
 from lowmem_optim.rules.base import reindex_along
-from lowmem_optim.sharding import RowShard, StateLayout, global_numel
+from lowmem_optim.sharding import RowShard, StateLayout, global_numel, is_dtensor
 
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (key, signed dynamic map)
 #: values per pass of an 8-bit step: bounds its float32 workspace (a few copies of one chunk)
 #: whatever the tensor's size (a 7B model's embedding has 131M values); a multiple of the
 #: block, so codes and absmax come out as from one pass over the whole tensor
 _CHUNK = 1 << 22
+
+
+def _chunk_bytes(numel: int) -> int:
+    """One eager chunk: g in float32, both moments dequantized, the denominator, the chunk's
+    update, the new codes."""
+    return 22 * min(numel, _CHUNK)
+
+
+def _apply_(w: torch.Tensor, update: torch.Tensor, decay: float) -> None:
+    """w <- w decay - update, as the engine applies a rule's update (the decay skipped at 1)."""
+    if decay != 1:
+        w.mul_(decay)
+    w.sub_(update.view(w.shape))
+
+
+def _adam_args(state: dict[str, Any], group: dict[str, Any]) -> tuple[int, float, float, float, float]:
+    beta1, beta2 = group["betas"]
+    return int(state["step"]), group["lr"], beta1, beta2, group["eps"]
+
+
+def fuses(p: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether :func:`fused_adam8bit_` runs for this tensor: on CUDA (elsewhere the eager code is
+    the reference), with ``g`` of ``p``'s dtype, one that the kernel reads."""
+    return p.is_cuda and g.dtype == p.dtype and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_adam8bit_(
+    p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], lr: float, weight_decay: float
+) -> None:
+    """bitsandbytes' fused blockwise 8-bit Adam on this rule's state, in place:
+    p <- p (1 - lr weight_decay) - lr Adam(g), the codes and absmax of both moments updated
+    (``state['step']`` already advanced; ``p`` and ``g`` contiguous, of one dtype)."""
+    import bitsandbytes.functional as bnbf
+
+    beta1, beta2 = group["betas"]
+    bnbf.optimizer_update_8bit_blockwise(
+        "adam",
+        g,
+        p,
+        state["exp_avg_codes"],
+        state["exp_avg_sq_codes"],
+        beta1,
+        beta2,
+        0.0,
+        0.0,
+        group["eps"],
+        int(state["step"]),
+        lr,
+        dynamic_map(True, p.device),
+        dynamic_map(False, p.device),
+        state["exp_avg_absmax"],
+        state["exp_avg_sq_absmax"],
+        weight_decay=weight_decay,
+    )
 
 
 MIN_8BIT_SIZE = HParam("min_8bit_size", 4096, integer(0), "tensors with fewer values keep float32 moments")
@@ -48,9 +111,48 @@ class Adam8bitRule(Part):
         numel = math.prod(shape)
         if numel < group["min_8bit_size"]:
             return 8 * numel  # float32 denominator and update
-        # the float32 update, and per chunk: g in fp32, both moments dequantized, denominator,
-        # the chunk's update, new codes
-        return 4 * numel + 22 * min(numel, _CHUNK)
+        return 4 * numel + _chunk_bytes(numel)  # the float32 update, and one chunk's
+
+    def step_in_place_workspace_bytes(
+        self, params: list[tuple[tuple[int, ...], torch.dtype]], group: dict[str, Any]
+    ) -> int:
+        """One parameter at a time, each chunk's update applied to the weight as it comes (the
+        eager code; bitsandbytes' CUDA kernel allocates nothing)."""
+        sizes = [math.prod(shape) for shape, _ in params]
+        return max((8 * n if n < group["min_8bit_size"] else _chunk_bytes(n) for n in sizes), default=0)
+
+    def can_step_in_place(self, param: torch.Tensor, grad: torch.Tensor) -> bool:
+        """A plain contiguous dense tensor (not FSDP2-sharded, not one that applies its own
+        updates, as an INT8 weight)."""
+        return (
+            not hasattr(param, "apply_update")
+            and not is_dtensor(param)
+            and not grad.is_sparse
+            and param.is_contiguous()
+            and grad.is_floating_point()
+        )
+
+    def step_in_place(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[dict[str, Any]],
+        group: dict[str, Any],
+    ) -> None:
+        """W <- W (1 - lr wd) - Adam8bit(g), one parameter after the other: bitsandbytes' fused
+        kernel on CUDA (module docstring), elsewhere the eager chunks, each applied to its slice
+        of W as it comes, so no float32 update of W's size exists."""
+        for p, g, state in zip(params, grads, states):
+            state["step"] += 1
+            self._init(g, state, group)
+            decay = 1 - group["lr"] * group["weight_decay"]
+            if "exp_avg" in state:  # float32 moments of a small tensor
+                update = adam_update(g.float(), state["exp_avg"], state["exp_avg_sq"], *_adam_args(state, group))
+                _apply_(p, update, decay)
+            elif fuses(p, g):
+                fused_adam8bit_(p, g, state, group, group["lr"], group["weight_decay"])
+            else:
+                self._chunks(g, state, group, p.view(-1), decay)
 
     def _load(self, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if "exp_avg" in state:
@@ -73,6 +175,21 @@ class Adam8bitRule(Part):
             blocks=tuple((f"{key}_absmax", f"{key}_codes", BLOCKSIZE) for key, _ in _MOMENTS),
         )
 
+    def _init(
+        self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], shard: RowShard | None = None
+    ) -> None:
+        """First use: float32 moments for a small tensor, else zeroed codes and absmax (which
+        dequantize to zero moments)."""
+        if "exp_avg" in state or "exp_avg_codes" in state:
+            return
+        if global_numel(g, shard) < group["min_8bit_size"]:
+            zeros = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+            state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
+            return
+        for key, _ in _MOMENTS:
+            state[f"{key}_codes"] = torch.zeros(g.shape, dtype=torch.uint8, device=g.device)
+            state[f"{key}_absmax"] = g.new_zeros(-(-g.numel() // BLOCKSIZE), dtype=torch.float32)
+
     def update(
         self,
         g: torch.Tensor,
@@ -81,19 +198,26 @@ class Adam8bitRule(Part):
         param: torch.Tensor,
         shard: RowShard | None = None,
     ) -> tuple[torch.Tensor, float]:
-        fresh = "exp_avg" not in state and "exp_avg_codes" not in state
-        if fresh and global_numel(g, shard) < group["min_8bit_size"]:
-            zeros = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
-            state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
-        beta1, beta2 = group["betas"]
-        args = (int(state["step"]), group["lr"], beta1, beta2, group["eps"])
+        self._init(g, state, group, shard)
         if "exp_avg" in state:  # float32 moments, updated in place
-            return adam_update(g.float(), state["exp_avg"], state["exp_avg_sq"], *args), group["lr"]
-        if fresh:
-            for key, _ in _MOMENTS:
-                state[f"{key}_codes"] = torch.empty(g.shape, dtype=torch.uint8, device=g.device)
-                state[f"{key}_absmax"] = g.new_empty(-(-g.numel() // BLOCKSIZE), dtype=torch.float32)
+            return adam_update(g.float(), state["exp_avg"], state["exp_avg_sq"], *_adam_args(state, group)), group["lr"]
+        g = g.float()
+        if fuses(g, g):  # the kernel adds lr * Adam(g) to a zeroed "weight": the update itself
+            update = torch.zeros_like(g, memory_format=torch.contiguous_format)
+            fused_adam8bit_(update, g.contiguous(), state, group, -group["lr"], 0.0)
+            return update, group["lr"]
         update = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+        self._chunks(g, state, group, update.view(-1), None)
+        return update, group["lr"]
+
+    def _chunks(
+        self, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], target: torch.Tensor, decay: float | None
+    ) -> None:
+        """The eager step over 8-bit moments, ``_CHUNK`` values at a time: each chunk's update
+        is written into the flat ``target`` (``decay`` None) or applied to it (target <- target
+        decay - update: the weight itself)."""
+        args = _adam_args(state, group)
+        fresh = int(state["step"]) == 1  # zero moments: nothing to dequantize
         for start in range(0, g.numel(), _CHUNK):
             part, blocks = slice(start, start + _CHUNK), slice(start // BLOCKSIZE, (start + _CHUNK) // BLOCKSIZE)
             codes = [state[f"{key}_codes"].view(-1)[part] for key, _ in _MOMENTS]
@@ -104,10 +228,13 @@ class Adam8bitRule(Part):
                 else dequantize_blockwise(c, a, signed)
                 for c, a, (_, signed) in zip(codes, absmax, _MOMENTS)
             ]
-            update.view(-1)[part] = adam_update(g.reshape(-1)[part].float(), *moments, *args)
+            update = adam_update(g.reshape(-1)[part].float(), *moments, *args)
+            if decay is None:
+                target[part] = update
+            else:
+                _apply_(target[part], update, decay)
             for c, a, m, (_, signed) in zip(codes, absmax, moments, _MOMENTS):
                 c[:], a[:] = quantize_blockwise(m, signed)
-        return update, group["lr"]
 
     def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int, shard: RowShard | None = None) -> None:
         if change.kept is None or not ("exp_avg" in state or "exp_avg_codes" in state):
