@@ -46,9 +46,11 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
   of one call over the full-rank parameters a rule steps together (torch's foreach AdamW: one
   denominator per parameter, alive together; :meth:`~lowmem_optim.parts.Part.step_in_place`):
   the back-projected update (m x n), the rule's temporaries as it reports them
-  (:meth:`~lowmem_optim.parts.Part.workspace_bytes`: 8-bit Adam's float32 update and its moments
-  dequantized chunk by chunk; Adam's denominator and update), and the INT8 weight's float32
-  re-quantization chunk.
+  (:meth:`~lowmem_optim.parts.Part.workspace_bytes`: 8-bit Adam's float32 update of a projected
+  gradient and its moments dequantized chunk by chunk, a full-rank weight's chunks only, as
+  they are applied in place; Adam's denominator and update), and the INT8 weight's float32
+  re-quantization chunk. On CUDA bitsandbytes' fused 8-bit kernel allocates no chunk: there the
+  8-bit terms are an upper bound.
 
 The peak is the largest of the moments a step goes through, on top of the static part
 (weights + optimizer_states + projections):
