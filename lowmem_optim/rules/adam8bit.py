@@ -13,8 +13,10 @@ This is bitsandbytes' own 8-bit blockwise state (its ``AdamW8bit``: the same two
 registers) replaces the eager passes: for a full-rank parameter it also applies the decay and
 the update to the weight (no float32 update of the weight's size), for a projected gradient it
 writes the update into a zeroed buffer. Elsewhere the eager code runs, the reference: the kernel
-agrees with it up to float32 rounding and the codes that rounding moves (bitsandbytes orders
-the arithmetic its own way, and leaves an entry whose gradient is not finite unchanged).
+agrees with it up to float32 rounding and the codes that rounding moves. Where bitsandbytes
+differs by design: it decays after the update, W' = (W - u)(1 - lr wd) (a difference of
+lr wd u), and at an entry whose gradient is inf/NaN it leaves the weight and zeroes the moments
+(the eager code lets the value through).
 """
 
 from __future__ import annotations
@@ -55,10 +57,16 @@ def _adam_args(state: dict[str, Any], group: dict[str, Any]) -> tuple[int, float
     return int(state["step"]), group["lr"], beta1, beta2, group["eps"]
 
 
-def fuses(p: torch.Tensor, g: torch.Tensor) -> bool:
+def fuses(p: torch.Tensor, g: torch.Tensor, state: dict[str, Any]) -> bool:
     """Whether :func:`fused_adam8bit_` runs for this tensor: on CUDA (elsewhere the eager code is
-    the reference), with ``g`` of ``p``'s dtype, one that the kernel reads."""
-    return p.is_cuda and g.dtype == p.dtype and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    the reference), with ``g`` of ``p``'s dtype, one that the kernel reads, and the codes and
+    absmax contiguous (the kernel walks them as flat arrays)."""
+    return (
+        p.is_cuda
+        and g.dtype == p.dtype
+        and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and all(state[f"{key}_{part}"].is_contiguous() for key, _ in _MOMENTS for part in ("codes", "absmax"))
+    )
 
 
 def fused_adam8bit_(
@@ -149,7 +157,7 @@ class Adam8bitRule(Part):
             if "exp_avg" in state:  # float32 moments of a small tensor
                 update = adam_update(g.float(), state["exp_avg"], state["exp_avg_sq"], *_adam_args(state, group))
                 _apply_(p, update, decay)
-            elif fuses(p, g):
+            elif fuses(p, g, state):
                 fused_adam8bit_(p, g, state, group, group["lr"], group["weight_decay"])
             else:
                 self._chunks(g, state, group, p.view(-1), decay)
@@ -201,13 +209,11 @@ class Adam8bitRule(Part):
         self._init(g, state, group, shard)
         if "exp_avg" in state:  # float32 moments, updated in place
             return adam_update(g.float(), state["exp_avg"], state["exp_avg_sq"], *_adam_args(state, group)), group["lr"]
-        g = g.float()
-        if fuses(g, g):  # the kernel adds lr * Adam(g) to a zeroed "weight": the update itself
-            update = torch.zeros_like(g, memory_format=torch.contiguous_format)
-            fused_adam8bit_(update, g.contiguous(), state, group, -group["lr"], 0.0)
-            return update, group["lr"]
-        update = torch.empty(g.shape, dtype=torch.float32, device=g.device)
-        self._chunks(g, state, group, update.view(-1), None)
+        update = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+        if fuses(update, update, state):  # the kernel adds lr * Adam(g) to a zeroed "weight": the update
+            fused_adam8bit_(update, g.float().contiguous(), state, group, -group["lr"], 0.0)
+        else:
+            self._chunks(g, state, group, update.view(-1), None)
         return update, group["lr"]
 
     def _chunks(

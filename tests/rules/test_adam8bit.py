@@ -105,7 +105,7 @@ def test_off_cuda_the_eager_8bit_step_runs(monkeypatch):
         w.grad, b.grad = torch.randn(64, 80, generator=gen), torch.randn(64, 80, generator=gen)
         opt.step()
     assert "exp_avg_codes" in opt.state[w] and "exp_avg_codes" in opt.state[b]
-    assert not fuses(w, w.grad) and not fuses(w.grad.bfloat16(), w.grad.bfloat16())
+    assert not fuses(b, b.grad, opt.state[b]) and not fuses(b.grad.bfloat16(), b.grad.bfloat16(), opt.state[b])
 
 
 def test_full_rank_8bit_step_has_no_float32_update_of_the_weights_size(monkeypatch):
