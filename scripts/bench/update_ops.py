@@ -31,9 +31,12 @@ Protocol (figures in the docs come from this script, as printed):
 ``--full-rank CONFIG`` measures instead the full-rank parameters of a LLaMA config (embedding,
 head and the 2 L + 1 RMSNorm weights; the 7B recipe's full-rank group) in one group without a
 rank: ``galore_adamw``'s ``step()`` (the group in one call), its ``step_param`` over each
-parameter (layer-wise training), and torch.optim.AdamW with ``foreach=True`` and ``False``, as
+parameter (layer-wise training), torch.optim.AdamW with ``foreach=True`` and ``False``, and
+``q_galore_adamw8bit``'s ``step()`` (8-bit moments; the eager code, as on CPU), as
 ops, temporaries (meta, ``--dtype``) and CPU time (``--cpu-dtype``) of a step after the first;
-``device ops`` leaves out the host reads of the CPU step counters (no kernel, no sync).
+``device ops`` leaves out the host reads of the CPU step counters (no kernel, no sync);
+``fused device ops`` / ``fused peak MiB``: the 8-bit step as CUDA runs it, bitsandbytes' fused
+kernel counted as one op per parameter.
 
 Usage:
   OMP_NUM_THREADS=1 python scripts/bench/update_ops.py [--rank 1024] [--steps 3] [--json out.json]
@@ -60,6 +63,7 @@ from lowmem_optim.op_count import OpCounter, as_one_op  # noqa: E402
 from lowmem_optim.quant import groupwise, int8_linear  # noqa: E402
 from lowmem_optim.quant.int8_linear import quantize_linear_layers  # noqa: E402
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer, get_optimizer_class  # noqa: E402
+from lowmem_optim.rules import adam8bit  # noqa: E402
 
 NO_REFRESH_GAP = 10**6
 SVD_BASED = ("galore_adamw", "galore_adafactor", "galore_adamw8bit", "q_galore_adamw8bit")
@@ -181,7 +185,13 @@ def cpu_figures(
     }
 
 
-FULL_RANK_WAYS = ("galore_adamw step", "galore_adamw step_param", "adamw foreach", "adamw single-tensor")
+FULL_RANK_WAYS = (
+    "galore_adamw step",
+    "galore_adamw step_param",
+    "adamw foreach",
+    "adamw single-tensor",
+    "q_galore_adamw8bit step",
+)
 
 
 def _full_rank_params(config: dict[str, Any], dtype: torch.dtype, device: str) -> list[nn.Parameter]:
@@ -201,7 +211,7 @@ def _full_rank_step(way: str, params: list[nn.Parameter]) -> Any:
     if way.startswith("adamw"):
         optimizer = torch.optim.AdamW(params, foreach=way == "adamw foreach")
         return optimizer.step
-    optimizer = get_optimizer_class("galore_adamw")(params)  # one group without a rank
+    optimizer = get_optimizer_class(way.split()[0])(params)  # one group without a rank
     if way.endswith("step_param"):
         return lambda: [optimizer.step_param(p) for p in params]
     return optimizer.step
@@ -222,6 +232,21 @@ def full_rank_figures(
     host_reads = counter.by_op["_local_scalar_dense"] - counter.sync_ops["_local_scalar_dense"]  # of CPU tensors
     row.update(ops=counter.ops, device_ops=counter.ops - host_reads, syncs=counter.syncs)
     row.update(alloc_bytes=counter.allocated_bytes, peak_bytes=counter.peak_bytes)
+    if "8bit" in way:  # as CUDA runs it: bitsandbytes' fused kernel, one op per parameter
+        fuses, kernel = adam8bit.fuses, adam8bit.fused_adam8bit_
+        adam8bit.fuses, adam8bit.fused_adam8bit_ = (lambda *args: True), as_one_op(kernel, "fused 8-bit Adam")
+        try:
+            params = _full_rank_params(config, dtype, "meta")
+            step = _full_rank_step(way, params)
+            for p in params:
+                p.grad = torch.empty_like(p)
+            step()
+            with OpCounter() as fused:
+                step()
+        finally:
+            adam8bit.fuses, adam8bit.fused_adam8bit_ = fuses, kernel
+        host = fused.by_op["_local_scalar_dense"] + fused.by_op["add_"]  # reads and increments of CPU step counters
+        row.update(fused_device_ops=fused.ops - host, fused_peak_bytes=fused.peak_bytes)
     if timed:
         params = _full_rank_params(config, cpu_dtype, "cpu")
         step = _full_rank_step(way, params)
@@ -249,7 +274,8 @@ def full_rank_main(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     columns = (("ops", "ops", "d"), ("device ops", "device_ops", "d"), ("syncs", "syncs", "d"))
     columns += (("alloc MiB", "alloc_bytes", "MiB"),)
-    columns += (("peak MiB", "peak_bytes", "MiB"), ("CPU ms", "cpu_s", "ms"))
+    columns += (("peak MiB", "peak_bytes", "MiB"), ("fused device ops", "fused_device_ops", "d"))
+    columns += (("fused peak MiB", "fused_peak_bytes", "MiB"), ("CPU ms", "cpu_s", "ms"))
     print(f"{'step':<24}" + "".join(f" {title:>{len(title)}}" for title, _, _ in columns))
     rows = []
     for way in FULL_RANK_WAYS:
