@@ -154,7 +154,7 @@ class AccumulationBuffer:
         if self.kind == "bfloat16":
             self.tensors[0].copy_(round_bfloat16(total, round_keys(seed)))
         else:
-            quantize_blockwise_stochastic(total, round_keys(seed), out=self.tensors)
+            quantize_blockwise_stochastic(total, round_keys(seed), self.tensors)
 
     def total(self, low: torch.Tensor) -> torch.Tensor:
         """buffer + low, in the exact buffer's dtype (the step's projected gradient)."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from lowmem_optim.engine import lowrank_hparams
 from lowmem_optim.groups import TARGET_MODULES_HELP, parse_target_modules
+from lowmem_optim.layerwise import ACCUMULATION_BUFFERS
 from lowmem_optim.parts import invalid
 from lowmem_optim.rules.adam import BETAS, EPS
 from train.loss import CHUNK_TOKENS
@@ -108,6 +109,13 @@ class TrainConfig(LowRankFlags):
         False,
         "update each parameter inside backward and free its gradient (layer-wise); "
         "--grad-clip then clips per parameter",
+    )
+    accumulation_buffer: str = _opt(
+        "float32",
+        "with --layerwise and several micro-batches per step: where the projected gradients are summed "
+        "(float32: exact; bfloat16 or 8bit: stochastically rounded, less memory; full: whole gradients "
+        "kept in .grad, also for the projected parameters)",
+        choices=ACCUMULATION_BUFFERS,
     )
     # schedule
     max_steps: int = _opt(1000, "optimizer steps to train")

@@ -74,19 +74,29 @@ def check_resumable(
         )
 
 
-def attach_layerwise(optimizer: torch.optim.Optimizer, accum: int, grad_clip: float, d: distributed.Dist) -> Any:
+def attach_layerwise(cfg: TrainConfig, optimizer: torch.optim.Optimizer, accum: int, d: distributed.Dist) -> Any:
     """Layer-wise updates (lowmem_optim.layerwise): each parameter stepped in its gradient hook.
     --grad-clip then clips each parameter's gradient by its own norm (a global norm would need
-    every gradient before the first update)."""
+    every gradient before the first update). With accumulation, the projected parameters of our
+    optimizers sum their projected gradients in --accumulation-buffer buffers (low-rank
+    accumulation); other optimizers accumulate whole gradients, as without --layerwise."""
     import torch.distributed as torch_dist
 
     from lowmem_optim import layerwise
 
+    buffer = cfg.accumulation_buffer if hasattr(optimizer, "finish_step") else "full"
+    if accum > 1 and buffer != "full" and cfg.error_feedback is not None:
+        raise ValueError(
+            f"--error-feedback {cfg.error_feedback} with --layerwise and {accum} micro-batches per step needs "
+            f"--accumulation-buffer full: the feedback needs each step's whole gradient, which --accumulation-buffer "
+            f"{buffer} never holds"
+        )
     return layerwise.attach(
         optimizer,
         accumulation_steps=accum,
-        max_grad_norm=grad_clip or None,
+        max_grad_norm=cfg.grad_clip or None,
         process_group=torch_dist.group.WORLD if d.world > 1 else None,
+        accumulation_buffer=buffer,
     )
 
 
@@ -210,7 +220,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
         resume_step=start if cfg.resume else None,
     )
     progress = _progress_bar(cfg, start, enabled=d.is_main)
-    layerwise = attach_layerwise(optimizer, accum, cfg.grad_clip, d) if cfg.layerwise else None
+    layerwise = attach_layerwise(cfg, optimizer, accum, d) if cfg.layerwise else None
     try:
         _loop(
             cfg,

@@ -25,41 +25,51 @@ import torch
 from lowmem_optim.quant.blockwise import BLOCKSIZE, dynamic_map
 from lowmem_optim.quant.groupwise import counter_uniform
 
+#: values rounded per pass: the draws and indices of a pass are temporaries (~40 bytes a value)
+CHUNK = 1 << 20
 
-def _uniform(numel: int, keys: tuple[int, int], device: torch.device) -> torch.Tensor:
-    return counter_uniform(torch.arange(numel, dtype=torch.int64, device=device), keys)
+
+def _uniform(start: int, stop: int, keys: tuple[int, int], device: torch.device) -> torch.Tensor:
+    return counter_uniform(torch.arange(start, stop, dtype=torch.int64, device=device), keys)
 
 
 def round_bfloat16(x: torch.Tensor, keys: tuple[int, int]) -> torch.Tensor:
-    """``x`` (float32) stochastically rounded to bfloat16 with the draws of ``keys``."""
-    bits = x.float().contiguous().view(torch.int32)
-    noise = (_uniform(x.numel(), keys, x.device).view(x.shape) * 65536).to(torch.int32)
-    # float32 -> bfloat16 keeps the upper 16 bits; adding noise to the lower 16 first carries
-    # into them with probability (lower bits) / 2^16
-    return (bits + noise).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+    """``x`` (float32) stochastically rounded to bfloat16 with the draws of ``keys`` (value i
+    gets draw i), in passes of :data:`CHUNK` values."""
+    bits = x.float().contiguous().view(-1).view(torch.int32)
+    out = torch.empty(bits.shape, dtype=torch.bfloat16, device=x.device)
+    for start in range(0, bits.numel(), CHUNK):
+        stop = min(start + CHUNK, bits.numel())
+        noise = (_uniform(start, stop, keys, x.device) * 65536).to(torch.int32)
+        # float32 -> bfloat16 keeps the upper 16 bits; adding noise to the lower 16 first carries
+        # into them with probability (lower bits) / 2^16
+        out[start:stop] = (bits[start:stop] + noise).bitwise_and_(-65536).view(torch.float32)
+    return out.view(x.shape)
 
 
 def quantize_blockwise_stochastic(
-    x: torch.Tensor, keys: tuple[int, int], out: tuple[torch.Tensor, torch.Tensor] | None = None
+    x: torch.Tensor, keys: tuple[int, int], out: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` as signed blockwise 8-bit: codes (uint8, x's shape) and a float32 scale per block of
-    256 (:func:`~lowmem_optim.quant.blockwise.dequantize_blockwise` takes it as its absmax), each
-    value stochastically rounded to a neighbour in the dynamic map; written into ``out`` when given."""
+    """``x`` as signed blockwise 8-bit, written into ``out``: codes (uint8, x's shape) and a
+    float32 scale per block of 256 (:func:`~lowmem_optim.quant.blockwise.dequantize_blockwise`
+    takes it as its absmax), each value stochastically rounded to a neighbour in the dynamic
+    map (value i gets draw i), in passes of :data:`CHUNK` values."""
     flat = x.detach().float().reshape(-1)
+    codes, scales = out[0].view(-1), out[1]
     numel = flat.numel()
-    blocks = -(-numel // BLOCKSIZE)
-    padded = torch.nn.functional.pad(flat, (0, blocks * BLOCKSIZE - numel)).view(blocks, BLOCKSIZE)
     code = dynamic_map(True, x.device)
-    # the signed map spans [-0.993, 1]: the block's scale maps its largest magnitude to the
-    # map's smaller end, so no value lies outside the map and none is clipped (which would bias)
-    absmax = padded.abs().amax(dim=1) / code[0].abs()
-    y = (padded / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).view(-1)[:numel]
-    hi = torch.searchsorted(code, y).clamp_(1, code.numel() - 1)
-    lo = hi - 1
-    up = ((y - code[lo]) / (code[hi] - code[lo])).clamp_(0, 1)
-    codes = torch.where(_uniform(numel, keys, x.device) < up, hi, lo).to(torch.uint8).view(x.shape)
-    if out is None:
-        return codes, absmax
-    out[0].copy_(codes)
-    out[1].copy_(absmax)
+    for start in range(0, numel, CHUNK):  # CHUNK is a multiple of BLOCKSIZE: whole blocks per pass
+        stop = min(start + CHUNK, numel)
+        part = flat[start:stop]
+        blocks = -(-part.numel() // BLOCKSIZE)
+        padded = torch.nn.functional.pad(part, (0, blocks * BLOCKSIZE - part.numel())).view(blocks, BLOCKSIZE)
+        # the signed map spans [-0.993, 1]: the block's scale maps its largest magnitude to the
+        # map's smaller end, so no value lies outside the map and none is clipped (which would bias)
+        scale = padded.abs().amax(dim=1).div_(code[0].abs())
+        scales[start // BLOCKSIZE : start // BLOCKSIZE + blocks] = scale
+        y = padded.div_(scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).view(-1)[: part.numel()]
+        hi = torch.searchsorted(code, y, out_int32=True).clamp_(1, code.numel() - 1)
+        lo = hi - 1
+        up = y.sub_(code[lo]).div_(code[hi] - code[lo]).clamp_(0, 1)
+        codes[start:stop] = torch.where(_uniform(start, stop, keys, x.device) < up, hi, lo).to(torch.uint8)
     return out

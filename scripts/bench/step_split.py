@@ -201,7 +201,7 @@ def ours(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     optimizer = make_optimizer(cfg, model)
     accum = accumulation_steps(cfg, 1)
     one_process = distributed.Dist(rank=0, world=1, local_rank=0, device=device, owns_group=False)
-    handle = attach_layerwise(optimizer, accum, cfg.grad_clip, one_process) if cfg.layerwise else None
+    handle = attach_layerwise(cfg, optimizer, accum, one_process) if cfg.layerwise else None
     tokens = _tokens(cfg, vocab, device)
     timer = PartTimer(device)
 

@@ -116,3 +116,31 @@ def test_wandb_without_an_api_key_logs_offline_with_config_and_layer_statistics(
     data = log.read_bytes()
     for key in (b"update_proj_gap", b"val_loss", b"opt_state_bytes", b"layers/model.layers.0.mlp.up_proj.weight/gap"):
         assert key in data
+
+
+@pytest.mark.parametrize("buffer", ["float32", "8bit"])
+def test_layerwise_accumulation_sums_projected_gradients_in_buffers(run_tiny, monkeypatch, buffer):
+    """--layerwise with 2 micro-batches per step: the handle accumulates in low-rank buffers of
+    --accumulation-buffer's precision (and the run trains)."""
+    from lowmem_optim import layerwise
+
+    handles = []
+    remove = layerwise.LayerwiseHandle.remove
+
+    def record_and_remove(handle):  # the loop removes its handle at the end, which frees the buffers
+        handles.append((handle, handle.buffer_bytes()))
+        remove(handle)
+
+    monkeypatch.setattr(layerwise.LayerwiseHandle, "remove", record_and_remove)
+    records = run_tiny(
+        "run", "galore_adamw", layerwise=True, total_batch_size=8, accumulation_buffer=buffer, max_steps=6, save=False
+    )
+    ((handle, buffer_bytes),) = handles
+    assert handle.lowrank and handle.accumulation_steps == 2 and handle.accumulation_buffer == buffer
+    assert buffer_bytes > 0
+    assert records[-1]["loss"] < records[0]["loss"] - 0.2
+
+
+def test_layerwise_accumulation_refuses_error_feedback_naming_the_flags(run_tiny):
+    with pytest.raises(ValueError, match="--error-feedback float32 with --layerwise .* --accumulation-buffer full"):
+        run_tiny("run", "dct_adamw", layerwise=True, total_batch_size=8, error_feedback="float32", max_steps=1)
