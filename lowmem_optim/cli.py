@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from lowmem_optim.groups import TARGET_MODULES_HELP, check_some_matrix_projected, parse_target_modules
+from lowmem_optim.layerwise import ACCUMULATION_BUFFERS
 from lowmem_optim.llama_config import check_seq_len, load_llama_config
 from lowmem_optim.memory import (
     COMPONENTS,
@@ -66,6 +67,20 @@ def _parser() -> argparse.ArgumentParser:
     _flag(memory, "layerwise", action="store_true", help="layer-wise updates (gradients freed in backward)")
     _flag(
         memory,
+        "total-batch-size",
+        type=int,
+        default=None,
+        help="sequences per optimizer step (default: --batch-size); more is accumulated over micro-batches",
+    )
+    _flag(
+        memory,
+        "accumulation-buffer",
+        default=TrainingSetup.accumulation_buffer,
+        choices=ACCUMULATION_BUFFERS,
+        help="with --layerwise and several micro-batches: where projected gradients are summed (the training CLI's)",
+    )
+    _flag(
+        memory,
         "loss-chunk-tokens",
         type=int,
         default=TrainingSetup.loss_chunk_tokens,
@@ -96,6 +111,8 @@ def memory_command(args: argparse.Namespace) -> dict[str, int]:
         seq_len=args.seq_len,
         activation_checkpointing=args.activation_checkpointing,
         layerwise=args.layerwise,
+        total_batch_size=args.total_batch_size,
+        accumulation_buffer=args.accumulation_buffer,
         loss_chunk_tokens=args.loss_chunk_tokens,
         target_modules=targets,
     )
@@ -104,7 +121,7 @@ def memory_command(args: argparse.Namespace) -> dict[str, int]:
 
 def _table(result: dict[str, int]) -> str:
     rows = [(name, result[f"{name}_bytes"]) for name in (*COMPONENTS, "total")]
-    return "\n".join(f"{name:<18}{value:>16,d} B {value / 2**30:>9.3f} GiB" for name, value in rows)
+    return "\n".join(f"{name:<22}{value:>16,d} B {value / 2**30:>9.3f} GiB" for name, value in rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

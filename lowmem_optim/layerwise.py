@@ -93,7 +93,7 @@ import torch.distributed as dist
 
 from lowmem_optim.quant.blockwise import BLOCKSIZE, dequantize_blockwise
 from lowmem_optim.quant.groupwise import round_keys
-from lowmem_optim.quant.stochastic import quantize_blockwise_stochastic, round_bfloat16
+from lowmem_optim.quant.stochastic import CHUNK, ROUNDING_BYTES, quantize_blockwise_stochastic, round_bfloat16
 from lowmem_optim.sharding import is_dtensor
 
 #: values of ``accumulation_buffer``: "full" keeps full gradients in ``param.grad``; the others
@@ -115,6 +115,15 @@ def buffer_bytes(kind: str, numel: int, grad_dtype: torch.dtype) -> int:
     if kind == "8bit":
         return numel + 4 * -(-numel // BLOCKSIZE)
     return 0
+
+
+def accumulation_workspace_bytes(kind: str, numel: int, grad_dtype: torch.dtype) -> int:
+    """Transient bytes of one buffer write beyond the projection R itself: none for "float32"
+    (added in place); the float32 sum and the stochastic rounding's per-pass temporaries
+    (:data:`lowmem_optim.quant.stochastic.ROUNDING_BYTES`) otherwise."""
+    if kind in ("full", "float32"):
+        return 0
+    return 4 * numel + ROUNDING_BYTES * min(numel, CHUNK)
 
 
 class AccumulationBuffer:

@@ -74,6 +74,7 @@ instead and is not modelled.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -81,6 +82,7 @@ import torch
 from torch import nn
 
 from lowmem_optim.engine import ComposedOptimizer, group_parts, matrix_shape, uses_projection
+from lowmem_optim.layerwise import ACCUMULATION_BUFFERS, accumulation_workspace_bytes, buffer_bytes
 from lowmem_optim.projection.base import projected_shape
 from lowmem_optim.projection.feedback import error_dtype, feedback_bytes
 from lowmem_optim.rules.adam8bit import Adam8bitRule
@@ -88,7 +90,15 @@ from lowmem_optim.rules.adam8bit import Adam8bitRule
 WEIGHT_BITS = (32, 16, 8)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: the components every estimate reports, in this order
-COMPONENTS = ("weights", "gradients", "optimizer_states", "projections", "activations", "workspace")
+COMPONENTS = (
+    "weights",
+    "gradients",
+    "optimizer_states",
+    "projections",
+    "accumulation_buffers",
+    "activations",
+    "workspace",
+)
 
 
 @dataclass(frozen=True)
@@ -181,7 +191,27 @@ class TrainingSetup:
     target_modules: str | list[str] = "all-linear"
     group_size: int = 256
     loss_chunk_tokens: int = 1024
+    total_batch_size: int | None = None
+    accumulation_buffer: str = "float32"
     optimizer_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def accumulation_steps(self) -> int:
+        """Micro-batches per step: ``total_batch_size`` / ``batch_size`` (one process)."""
+        total = self.total_batch_size or self.batch_size
+        if isinstance(total, bool) or not isinstance(total, int) or total < 1 or total % self.batch_size:
+            raise ValueError(
+                f"Invalid total_batch_size: {self.total_batch_size!r} (allowed: a multiple of batch_size "
+                f"{self.batch_size})"
+            )
+        return total // self.batch_size
+
+    def accumulation(self) -> str | None:
+        """How gradients are accumulated across micro-batches when that changes the memory
+        (layer-wise updates with several micro-batches): ``accumulation_buffer``; else None."""
+        if self.accumulation_buffer not in ACCUMULATION_BUFFERS:
+            allowed = ", ".join(ACCUMULATION_BUFFERS)
+            raise ValueError(f"Invalid accumulation_buffer: {self.accumulation_buffer!r} (allowed: {allowed})")
+        return self.accumulation_buffer if self.layerwise and self.accumulation_steps() > 1 else None
 
     def torch_dtype(self) -> torch.dtype:
         """``dtype``, defaulting to float32 for 32-bit weights and bfloat16 otherwise."""
@@ -205,6 +235,7 @@ class MemoryEstimate:
     gradients_bytes: int
     optimizer_states_bytes: int
     projections_bytes: int
+    accumulation_buffers_bytes: int
     activations_bytes: int
     workspace_bytes: int
     total_bytes: int
@@ -263,12 +294,26 @@ def _int8_chunk_bytes(param: torch.Tensor) -> int:
 
 
 def optimizer_memory(
-    optimizer_name: str, optimizer: torch.optim.Optimizer, layer_params: frozenset[int] = frozenset()
+    optimizer_name: str,
+    optimizer: torch.optim.Optimizer,
+    layer_params: frozenset[int] = frozenset(),
+    accumulation: str | None = None,
+    early_params: frozenset[int] = frozenset(),
 ) -> dict[str, int]:
     """Predicted ``optimizer_states``, ``projections``, ``gradients`` (all, and the largest),
     ``workspace`` (the largest update's) and ``step_peak`` / ``layer_step_peak`` (the largest
     gradient + workspace of one update, of a parameter outside / inside the decoder layers
-    whose ids are ``layer_params``) bytes for the optimizer's groups (adaptive queues full)."""
+    whose ids are ``layer_params``) bytes for the optimizer's groups (adaptive queues full).
+
+    With layer-wise ``accumulation`` (an ``accumulation_buffer``; None: one micro-batch per
+    step): ``held_gradients``, the gradients kept in ``.grad`` across micro-batches (every
+    parameter's with "full" or an optimizer that does not project; else the parameters that are
+    not projected), ``early_held_gradients``, those of them whose parameters' ids are in
+    ``early_params`` (stepped in the last micro-batch before backward reaches the decoder
+    layers: the head, the final norm), ``accumulation_buffers``, the projected parameters'
+    buffers, and ``layer_write_peak``, the largest gradient + buffer write workspace of a
+    decoder layer's parameter. A held gradient is already counted, so its update adds only its
+    workspace to a peak."""
     out = {
         "optimizer_states": 0,
         "projections": 0,
@@ -277,6 +322,10 @@ def optimizer_memory(
         "workspace": 0,
         "step_peak": 0,
         "layer_step_peak": 0,
+        "held_gradients": 0,
+        "early_held_gradients": 0,
+        "accumulation_buffers": 0,
+        "layer_write_peak": 0,
     }
     shared: dict[Any, int] = {}  # caches shared between parameters (the DCT basis), counted once
     together: dict[int, tuple[Any, dict[str, Any], list[Any]]] = {}  # per group, its parameters stepped in one call
@@ -286,14 +335,18 @@ def optimizer_memory(
             grad = p.numel() * p.element_size()
             out["gradients"] += grad
             out["largest_gradient"] = max(out["largest_gradient"], grad)
+            peak = "layer_step_peak" if id(p) in layer_params else "step_peak"
+            buffered = accumulation not in (None, "full") and parts is not None and uses_projection(p, group)
+            held = accumulation is not None and not buffered
+            out["held_gradients"] += grad if held else 0
+            out["early_held_gradients"] += grad if held and id(p) in early_params else 0
             if parts is None:
                 out["optimizer_states"] += _baseline_state_bytes(optimizer_name, p, optimizer)
                 # torch's single-tensor AdamW: denominator and update like the parameter;
                 # bitsandbytes' fused 8-bit kernel updates in place
                 workspace = 2 * grad if optimizer_name == "adamw" else 0
                 out["workspace"] = max(out["workspace"], workspace)
-                peak = "layer_step_peak" if id(p) in layer_params else "step_peak"
-                out[peak] = max(out[peak], grad + workspace)
+                out[peak] = max(out[peak], (0 if held else grad) + workspace)
                 continue
             states = 4  # the step counter
             workspace = _int8_chunk_bytes(p)
@@ -305,6 +358,12 @@ def optimizer_memory(
                 states += parts.schedule.state_bytes(matrix, p.dtype, group)
                 shape = projected_shape(matrix, group)
                 workspace += grad  # the back-projected update
+                if buffered:
+                    low = math.prod(shape)
+                    out["accumulation_buffers"] += buffer_bytes(accumulation, low, p.dtype)
+                    if id(p) in layer_params:
+                        write = grad + accumulation_workspace_bytes(accumulation, low, p.dtype)
+                        out["layer_write_peak"] = max(out["layer_write_peak"], write)
                 if group["error_feedback"] is not None:
                     states += feedback_bytes(group["error_feedback"], matrix, p.dtype)
                     # A = G + E and its back-projected part, in float32 (or float64)
@@ -317,8 +376,7 @@ def optimizer_memory(
                 workspace += parts.rule.workspace_bytes(shape, p.dtype, group)
             out["optimizer_states"] += states
             out["workspace"] = max(out["workspace"], workspace)
-            peak = "layer_step_peak" if id(p) in layer_params else "step_peak"
-            out[peak] = max(out[peak], grad + workspace)
+            out[peak] = max(out[peak], (0 if held else grad) + workspace)
     out["projections"] += sum(shared.values())
     for rule, group, params in together.values():
         out["workspace"] = max(out["workspace"], rule.step_in_place_workspace_bytes(params, group))
@@ -365,16 +423,25 @@ def estimate_memory(config: dict[str, Any], setup: TrainingSetup) -> MemoryEstim
     if not isinstance(setup.loss_chunk_tokens, int) or setup.loss_chunk_tokens < 0:
         raise ValueError(f"Invalid loss_chunk_tokens: {setup.loss_chunk_tokens!r} (allowed: an int >= 0)")
     model, optimizer = build_setup_model(config, setup)
-    opt = optimizer_memory(setup.optimizer, optimizer, frozenset(map(id, model.model.layers.parameters())))
+    accumulation = setup.accumulation()
+    layer_params = frozenset(map(id, model.model.layers.parameters()))
+    early_params = frozenset(map(id, [*model.lm_head.parameters(), *model.model.norm.parameters()]))
+    opt = optimizer_memory(setup.optimizer, optimizer, layer_params, accumulation, early_params)
     weights = _weight_bytes(model)
     act = activation_memory(LlamaShape.from_config(config), setup)
-    static = weights + opt["optimizer_states"] + opt["projections"]
+    static = weights + opt["optimizer_states"] + opt["projections"] + opt["accumulation_buffers"]
     if setup.layerwise:
-        gradients = opt["largest_gradient"]
+        # gradients held across micro-batches exist through backward (the head's and final
+        # norm's until they step, early in the last micro-batch); one more (projected) gradient
+        # exists until its hook projects or steps it and frees it
+        held, early = opt["held_gradients"], opt["early_held_gradients"]
+        gradients = held + opt["largest_gradient"] if accumulation else opt["largest_gradient"]
         # the head's update runs before any layer is rebuilt (after the last chunk of a chunked
-        # loss, whose gradient it accumulates), the embedding's after the last layer
-        loss = act["loss"] + (opt["largest_gradient"] if loss_is_chunked(setup) else 0)
-        total = static + act["stored"] + max(loss, act["recompute"] + opt["layer_step_peak"], opt["step_peak"])
+        # loss, whose gradient it accumulates, unless held), the embedding's after the last layer
+        loss = act["loss"] + (opt["largest_gradient"] if loss_is_chunked(setup) and not accumulation else 0)
+        layers = max(held + opt["layer_write_peak"], held - early + opt["layer_step_peak"])
+        peaks = max(held + loss, act["recompute"] + layers, held + opt["step_peak"])
+        total = static + act["stored"] + peaks
     else:
         gradients = opt["gradients"]
         total = static + max(
@@ -384,5 +451,12 @@ def estimate_memory(config: dict[str, Any], setup: TrainingSetup) -> MemoryEstim
         )
     activations = act["stored"] + max(act["loss"], act["recompute"])
     return MemoryEstimate(
-        weights, gradients, opt["optimizer_states"], opt["projections"], activations, opt["workspace"], total
+        weights_bytes=weights,
+        gradients_bytes=gradients,
+        optimizer_states_bytes=opt["optimizer_states"],
+        projections_bytes=opt["projections"],
+        accumulation_buffers_bytes=opt["accumulation_buffers"],
+        activations_bytes=activations,
+        workspace_bytes=opt["workspace"],
+        total_bytes=total,
     )

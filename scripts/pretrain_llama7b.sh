@@ -5,9 +5,13 @@
 #   OPTIMIZER add --refresh=adaptive), staggered (--stagger: after step 1 the 224 matrices
 #   refresh on distinct steps of the first gap, not all on one), layer-wise updates (no full gradient ever
 #   held), activation checkpointing, bf16, sequence 256, lr 0.004, scale 0.25.
+#   512 sequences per update, as GaLore's and Q-GaLore's 7B runs: 32 micro-batches of 16, the
+#   projected gradients summed in 8-bit buffers (--accumulation-buffer=8bit: 1.5 GiB at rank 1024;
+#   bfloat16 buffers would take 3.0 GiB and not fit 16 GB).
 #
 # Usage:  bash scripts/pretrain_llama7b.sh [extra train flags, which override the recipe's]
-#   STEPS (150000)  OUTPUT_DIR (runs/llama7b_qgalore)  BATCH_SIZE (16)  DATA (c4; builtin runs offline)
+#   STEPS (150000)  OUTPUT_DIR (runs/llama7b_qgalore)  BATCH_SIZE (16)  TOTAL_BATCH_SIZE (512)
+#   DATA (c4; builtin runs offline)
 #   OPTIMIZER (q_galore_adamw8bit)  PYTHON (python)
 #   ENTRY: a script that takes the recipe's flags instead of `python -m train` (scripts/bench/step_split.py)
 #   SMOKE=1: the same recipe on llama_tiny for 3 steps, on CPU or GPU (checks the wiring, not memory)
@@ -20,7 +24,7 @@ PYTHON=${PYTHON:-python}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
 if [ "${SMOKE:-0}" = 1 ]; then
-    model=configs/llama_tiny.json rank=8 steps=${STEPS:-3} batch=${BATCH_SIZE:-2} seq=32
+    model=configs/llama_tiny.json rank=8 steps=${STEPS:-3} batch=${BATCH_SIZE:-2} total=${TOTAL_BATCH_SIZE:-4} seq=32
     data=${DATA:-builtin} out=${OUTPUT_DIR:-runs/llama7b_smoke}
 else
     if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -28,7 +32,7 @@ else
         echo "To check the wiring on this machine, run the tiny smoke variant: SMOKE=1 bash scripts/pretrain_llama7b.sh" >&2
         exit 1
     fi
-    model=configs/llama_7b.json rank=1024 steps=${STEPS:-150000} batch=${BATCH_SIZE:-16} seq=256
+    model=configs/llama_7b.json rank=1024 steps=${STEPS:-150000} batch=${BATCH_SIZE:-16} total=${TOTAL_BATCH_SIZE:-512} seq=256
     data=${DATA:-c4} out=${OUTPUT_DIR:-runs/llama7b_qgalore}
 fi
 
@@ -39,5 +43,5 @@ exec "$PYTHON" "${entry[@]}" \
     --weight-bits=8 --proj-bits=4 --layerwise --activation-checkpointing --dtype=bfloat16 \
     --rank="$rank" --update-proj-gap=500 --stagger --scale=0.25 --lr=0.004 --weight-decay=0 \
     --warmup-steps=$((steps / 10)) --scheduler=cosine --min-lr-ratio=0.1 \
-    --batch-size="$batch" --seq-len="$seq" --max-steps="$steps" --data="$data" \
+    --batch-size="$batch" --total-batch-size="$total" --accumulation-buffer=8bit --seq-len="$seq" --max-steps="$steps" --data="$data" \
     --eval-every=1000 --save-every=1000 --output-dir="$out" "$@"

@@ -114,24 +114,33 @@ def test_layerwise_keeps_one_gradient_and_activation_checkpointing_shrinks_activ
     assert double.activations_bytes == 2 * plain.activations_bytes
 
 
-def test_llama7b_recipe_of_pretrain_script_is_predicted_under_15_gib():
+def test_llama7b_recipe_of_pretrain_script_is_predicted_under_15_gib(tmp_path):
     # scripts/pretrain_llama7b.sh: q_galore_adamw8bit, INT8 weights, INT4 projections, rank 1024,
-    # layer-wise, activation checkpointing, bf16, batch 16 x seq 256
-    config = json.loads((CONFIGS / "llama_7b.json").read_text())
+    # layer-wise, activation checkpointing, bf16, 32 micro-batches of 16 x 256 summed in 8-bit buffers
+    from tests.test_scripts import script_config
+
+    cfg = script_config(tmp_path, "7b")
+    assert (cfg.batch_size, cfg.total_batch_size, cfg.accumulation_buffer) == (16, 512, "8bit")
     setup = TrainingSetup(
-        "q_galore_adamw8bit",
-        rank=1024,
-        weight_bits=8,
-        proj_bits=4,
-        dtype="bfloat16",
-        batch_size=16,
-        seq_len=256,
-        activation_checkpointing=True,
-        layerwise=True,
+        cfg.optimizer,
+        rank=cfg.rank,
+        weight_bits=cfg.weight_bits,
+        proj_bits=cfg.proj_bits,
+        dtype=cfg.torch_dtype_name,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        activation_checkpointing=cfg.activation_checkpointing,
+        layerwise=cfg.layerwise,
+        loss_chunk_tokens=cfg.loss_chunk_tokens,
+        total_batch_size=cfg.total_batch_size,
+        accumulation_buffer=cfg.accumulation_buffer,
     )
+    config = json.loads((CONFIGS / "llama_7b.json").read_text())
     estimate = estimate_memory(config, setup)
     assert estimate.total_bytes <= 15 * 2**30
     assert 6.5 * 2**30 < estimate.weights_bytes < 7 * 2**30  # 6.5B INT8 linear weights + bf16 embeddings
+    # 224 projected matrices at rank 1024: ~1.62e9 values, one byte each + a float32 scale per 256
+    assert 1.5 * 2**30 < estimate.accumulation_buffers_bytes < 1.55 * 2**30
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -189,3 +198,38 @@ def test_chunked_loss_drops_the_logits_and_one_chunk_covers_a_small_micro_batch(
         estimate(batch_size=16, loss_chunk_tokens=256).activations_bytes - chunked.activations_bytes
     ) / (8 * 256)
     assert chunked_per_token < per_token - 12 * config["vocab_size"]
+
+
+@pytest.mark.parametrize("buffer", ["float32", "bfloat16", "8bit", "full"])
+def test_layerwise_accumulation_buffers_and_held_gradients_match_real_tensor_bytes(buffer):
+    """Layer-wise with 2 micro-batches: after micro-batch 1 the gradients left in .grad are the
+    held ones (not projected; all of them with "full"); after the step the handle's buffers are
+    what the model predicts."""
+    from lowmem_optim import layerwise
+    from train.model import build_model
+
+    setup = TrainingSetup(
+        "galore_adamw",
+        rank=8,
+        weight_bits=32,
+        batch_size=2,
+        seq_len=16,
+        layerwise=True,
+        total_batch_size=4,
+        accumulation_buffer=buffer,
+    )
+    predicted = estimate_memory(tiny_config(), setup)
+    model = build_model(
+        str(TINY), dtype=torch.float32, device=torch.device("cpu"), seed=0, vocab_needed=512, seq_len=16
+    )
+    opt = build_optimizer("galore_adamw", model, target_modules=setup.target_modules, rank=8)
+    handle = layerwise.attach(opt, accumulation_steps=2, accumulation_buffer=buffer)
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(tokens, labels=tokens).loss.backward()
+    held = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    assert predicted.gradients_bytes == held + largest
+    model(tokens, labels=tokens).loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert predicted.accumulation_buffers_bytes == handle.buffer_bytes()
+    assert (handle.buffer_bytes() > 0) == (buffer != "full")

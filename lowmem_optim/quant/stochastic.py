@@ -25,8 +25,11 @@ import torch
 from lowmem_optim.quant.blockwise import BLOCKSIZE, dynamic_map
 from lowmem_optim.quant.groupwise import counter_uniform
 
-#: values rounded per pass: the draws and indices of a pass are temporaries (~40 bytes a value)
+#: values rounded per pass: the draws and indices of a pass are temporaries
 CHUNK = 1 << 20
+#: temporaries per value of a pass (8 bits, the larger: padded float32 values, int64 counters,
+#: float32 draws, int32 neighbours, their map values and gap, the chosen codes), a model
+ROUNDING_BYTES = 44
 
 
 def _uniform(start: int, stop: int, keys: tuple[int, int], device: torch.device) -> torch.Tensor:
