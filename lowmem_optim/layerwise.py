@@ -11,7 +11,7 @@ scheduler on it works unchanged)::
 
     optimizer = GaLoreAdamW(lowrank_param_groups(model, rank=128), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    handle = layerwise.attach(optimizer, accumulation_steps=4, max_grad_norm=1.0)
+    handle = layerwise.attach(optimizer, accumulation_steps=4, accumulation_buffer="float32")
     for batch in loader:                       # one training step = accumulation_steps micro-batches
         for micro in split(batch, 4):
             (model(micro).loss / 4).backward()  # the last backward of a step updates every parameter
