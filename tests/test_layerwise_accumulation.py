@@ -198,3 +198,47 @@ def test_resume_across_a_step_boundary_is_exact_with_8bit_buffers():
     accumulated_steps(resumed, data[2 * K :])
     for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+def _rank_main(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model = tiny_model().double()
+    opt = galore(model)
+    layerwise.attach(opt, accumulation_steps=K, accumulation_buffer="float32", process_group=dist.group.WORLD)
+    for tokens in batches(3 * K, seed=10 + rank):  # each rank sees different data
+        (loss_of(model, tokens) / K).backward()
+    if rank == 0:
+        torch.save(model.state_dict(), out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_data_parallel_low_rank_accumulation_chooses_one_subspace_from_the_averaged_first_micro_batch(tmp_path):
+    """Two gloo ranks, 3 steps of 3 micro-batches, refreshes at steps 1 and 3: every rank's
+    step equals one process stepping on the rank-averaged gradients, the subspace chosen from
+    micro-batch 1's averaged gradient."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "rank0.pt")
+    mp.start_processes(_rank_main, args=(str(tmp_path / "init"), out), nprocs=2, start_method="spawn")
+    ref = tiny_model().double()
+    opt = galore(ref)
+    data = list(zip(batches(3 * K, seed=10), batches(3 * K, seed=11)))
+    for step in range(3):
+        grads = []
+        for a, b in data[step * K : (step + 1) * K]:
+            ref.zero_grad()
+            ((loss_of(ref, a) + loss_of(ref, b)) / (2 * K)).backward()
+            grads.append({p: p.grad.clone() for p in ref.parameters()})
+        ref.zero_grad()
+        for p in ref.parameters():
+            if not opt.projects(p):
+                opt.step_param(p, sum(g[p] for g in grads))
+                continue
+            opt.begin_step(p, grads[0][p])
+            opt.finish_step(p, sum(opt.project(p, g[p]) for g in grads))
+    got = torch.load(out, weights_only=True)
+    for name, p in ref.state_dict().items():
+        torch.testing.assert_close(got[name], p, rtol=0, atol=1e-10, msg=name)
