@@ -85,6 +85,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dct_ef4_lr3.5e-3": _variant(DCT, lr=3.5e-3, error_feedback="4bit"),
     "dct_ef4_type3_lr5e-3": _variant(DCT, lr=5e-3, error_feedback="4bit", dct_type=3),
     "dct_ef4_l2_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="4bit", dct_score="l2"),
+    "dct_ef_lr5e-3": _variant(DCT, lr=5e-3, error_feedback="float32"),
+    "dct_ef8_lr5e-3": _variant(DCT, lr=5e-3, error_feedback="8bit"),
+    "dct_ef4_lr2e-2_s0.25": _variant(DCT, lr=2e-2, scale=0.25, error_feedback="4bit"),
+    "dct_ef8_lr2e-2_s0.25": _variant(DCT, lr=2e-2, scale=0.25, error_feedback="8bit"),
+    "dct_ef_gap2_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="float32", update_proj_gap=2),
+    "dct_ef_gap5_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="float32", update_proj_gap=5),
+    "dct_ef4_b2_0.99_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="4bit", betas=(0.9, 0.99)),
+    "dct_ef4_b2_0.95_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="4bit", betas=(0.9, 0.95)),
+    "dct_ef8_b2_0.99_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="8bit", betas=(0.9, 0.99)),
+    "dct_ef4_lr1.5e-3": _variant(DCT, lr=1.5e-3, error_feedback="4bit"),
 }
 
 
