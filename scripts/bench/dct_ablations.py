@@ -35,7 +35,7 @@ from projection_training import REPO, protocol_parser  # the same protocol flags
 
 #: GaLore's recipe here (projection_training.py): lr 1e-2, scale 0.25, a refresh every 10 steps
 GALORE = {"optimizer": "galore_adamw", "lr": 1e-2, "group": {"scale": 0.25, "update_proj_gap": 10}}
-#: DCTAdamW as published (its defaults): a refresh every step, scale 1, lr 1e-3, no error feedback
+#: DCTAdamW as published (the authors' defaults): a refresh every step, scale 1, lr 1e-3, no error feedback
 DCT = {"optimizer": "dct_adamw", "lr": 1e-3, "group": {"scale": 1.0, "error_feedback": None}}
 
 
@@ -53,8 +53,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "galore_svd": _variant(GALORE, proj_method="svd"),
     "galore_dct": _variant(GALORE, proj_method="dct"),
     "dct_paper": _variant(DCT),
-    # the pretraining recipe of DCTAdamW (scripts/pretrain_common.sh): scale 0.25, 4-bit error feedback, GaLore's lr
-    "dct_adamw": _variant(DCT, lr=1e-2, scale=0.25, error_feedback="4bit"),
+    # DCTAdamW's class defaults (gap 1, scale 1, 4-bit error feedback) at the recipe's lr: dct_ef4_lr2.5e-3's settings
+    "dct_adamw": {"optimizer": "dct_adamw", "lr": 2.5e-3, "target": "all-linear", "group": {}},
+    # the earlier pretraining recipe: 4-bit error feedback at GaLore's lr and scale
+    "dct_ef4_lr1e-2_s0.25": _variant(DCT, lr=1e-2, scale=0.25, error_feedback="4bit"),
     "dct_l2": _variant(DCT, dct_score="l2"),
     "dct_inplace": _variant(DCT, dct_keep_moments=False),
     "dct_lr2.5e-3": _variant(DCT, lr=2.5e-3),
@@ -86,14 +88,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dct_ef4_type3_lr5e-3": _variant(DCT, lr=5e-3, error_feedback="4bit", dct_type=3),
     "dct_ef4_l2_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="4bit", dct_score="l2"),
     "dct_ef_lr5e-3": _variant(DCT, lr=5e-3, error_feedback="float32"),
-    "dct_ef8_lr5e-3": _variant(DCT, lr=5e-3, error_feedback="8bit"),
     "dct_ef4_lr2e-2_s0.25": _variant(DCT, lr=2e-2, scale=0.25, error_feedback="4bit"),
-    "dct_ef8_lr2e-2_s0.25": _variant(DCT, lr=2e-2, scale=0.25, error_feedback="8bit"),
     "dct_ef_gap2_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="float32", update_proj_gap=2),
     "dct_ef_gap5_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="float32", update_proj_gap=5),
     "dct_ef4_b2_0.99_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="4bit", betas=(0.9, 0.99)),
     "dct_ef4_b2_0.95_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="4bit", betas=(0.9, 0.95)),
-    "dct_ef8_b2_0.99_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="8bit", betas=(0.9, 0.99)),
     "dct_ef4_lr1.5e-3": _variant(DCT, lr=1.5e-3, error_feedback="4bit"),
 }
 

@@ -98,7 +98,7 @@ def _spectrum_gradient(columns: dict[int, float], m: int = 10, n: int = 8) -> to
 @pytest.mark.parametrize("keep", [True, False])
 def test_moments_follow_kept_indices_and_new_indices_start_at_zero_against_a_float64_reference(keep):
     w = torch.nn.Parameter(torch.zeros(10, 8, dtype=torch.float64))
-    opt = DCTAdamW([{"params": [w], "rank": 3}], lr=0.1, weight_decay=0.0, dct_keep_moments=keep)
+    opt = DCTAdamW([{"params": [w], "rank": 3}], lr=0.1, weight_decay=0.0, dct_keep_moments=keep, error_feedback=None)
     g1, g2 = _spectrum_gradient({0: 3.0, 2: 2.0, 5: 1.0}), _spectrum_gradient({2: 3.0, 5: 2.0, 7: 1.5, 0: 0.5})
     w.grad = g1
     opt.step()
@@ -123,7 +123,9 @@ def test_dct_adamw_matches_a_float64_reference_of_its_equations():
     lr, wd, eps, (b1, b2), rank = 0.05, 0.1, 1e-8, (0.9, 0.999), 3
     w0 = _randn(12, 9, seed=5).double()
     w = torch.nn.Parameter(w0.clone())
-    opt = DCTAdamW([{"params": [w], "rank": rank}], lr=lr, weight_decay=wd, eps=eps, betas=(b1, b2))
+    opt = DCTAdamW(
+        [{"params": [w], "rank": rank}], lr=lr, weight_decay=wd, eps=eps, betas=(b1, b2), error_feedback=None
+    )
     q = dct_basis(9, torch.float64, CPU)
     ref, m, v, index = w0.clone(), None, None, None
     for t in range(1, 6):

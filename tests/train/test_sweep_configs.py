@@ -36,7 +36,8 @@ SWEEPS_WHEEL_SHA256 = "e35fbfa87215000238dd4ee8589fc0fed476e4f792cbe803f65071e52
 EXPECTED_TRIALS = {
     "tiny.yaml": 2,
     "llama60m_baselines.yaml": 2 * 3,
-    "llama60m_lowrank.yaml": 5 * 3 * 2,
+    "llama60m_lowrank.yaml": 4 * 3 * 2,
+    "llama60m_dct.yaml": 3 * 2,
     "llama60m_normalized.yaml": 3 * 5,
     "llama60m_galore_random.yaml": 16,
 }
@@ -128,22 +129,26 @@ def test_shipped_sweep_expands_to_expected_trials_that_the_training_cli_accepts(
         assert (cfg.optimizer, cfg.lr, cfg.wandb) == (params["optimizer"], params["lr"], "offline")
 
 
-#: each optimizer's own (update_proj_gap, scale), from its paper: GaLore's and Q-GaLore's C4 scripts,
-#: DCT-AdamW's code (a new subspace every step, no scale)
-PAPER_GAP_SCALE = {
-    "galore_adamw": (200, 0.25),
-    "galore_adamw8bit": (200, 0.25),
-    "galore_adafactor": (200, 0.25),
-    "q_galore_adamw8bit": (200, 0.25),
-    "dct_adamw": (1, 1.0),
+#: per sweep, each optimizer's own (update_proj_gap, scale, error_feedback): GaLore's and Q-GaLore's C4
+#: scripts; DCT-AdamW's class defaults (a new subspace every step, scale 1, 4-bit error feedback)
+SWEEP_GAP_SCALE_FEEDBACK = {
+    "llama60m_lowrank.yaml": {
+        "galore_adamw": (200, 0.25, None),
+        "galore_adamw8bit": (200, 0.25, None),
+        "galore_adafactor": (200, 0.25, None),
+        "q_galore_adamw8bit": (200, 0.25, None),
+    },
+    "llama60m_dct.yaml": {"dct_adamw": (1, 1.0, "4bit")},
 }
 
 
-def test_lowrank_sweep_runs_each_optimizer_with_its_own_gap_and_scale():
+@pytest.mark.parametrize("sweep", sorted(SWEEP_GAP_SCALE_FEEDBACK))
+def test_lowrank_sweeps_run_each_optimizer_with_its_own_gap_scale_and_feedback(sweep):
     from train.model import build_model
     from train.optim import make_optimizer
 
-    config = load_sweep(REPO / "configs" / "sweeps" / "llama60m_lowrank.yaml")
+    expected = SWEEP_GAP_SCALE_FEEDBACK[sweep]
+    config = load_sweep(REPO / "configs" / "sweeps" / sweep)
     tiny = str(REPO / "configs" / "llama_tiny.json")
     seen = set()
     for params in expand(config):
@@ -153,6 +158,7 @@ def test_lowrank_sweep_runs_each_optimizer_with_its_own_gap_and_scale():
         cfg = dataclasses.replace(cfg, model_config=tiny, rank=8, dtype="float32")  # the same flags on a tiny model
         model = build_model(tiny, dtype=torch.float32, device=torch.device("cpu"), seed=0, vocab_needed=256, seq_len=32)
         groups = [g for g in make_optimizer(cfg, model).param_groups if g.get("rank") is not None]
-        assert {(g["update_proj_gap"], g["scale"]) for g in groups} == {PAPER_GAP_SCALE[cfg.optimizer]}, cfg.optimizer
+        found = {(g["update_proj_gap"], g["scale"], g["error_feedback"]) for g in groups}
+        assert found == {expected[cfg.optimizer]}, cfg.optimizer
         seen.add(cfg.optimizer)
-    assert seen == set(PAPER_GAP_SCALE)
+    assert seen == set(expected)
