@@ -46,13 +46,14 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts ops (``ops``, ``by_op``), syncs (``syncs``, ``sync_ops``) and temporaries
-    (``allocated_bytes``, ``peak_bytes``, ``largest_numel`` per dtype) of the code run under it;
-    see the module docstring."""
+    """Counts ops (``ops``, ``by_op``; ``host_ops``: those on CPU tensors only), syncs (``syncs``,
+    ``sync_ops``) and temporaries (``allocated_bytes``, ``peak_bytes``, ``largest_numel`` per
+    dtype) of the code run under it; see the module docstring."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops = 0
+        self.host_ops = 0  # ops whose tensors are all on the CPU (a step counter's): no device kernel
         self.by_op: Counter[str] = Counter()
         self.syncs = 0
         self.sync_ops: Counter[str] = Counter()
@@ -67,6 +68,7 @@ class OpCounter(TorchDispatchMode):
         self.ops += 1
         self.by_op[str(func.overloadpacket.__name__)] += 1
         inputs = _tensors((args, kwargs))
+        self.host_ops += bool(inputs) and all(t.device.type == "cpu" for t in inputs)
         if func in SYNC_OPS and any(t.device.type != "cpu" for t in inputs):
             self.syncs += 1
             self.sync_ops[str(func.overloadpacket.__name__)] += 1

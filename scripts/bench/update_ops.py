@@ -34,7 +34,7 @@ rank: ``galore_adamw``'s ``step()`` (the group in one call), its ``step_param`` 
 parameter (layer-wise training), torch.optim.AdamW with ``foreach=True`` and ``False``, and
 ``q_galore_adamw8bit``'s ``step()`` (8-bit moments; the eager code, as on CPU), as
 ops, temporaries (meta, ``--dtype``) and CPU time (``--cpu-dtype``) of a step after the first;
-``device ops`` leaves out the host reads of the CPU step counters (no kernel, no sync);
+``device ops`` leaves out the ops on CPU tensors only (the step counters: no kernel, no sync);
 ``fused device ops`` / ``fused peak MiB``: the 8-bit step as CUDA runs it, bitsandbytes' fused
 kernel counted as one op per parameter.
 
@@ -217,11 +217,8 @@ def _full_rank_step(way: str, params: list[nn.Parameter]) -> Any:
     return optimizer.step
 
 
-def full_rank_figures(
-    way: str, config: dict[str, Any], dtype: torch.dtype, cpu_dtype: torch.dtype, steps: int, timed: bool
-) -> dict[str, Any]:
-    """ops and temporaries on meta and the median CPU seconds of a step after the first."""
-    row: dict[str, Any] = {"optimizer": way}
+def _meta_step(way: str, config: dict[str, Any], dtype: torch.dtype) -> OpCounter:
+    """The counts of ``way``'s second step over the full-rank parameters on the meta device."""
     params = _full_rank_params(config, dtype, "meta")
     step = _full_rank_step(way, params)
     for p in params:
@@ -229,24 +226,25 @@ def full_rank_figures(
     step()
     with OpCounter() as counter:
         step()
-    host_reads = counter.by_op["_local_scalar_dense"] - counter.sync_ops["_local_scalar_dense"]  # of CPU tensors
-    row.update(ops=counter.ops, device_ops=counter.ops - host_reads, syncs=counter.syncs)
+    return counter
+
+
+def full_rank_figures(
+    way: str, config: dict[str, Any], dtype: torch.dtype, cpu_dtype: torch.dtype, steps: int, timed: bool
+) -> dict[str, Any]:
+    """ops and temporaries on meta and the median CPU seconds of a step after the first."""
+    row: dict[str, Any] = {"optimizer": way}
+    counter = _meta_step(way, config, dtype)
+    row.update(ops=counter.ops, device_ops=counter.ops - counter.host_ops, syncs=counter.syncs)
     row.update(alloc_bytes=counter.allocated_bytes, peak_bytes=counter.peak_bytes)
     if "8bit" in way:  # as CUDA runs it: bitsandbytes' fused kernel, one op per parameter
         fuses, kernel = adam8bit.fuses, adam8bit.fused_adam8bit_
         adam8bit.fuses, adam8bit.fused_adam8bit_ = (lambda *args: True), as_one_op(kernel, "fused 8-bit Adam")
         try:
-            params = _full_rank_params(config, dtype, "meta")
-            step = _full_rank_step(way, params)
-            for p in params:
-                p.grad = torch.empty_like(p)
-            step()
-            with OpCounter() as fused:
-                step()
+            fused = _meta_step(way, config, dtype)
         finally:
             adam8bit.fuses, adam8bit.fused_adam8bit_ = fuses, kernel
-        host = fused.by_op["_local_scalar_dense"] + fused.by_op["add_"]  # reads and increments of CPU step counters
-        row.update(fused_device_ops=fused.ops - host, fused_peak_bytes=fused.peak_bytes)
+        row.update(fused_device_ops=fused.ops - fused.host_ops, fused_peak_bytes=fused.peak_bytes)
     if timed:
         params = _full_rank_params(config, cpu_dtype, "cpu")
         step = _full_rank_step(way, params)

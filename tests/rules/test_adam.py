@@ -108,3 +108,20 @@ def test_memory_model_workspace_of_full_rank_params_stepped_together_is_the_meas
             opt.step()
     predicted = optimizer_memory("galore_adamw", opt)["workspace"]
     assert counter.peak_bytes == predicted == sum(p.numel() * p.element_size() for p in params)
+
+
+def test_device_ops_of_a_full_rank_group_step_do_not_grow_with_its_parameter_count():
+    """The group's parameters are stepped by multi-tensor ops: only the host's step counters
+    (CPU tensors, no kernel) are handled one by one."""
+    counts = []
+    for n in (3, 9):
+        with torch.device("meta"):
+            params = [torch.nn.Parameter(torch.empty(64, 16)) for _ in range(n)]
+        opt = GaLoreAdamW(params, weight_decay=0.1)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.empty_like(p)
+            with OpCounter() as counter:
+                opt.step()
+        counts.append((counter.ops - counter.host_ops, counter.host_ops))
+    assert counts[0][0] == counts[1][0] and counts[1][1] > counts[0][1]
