@@ -81,6 +81,17 @@ def micro_gradients(model: nn.Module, data: list[torch.Tensor]) -> list[dict[nn.
     return grads
 
 
+def reference_step(model: nn.Module, opt: GaLoreAdamW, grads: list[dict[nn.Parameter, torch.Tensor]]) -> None:
+    """One step by hand from the micro-batch gradients: the others on their sum; a projected
+    parameter begins with micro-batch 1's gradient and finishes from the sum of projections."""
+    for p in model.parameters():
+        if not opt.projects(p):
+            opt.step_param(p, sum(g[p] for g in grads))
+            continue
+        opt.begin_step(p, grads[0][p])
+        opt.finish_step(p, sum(opt.project(p, g[p]) for g in grads))
+
+
 def test_refresh_step_chooses_the_subspace_from_micro_batch_one_and_projects_every_micro_batch_on_it():
     """Gap 2 over 3 steps (refreshes at steps 1 and 3). Reference, by hand: the basis is the
     SVD of micro-batch 1's gradient (not of the sum), and the step uses the sum of every
@@ -92,12 +103,7 @@ def test_refresh_step_chooses_the_subspace_from_micro_batch_one_and_projects_eve
     for step in range(3):
         chunk = data[step * K : (step + 1) * K]
         grads = micro_gradients(ref, chunk)
-        for p in ref.parameters():
-            if not opt_ref.projects(p):
-                opt_ref.step_param(p, sum(g[p] for g in grads))
-                continue
-            opt_ref.begin_step(p, grads[0][p])
-            opt_ref.finish_step(p, sum(opt_ref.project(p, g[p]) for g in grads))
+        reference_step(ref, opt_ref, grads)
         accumulated_steps(ours, chunk)
         if step in (0, 2):  # a refresh: the basis is micro-batch 1's
             for p_ref, p in zip(projected(ref, opt_ref), projected(ours, opt)):
@@ -233,12 +239,7 @@ def test_data_parallel_low_rank_accumulation_chooses_one_subspace_from_the_avera
             ((loss_of(ref, a) + loss_of(ref, b)) / (2 * K)).backward()
             grads.append({p: p.grad.clone() for p in ref.parameters()})
         ref.zero_grad()
-        for p in ref.parameters():
-            if not opt.projects(p):
-                opt.step_param(p, sum(g[p] for g in grads))
-                continue
-            opt.begin_step(p, grads[0][p])
-            opt.finish_step(p, sum(opt.project(p, g[p]) for g in grads))
+        reference_step(ref, opt, grads)
     got = torch.load(out, weights_only=True)
     for name, p in ref.state_dict().items():
         torch.testing.assert_close(got[name], p, rtol=0, atol=1e-10, msg=name)
