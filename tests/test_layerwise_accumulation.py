@@ -243,3 +243,27 @@ def test_data_parallel_low_rank_accumulation_chooses_one_subspace_from_the_avera
     got = torch.load(out, weights_only=True)
     for name, p in ref.state_dict().items():
         torch.testing.assert_close(got[name], p, rtol=0, atol=1e-10, msg=name)
+
+
+def test_clipping_scales_a_projected_parameters_summed_projection_by_its_own_norm():
+    """max_grad_norm with low-rank accumulation: R = sum of projections is clipped by ||R||
+    (the full gradient's norm never exists); the others as clip_grad_norm_ on their sum."""
+    clip = 1e-3
+    ref, ours = tiny_model().double(), tiny_model().double()
+    opt_ref, opt = galore(ref), galore(ours)
+    data = batches(2 * K)
+    layerwise.attach(opt, accumulation_steps=K, accumulation_buffer="float32", max_grad_norm=clip)
+    for step in range(2):
+        chunk = data[step * K : (step + 1) * K]
+        grads = micro_gradients(ref, chunk)
+        for p in ref.parameters():
+            if not opt_ref.projects(p):
+                total = sum(g[p] for g in grads)
+                opt_ref.step_param(p, total * (clip / (total.norm() + 1e-6)).clamp(max=1.0))
+                continue
+            opt_ref.begin_step(p, grads[0][p])
+            low = sum(opt_ref.project(p, g[p]) for g in grads)
+            opt_ref.finish_step(p, low * (clip / (low.norm() + 1e-6)).clamp(max=1.0))
+        accumulated_steps(ours, chunk)
+    for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12, msg=name)
