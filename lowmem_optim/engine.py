@@ -63,7 +63,8 @@ ENGINE_HPARAMS: tuple[HParam, ...] = (
         "error_feedback",
         None,
         one_of(*ERROR_FEEDBACK),
-        "carry the discarded part G - back_project(R) to the next gradient, its buffer in float32, 8 or 4 bits",
+        "carry the discarded part G - back_project(R) to the next gradient, its buffer in float32, 8 bits, "
+        "4 bits (min-max) or NormalFloat 4 bits",
     ),
 )
 #: the engine's keys that only a low-rank group uses

@@ -16,10 +16,11 @@
 #     350m and 1b, rank 128 / 256 / 256 / 1024, gap 200, scale 0.25, INT8 weights, INT4 projections;
 #     its adaptive refresh (cos_threshold 0.4, gamma 2, queue 5) is q_galore_adamw8bit's default.
 #   DCT-AdamW (Modoranu et al., arXiv 2505.17967; the authors' code): a new DCT subspace every step,
-#     scale 1, and the discarded part fed back in a 4-bit buffer (dct_adamw's class defaults, chosen on
+#     scale 1, and the discarded part fed back in a 4-bit NormalFloat buffer (dct_adamw's class defaults, chosen on
 #     the CPU training benchmark, scripts/bench/dct_ablations.py); the paper gives no C4 lr: 0.0025,
 #     the best there (lr 0.01 at scale 0.25, the same step on the projected weights but 0.01 on the
-#     full-rank ones, was 6.2% behind GaLore-SVD over three seeds, against 5.3%).
+#     full-rank ones, was 6.2% behind GaLore-SVD over three seeds with a min-max 4-bit buffer, against
+#     5.3% at 0.0025).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -35,7 +36,7 @@ recipe() {
         galore_adamw)
             printf '%s\n' "--lr=${LR:-0.01}" --eps=1e-6 "--rank=$rank" --update-proj-gap=200 --scale=0.25 ;;
         dct_adamw)
-            printf '%s\n' "--lr=${LR:-0.0025}" "--rank=$rank" --update-proj-gap=1 --scale=1 --error-feedback=4bit ;;
+            printf '%s\n' "--lr=${LR:-0.0025}" "--rank=$rank" --update-proj-gap=1 --scale=1 --error-feedback=nf4 ;;
         *)
             printf '%s\n' "--lr=${LR:-0.01}" "--rank=$rank" --update-proj-gap=200 --scale=0.25 ;;
     esac

@@ -60,7 +60,7 @@ def test_dct_adamw_runs_its_own_lr_gap_scale_and_error_feedback(tmp_path):
     cfg = script_config(tmp_path, "60m", OPTIMIZER="dct_adamw")
     assert (cfg.optimizer, cfg.lr, cfg.update_proj_gap, cfg.scale) == ("dct_adamw", 0.0025, 1, 1.0)
     assert [(g["proj_method"], g["update_proj_gap"], g["scale"], g["error_feedback"]) for g in lowrank_groups(cfg)] == [
-        ("dct", 1, 1.0, "4bit")
+        ("dct", 1, 1.0, "nf4")
     ]
 
 

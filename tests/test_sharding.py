@@ -33,7 +33,7 @@ SAVED = 2  # the step after which checkpoints are saved: resuming crosses the re
 TOLERANCE = 1e-5  # max |sharded - unsharded| / max |unsharded|, per parameter
 EF_TOLERANCE = 5e-2  # a quantized feedback buffer whose blocks straddle two ranks (4-bit on odd: 3e-2)
 #: state of block statistics cut per rank: what a load on another world size may refuse, by name
-BLOCK_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax", "ef_absmax", "ef_scale", "ef_zero")
+BLOCK_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax", "ef_absmax", "ef_scale", "ef_zero", "ef_nf4_absmax")
 
 #: (shape, in the low-rank / matrix group): tall (right projection, each rank's rank-4 moments
 #: one 256-value block), wide (left projection), odd rows (uneven split), and full-rank ones
@@ -92,6 +92,7 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
         {"odd": EF_TOLERANCE},
     ),
     "dct_adamw 4-bit error feedback": ("dct_adamw", {**LOWRANK, "error_feedback": "4bit"}, {}, {"odd": EF_TOLERANCE}),
+    "dct_adamw nf4 error feedback": ("dct_adamw", {**LOWRANK, "error_feedback": "nf4"}, {}, {"odd": EF_TOLERANCE}),
     "dct_adamw 4-bit error feedback left": (
         "dct_adamw",
         {**LOWRANK, "proj_type": "left", "error_feedback": "4bit"},

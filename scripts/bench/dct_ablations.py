@@ -53,7 +53,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "galore_svd": _variant(GALORE, proj_method="svd"),
     "galore_dct": _variant(GALORE, proj_method="dct"),
     "dct_paper": _variant(DCT),
-    # DCTAdamW's class defaults (gap 1, scale 1, 4-bit error feedback) at the recipe's lr: dct_ef4_lr2.5e-3's settings
+    # DCTAdamW's class defaults (gap 1, scale 1, NF4 error feedback) at the recipe's lr: dct_efnf4_lr2.5e-3's settings
     "dct_adamw": {"optimizer": "dct_adamw", "lr": 2.5e-3, "target": "all-linear", "group": {}},
     # the earlier pretraining recipe: 4-bit error feedback at GaLore's lr and scale
     "dct_ef4_lr1e-2_s0.25": _variant(DCT, lr=1e-2, scale=0.25, error_feedback="4bit"),
@@ -94,6 +94,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dct_ef4_b2_0.99_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="4bit", betas=(0.9, 0.99)),
     "dct_ef4_b2_0.95_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="4bit", betas=(0.9, 0.95)),
     "dct_ef4_lr1.5e-3": _variant(DCT, lr=1.5e-3, error_feedback="4bit"),
+    "dct_efnf4_lr2.5e-3": _variant(DCT, lr=2.5e-3, error_feedback="nf4"),
 }
 
 

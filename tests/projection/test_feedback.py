@@ -78,6 +78,14 @@ def _four_bit_layout(state: dict) -> bool:
     return state["ef_codes"].numel() == 64 * 48 // 2 and state["ef_scale"].numel() == state["ef_zero"].numel() == 12
 
 
+def _nf4_layout(state: dict) -> bool:
+    return state["ef_codes"].shape == (64, 24) and state["ef_nf4_absmax"].numel() == 12 and "ef_scale" not in state
+
+
+def _within_half_the_widest_nf4_gap(blocks: torch.Tensor) -> torch.Tensor:
+    return 0.152 * blocks.abs().amax(1)
+
+
 def _within_one_percent_of_absmax(blocks: torch.Tensor) -> torch.Tensor:
     return 0.01 * blocks.abs().amax(1)
 
@@ -95,6 +103,9 @@ def _within_half_an_int4_step(blocks: torch.Tensor) -> torch.Tensor:
         # INT4 min-max, two codes per byte, float32 scale and zero per 256 values (1/2 + 8/256 bytes):
         # round to nearest, within half a step (max - min) / 15 / 2
         ("4bit", _four_bit_layout, _within_half_an_int4_step),
+        # NF4 codes packed as for 4bit, float32 absmax per 256 values (1/2 + 4/256 bytes): the widest
+        # gap between NF4 levels is -0.6962 - (-1), so within 0.152 of absmax
+        ("nf4", _nf4_layout, _within_half_the_widest_nf4_gap),
     ],
 )
 def test_quantized_buffer_holds_each_steps_discarded_part_within_its_quantization_error(kind, layout, tolerance):

@@ -130,7 +130,7 @@ def test_shipped_sweep_expands_to_expected_trials_that_the_training_cli_accepts(
 
 
 #: per sweep, each optimizer's own (update_proj_gap, scale, error_feedback): GaLore's and Q-GaLore's C4
-#: scripts; DCT-AdamW's class defaults (a new subspace every step, scale 1, 4-bit error feedback)
+#: scripts; DCT-AdamW's class defaults (a new subspace every step, scale 1, NF4 error feedback)
 SWEEP_GAP_SCALE_FEEDBACK = {
     "llama60m_lowrank.yaml": {
         "galore_adamw": (200, 0.25, None),
@@ -138,7 +138,7 @@ SWEEP_GAP_SCALE_FEEDBACK = {
         "galore_adafactor": (200, 0.25, None),
         "q_galore_adamw8bit": (200, 0.25, None),
     },
-    "llama60m_dct.yaml": {"dct_adamw": (1, 1.0, "4bit")},
+    "llama60m_dct.yaml": {"dct_adamw": (1, 1.0, "nf4")},
 }
 
 
