@@ -4,16 +4,17 @@
                                [--model-config configs/llama_small.json] [--batch-size 8] [--seq-len 128] [--rank 64]
                                [any flag of python -m train, passed to every run]
 
-Each optimizer trains in its own process (``python -m train``), so each peak-memory figure is
-that process's own. Defaults: llama_small (hidden 256, 4 layers, 3.4M parameters), the built-in
-corpus (Python's docstrings, byte tokenizer), batch 8 x 128 tokens, cosine schedule with 10%
-warm-up, seed 0; low-rank optimizers at rank 64, gap 50, scale 0.25 (dct_adamw: its own gap 1, scale 1),
-lr 0.01; the others at lr 0.003. The table gives the mean training loss of the last 10 steps, the final validation loss
-and perplexity, the peak memory (torch and transformers included on CPU), the optimizer
-state (bytes of its tensors) and tokens/s over the run, and over steps 2+ (step 1 holds one-time
-costs: allocation, kernel selection, the first subspace refresh). Peak memory is the process's peak RSS on
-CPU (``torch.cuda.max_memory_allocated`` on a GPU). ``--output-root`` is the quickstart's
-own folder: each optimizer's run folder in it is replaced on every call.
+Each optimizer trains in its own process (``python -m train``), so each peak-memory figure is that
+process's own. Defaults: llama_small (hidden 256, 4 layers, 3.4M parameters), the built-in corpus
+(Python's docstrings, byte tokenizer), batch 8 x 128 tokens, cosine schedule with 10% warm-up, seed
+0; low-rank optimizers at rank 64, gap 50, scale 0.25, lr 0.01 (dct_adamw: its own gap 1 and scale
+1, at its pretraining recipe's lr 0.0025); the others at lr 0.003. The table gives the mean training
+loss of the last 10 steps, the final validation loss and perplexity, the peak memory (torch and
+transformers included on CPU), the optimizer state (bytes of its tensors) and tokens/s over the run,
+and over steps 2+ (step 1 holds one-time costs: allocation, kernel selection, the first subspace
+refresh). Peak memory is the process's peak RSS on CPU (``torch.cuda.max_memory_allocated`` on a
+GPU). ``--output-root`` is the quickstart's own folder: each optimizer's run folder in it is
+replaced on every call.
 """
 
 from __future__ import annotations
@@ -36,14 +37,15 @@ REPO = Path(__file__).resolve().parents[1]
 ADAMW_LR = 3e-3  # GaLore's 60M runs used 1e-3 for AdamW and 1e-2 for GaLore; this model is smaller
 
 
-#: the low-rank runs' subspace settings: GaLore's scale, and a refresh every 50 steps so a short run
-#: sees several subspaces; DCT-AdamW keeps its paper's own (a new subspace every step, scale 1)
-GAP_SCALE = ["--update-proj-gap=50", "--scale=0.25"]
-OWN_GAP_SCALE = frozenset({"dct_adamw"})
+#: the low-rank runs' subspace settings: GaLore's scale and lr, and a refresh every 50 steps so a
+#: short run sees several subspaces; DCT-AdamW keeps its own (a new subspace every step, scale 1) at
+#: the lr of its recipe in scripts/pretrain_common.sh (GaLore's lr is 4x too large at scale 1)
+GALORE_LOWRANK = ["--update-proj-gap=50", "--scale=0.25", "--lr=1e-2"]
+OWN_LOWRANK = {"dct_adamw": ["--lr=2.5e-3"]}
 
 
 def command(optimizer: str, args: argparse.Namespace, out: Path) -> list[str]:
-    lowrank = [f"--rank={args.rank}", *([] if optimizer in OWN_GAP_SCALE else GAP_SCALE), "--lr=1e-2"]
+    lowrank = [f"--rank={args.rank}", *OWN_LOWRANK.get(optimizer, GALORE_LOWRANK)]
     return [
         sys.executable,
         "-m",
