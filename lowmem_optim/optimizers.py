@@ -61,7 +61,7 @@ class DCTAdamW(AdamWFamily):
     (``dct_keep_moments``), and the part each step discards is fed back by default
     (``error_feedback="nf4"``: a 4-bit NormalFloat buffer, 0.52 bytes per projected weight;
     :mod:`lowmem_optim.projection.feedback`). On our CPU training benchmark this recipe (at lr
-    2.5e-3) is 4.8% behind GaLore with an exact SVD in validation loss over three seeds, with 1.9%
+    2.5e-3) is 5.1% behind GaLore with an exact SVD in validation loss over three seeds, with 1.9%
     less optimizer state (a min-max 4-bit buffer, ``"4bit"``: 5.3%); ``error_feedback=None`` is
     the paper's method (10.8% behind). See
     :mod:`lowmem_optim.projection.dct` and docs/benchmarks.md.
