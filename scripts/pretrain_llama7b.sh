@@ -8,6 +8,11 @@
 #   512 sequences per update, as GaLore's and Q-GaLore's 7B runs: 32 micro-batches of 16, the
 #   projected gradients summed in 8-bit buffers (--accumulation-buffer=8bit: 1.5 GiB at rank 1024;
 #   bfloat16 buffers would take 3.0 GiB and not fit 16 GB).
+#   Subspaces by exact SVD, as Q-GaLore's: staggered over the 500-step gap, the 224 SVDs (at most
+#   ~1.05 s each on an H200) add ~0.47 s per step on average, ~3% of a 512-sequence step at the
+#   measured floor (32 x 0.44 s): a prediction from per-matrix timings. Step 1 refreshes every
+#   matrix (~4 min); --proj-method=randomized_svd (the same loss on the CPU training benchmark,
+#   ~10x cheaper per matrix) shortens that, as scripts/bench/gpu_session.sh does.
 #
 # Usage:  bash scripts/pretrain_llama7b.sh [extra train flags, which override the recipe's]
 #   STEPS (150000)  OUTPUT_DIR (runs/llama7b_qgalore)  BATCH_SIZE (16)  TOTAL_BATCH_SIZE (512)
