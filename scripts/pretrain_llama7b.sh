@@ -12,7 +12,10 @@
 #   ~1.05 s each on an H200) add ~0.47 s per step on average, ~3% of a 512-sequence step at the
 #   measured floor (32 x 0.44 s): a prediction from per-matrix timings. Step 1 refreshes every
 #   matrix (~4 min); --proj-method=randomized_svd (the same loss on the CPU training benchmark,
-#   ~10x cheaper per matrix) shortens that, as scripts/bench/gpu_session.sh does.
+#   ~10x cheaper per matrix) shortens that, as scripts/bench/gpu_session.sh does. Projecting the
+#   MLP matrices on their other side (--proj-type=reverse_std) would shrink moments and buffers
+#   (r x 4096 instead of 11008 x r) but trained 6.1% worse on the CPU benchmark (galore_svd_reverse
+#   in scripts/bench/dct_ablations.py), so the recipe keeps GaLore's side.
 #
 # Usage:  bash scripts/pretrain_llama7b.sh [extra train flags, which override the recipe's]
 #   STEPS (150000)  OUTPUT_DIR (runs/llama7b_qgalore)  BATCH_SIZE (16)  TOTAL_BATCH_SIZE (512)

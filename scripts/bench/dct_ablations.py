@@ -52,6 +52,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "adamw": {"optimizer": "adamw", "lr": 1e-3, "target": None, "group": {}},
     "galore_svd": _variant(GALORE, proj_method="svd"),
     "galore_dct": _variant(GALORE, proj_method="dct"),
+    # the other side for each matrix (moments min(m, n) x r): the 7B recipe's side is chosen on it
+    "galore_svd_reverse": _variant(GALORE, proj_method="svd", proj_type="reverse_std"),
     "dct_paper": _variant(DCT),
     # DCTAdamW's class defaults (gap 1, scale 1, NF4 error feedback) at the recipe's lr: dct_efnf4_lr2.5e-3's settings
     "dct_adamw": {"optimizer": "dct_adamw", "lr": 2.5e-3, "target": "all-linear", "group": {}},
