@@ -168,6 +168,10 @@ class TrainConfig(LowRankFlags):
         """ValueError naming the first bad flag and its allowed values."""
         from lowmem_optim import available_optimizers
 
+        if not self.output_dir.strip():
+            raise ValueError(
+                f"Invalid --output-dir: {self.output_dir!r} (allowed: a folder of the run's own, e.g. runs/my_run)"
+            )
         if not self.model_config:
             raise ValueError("--model-config is required (a LLaMA config JSON, e.g. configs/llama_60m.json)")
         if self.optimizer not in available_optimizers():

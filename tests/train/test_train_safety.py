@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -312,22 +311,87 @@ def test_resume_drops_a_torn_last_metrics_line_and_names_the_file_of_a_bad_one(t
         main(tiny_argv(tmp_path / "run", max_steps=4, eval_every=4, resume=True))
 
 
+def _hold_lock(out: Path, locked, release) -> None:
+    """In a child process: take ``out``'s lock, say so, hold it until told to let go."""
+    outdir.acquire(out)
+    locked.set()
+    release.wait(60)
+
+
 def test_a_folder_in_use_by_a_live_run_is_refused_and_a_stale_lock_taken_over(tmp_path, tiny_argv, capsys):
+    import multiprocessing
     import socket
 
-    (tmp_path / "run").mkdir()
+    fork = multiprocessing.get_context("fork")
+    locked, release = fork.Event(), fork.Event()
+    holder = fork.Process(target=_hold_lock, args=(tmp_path / "run", locked, release))
+    holder.start()
+    assert locked.wait(60)
     lock = tmp_path / "run" / outdir.LOCK_NAME
-    lock.write_text(f"{os.getppid()} {socket.gethostname()}\n")  # our parent: alive
-    with pytest.raises(ValueError, match=rf"is in use by another run \(process {os.getppid()} on "):
+    with pytest.raises(ValueError, match=rf"is in use by another run \(process {holder.pid} on "):
         main(tiny_argv(tmp_path / "run", max_steps=1))
     assert lock.exists()
+    release.set()
+    holder.join()
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lock.write_text(f"{dead.pid} {socket.gethostname()}\n")
+    lock.write_text(f"{dead.pid} {socket.gethostname()}\n")  # what a killed run leaves
     main(tiny_argv(tmp_path / "run", max_steps=1, eval_every=1))
-    assert f"left by process {dead.pid}, which no longer runs" in capsys.readouterr().err
+    assert f"left by process {dead.pid} on {socket.gethostname()}, which no longer holds it" in capsys.readouterr().err
     assert not lock.exists()
+
+
+def _race_for_lock(out: Path, start, results, done) -> None:
+    """In a child process: wait for the start signal, try to take ``out``, report, keep what was taken."""
+    start.wait()
+    try:
+        outdir.acquire(out)
+        results.put("acquired")
+    except ValueError:
+        results.put("refused")
+    done.wait(60)  # still holding until every racer has tried
+
+
+def test_of_runs_started_together_on_a_stale_lock_exactly_one_gets_the_folder(tmp_path):
+    """Taking over a stale lock is atomic: 4 processes released together, 25 times over."""
+    import multiprocessing
+    import socket
+
+    fork = multiprocessing.get_context("fork")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for trial in range(25):
+        out = tmp_path / f"trial{trial}"
+        out.mkdir()
+        (out / outdir.LOCK_NAME).write_text(f"{dead.pid} {socket.gethostname()}\n")
+        start, results, done = fork.Barrier(4), fork.Queue(), fork.Event()
+        racers = [fork.Process(target=_race_for_lock, args=(out, start, results, done)) for _ in range(4)]
+        for racer in racers:
+            racer.start()
+        outcomes = sorted(results.get(timeout=60) for _ in racers)
+        done.set()
+        for racer in racers:
+            racer.join()
+        assert outcomes == ["acquired", "refused", "refused", "refused"], f"trial {trial}: {outcomes}"
+
+
+def test_a_run_never_overwrites_a_config_json_that_is_not_a_runs(tmp_path, tiny_argv):
+    model_folder = tmp_path / "hf_model"
+    model_folder.mkdir()
+    foreign = (REPO / "configs" / "llama_tiny.json").read_text()
+    (model_folder / "config.json").write_text(foreign)
+    with pytest.raises(ValueError, match=r"holds a config.json that is not a training run's"):
+        main(tiny_argv(model_folder, max_steps=1))
+    assert (model_folder / "config.json").read_text() == foreign
+    assert sorted(p.name for p in model_folder.iterdir()) == ["config.json"]
+
+
+def test_an_empty_output_dir_is_refused_not_the_current_folder(tmp_path, tiny_argv, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^Invalid --output-dir: ''"):
+        main(tiny_argv("", max_steps=1))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unwritable_output_dir_is_one_line(tmp_path, tiny_argv):
@@ -337,9 +401,9 @@ def test_an_unwritable_output_dir_is_one_line(tmp_path, tiny_argv):
 
 
 def test_a_read_only_output_dir_is_one_line(tmp_path, tiny_argv, monkeypatch):
-    def denied(lock):
+    def denied(path):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(outdir, "_try_create", denied)
+    monkeypatch.setattr(outdir, "_flock", denied)
     with pytest.raises(ValueError, match=r"^--output-dir '.*run' is not writable \(Permission denied\)"):
         main(tiny_argv(tmp_path / "run", max_steps=1))
