@@ -138,7 +138,7 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> Trained:
 
 
 def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Trained:
-    dtype = getattr(torch, cfg.torch_dtype_name)
+    """Builds the run (or restores it from its newest checkpoint) and trains it."""
     model_config = load_llama_config(cfg.model_config)
     data_fingerprint = fingerprint(cfg.data)
 
@@ -149,54 +149,17 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
         check_resumable(cfg, model_config, data_fingerprint, resumed)
 
     # ---- data, model, optimizer, schedule ----
-    data: Data = build_data(
-        cfg.data,
-        cfg.tokenizer,
-        cfg.seq_len,
-        cfg.batch_size,
-        seed=cfg.seed,
-        val_fraction=cfg.val_fraction,
-        eval_batches=cfg.eval_batches,
-        rank=d.rank,
-        world=d.world,
-        device=d.device,
-    )
-    model = build_model(
-        cfg.model_config,
-        dtype=dtype,
-        device=d.device,
-        seed=cfg.seed,
-        vocab_needed=data.tokenizer.vocab_size,
-        seq_len=cfg.seq_len,
-        activation_checkpointing=cfg.activation_checkpointing,
-        loss_chunk_tokens=cfg.loss_chunk_tokens,
-    )
-    if cfg.weight_bits == 8:
-        model = quantize_weights(model, parse_target_modules(cfg.target_modules))
+    data = _build_data(cfg, d)
+    model = _build_model(cfg, d, data)
     n_params = count_parameters(model)
     # layer-wise steps run inside backward, before DDP would all-reduce: their hooks average
     # each gradient over the ranks themselves, so the model is not wrapped in DDP
     model = model if cfg.layerwise else distributed.wrap(model, cfg.parallel, d)
-    try:
-        optimizer = make_optimizer(cfg, distributed.unwrap(model))
-        if distributed.is_sharded(model):
-            distributed.check_shardable(optimizer)
-    except ValueError as err:
-        if distributed.is_sharded(model):
-            raise ValueError(
-                f"--parallel fsdp: --optimizer {cfg.optimizer} cannot take FSDP2-sharded parameters: {err}"
-            ) from err
-        raise
+    optimizer = _build_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
 
-    start = 0
-    if resumed is not None:
-        distributed.load_full_state_dicts(model, optimizer, resumed["model"], resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        data.train.load_state_dict(resumed["data"])
-        checkpoint.set_rng_state(resumed["rng"])
-        start = int(resumed["step"])
-        del resumed  # the loaded tensors now live in the model and optimizer
+    start = _restore(resumed, model, optimizer, scheduler, data) if resumed is not None else 0
+    del resumed  # the loaded tensors now live in the model and optimizer
 
     if d.device.type == "cuda":  # peak memory counts training, not building and converting the model
         torch.cuda.empty_cache()
@@ -219,70 +182,131 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
         run_name=cfg.run_name or out.name,
         resume_step=start if cfg.resume else None,
     )
-    progress = _progress_bar(cfg, start, enabled=d.is_main)
+    wiring = Wiring(
+        cfg=cfg,
+        d=d,
+        out=out,
+        accum=accum,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        data=data,
+        metrics=metrics,
+        progress=_progress_bar(cfg, start, enabled=d.is_main),
+        model_config=model_config,
+        data_fingerprint=data_fingerprint,
+    )
     layerwise = attach_layerwise(cfg, optimizer, accum, d) if cfg.layerwise else None
     try:
-        _loop(
-            cfg,
-            d,
-            out,
-            accum,
-            start,
-            last,
-            model,
-            optimizer,
-            scheduler,
-            data,
-            metrics,
-            progress,
-            model_config,
-            data_fingerprint,
-        )
+        _loop(wiring, start, last)
     finally:
         if layerwise is not None:
             layerwise.remove()
         data.train.close()
-        progress.close()
+        wiring.progress.close()
         metrics.close()
     return Trained(metrics.records, model, optimizer)
 
 
-def _loop(
-    cfg: TrainConfig,
-    d: distributed.Dist,
-    out: Path,
-    accum: int,
-    start: int,
-    last_good: Path | None,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    data: Data,
-    metrics: Metrics,
-    progress: Any,
-    model_config: dict[str, Any],
-    data_fingerprint: str,
-) -> None:
+def _build_data(cfg: TrainConfig, d: distributed.Dist) -> Data:
+    return build_data(
+        cfg.data,
+        cfg.tokenizer,
+        cfg.seq_len,
+        cfg.batch_size,
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        eval_batches=cfg.eval_batches,
+        rank=d.rank,
+        world=d.world,
+        device=d.device,
+    )
+
+
+def _build_model(cfg: TrainConfig, d: distributed.Dist, data: Data) -> nn.Module:
+    """The model as configured (INT8 weights with ``--weight-bits 8``), not yet wrapped."""
+    model = build_model(
+        cfg.model_config,
+        dtype=getattr(torch, cfg.torch_dtype_name),
+        device=d.device,
+        seed=cfg.seed,
+        vocab_needed=data.tokenizer.vocab_size,
+        seq_len=cfg.seq_len,
+        activation_checkpointing=cfg.activation_checkpointing,
+        loss_chunk_tokens=cfg.loss_chunk_tokens,
+    )
+    if cfg.weight_bits == 8:
+        model = quantize_weights(model, parse_target_modules(cfg.target_modules))
+    return model
+
+
+def _build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer over the (possibly wrapped) model's parameters; with FSDP2 the error names
+    the sharding when the optimizer cannot take sharded parameters."""
+    try:
+        optimizer = make_optimizer(cfg, distributed.unwrap(model))
+        if distributed.is_sharded(model):
+            distributed.check_shardable(optimizer)
+    except ValueError as err:
+        if distributed.is_sharded(model):
+            raise ValueError(
+                f"--parallel fsdp: --optimizer {cfg.optimizer} cannot take FSDP2-sharded parameters: {err}"
+            ) from err
+        raise
+    return optimizer
+
+
+def _restore(
+    resumed: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Data
+) -> int:
+    """Loads a checkpoint's model, optimizer, schedule, data position and RNG; its step."""
+    distributed.load_full_state_dicts(model, optimizer, resumed["model"], resumed["optimizer"])
+    scheduler.load_state_dict(resumed["scheduler"])
+    data.train.load_state_dict(resumed["data"])
+    checkpoint.set_rng_state(resumed["rng"])
+    return int(resumed["step"])
+
+
+@dataclass
+class Wiring:
+    """What the loop drives, built once by :func:`_run`."""
+
+    cfg: TrainConfig
+    d: distributed.Dist
+    out: Path
+    accum: int  # micro-batches per optimizer step
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: Data
+    metrics: Metrics
+    progress: Any  # a tqdm bar
+    model_config: dict[str, Any]  # saved with each checkpoint, checked on --resume
+    data_fingerprint: str
+
+
+def _loop(w: Wiring, start: int, last_good: Path | None) -> None:
     """Steps ``start + 1 .. cfg.max_steps``. The loss stays on the device: it is read (one sync)
     only on logging and saving steps, together with the first step since the previous read whose
     loss was not finite, so a step costs no host sync (``--on-nonfinite skip`` syncs each step)."""
-    tokens_per_step = cfg.batch_size * cfg.seq_len * accum * d.world
+    cfg, d = w.cfg, w.d
+    tokens_per_step = cfg.batch_size * cfg.seq_len * w.accum * d.world
     skip = cfg.on_nonfinite == "skip"
     first_bad = torch.zeros((), dtype=torch.int64, device=d.device)  # 0: every loss since the last read was finite
     skipped = 0
-    model.train()
+    w.model.train()
     clock, steps_timed = time.perf_counter(), 0
     for step in range(start + 1, cfg.max_steps + 1):
-        lr = optimizer.param_groups[0]["lr"]
+        lr = w.optimizer.param_groups[0]["lr"]
         try:
-            loss = _train_step(cfg, d, accum, model, optimizer, data)
+            loss = _train_step(w)
         except FloatingPointError as err:  # a subspace refresh met non-finite gradients
             raise RunStopped(f"step {step}: {err}. {_last_good(last_good)}") from err
         if loss is None:
             skipped += 1
             loss = torch.full((), math.nan, device=d.device)
         first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), step, first_bad)
-        scheduler.step()
+        w.scheduler.step()
         steps_timed += 1
 
         evaluating = step % cfg.eval_every == 0 or step == cfg.max_steps
@@ -302,18 +326,15 @@ def _loop(
                 "lr": lr,
                 "tokens_per_s": steps_timed * tokens_per_step / elapsed,
                 **{k: distributed.max_over_ranks(v, d.device) for k, v in peak_memory(d.device).items()},
-                "opt_state_bytes": optimizer_state_bytes(optimizer),
+                "opt_state_bytes": optimizer_state_bytes(w.optimizer),
             }
             if skip:
                 record["skipped_steps"], skipped = skipped, 0
             if evaluating and not (bad_step and not skip):
-                record["val_loss"] = evaluate(model, data.val, d.device)
-                record["val_ppl"] = math.exp(min(record["val_loss"], 80.0))  # exp overflows past ~709
-                if hasattr(optimizer, "layer_stats"):
-                    metrics.log_layers(step, optimizer.layer_stats())
-            metrics.log(record)
-            progress.update(step - progress.n)
-            progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                _evaluate_into(w, record)
+            w.metrics.log(record)
+            w.progress.update(step - w.progress.n)
+            w.progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if bad_step and not skip:
             raise RunStopped(
                 f"step {bad_step}: the loss is not finite; stopped without saving. {_last_good(last_good)} "
@@ -321,45 +342,17 @@ def _loop(
                 "to skip such steps)"
             )
         if saving:
-            if not _state_is_finite(model, optimizer, d):
-                raise RunStopped(
-                    f"step {step}: the weights or optimizer state are not finite; not saved. {_last_good(last_good)}"
-                )
-            model_state, optim_state = distributed.full_state_dicts(model, optimizer)
-            if d.is_main:
-                try:
-                    last_good = checkpoint.save(
-                        out,
-                        step,
-                        {
-                            "step": step,
-                            "model": model_state,
-                            "optimizer": optim_state,
-                            "scheduler": scheduler.state_dict(),
-                            "data": data.train.state_dict(),
-                            "rng": checkpoint.rng_state(),
-                            "config": cfg.to_dict(),
-                            "model_config": model_config,
-                            "data_fingerprint": data_fingerprint,
-                        },
-                        keep=cfg.keep_checkpoints,
-                    )
-                except OSError as err:  # a full disk, no permission: the previous checkpoints are intact
-                    raise RunStopped(f"step {step}: {err.strerror or err}") from err
-                except ValueError as err:  # the file read back does not match what was written
-                    raise RunStopped(f"step {step}: {err}") from err
-            distributed.barrier()
+            last_good = _save(w, step, last_good)
         clock, steps_timed = time.perf_counter(), 0  # tokens/s covers training only, not evaluation and saving
 
 
-def _train_step(
-    cfg: TrainConfig, d: distributed.Dist, accum: int, model: nn.Module, optimizer: torch.optim.Optimizer, data: Data
-) -> torch.Tensor | None:
-    """One optimizer step over ``accum`` micro-batches; its mean loss, still on the device
+def _train_step(w: Wiring) -> torch.Tensor | None:
+    """One optimizer step over ``w.accum`` micro-batches; its mean loss, still on the device
     (None: skipped under ``--on-nonfinite skip``, its loss or gradients not finite)."""
+    cfg, d, accum, model, optimizer = w.cfg, w.d, w.accum, w.model, w.optimizer
     loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
     for micro in range(accum):
-        batch = data.train.next_batch().to(d.device)
+        batch = w.data.train.next_batch().to(d.device)
         with distributed.gradient_sync(model, enabled=micro == accum - 1):
             loss = model(input_ids=batch, labels=batch).loss
             (loss / accum).backward()
@@ -373,6 +366,45 @@ def _train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss if stepping else None
+
+
+def _evaluate_into(w: Wiring, record: dict[str, Any]) -> None:
+    """Adds the validation loss and perplexity to ``record``; logs the optimizer's per-layer
+    statistics where it keeps them."""
+    record["val_loss"] = evaluate(w.model, w.data.val, w.d.device)
+    record["val_ppl"] = math.exp(min(record["val_loss"], 80.0))  # exp overflows past ~709
+    if hasattr(w.optimizer, "layer_stats"):
+        w.metrics.log_layers(record["step"], w.optimizer.layer_stats())
+
+
+def _save(w: Wiring, step: int, last_good: Path | None) -> Path | None:
+    """Saves step ``step`` if the weights and optimizer state are finite; the new last good
+    checkpoint (on rank 0; other ranks keep ``last_good``)."""
+    if not _state_is_finite(w.model, w.optimizer, w.d):
+        raise RunStopped(
+            f"step {step}: the weights or optimizer state are not finite; not saved. {_last_good(last_good)}"
+        )
+    model_state, optim_state = distributed.full_state_dicts(w.model, w.optimizer)
+    if w.d.is_main:
+        payload = {
+            "step": step,
+            "model": model_state,
+            "optimizer": optim_state,
+            "scheduler": w.scheduler.state_dict(),
+            "data": w.data.train.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "config": w.cfg.to_dict(),
+            "model_config": w.model_config,
+            "data_fingerprint": w.data_fingerprint,
+        }
+        try:
+            last_good = checkpoint.save(w.out, step, payload, keep=w.cfg.keep_checkpoints)
+        except OSError as err:  # a full disk, no permission: the previous checkpoints are intact
+            raise RunStopped(f"step {step}: {err.strerror or err}") from err
+        except ValueError as err:  # the file read back does not match what was written
+            raise RunStopped(f"step {step}: {err}") from err
+    distributed.barrier()
+    return last_good
 
 
 def _resume_point(out: Path, d: distributed.Dist) -> Path | None:
