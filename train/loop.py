@@ -22,7 +22,7 @@ from torch import nn
 
 from lowmem_optim.groups import parse_target_modules
 from lowmem_optim.llama_config import SIZING_KEYS, load_llama_config
-from train import RunStopped, checkpoint, distributed, outdir
+from train import RunStopped, checkpoint, distributed, outdir, preemption
 from train.config import RESUMABLE_CHANGES, TrainConfig
 from train.data import Data, build_data, fingerprint
 from train.metrics import Metrics, peak_memory
@@ -121,7 +121,8 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
     d = distributed.setup()
     finished = False
     try:
-        records = run(cfg, d).records
+        with preemption.handled():
+            records = run(cfg, d).records
         finished = True
         return records
     finally:
@@ -309,10 +310,13 @@ def _loop(w: Wiring, start: int, last_good: Path | None) -> None:
         w.scheduler.step()
         steps_timed += 1
 
+        stop_signal = preemption.requested(d) if step < cfg.max_steps else None
         evaluating = step % cfg.eval_every == 0 or step == cfg.max_steps
         logging = evaluating or step % cfg.log_every == 0
-        saving = cfg.save and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps)
-        if not (logging or saving):
+        saving = cfg.save and (
+            (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stop_signal is not None
+        )
+        if not (logging or saving or stop_signal):
             continue
         loss_value, bad_step = _read_loss(loss, first_bad, d)  # the one sync of this interval
         first_bad.zero_()
@@ -343,6 +347,11 @@ def _loop(w: Wiring, start: int, last_good: Path | None) -> None:
             )
         if saving:
             last_good = _save(w, step, last_good)
+        if stop_signal:
+            saved = f"saved {str(last_good)!r}" if saving else "not saved (--save False)"
+            raise preemption.RunPreempted(
+                f"preempted by {stop_signal} after step {step}: {saved}; continue the run with --resume"
+            )
         clock, steps_timed = time.perf_counter(), 0  # tokens/s covers training only, not evaluation and saving
 
 
