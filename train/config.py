@@ -42,6 +42,9 @@ RESUMABLE_CHANGES = frozenset(
         "wandb_project",
         "run_name",
         "resume",
+        "allow_resume_changes",
+        "batch_size",  # these three: compared by train.resumption, with --max-steps
+        "total_batch_size",
         "output_dir",
         "progress",
         "on_nonfinite",
@@ -143,6 +146,11 @@ class TrainConfig(LowRankFlags):
     output_dir: str = _opt("runs/default", "where metrics.jsonl, config.json and checkpoints go")
     resume: bool = _opt(
         False, "continue from the newest intact checkpoint in --output-dir (newer corrupt ones are named and skipped)"
+    )
+    allow_resume_changes: bool = _opt(
+        False,
+        "with --resume: accept a changed world size, global batch, micro-batch (--batch-size) or schedule "
+        "length (--max-steps under a decaying --scheduler); each change is recorded in config.json's history",
     )
     on_nonfinite: str = _opt(
         "stop",

@@ -22,7 +22,7 @@ from torch import nn
 
 from lowmem_optim.groups import parse_target_modules
 from lowmem_optim.llama_config import SIZING_KEYS, load_llama_config
-from train import RunStopped, checkpoint, distributed, outdir, preemption
+from train import RunStopped, checkpoint, distributed, outdir, preemption, resumption
 from train.config import RESUMABLE_CHANGES, TrainConfig
 from train.data import Data, build_data, fingerprint
 from train.metrics import Metrics, peak_memory
@@ -46,7 +46,8 @@ def check_resumable(
     cfg: TrainConfig, model_config: dict[str, Any], data_fingerprint: str, resumed: dict[str, Any]
 ) -> None:
     """A resumed run must train the same thing: the same flags (only logging, saving, the
-    length and the paths may change), the same model config contents and the same data."""
+    length and the paths may change; the run's shape as :mod:`train.resumption` allows), the
+    same model config contents and the same data."""
     saved = resumed["config"]
     changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
     if changed:
@@ -146,8 +147,10 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
     # ---- resume or start: the newest intact checkpoint, which must have trained the same thing ----
     last = _resume_point(out, d) if cfg.resume else None
     resumed = checkpoint.load(last, verified=True) if last is not None else None
+    changed = {}
     if resumed is not None:
         check_resumable(cfg, model_config, data_fingerprint, resumed)
+        changed = resumption.check(resumed["config"], cfg.to_dict(), d.world, allowed=cfg.allow_resume_changes)
 
     # ---- data, model, optimizer, schedule ----
     data = _build_data(cfg, d)
@@ -173,6 +176,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
         "n_params": n_params,
         "tokenizer": data.tokenizer.name,
         "model": _model_config(model),
+        "history": resumption.history(out, start, changed) if cfg.resume and d.is_main else [],
     }
     metrics = Metrics(
         out,
@@ -402,7 +406,7 @@ def _save(w: Wiring, step: int, last_good: Path | None) -> Path | None:
             "scheduler": w.scheduler.state_dict(),
             "data": w.data.train.state_dict(),
             "rng": checkpoint.rng_state(),
-            "config": w.cfg.to_dict(),
+            "config": {**w.cfg.to_dict(), "world_size": w.d.world},
             "model_config": w.model_config,
             "data_fingerprint": w.data_fingerprint,
         }

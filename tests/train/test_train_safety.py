@@ -258,9 +258,17 @@ def test_stale_temporary_files_are_removed_at_start(tmp_path, tiny_argv, capsys)
 def test_resume_compares_the_model_config_contents_not_its_path(tmp_path, tiny_argv, monkeypatch):
     config = json.loads((REPO / "configs" / "llama_tiny.json").read_text())
     (tmp_path / "model.json").write_text(json.dumps(config))
-    main(tiny_argv(tmp_path / "run", model_config=tmp_path / "model.json", max_steps=2, eval_every=2))
+    main(
+        tiny_argv(
+            tmp_path / "run", scheduler="constant", model_config=tmp_path / "model.json", max_steps=2, eval_every=2
+        )
+    )
     monkeypatch.chdir(tmp_path)  # the same file by a relative path resumes
-    records = main(tiny_argv(tmp_path / "run", model_config="model.json", max_steps=3, eval_every=3, resume=True))
+    records = main(
+        tiny_argv(
+            tmp_path / "run", scheduler="constant", model_config="model.json", max_steps=3, eval_every=3, resume=True
+        )
+    )
     assert [r["step"] for r in records] == [3]
 
     (tmp_path / "model.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5, "rope_theta": 500000.0}))
@@ -270,7 +278,7 @@ def test_resume_compares_the_model_config_contents_not_its_path(tmp_path, tiny_a
         r"checkpoint was trained with \(rms_norm_eps 1e-06 -> 1e-05, rope_theta "
         r"\(unset\) -> 500000.0\)",
     ):
-        main(tiny_argv(tmp_path / "run", model_config="model.json", max_steps=4, resume=True))
+        main(tiny_argv(tmp_path / "run", scheduler="constant", model_config="model.json", max_steps=4, resume=True))
 
 
 def test_resume_refuses_data_whose_contents_changed(tmp_path, tiny_argv):
@@ -286,6 +294,50 @@ def test_resume_refuses_data_whose_contents_changed(tmp_path, tiny_argv):
         main(tiny_argv(tmp_path / "run", data=corpus, max_steps=3, val_fraction=0.25, resume=True))
 
 
+def _as_if_trained_on(out: Path, world: int) -> None:
+    """Rewrites ``out``'s newest checkpoint as a run of ``world`` processes would have saved it."""
+    path = checkpoint.latest(out)
+    payload = checkpoint.load(path)
+    payload["config"]["world_size"] = world
+    checkpoint.save(out, checkpoint.step_of(path), payload, keep=1)
+
+
+def test_resume_refuses_another_world_size_naming_both_unless_allowed_then_records_it(tmp_path, tiny_argv):
+    out = tmp_path / "run"
+    main(tiny_argv(out, max_steps=2, eval_every=2))
+    _as_if_trained_on(out, world=2)
+    with pytest.raises(
+        ValueError,
+        match=r"^--resume: the checkpoint's run had another shape \(global batch \(sequences per step\) 8 -> 4, "
+        r"world size 2 -> 1\); .* --allow-resume-changes",
+    ):
+        main(tiny_argv(out, max_steps=2, resume=True))
+
+    main(tiny_argv(out, max_steps=3, eval_every=3, scheduler="cosine", resume=True, allow_resume_changes=True))
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 1
+    assert config["history"] == [
+        {
+            "resumed_after_step": 2,
+            "changed": {
+                "world size": [2, 1],
+                "global batch (sequences per step)": [8, 4],
+                "schedule length (--max-steps)": [2, 3],
+            },
+        }
+    ]
+
+
+def test_resume_refuses_another_micro_batch_or_schedule_length_naming_both(tmp_path, tiny_argv):
+    out = tmp_path / "run"
+    main(tiny_argv(out, max_steps=2, eval_every=2))
+    with pytest.raises(ValueError, match=r"another shape \(micro-batch \(--batch-size\) 4 -> 2\)"):
+        main(tiny_argv(out, max_steps=2, batch_size=2, total_batch_size=4, resume=True))
+    with pytest.raises(ValueError, match=r"another shape \(schedule length \(--max-steps\) 2 -> 5\)"):
+        main(tiny_argv(out, max_steps=5, resume=True))
+    assert not (out / outdir.LOCK_NAME).exists()
+
+
 # ---- 8. output directories ----------------------------------------------------------------------------
 def test_a_fresh_run_refuses_a_folder_with_another_runs_metrics(tmp_path, tiny_argv):
     (tmp_path / "run").mkdir()
@@ -298,17 +350,17 @@ def test_a_fresh_run_refuses_a_folder_with_another_runs_metrics(tmp_path, tiny_a
 
 
 def test_resume_drops_a_torn_last_metrics_line_and_names_the_file_of_a_bad_one(tmp_path, tiny_argv, capsys):
-    argv = tiny_argv(tmp_path / "run", max_steps=2, eval_every=2, save_every=2)
+    argv = tiny_argv(tmp_path / "run", scheduler="constant", max_steps=2, eval_every=2, save_every=2)
     main(argv)
     metrics = tmp_path / "run" / "metrics.jsonl"
     metrics.write_text(metrics.read_text() + '{"step": 3, "loss": 4.')  # killed mid-write
-    main(tiny_argv(tmp_path / "run", max_steps=3, eval_every=3, resume=True))
+    main(tiny_argv(tmp_path / "run", scheduler="constant", max_steps=3, eval_every=3, resume=True))
     assert [r["step"] for r in read_jsonl(metrics)] == [1, 2, 3]
     assert "dropped the unfinished last line" in capsys.readouterr().err
 
     metrics.write_text('{"step": 1}\nnot json\n' + metrics.read_text())
     with pytest.raises(ValueError, match=r"metrics.jsonl' line 2 is not JSON"):
-        main(tiny_argv(tmp_path / "run", max_steps=4, eval_every=4, resume=True))
+        main(tiny_argv(tmp_path / "run", scheduler="constant", max_steps=4, eval_every=4, resume=True))
 
 
 def _hold_lock(out: Path, locked, release) -> None:
