@@ -395,3 +395,26 @@ def test_normalized_momentum_moves_every_matrix_on_every_step_of_huge_finite_gra
             if p.dim() >= 2:
                 assert not torch.equal(q, r), name
                 assert torch.isfinite(r).all(), name
+
+
+class WithZeroSize(nn.Module):
+    """Net's layers and two zero-size linear layers (0 x 24 and 40 x 0 weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Net()
+        self.no_rows, self.no_columns = nn.Linear(24, 0), nn.Linear(0, 40)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("case", params(CASES))
+def test_zero_size_parameters_step_without_error_and_the_others_train(case):
+    model = WithZeroSize()
+    opt = build(case, model)
+    before = [p.detach().clone() for p in model.net.parameters()]
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert all(not torch.equal(p, q) for p, q in zip(model.net.parameters(), before))
+    assert [tuple(p.shape) for p in model.no_rows.parameters()] == [(0, 24), (0,)]

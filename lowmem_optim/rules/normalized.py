@@ -164,6 +164,8 @@ class NormalizedMomentumRule(Part):
     ) -> tuple[torch.Tensor, float]:
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+        if g.numel() == 0:  # a zero-size weight has no direction to normalize, nor anything to move
+            return torch.zeros_like(g), group["lr"]
         d = nesterov_direction(g, state["momentum_buffer"], group["momentum"], group["nesterov"])
         # The shape factor belongs to the weight, also when the rule sees a projected gradient.
         m = param.shape[0]
