@@ -418,3 +418,23 @@ def test_zero_size_parameters_step_without_error_and_the_others_train(case):
         opt.step()
     assert all(not torch.equal(p, q) for p, q in zip(model.net.parameters(), before))
     assert [tuple(p.shape) for p in model.no_rows.parameters()] == [(0, 24), (0,)]
+
+
+class Wider(Net):
+    """Net with a 48-wide hidden layer: as many parameters, in the same order, of other shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(24, 48), nn.Linear(48, 16)
+
+
+@pytest.mark.parametrize("case", params(OUR_CASES))
+def test_state_of_parameters_of_another_shape_is_refused_naming_the_parameter(case):
+    model = Net()
+    opt = build(case, model)
+    train(model, opt, range(2))
+    other = build(case, Wider())
+    refused = r"load_state_dict: the saved state of parameter '[ab]\.\w+' .* holds \w+ of shape \("
+    with pytest.raises(ValueError, match=refused):
+        other.load_state_dict(opt.state_dict())
+    assert not other.state  # nothing was loaded
