@@ -26,6 +26,21 @@ SIZING_KEYS = (
 )
 
 
+#: a larger model is a typo, not a model (the largest trained ones have about 2e12): refused before
+#: anything is built or summed per layer, which would hang or exhaust the memory
+MAX_PARAMETERS = 10**14
+#: the deepest trained models have a few hundred layers; tools that walk the layers (the memory
+#: model's skeleton) take seconds at this bound
+MAX_LAYERS = 10_000
+
+
+def approximate_parameters(config: dict[str, Any]) -> int:
+    """Weights of the embedding, the output head and the decoder layers (attention as four
+    hidden x hidden matrices, the MLP as three hidden x intermediate ones), in plain Python ints."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    return 2 * config["vocab_size"] * hidden + config["num_hidden_layers"] * (4 * hidden * hidden + 3 * hidden * inter)
+
+
 def load_llama_config(path: str | Path, flag: str = "--model-config") -> dict[str, Any]:
     """The config JSON at ``path``, checked as the module docstring says; ValueError otherwise."""
     where = f"{flag} {str(path)!r}"
@@ -49,6 +64,14 @@ def load_llama_config(path: str | Path, flag: str = "--model-config") -> dict[st
         value = config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{where}: {key} is {value!r} (allowed: an int >= 1)")
+    if config["num_hidden_layers"] > MAX_LAYERS:
+        raise ValueError(f"{where}: num_hidden_layers is {config['num_hidden_layers']} (allowed: at most {MAX_LAYERS})")
+    parameters = approximate_parameters(config)
+    if parameters > MAX_PARAMETERS:
+        raise ValueError(
+            f"{where}: the model would have about {parameters:.2e} parameters (allowed: at most "
+            f"{MAX_PARAMETERS:.0e}; check num_hidden_layers, hidden_size, intermediate_size and vocab_size)"
+        )
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads

@@ -195,9 +195,12 @@ class TrainingSetup:
     accumulation_buffer: str = "float32"
     optimizer_kwargs: tuple[tuple[str, Any], ...] = ()
 
+    def __post_init__(self) -> None:
+        self.accumulation_steps()  # a bad total_batch_size is refused even where nothing accumulates
+
     def accumulation_steps(self) -> int:
         """Micro-batches per step: ``total_batch_size`` / ``batch_size`` (one process)."""
-        total = self.total_batch_size or self.batch_size
+        total = self.batch_size if self.total_batch_size is None else self.total_batch_size  # 0 is no "unset"
         if isinstance(total, bool) or not isinstance(total, int) or total < 1 or total % self.batch_size:
             raise ValueError(
                 f"Invalid total_batch_size: {self.total_batch_size!r} (allowed: a multiple of batch_size "

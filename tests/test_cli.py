@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,25 @@ def test_the_console_script_runs_where_the_training_package_cannot_be_imported(t
     result = subprocess.run([sys.executable, "-c", blocked], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["total_bytes"] > 0
+
+
+def test_cli_refuses_a_total_batch_size_of_zero_as_the_training_cli_does(capsys):
+    argv = ["memory", "--model-config", str(TINY), "--optimizer", "adamw", "--batch-size", "2", "--seq-len", "8"]
+    assert main([*argv, "--total-batch-size", "0"]) == 2
+    assert "Invalid total_batch_size: 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "key, value, refusal",
+    [
+        ("num_hidden_layers", 10**12, r"num_hidden_layers is 1000000000000 \(allowed: at most 10000\)"),
+        ("hidden_size", 2**40, r"the model would have about \d\.\d+e\+\d+ parameters \(allowed: at most 1e\+14"),
+    ],
+)
+def test_cli_refuses_an_absurd_model_size_at_once_naming_the_key(tmp_path, capsys, key, value, refusal):
+    config = {**json.loads(TINY.read_text()), key: value, "head_dim": 16}
+    (tmp_path / "huge.json").write_text(json.dumps(config))
+    argv = ["memory", "--model-config", str(tmp_path / "huge.json"), "--optimizer", "adamw", "--batch-size", "1"]
+    assert main([*argv, "--seq-len", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(refusal, err), err

@@ -213,10 +213,10 @@ class TrainConfig(LowRankFlags):
             raise ValueError(f"Invalid --min-lr-ratio: {self.min_lr_ratio!r} (allowed: 0 <= ratio <= 1)")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"Invalid --val-fraction: {self.val_fraction!r} (allowed: 0 < fraction < 1)")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError(
-                f"Invalid --grad-clip {self.grad_clip!r} / --weight-decay {self.weight_decay!r} (allowed: numbers >= 0)"
-            )
+        for name in ("grad_clip", "weight_decay"):  # nan < 0 is False: a NaN would pass a plain check
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"Invalid --{_kebab(name)}: {value!r} (allowed: a finite number >= 0)")
         if self.layerwise and self.parallel == "fsdp":
             raise ValueError(
                 "--layerwise with --parallel fsdp is not supported (allowed: --parallel ddp, where the "

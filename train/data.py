@@ -144,11 +144,16 @@ def builtin_corpus() -> Path:
 
 # ---- local files ----------------------------------------------------------------------------
 def _text_files(path: Path) -> list[Path]:
-    return (
-        sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
-        if path.is_dir()
-        else [path]
-    )
+    """The files of a folder (regular files only) or the file itself; ValueError for anything
+    else, e.g. a FIFO or a device such as /dev/zero, whose reading would block or never end."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+    if path.exists() and not path.is_file():
+        raise ValueError(
+            f"--data {str(path)!r} is not a regular file (a FIFO or a device would block or never end; "
+            "allowed: builtin, c4, or a .txt/.jsonl file or folder)"
+        )
+    return [path]
 
 
 def read_documents(path: str | Path) -> list[str]:

@@ -69,3 +69,13 @@ def test_a_bad_boolean_or_unknown_flag_is_rejected_by_the_parser():
         parse_args([f"--model-config={TINY}", "--layerwise=maybe"])
     with pytest.raises(SystemExit):
         parse_args([f"--model-config={TINY}", "--no-such-flag=1"])
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--grad-clip", "nan"), ("--grad-clip", "inf"), ("--weight-decay", "inf"), ("--weight-decay", "nan")],
+)
+def test_a_non_finite_clip_or_weight_decay_is_refused_naming_the_flag(flag, value):
+    """NaN compares false with everything: `--grad-clip nan` passed `< 0` and turned clipping off."""
+    with pytest.raises(ValueError, match=rf"^Invalid {flag}: {value} \(allowed: a finite number >= 0\)"):
+        parse_args(["--model-config", TINY, flag, value])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -336,6 +337,25 @@ def test_resume_refuses_another_micro_batch_or_schedule_length_naming_both(tmp_p
     with pytest.raises(ValueError, match=r"another shape \(schedule length \(--max-steps\) 2 -> 5\)"):
         main(tiny_argv(out, max_steps=5, resume=True))
     assert not (out / outdir.LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_a_device_as_data_is_refused_instead_of_hanging(tmp_path, tiny_argv, kind):
+    if kind == "fifo":
+        data = tmp_path / "corpus.txt"
+        os.mkfifo(data)  # opening it for reading would wait for a writer forever
+    else:
+        data = tmp_path / "zeros.txt"
+        data.symlink_to("/dev/zero")  # reading it would never end
+    with pytest.raises(ValueError, match=r"^--data '.*' is not a regular file \(a FIFO or a device"):
+        main(tiny_argv(tmp_path / "run", data=data, max_steps=1))
+
+
+def test_the_training_cli_refuses_an_absurd_model_size_before_building_anything(tmp_path, tiny_argv):
+    config = {**json.loads((REPO / "configs" / "llama_tiny.json").read_text()), "num_hidden_layers": 10**12}
+    (tmp_path / "huge.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"num_hidden_layers is 1000000000000 \(allowed: at most 10000\)"):
+        main(tiny_argv(tmp_path / "run", model_config=tmp_path / "huge.json", max_steps=1))
 
 
 # ---- 8. output directories ----------------------------------------------------------------------------
