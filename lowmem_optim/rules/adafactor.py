@@ -28,6 +28,8 @@ from lowmem_optim.quant.int8_linear import Int8Weight
 from lowmem_optim.rules.base import LR, WEIGHT_DECAY, reindex_along
 from lowmem_optim.sharding import RowShard, StateLayout, global_mean, global_norm, global_numel, param_rms
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 def weight_rms(param: torch.Tensor) -> torch.Tensor:
     """RMS(W), a 0-D float64 tensor on W's device (read on the host, it would stall a GPU every
@@ -119,22 +121,25 @@ class AdafactorRule(Part):
         step = int(state["step"])
         lr = self._lr(group, step, param)
         beta2t = 1.0 - math.pow(step, group["decay_rate"])
-        sq = g**2 + group["eps"][0]
+        # a square past float32's range saturates at its largest value instead of becoming inf (whose
+        # ratios would be NaN): the update stays finite, and clipping its RMS below bounds it
+        sq = torch.square(g).add_(group["eps"][0]).clamp_(max=FLOAT32_MAX)
         if factored:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
             # with g's rows sharded, a mean over the rows of a matrix is a sum over the ranks. The
             # means accumulate in float64: a float32 sum of squares of gradients near 1e19 overflows
             # where their mean does not
             wide = torch.float64
-            row.mul_(beta2t).add_(sq.mean(dim=-1, dtype=wide).to(row.dtype), alpha=1.0 - beta2t)
+            row.mul_(beta2t).add_(sq.mean(dim=-1, dtype=wide).to(row.dtype), alpha=1.0 - beta2t).clamp_(max=FLOAT32_MAX)
             col.mul_(beta2t).add_(global_mean(sq, -2, shard, dtype=wide).to(col.dtype), alpha=1.0 - beta2t)
+            col.clamp_(max=FLOAT32_MAX)
             r_factor = (
                 (row / global_mean(row, -1, shard, keepdim=True, dtype=wide).to(row.dtype)).rsqrt_().unsqueeze(-1)
             )
             c_factor = col.unsqueeze(-2).rsqrt()
             update = torch.mul(r_factor, c_factor).mul_(g)
         else:
-            state["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
+            state["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1.0 - beta2t).clamp_(max=FLOAT32_MAX)
             update = state["exp_avg_sq"].rsqrt().mul_(g)
         # max(1, RMS(u) / d) stays on the device, in float64 as a host float would be
         rms = global_norm(update, shard).double().div_(math.sqrt(global_numel(update, shard)))
