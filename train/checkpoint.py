@@ -41,6 +41,11 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def path_of(output_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written."""
+    return checkpoint_dir(output_dir) / f"step_{step:08d}.pt"
+
+
 def step_of(path: Path) -> int:
     return int(_NAME.fullmatch(path.name).group(1))
 
@@ -113,7 +118,7 @@ def save(output_dir: str | Path, step: int, payload: dict[str, Any], keep: int) 
     ``keep``. A failed write (full disk, no permission) is an OSError with one line naming the
     file; the previous checkpoints are untouched."""
     folder = checkpoint_dir(output_dir)
-    path = folder / f"step_{step:08d}.pt"
+    path = path_of(output_dir, step)
     tmp, tmp_sum = (folder / f".{name}.{os.getpid()}.tmp" for name in (path.name, checksum_path(path).name))
     writer: _HashingWriter | None = None
 

@@ -392,7 +392,7 @@ def _evaluate_into(w: Wiring, record: dict[str, Any]) -> None:
 
 def _save(w: Wiring, step: int, last_good: Path | None) -> Path | None:
     """Saves step ``step`` if the weights and optimizer state are finite; the new last good
-    checkpoint (on rank 0; other ranks keep ``last_good``)."""
+    checkpoint (rank 0 writes it; every rank returns its path)."""
     if not _state_is_finite(w.model, w.optimizer, w.d):
         raise RunStopped(
             f"step {step}: the weights or optimizer state are not finite; not saved. {_last_good(last_good)}"
@@ -417,7 +417,7 @@ def _save(w: Wiring, step: int, last_good: Path | None) -> Path | None:
         except ValueError as err:  # the file read back does not match what was written
             raise RunStopped(f"step {step}: {err}") from err
     distributed.barrier()
-    return last_good
+    return checkpoint.path_of(w.out, step)
 
 
 def _resume_point(out: Path, d: distributed.Dist) -> Path | None:

@@ -6,7 +6,9 @@ optimizer of the registry. Each rank writes what it holds.
 """
 
 import json
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -14,9 +16,8 @@ import torch
 import torch.distributed as dist
 
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, available_optimizers
-from train import distributed
+from train import distributed, loop, preemption
 from train.config import parse_args
-from train.loop import run
 
 
 def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -31,7 +32,7 @@ def main(out: Path, base: list[str]) -> None:
     dist.init_process_group("gloo")  # owned here, so the runs below share it
     d = distributed.setup()
     rank = d.rank
-    ddp = run(
+    ddp = loop.run(
         parse_args(
             base + ["--optimizer=galore_adamw", "--rank=8", "--update-proj-gap=2", f"--output-dir={out / 'ddp'}"]
         ),
@@ -39,7 +40,27 @@ def main(out: Path, base: list[str]) -> None:
     )
     torch.save(full_parameters(ddp.model), out / f"ddp_rank{rank}.pt")
 
-    int8 = run(
+    # preemption: only rank 1 receives SIGTERM, during step 2; both ranks stop after it, rank 0 saves it
+    real_step, steps = loop._train_step, []
+
+    def step_signalled_on_rank1(w: loop.Wiring) -> torch.Tensor | None:
+        steps.append(len(steps) + 1)
+        if rank == 1 and len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(w)
+
+    loop._train_step = step_signalled_on_rank1
+    try:
+        with preemption.handled():
+            loop.run(parse_args(base + ["--optimizer=adamw", f"--output-dir={out / 'preempted'}"]), d)
+        said = "not preempted"
+    except preemption.RunPreempted as err:
+        said = str(err)
+    finally:
+        loop._train_step = real_step
+    (out / f"preempted_rank{rank}.txt").write_text(said)
+
+    int8 = loop.run(
         parse_args(
             base + ["--optimizer=galore_adamw", "--rank=8", "--weight-bits=8", f"--output-dir={out / 'ddp_int8'}"]
         ),
@@ -54,20 +75,20 @@ def main(out: Path, base: list[str]) -> None:
         "--parallel=fsdp",
         "--save-every=2",
     ]
-    fsdp = run(parse_args(base + fsdp_flags + [f"--output-dir={out / 'fsdp'}"]), d)
+    fsdp = loop.run(parse_args(base + fsdp_flags + [f"--output-dir={out / 'fsdp'}"]), d)
     torch.save(full_parameters(fsdp.model), out / f"fsdp_rank{rank}.pt")
     if rank == 0:  # as if killed after step 2's checkpoint
         shutil.copytree(out / "fsdp", out / "fsdp_cut")
         (out / "fsdp_cut" / "checkpoints" / "step_00000004.pt").unlink()
     dist.barrier()
-    resumed = run(parse_args(base + fsdp_flags + [f"--output-dir={out / 'fsdp_cut'}", "--resume"]), d)
+    resumed = loop.run(parse_args(base + fsdp_flags + [f"--output-dir={out / 'fsdp_cut'}", "--resume"]), d)
     torch.save(full_parameters(resumed.model), out / f"fsdp_resumed_rank{rank}.pt")
 
     outcomes = {}
     for name in available_optimizers():
         lowrank = ["--rank=8", "--update-proj-gap=2"] if name in LOWRANK_OPTIMIZERS else []
         try:
-            trained = run(
+            trained = loop.run(
                 parse_args(
                     base
                     + [f"--optimizer={name}", "--parallel=fsdp", *lowrank, f"--output-dir={out / ('fsdp_' + name)}"]

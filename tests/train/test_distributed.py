@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lowmem_optim import available_optimizers
-from train import checkpoint, distributed, main
+from train import checkpoint, distributed, main, outdir
 from train.metrics import read_jsonl
 from train.model import build_model
 
@@ -67,6 +67,18 @@ def two_ranks(tmp_path_factory) -> Path:
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_and_rank0_saves_it(two_ranks):
+    saved = two_ranks / "preempted" / "checkpoints" / "step_00000002.pt"
+    said = [(two_ranks / f"preempted_rank{rank}.txt").read_text() for rank in range(2)]
+    assert said == [
+        f"preempted by a stop signal sent to another rank after step 2: saved {str(saved)!r}; "
+        "continue the run with --resume",
+        f"preempted by SIGTERM after step 2: saved {str(saved)!r}; continue the run with --resume",
+    ]
+    assert [p.name for p in checkpoint.saved(two_ranks / "preempted")] == [saved.name]
+    assert not (two_ranks / "preempted" / outdir.LOCK_NAME).exists()
 
 
 def test_ddp_ranks_end_with_identical_parameters(two_ranks):
