@@ -31,6 +31,8 @@ BETAS = HParam(
     "decay rates (beta1, beta2) of the first and second moment",
 )
 EPS = HParam("eps", 1e-8, number(0), "added to sqrt(V) after the bias correction")
+#: the largest gradient entry Adam's projected update takes as it is: its square, 2^126, fits float32
+GRADIENT_LIMIT = 2.0**63
 
 
 def adam_update(
@@ -43,7 +45,13 @@ def adam_update(
     beta2: float,
     eps: float,
 ) -> torch.Tensor:
-    """Advance the moments in place and return the step-size-scaled update (torch's op order)."""
+    """Advance the moments in place and return the step-size-scaled update (torch's op order).
+
+    Entries of g beyond 2^63 enter as +-2^63: their square would overflow float32 (and bfloat16),
+    leaving V infinite and the update of that entry zero for good. Adam's update of an entry
+    depends on that entry's scale only through eps, so it stays what it should be (about +-lr on
+    a first step); below 2^63 nothing changes, bit for bit."""
+    g = g.clamp(-GRADIENT_LIMIT, GRADIENT_LIMIT)
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     step_size = lr / (1 - beta1**step)
