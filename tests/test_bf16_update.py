@@ -15,7 +15,7 @@ from lowmem_optim.op_count import OpCounter, as_one_op
 from lowmem_optim.quant import groupwise, int8_linear
 from lowmem_optim.quant.int8_linear import quantize_linear_layers
 from lowmem_optim.registry import build_optimizer
-from tests.integration.tiny import VOCAB, optimizer_kwargs, tiny_llama, token_batches
+from tests.helpers.tiny import VOCAB, optimizer_kwargs, tiny_llama, token_batches
 
 STEPS = 20
 

@@ -14,8 +14,8 @@ from torch import nn
 
 import lowmem_optim
 from lowmem_optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW8bit
-from tests.models import ConvNet, conv_batch
-from tests.reference import adam_ref, galore_ref, svd_basis
+from tests.helpers.models import ConvNet, conv_batch
+from tests.helpers.reference import adam_ref, galore_ref, svd_basis
 
 NORMALIZED = [lowmem_optim.AuON, lowmem_optim.HybridAuON, lowmem_optim.Muon]
 

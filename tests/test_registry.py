@@ -8,7 +8,7 @@ import torch
 
 import lowmem_optim
 from lowmem_optim.registry import build_optimizer
-from tests.integration.tiny import tiny_llama
+from tests.helpers.tiny import tiny_llama
 
 
 @pytest.mark.parametrize("name", ["galore_adamw", "galore_adafactor", "galore_adamw8bit"])
