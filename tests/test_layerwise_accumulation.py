@@ -13,8 +13,8 @@ from torch import nn
 from lowmem_optim import GaLoreAdamW, layerwise, lowrank_param_groups
 from lowmem_optim.layerwise import AccumulationBuffer, buffer_bytes
 from lowmem_optim.quant.blockwise import dynamic_map
+from tests.helpers.models import batches, loss_of, tiny_model
 from tests.helpers.reference import svd_basis
-from tests.test_layerwise import batches, loss_of, tiny_model
 
 K = 3  # micro-batches per step
 
