@@ -138,3 +138,18 @@ def test_report_files_markdown_csv_and_plots(runs, tmp_path):
 def test_report_of_a_folder_without_runs_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="no metrics.jsonl"):
         write_report(tmp_path, tmp_path / "report")
+
+
+def test_refreshes_and_largest_gap_come_from_the_last_layer_statistics_of_projected_layers(runs):
+    layers = [
+        {"name": "q", "rank": 8, "refreshes": 3, "gap": 10},
+        {"name": "k", "rank": 8, "refreshes": 2, "gap": 40},
+        {"name": "embed", "rank": None, "refreshes": 0, "gap": None},
+    ]
+    earlier = [{**layer, "refreshes": 1, "gap": 99} for layer in layers]
+    lines = [{"step": 2, "layers": earlier}, {"step": 4, "layers": layers}]
+    (runs / "galore_r8" / "layer_stats.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    _, rows = build_table(load_runs(runs))
+    by_run = {r["run"]: r for r in rows}
+    assert (by_run["galore_r8"]["refreshes"], by_run["galore_r8"]["largest_gap"]) == (5, 40)
+    assert (by_run["adamw"]["refreshes"], by_run["adamw"]["largest_gap"]) == (None, None)  # no statistics logged
