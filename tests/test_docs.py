@@ -95,6 +95,7 @@ COMMANDS = [
     (re.compile(r"-m train(?![.\w])"), lambda m: "train"),
     (re.compile(r"(?:lowmem-optim|lowmem_optim\.cli) memory\b"), lambda m: "memory"),
     (re.compile(r"\b(scripts/[\w/.-]+\.(?:py|sh))\b"), lambda m: m.group(1)),
+    (re.compile(r"-m scripts\.bench\.(\w+)"), lambda m: f"scripts/bench/{m.group(1)}.py"),
 ]
 
 

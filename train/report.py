@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowmem_optim.registry import LOWRANK_OPTIMIZERS
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS
 from train.optim import LOWRANK_FLAGS
 
 #: flags that name where or how a run logs, not what it trains: never hyperparameter columns
@@ -148,7 +148,10 @@ def build_table(runs: list[Run]) -> tuple[list[str], list[dict[str, Any]]]:
     for run in runs:
         params = run.trial["params"] if run.trial else {}
         config = {**{k.replace("-", "_"): v for k, v in params.items()}, **run.config}
-        if config.get("optimizer") not in LOWRANK_OPTIMIZERS:  # the CLI ignored its low-rank flags
+        if config.get("optimizer") not in (
+            *LOWRANK_OPTIMIZERS,
+            *MATRIX_OPTIMIZERS,
+        ):  # the CLI ignored its low-rank flags
             config.update(dict.fromkeys(LOWRANK_FLAGS))
         rows.append(
             {

@@ -153,3 +153,11 @@ def test_refreshes_and_largest_gap_come_from_the_last_layer_statistics_of_projec
     by_run = {r["run"]: r for r in rows}
     assert (by_run["galore_r8"]["refreshes"], by_run["galore_r8"]["largest_gap"]) == (5, 40)
     assert (by_run["adamw"]["refreshes"], by_run["adamw"]["largest_gap"]) == (None, None)  # no statistics logged
+
+
+def test_a_matrix_optimizer_keeps_its_rank_column(runs):
+    # muon, auon and hybrid_auon take --rank (a subspace of their matrix group), unlike adamw
+    metrics = _metrics([5, 4, 3.5, 3.2], {4: 3.5}, 4.0, [100] * 4, [10] * 4)
+    _write_run(runs / "auon_r8", {"max_steps": 4, "optimizer": "auon", "lr": 0.01, "rank": 8}, metrics)
+    _, rows = build_table(load_runs(runs))
+    assert {r["run"]: r["rank"] for r in rows}["auon_r8"] == 8
