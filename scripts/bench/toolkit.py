@@ -1,4 +1,4 @@
-"""What the probes share: state bytes, timing, the LLaMA-60M model."""
+"""What the probes share: state bytes, timing, LLaMA models from the shipped configs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA_60M = REPO / "configs" / "llama_60m.json"
+LLAMA_7B = REPO / "configs" / "llama_7b.json"
 
 
 def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
@@ -83,10 +84,12 @@ def median_seconds(
     return statistics.median(times)
 
 
-def llama_60m(seed: int = 0, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """HF ``LlamaForCausalLM`` from ``configs/llama_60m.json`` (GaLore's 60M: hidden 512, MLP
-    1376, 8 layers, vocab 32000, untied head), float32, weights drawn after ``manual_seed(seed)``."""
+def llama(config: str | Path = LLAMA_60M, seed: int = 0, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """HF ``LlamaForCausalLM`` from a config JSON (default ``configs/llama_60m.json``, GaLore's
+    60M: hidden 512, MLP 1376, 8 layers, vocab 32000, untied head), float32, its weights drawn
+    after ``manual_seed(seed)`` on ``device`` (``"meta"``: shapes only)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig.from_json_file(LLAMA_60M)).to(device)
+    with torch.device(device):
+        return LlamaForCausalLM(LlamaConfig.from_json_file(config))
