@@ -386,18 +386,18 @@ def _save(w: Wiring, step: int, last_good: Path | None) -> Path | None:
         )
     model_state, optim_state = distributed.full_state_dicts(w.model, w.optimizer)
     if w.d.is_main:
-        payload = {
-            "step": step,
-            "model": model_state,
-            "optimizer": optim_state,
-            "scheduler": w.scheduler.state_dict(),
-            "data": w.data.train.state_dict(),
-            "rng": checkpoint.rng_state(),
-            "config": w.cfg.to_dict(),
-            "model_config": w.model_config,
-            "data_fingerprint": w.data_fingerprint,
-        }
         try:
+            payload = {
+                "step": step,
+                "model": model_state,
+                "optimizer": optim_state,
+                "scheduler": w.scheduler.state_dict(),
+                "data": w.data.train.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "config": w.cfg.to_dict(),
+                "model_config": w.model_config,
+                "data_fingerprint": w.data_fingerprint,
+            }
             last_good = checkpoint.save(w.out, step, payload, keep=w.cfg.keep_checkpoints)
         except OSError as err:  # a full disk, no permission: the previous checkpoints are intact
             raise RunStopped(f"step {step}: {err.strerror or err}") from err
