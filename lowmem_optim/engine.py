@@ -45,6 +45,7 @@ from lowmem_optim.projection.feedback import ERROR_FEEDBACK, FEEDBACK_KEYS, SHAR
 from lowmem_optim.rules import RULES
 from lowmem_optim.schedules import SCHEDULES
 from lowmem_optim.sharding import Placed, local_bytes, local_view, row_shard, store
+from lowmem_optim.state_fit import check_state_fits
 
 logger = logging.getLogger(__name__)
 
@@ -605,8 +606,15 @@ class ComposedOptimizer(torch.optim.Optimizer):
         algorithm and the state's layout must match: ``rule``, ``proj_method``, ``refresh``,
         ``rank`` and every key the group's projector, basis storage and schedule declare. The
         rule's keys (lr, betas, eps, weight decay, ...) and ``scale`` follow the state dict,
-        as in torch."""
+        as in torch. So is a parameter's state of another shape (:mod:`lowmem_optim.state_fit`)."""
         self._check_same_layout(state_dict)
+        check_state_fits(
+            f"{type(self).__name__}.load_state_dict",
+            self.param_groups,
+            state_dict,
+            lambda p, group: group["rank"] if uses_projection(p, group) else None,
+            _param_label,
+        )
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         for group in self.param_groups:

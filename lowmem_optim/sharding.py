@@ -184,22 +184,39 @@ def global_sum(t: torch.Tensor, shard: RowShard | None) -> torch.Tensor:
     return total if shard is None else shard.all_reduce_(total.reshape(1)).reshape(())
 
 
-def global_mean(t: torch.Tensor, dim: int, shard: RowShard | None, keepdim: bool = False) -> torch.Tensor:
-    """mean(t, dim) of the whole tensor; a mean over the sharded dim 0 is summed over ranks."""
+def global_mean(
+    t: torch.Tensor, dim: int, shard: RowShard | None, keepdim: bool = False, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """mean(t, dim) of the whole tensor, accumulated in ``dtype`` (default t's); a mean over the
+    sharded dim 0 is summed over ranks."""
     if shard is None or dim % t.dim() != 0:
-        return t.mean(dim=dim, keepdim=keepdim)
-    return shard.all_reduce_(t.sum(dim=dim, keepdim=keepdim)) / shard.rows
+        return t.mean(dim=dim, keepdim=keepdim, dtype=dtype)
+    return shard.all_reduce_(t.sum(dim=dim, keepdim=keepdim, dtype=dtype)) / shard.rows
 
 
 def global_numel(t: torch.Tensor, shard: RowShard | None) -> int:
     return t.numel() if shard is None else shard.rows * math.prod(t.shape[1:])
 
 
+def scaled_norm(t: torch.Tensor) -> torch.Tensor:
+    """||t||_F (0-D, in t's dtype) with no square overflowing or underflowing: t is scaled by the
+    power of two that brings max|t| into [0.5, 1) (as LAPACK's nrm2 scales), so the norm of
+    entries up to the dtype's largest is finite. Scaling by a power of two is exact: wherever the
+    plain ``t.norm()`` is finite and normal, this is the same number, bit for bit."""
+    if t.numel() == 0:
+        return t.new_zeros(())
+    exponent = torch.frexp(torch.linalg.vector_norm(t, ord=math.inf)).exponent.clamp_(-126, 126)
+    scale = torch.ldexp(torch.ones((), dtype=t.dtype, device=t.device), -exponent)
+    return torch.mul(t, scale).norm().div_(scale)
+
+
 def global_norm(t: torch.Tensor, shard: RowShard | None) -> torch.Tensor:
-    """||t||_F of the whole tensor (0-D)."""
+    """||t||_F of the whole tensor (0-D), finite for any finite entries: :func:`scaled_norm`; a
+    sharded tensor's squares are summed in float64 (no float32 square overflows there)."""
     if shard is None:
-        return t.norm()
-    return global_sum(t.square(), shard).sqrt()
+        return scaled_norm(t)
+    local = torch.linalg.vector_norm(t, dtype=torch.float64).square()
+    return global_sum(local, shard).sqrt().to(t.dtype)
 
 
 def param_rms(param: torch.Tensor) -> torch.Tensor:

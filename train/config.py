@@ -42,6 +42,9 @@ RESUMABLE_CHANGES = frozenset(
         "wandb_project",
         "run_name",
         "resume",
+        "allow_resume_changes",
+        "batch_size",  # these three: compared by train.resumption, with --max-steps
+        "total_batch_size",
         "output_dir",
         "progress",
         "on_nonfinite",
@@ -144,6 +147,11 @@ class TrainConfig(LowRankFlags):
     resume: bool = _opt(
         False, "continue from the newest intact checkpoint in --output-dir (newer corrupt ones are named and skipped)"
     )
+    allow_resume_changes: bool = _opt(
+        False,
+        "with --resume: accept a changed world size, global batch, micro-batch (--batch-size) or schedule "
+        "length (--max-steps under a decaying --scheduler); each change is recorded in config.json's history",
+    )
     on_nonfinite: str = _opt(
         "stop",
         "a step whose loss is not finite: stop (one-line error naming the step and "
@@ -168,6 +176,10 @@ class TrainConfig(LowRankFlags):
         """ValueError naming the first bad flag and its allowed values."""
         from lowmem_optim import available_optimizers
 
+        if not self.output_dir.strip():
+            raise ValueError(
+                f"Invalid --output-dir: {self.output_dir!r} (allowed: a folder of the run's own, e.g. runs/my_run)"
+            )
         if not self.model_config:
             raise ValueError("--model-config is required (a LLaMA config JSON, e.g. configs/llama_60m.json)")
         if self.optimizer not in available_optimizers():

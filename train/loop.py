@@ -22,7 +22,7 @@ from torch import nn
 
 from lowmem_optim.groups import parse_target_modules
 from lowmem_optim.llama_config import SIZING_KEYS, load_llama_config
-from train import RunStopped, checkpoint, distributed, outdir
+from train import RunStopped, checkpoint, distributed, outdir, preemption, resumption
 from train.config import RESUMABLE_CHANGES, TrainConfig
 from train.data import Data, build_data, fingerprint
 from train.metrics import Metrics, peak_memory
@@ -46,7 +46,8 @@ def check_resumable(
     cfg: TrainConfig, model_config: dict[str, Any], data_fingerprint: str, resumed: dict[str, Any]
 ) -> None:
     """A resumed run must train the same thing: the same flags (only logging, saving, the
-    length and the paths may change), the same model config contents and the same data."""
+    length and the paths may change; the run's shape as :mod:`train.resumption` allows), the
+    same model config contents and the same data."""
     saved = resumed["config"]
     changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
     if changed:
@@ -121,7 +122,8 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
     d = distributed.setup()
     finished = False
     try:
-        records = run(cfg, d).records
+        with preemption.handled():
+            records = run(cfg, d).records
         finished = True
         return records
     finally:
@@ -145,8 +147,10 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
     # ---- resume or start: the newest intact checkpoint, which must have trained the same thing ----
     last = _resume_point(out, d) if cfg.resume else None
     resumed = checkpoint.load(last, verified=True) if last is not None else None
+    changed = {}
     if resumed is not None:
         check_resumable(cfg, model_config, data_fingerprint, resumed)
+        changed = resumption.check(resumed["config"], cfg.to_dict(), d.world, allowed=cfg.allow_resume_changes)
 
     # ---- data, model, optimizer, schedule ----
     data = _build_data(cfg, d)
@@ -172,6 +176,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
         "n_params": n_params,
         "tokenizer": data.tokenizer.name,
         "model": _model_config(model),
+        "history": resumption.history(out, start, changed) if cfg.resume and d.is_main else [],
     }
     metrics = Metrics(
         out,
@@ -309,10 +314,13 @@ def _loop(w: Wiring, start: int, last_good: Path | None) -> None:
         w.scheduler.step()
         steps_timed += 1
 
+        stop_signal = preemption.requested(d) if step < cfg.max_steps else None
         evaluating = step % cfg.eval_every == 0 or step == cfg.max_steps
         logging = evaluating or step % cfg.log_every == 0
-        saving = cfg.save and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps)
-        if not (logging or saving):
+        saving = cfg.save and (
+            (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stop_signal is not None
+        )
+        if not (logging or saving or stop_signal):
             continue
         loss_value, bad_step = _read_loss(loss, first_bad, d)  # the one sync of this interval
         first_bad.zero_()
@@ -343,6 +351,11 @@ def _loop(w: Wiring, start: int, last_good: Path | None) -> None:
             )
         if saving:
             last_good = _save(w, step, last_good)
+        if stop_signal:
+            saved = f"saved {str(last_good)!r}" if saving else "not saved (--save False)"
+            raise preemption.RunPreempted(
+                f"preempted by {stop_signal} after step {step}: {saved}; continue the run with --resume"
+            )
         clock, steps_timed = time.perf_counter(), 0  # tokens/s covers training only, not evaluation and saving
 
 
@@ -394,7 +407,7 @@ def _save(w: Wiring, step: int, last_good: Path | None) -> Path | None:
                 "scheduler": w.scheduler.state_dict(),
                 "data": w.data.train.state_dict(),
                 "rng": checkpoint.rng_state(),
-                "config": w.cfg.to_dict(),
+                "config": {**w.cfg.to_dict(), "world_size": w.d.world},
                 "model_config": w.model_config,
                 "data_fingerprint": w.data_fingerprint,
             }

@@ -24,8 +24,12 @@ in a subprocess, with ``${args}`` rendered as wandb's agent renders it (``--key=
 booleans ``True``/``False``), ``--output-dir`` set to the trial's folder and ``--wandb``
 set to ``offline`` (with ``WANDB_MODE=offline`` and ``WANDB_DIR`` in the trial folder, for a
 later ``wandb sync``) or ``off``. A failed trial is recorded (return code, log) and the sweep
-goes on. Trials recorded as done with the same parameters are skipped, so an interrupted sweep
-resumes by running the same command again.
+goes on. Trials recorded as done with the same parameters are skipped, and a trial whose folder
+holds an earlier attempt's checkpoints or metrics (interrupted, preempted) is rerun with
+``--resume=True``, so an interrupted sweep resumes by running the same command again.
+
+A grid is counted before it is built: more than :data:`MAX_GRID_TRIALS` combinations is refused
+(``--dry-run`` too), as is a parameter with an empty list of values.
 
 Output: ``<output-root>/<trial>/`` (``metrics.jsonl``, ``config.json``, ``train.log``,
 ``trial.json``), ``<output-root>/sweep.json`` (every trial's record) and
@@ -53,10 +57,14 @@ from typing import Any
 
 import numpy as np
 
+from train.checkpoint import latest
+
 METHODS = ("grid", "random", "bayes")
 GRID_DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "q_uniform")
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 WANDB_MODES = ("offline", "off")
+#: a larger grid is a mistake (a range of floats read as integers, a forgotten value list), not a sweep
+MAX_GRID_TRIALS = 100_000
 
 
 def _q(value: float, q: float | int) -> float | int:
@@ -120,20 +128,39 @@ def distribution(name: str, spec: dict[str, Any]) -> str:
         raise ValueError(f"Invalid parameter {name!r}: {spec!r} (allowed: value, values, or min and max)")
     if kind not in SAMPLERS:
         raise ValueError(f"Invalid distribution of parameter {name!r}: {kind!r} (allowed: {', '.join(SAMPLERS)})")
+    if "values" in spec and (not isinstance(spec["values"], list) or not spec["values"]):
+        raise ValueError(f"Invalid values of parameter {name!r}: {spec['values']!r} (allowed: a non-empty list)")
     return kind
+
+
+def grid_size(name: str, spec: dict[str, Any]) -> int:
+    """How many values :func:`grid_values` gives, counted without building them."""
+    kind = _grid_distribution(name, spec)
+    if kind == "constant":
+        return 1
+    if kind == "categorical":
+        return len(spec["values"])
+    if kind == "int_uniform":
+        return max(0, spec["max"] - spec["min"] + 1)
+    return max(0, math.ceil((spec["max"] - spec["min"]) / spec.get("q", 1.0)))  # numpy.arange's length
 
 
 def grid_values(name: str, spec: dict[str, Any]) -> list[Any]:
     """The values a grid search takes for one parameter (wandb: discrete distributions only)."""
-    kind = distribution(name, spec)
+    kind = _grid_distribution(name, spec)
     if kind == "constant":
         return [spec["value"]]
     if kind == "categorical":
         return list(spec["values"])
     if kind == "int_uniform":
         return list(range(spec["min"], spec["max"] + 1))
-    if kind == "q_uniform":
-        return np.arange(spec["min"], spec["max"], spec.get("q", 1.0)).tolist()
+    return np.arange(spec["min"], spec["max"], spec.get("q", 1.0)).tolist()
+
+
+def _grid_distribution(name: str, spec: dict[str, Any]) -> str:
+    kind = distribution(name, spec)
+    if kind in GRID_DISTRIBUTIONS:
+        return kind
     raise ValueError(
         f"Invalid distribution of parameter {name!r} for method grid: {kind!r} "
         f"(allowed: {', '.join(GRID_DISTRIBUTIONS)})"
@@ -152,13 +179,19 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     """The sweep configuration from a YAML file, with its method and parameters checked."""
     import yaml
 
-    config = yaml.safe_load(Path(path).read_text())
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ValueError(f"Invalid sweep file {str(path)!r}: {err.strerror or err}") from err
+    except yaml.YAMLError as err:  # a syntax error, or a tag safe_load does not construct (never executed)
+        raise ValueError(f"Invalid sweep file {str(path)!r}: {str(err).splitlines()[0]}") from err
     if not isinstance(config, dict):
         raise ValueError(f"Invalid sweep file {str(path)!r}: not a mapping")
     if config.get("method") not in METHODS:
         raise ValueError(f"Invalid method in {str(path)!r}: {config.get('method')!r} (allowed: {', '.join(METHODS)})")
     if not isinstance(config.get("parameters"), dict) or not config["parameters"]:
         raise ValueError(f"Invalid parameters in {str(path)!r}: a non-empty mapping is required")
+    build_command(config, {})  # a bad command template is refused before any trial runs
     return config
 
 
@@ -189,6 +222,16 @@ def expand(config: dict[str, Any], count: int | None = None, seed: int = 0) -> l
         raise ValueError(f"Invalid count / run_cap: {cap!r} (allowed: an int >= 1)")
     names = sorted(params)
     if method == "grid":
+        sizes = {n: grid_size(n, params[n]) for n in names}
+        if math.prod(sizes.values()) > MAX_GRID_TRIALS:
+            shown = " x ".join(f"{n} {size}" for n, size in sizes.items())
+            raise ValueError(
+                f"Invalid grid: {math.prod(sizes.values())} trials ({shown}; allowed: at most {MAX_GRID_TRIALS}); "
+                "narrow the parameters' values, or use method random with run_cap"
+            )
+        empty = [n for n, size in sizes.items() if not size]
+        if empty:
+            raise ValueError(f"Invalid grid: parameter {empty[0]!r} takes no value (allowed: min < max)")
         combos = itertools.product(*(grid_values(n, params[n]) for n in names))
         return [dict(zip(names, combo)) for combo in itertools.islice(combos, cap)]
     if method == "random":
@@ -217,7 +260,10 @@ def render_args(params: dict[str, Any]) -> dict[str, list[str]]:
 
 def build_command(config: dict[str, Any], params: dict[str, Any]) -> list[str]:
     """The trial's command line: the configuration's ``command`` with its macros filled in."""
-    template = [str(c) for c in config.get("command", DEFAULT_COMMAND)]
+    template = config.get("command", DEFAULT_COMMAND)
+    if not isinstance(template, list):
+        raise ValueError(f"Invalid command: {template!r} (allowed: a list, e.g. {DEFAULT_COMMAND})")
+    template = [str(c) for c in template]
     if not {"${args}", "${args_no_boolean_flags}"} & set(template):
         raise ValueError("Invalid command: it must pass the flags with ${args} or ${args_no_boolean_flags}")
     macros = {"env": [], "interpreter": [sys.executable], **render_args(params)}
@@ -256,8 +302,12 @@ class SweepRunner:
         self._lock = threading.Lock()
 
     def command(self, index: int) -> list[str]:
-        """Trial ``index``'s command line, writing into its own folder with the runner's wandb mode."""
-        outputs = {"output-dir": str(self.root / self.names[index]), "wandb": self.wandb}
+        """Trial ``index``'s command line, writing into its own folder with the runner's wandb mode
+        (and resuming an earlier attempt found there)."""
+        trial_dir = self.root / self.names[index]
+        outputs: dict[str, Any] = {"output-dir": str(trial_dir), "wandb": self.wandb}
+        if _attempted(trial_dir):
+            outputs["resume"] = True
         return build_command(self.config, {**self.trials[index], **outputs})
 
     def run(self, parallel: int = 1) -> list[dict[str, Any]]:
@@ -266,8 +316,11 @@ class SweepRunner:
             raise ValueError(f"Invalid --parallel: {parallel!r} (allowed: an int >= 1)")
         self.root.mkdir(parents=True, exist_ok=True)
         threads = max(1, (os.cpu_count() or 1) // parallel)
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
+        pool = ThreadPoolExecutor(max_workers=parallel)
+        try:
             list(pool.map(lambda i: self._run_trial(i, threads), range(len(self.trials))))
+        finally:  # interrupted (Ctrl-C): start no further trial; the running ones save and stop on their own
+            pool.shutdown(wait=True, cancel_futures=True)
         return [self.records[n] for n in self.names]
 
     def _run_trial(self, index: int, threads: int) -> None:
@@ -312,6 +365,12 @@ class SweepRunner:
             (self.root / "sweep.json").write_text(json.dumps({"trials": ordered}, indent=2))
 
 
+def _attempted(trial_dir: Path) -> bool:
+    """Whether an earlier attempt of the trial (stopped before it finished) left checkpoints or metrics."""
+    metrics = trial_dir / "metrics.jsonl"
+    return latest(trial_dir) is not None or (metrics.exists() and metrics.stat().st_size > 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train.sweep", description=__doc__.split("\n\n")[0], allow_abbrev=False
@@ -335,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.parallel < 1:
+        raise ValueError(f"Invalid --parallel: {args.parallel!r} (allowed: an int >= 1)")
     config = override(load_sweep(args.sweep), args.set)
     trials = expand(config, count=args.count, seed=args.sample_seed)
     root = Path(args.output_root or Path("runs/sweeps") / Path(args.sweep).stem)
@@ -356,5 +417,17 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def main_exit_status(argv: list[str] | None = None) -> int:
+    """``python -m train.sweep``: a bad file or flag is one line and exit status 2; Ctrl-C one line and 130."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: sweep interrupted; run the same command again to resume it", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_exit_status())

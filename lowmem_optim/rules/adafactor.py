@@ -122,10 +122,15 @@ class AdafactorRule(Part):
         sq = g**2 + group["eps"][0]
         if factored:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            # with g's rows sharded, a mean over the rows of a matrix is a sum over the ranks
-            row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(global_mean(sq, -2, shard), alpha=1.0 - beta2t)
-            r_factor = (row / global_mean(row, -1, shard, keepdim=True)).rsqrt_().unsqueeze(-1)
+            # with g's rows sharded, a mean over the rows of a matrix is a sum over the ranks. The
+            # means accumulate in float64: a float32 sum of squares of gradients near 1e19 overflows
+            # where their mean does not
+            wide = torch.float64
+            row.mul_(beta2t).add_(sq.mean(dim=-1, dtype=wide).to(row.dtype), alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(global_mean(sq, -2, shard, dtype=wide).to(col.dtype), alpha=1.0 - beta2t)
+            r_factor = (
+                (row / global_mean(row, -1, shard, keepdim=True, dtype=wide).to(row.dtype)).rsqrt_().unsqueeze(-1)
+            )
             c_factor = col.unsqueeze(-2).rsqrt()
             update = torch.mul(r_factor, c_factor).mul_(g)
         else:

@@ -45,7 +45,7 @@ import torch
 
 from lowmem_optim.parts import BOOLEAN, HParam, Part, SubspaceChange, integer, number, one_of, sequence
 from lowmem_optim.rules.base import LR, WEIGHT_DECAY, reindex_along
-from lowmem_optim.sharding import RowShard, StateLayout, global_norm, global_numel
+from lowmem_optim.sharding import RowShard, StateLayout, global_norm, global_numel, scaled_norm
 
 NORM_EPS = 1e-7  # in X = D / (||D||_F + eps): Muon's and the AuON paper's
 COSH_EPS = 1e-8  # in U = X / (r + eps): the AuON paper's
@@ -78,7 +78,7 @@ def nesterov_direction(g: torch.Tensor, buf: torch.Tensor, momentum: float, nest
 
 
 def frobenius_normalize(d: torch.Tensor) -> torch.Tensor:
-    return d / (d.norm() + NORM_EPS)
+    return d / (scaled_norm(d) + NORM_EPS)
 
 
 def newton_schulz(d: torch.Tensor, steps: int, coefficients: tuple[float, float, float]) -> torch.Tensor:
@@ -164,6 +164,8 @@ class NormalizedMomentumRule(Part):
     ) -> tuple[torch.Tensor, float]:
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+        if g.numel() == 0:  # a zero-size weight has no direction to normalize, nor anything to move
+            return torch.zeros_like(g), group["lr"]
         d = nesterov_direction(g, state["momentum_buffer"], group["momentum"], group["nesterov"])
         # The shape factor belongs to the weight, also when the rule sees a projected gradient.
         m = param.shape[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.sweep import SweepRunner, build_command, expand, load_sweep, main, override
+from train.sweep import SweepRunner, build_command, expand, load_sweep, main, main_exit_status, override
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -252,3 +253,63 @@ def test_set_reaches_the_trials_command_lines(tmp_path, capsys):
     commands = capsys.readouterr().out.splitlines()
     assert len(commands) == 2 and all("--lr=0.5" in c for c in commands)
     assert ["--seed=0" in commands[0], "--seed=1" in commands[1]] == [True, True]
+
+
+@pytest.mark.parametrize(
+    ("contents", "flags", "message"),
+    [
+        ({"method": "annealing", "parameters": {"lr": {"value": 1}}}, [], r"Invalid method in .*'annealing'"),
+        (None, [], r"Invalid sweep file '.*missing.yaml': No such file"),
+        ("- method: grid\n", [], r"Invalid sweep file .*: not a mapping"),
+        ({"method": "grid", "parameters": {"lr": {"value": 1}}}, ["--parallel", "0"], r"Invalid --parallel: 0"),
+        ({"method": "grid", "parameters": {"lr": {"value": 1}}}, ["--count", "0"], r"Invalid count / run_cap: 0"),
+        ({"method": "grid", "command": None, "parameters": {"lr": {"value": 1}}}, [], r"Invalid command: None"),
+        ("!!python/object/apply:os.system ['true']\n", [], r"Invalid sweep file .*could not determine a constructor"),
+        ({"method": "grid", "parameters": {"lr": {"values": []}}}, [], r"Invalid values of parameter 'lr': \[\]"),
+        ({"method": "random", "run_cap": 2, "parameters": {"lr": {"values": []}}}, [], r"parameter 'lr': \[\]"),
+        (
+            {"method": "grid", "parameters": {"seed": {"min": 0, "max": 99_999}, "lr": {"min": 0, "max": 99_999}}},
+            ["--dry-run"],
+            r"Invalid grid: 10000000000 trials \(lr 100000 x seed 100000; allowed: at most 100000\)",
+        ),
+    ],
+)
+def test_bad_sweep_files_and_flags_are_one_line_and_exit_status_2(tmp_path, capsys, contents, flags, message):
+    path = tmp_path / ("missing.yaml" if contents is None else "sweep.yaml")
+    if isinstance(contents, dict):
+        contents = yaml.safe_dump({"command": ["${interpreter}", "-m", "train", "${args}"], **contents})
+    if contents is not None:
+        path.write_text(contents)
+    assert main_exit_status([str(path), "--output-root", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_trial_interrupted_after_its_first_checkpoint_resumes_when_the_sweep_is_run_again(tmp_path, tiny_argv):
+    """The trial's first attempt stopped after step 2 of 3 (as a preempted run leaves it); the same
+    sweep command then resumes it instead of failing on its checkpoints."""
+    from train import checkpoint
+    from train import main as train_main
+
+    config = {
+        "method": "grid",
+        "command": ["${env}", "${interpreter}", "-m", "train", "${args}"],
+        "parameters": {"optimizer": {"value": "adamw"}, "max-steps": {"value": 3}},
+    }
+    runner = SweepRunner(config, expand(config), tmp_path / "sweep", wandb="off")
+    trial = tmp_path / "sweep" / runner.names[0]
+    flags = dict(scheduler="constant", save_every=1, eval_every=3, keep_checkpoints=3)
+    train_main(tiny_argv(trial, max_steps=3, **flags))
+    checkpoint.latest(trial).unlink()  # as if stopped after step 2's checkpoint
+    lines = (trial / "metrics.jsonl").read_text().splitlines()
+    (trial / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    argv = [a for a in tiny_argv(trial, max_steps=3, **flags) if not a.startswith(("--output-dir", "--wandb"))]
+    config["parameters"] = {a[2:].split("=", 1)[0]: {"value": a.split("=", 1)[1]} for a in argv}
+    runner = SweepRunner(config, expand(config), tmp_path / "sweep", wandb="off")
+
+    [record] = runner.run()
+    assert record["status"] == "ok", Path(record["log"]).read_text()
+    assert "--resume=True" in record["command"]
+    assert [json.loads(line)["step"] for line in (trial / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -259,9 +258,17 @@ def test_stale_temporary_files_are_removed_at_start(tmp_path, tiny_argv, capsys)
 def test_resume_compares_the_model_config_contents_not_its_path(tmp_path, tiny_argv, monkeypatch):
     config = json.loads((REPO / "configs" / "llama_tiny.json").read_text())
     (tmp_path / "model.json").write_text(json.dumps(config))
-    main(tiny_argv(tmp_path / "run", model_config=tmp_path / "model.json", max_steps=2, eval_every=2))
+    main(
+        tiny_argv(
+            tmp_path / "run", scheduler="constant", model_config=tmp_path / "model.json", max_steps=2, eval_every=2
+        )
+    )
     monkeypatch.chdir(tmp_path)  # the same file by a relative path resumes
-    records = main(tiny_argv(tmp_path / "run", model_config="model.json", max_steps=3, eval_every=3, resume=True))
+    records = main(
+        tiny_argv(
+            tmp_path / "run", scheduler="constant", model_config="model.json", max_steps=3, eval_every=3, resume=True
+        )
+    )
     assert [r["step"] for r in records] == [3]
 
     (tmp_path / "model.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5, "rope_theta": 500000.0}))
@@ -271,7 +278,7 @@ def test_resume_compares_the_model_config_contents_not_its_path(tmp_path, tiny_a
         r"checkpoint was trained with \(rms_norm_eps 1e-06 -> 1e-05, rope_theta "
         r"\(unset\) -> 500000.0\)",
     ):
-        main(tiny_argv(tmp_path / "run", model_config="model.json", max_steps=4, resume=True))
+        main(tiny_argv(tmp_path / "run", scheduler="constant", model_config="model.json", max_steps=4, resume=True))
 
 
 def test_resume_refuses_data_whose_contents_changed(tmp_path, tiny_argv):
@@ -287,6 +294,50 @@ def test_resume_refuses_data_whose_contents_changed(tmp_path, tiny_argv):
         main(tiny_argv(tmp_path / "run", data=corpus, max_steps=3, val_fraction=0.25, resume=True))
 
 
+def _as_if_trained_on(out: Path, world: int) -> None:
+    """Rewrites ``out``'s newest checkpoint as a run of ``world`` processes would have saved it."""
+    path = checkpoint.latest(out)
+    payload = checkpoint.load(path)
+    payload["config"]["world_size"] = world
+    checkpoint.save(out, checkpoint.step_of(path), payload, keep=1)
+
+
+def test_resume_refuses_another_world_size_naming_both_unless_allowed_then_records_it(tmp_path, tiny_argv):
+    out = tmp_path / "run"
+    main(tiny_argv(out, max_steps=2, eval_every=2))
+    _as_if_trained_on(out, world=2)
+    with pytest.raises(
+        ValueError,
+        match=r"^--resume: the checkpoint's run had another shape \(global batch \(sequences per step\) 8 -> 4, "
+        r"world size 2 -> 1\); .* --allow-resume-changes",
+    ):
+        main(tiny_argv(out, max_steps=2, resume=True))
+
+    main(tiny_argv(out, max_steps=3, eval_every=3, scheduler="cosine", resume=True, allow_resume_changes=True))
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 1
+    assert config["history"] == [
+        {
+            "resumed_after_step": 2,
+            "changed": {
+                "world size": [2, 1],
+                "global batch (sequences per step)": [8, 4],
+                "schedule length (--max-steps)": [2, 3],
+            },
+        }
+    ]
+
+
+def test_resume_refuses_another_micro_batch_or_schedule_length_naming_both(tmp_path, tiny_argv):
+    out = tmp_path / "run"
+    main(tiny_argv(out, max_steps=2, eval_every=2))
+    with pytest.raises(ValueError, match=r"another shape \(micro-batch \(--batch-size\) 4 -> 2\)"):
+        main(tiny_argv(out, max_steps=2, batch_size=2, total_batch_size=4, resume=True))
+    with pytest.raises(ValueError, match=r"another shape \(schedule length \(--max-steps\) 2 -> 5\)"):
+        main(tiny_argv(out, max_steps=5, resume=True))
+    assert not (out / outdir.LOCK_NAME).exists()
+
+
 # ---- 8. output directories ----------------------------------------------------------------------------
 def test_a_fresh_run_refuses_a_folder_with_another_runs_metrics(tmp_path, tiny_argv):
     (tmp_path / "run").mkdir()
@@ -299,35 +350,100 @@ def test_a_fresh_run_refuses_a_folder_with_another_runs_metrics(tmp_path, tiny_a
 
 
 def test_resume_drops_a_torn_last_metrics_line_and_names_the_file_of_a_bad_one(tmp_path, tiny_argv, capsys):
-    argv = tiny_argv(tmp_path / "run", max_steps=2, eval_every=2, save_every=2)
+    argv = tiny_argv(tmp_path / "run", scheduler="constant", max_steps=2, eval_every=2, save_every=2)
     main(argv)
     metrics = tmp_path / "run" / "metrics.jsonl"
     metrics.write_text(metrics.read_text() + '{"step": 3, "loss": 4.')  # killed mid-write
-    main(tiny_argv(tmp_path / "run", max_steps=3, eval_every=3, resume=True))
+    main(tiny_argv(tmp_path / "run", scheduler="constant", max_steps=3, eval_every=3, resume=True))
     assert [r["step"] for r in read_jsonl(metrics)] == [1, 2, 3]
     assert "dropped the unfinished last line" in capsys.readouterr().err
 
     metrics.write_text('{"step": 1}\nnot json\n' + metrics.read_text())
     with pytest.raises(ValueError, match=r"metrics.jsonl' line 2 is not JSON"):
-        main(tiny_argv(tmp_path / "run", max_steps=4, eval_every=4, resume=True))
+        main(tiny_argv(tmp_path / "run", scheduler="constant", max_steps=4, eval_every=4, resume=True))
+
+
+def _hold_lock(out: Path, locked, release) -> None:
+    """In a child process: take ``out``'s lock, say so, hold it until told to let go."""
+    outdir.acquire(out)
+    locked.set()
+    release.wait(60)
 
 
 def test_a_folder_in_use_by_a_live_run_is_refused_and_a_stale_lock_taken_over(tmp_path, tiny_argv, capsys):
+    import multiprocessing
     import socket
 
-    (tmp_path / "run").mkdir()
+    fork = multiprocessing.get_context("fork")
+    locked, release = fork.Event(), fork.Event()
+    holder = fork.Process(target=_hold_lock, args=(tmp_path / "run", locked, release))
+    holder.start()
+    assert locked.wait(60)
     lock = tmp_path / "run" / outdir.LOCK_NAME
-    lock.write_text(f"{os.getppid()} {socket.gethostname()}\n")  # our parent: alive
-    with pytest.raises(ValueError, match=rf"is in use by another run \(process {os.getppid()} on "):
+    with pytest.raises(ValueError, match=rf"is in use by another run \(process {holder.pid} on "):
         main(tiny_argv(tmp_path / "run", max_steps=1))
     assert lock.exists()
+    release.set()
+    holder.join()
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lock.write_text(f"{dead.pid} {socket.gethostname()}\n")
+    lock.write_text(f"{dead.pid} {socket.gethostname()}\n")  # what a killed run leaves
     main(tiny_argv(tmp_path / "run", max_steps=1, eval_every=1))
-    assert f"left by process {dead.pid}, which no longer runs" in capsys.readouterr().err
+    assert f"left by process {dead.pid} on {socket.gethostname()}, which no longer holds it" in capsys.readouterr().err
     assert not lock.exists()
+
+
+def _race_for_lock(out: Path, start, results, done) -> None:
+    """In a child process: wait for the start signal, try to take ``out``, report, keep what was taken."""
+    start.wait()
+    try:
+        outdir.acquire(out)
+        results.put("acquired")
+    except ValueError:
+        results.put("refused")
+    done.wait(60)  # still holding until every racer has tried
+
+
+def test_of_runs_started_together_on_a_stale_lock_exactly_one_gets_the_folder(tmp_path):
+    """Taking over a stale lock is atomic: 4 processes released together, 25 times over."""
+    import multiprocessing
+    import socket
+
+    fork = multiprocessing.get_context("fork")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for trial in range(25):
+        out = tmp_path / f"trial{trial}"
+        out.mkdir()
+        (out / outdir.LOCK_NAME).write_text(f"{dead.pid} {socket.gethostname()}\n")
+        start, results, done = fork.Barrier(4), fork.Queue(), fork.Event()
+        racers = [fork.Process(target=_race_for_lock, args=(out, start, results, done)) for _ in range(4)]
+        for racer in racers:
+            racer.start()
+        outcomes = sorted(results.get(timeout=60) for _ in racers)
+        done.set()
+        for racer in racers:
+            racer.join()
+        assert outcomes == ["acquired", "refused", "refused", "refused"], f"trial {trial}: {outcomes}"
+
+
+def test_a_run_never_overwrites_a_config_json_that_is_not_a_runs(tmp_path, tiny_argv):
+    model_folder = tmp_path / "hf_model"
+    model_folder.mkdir()
+    foreign = (REPO / "configs" / "llama_tiny.json").read_text()
+    (model_folder / "config.json").write_text(foreign)
+    with pytest.raises(ValueError, match=r"holds a config.json that is not a training run's"):
+        main(tiny_argv(model_folder, max_steps=1))
+    assert (model_folder / "config.json").read_text() == foreign
+    assert sorted(p.name for p in model_folder.iterdir()) == ["config.json"]
+
+
+def test_an_empty_output_dir_is_refused_not_the_current_folder(tmp_path, tiny_argv, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^Invalid --output-dir: ''"):
+        main(tiny_argv("", max_steps=1))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unwritable_output_dir_is_one_line(tmp_path, tiny_argv):
@@ -337,9 +453,9 @@ def test_an_unwritable_output_dir_is_one_line(tmp_path, tiny_argv):
 
 
 def test_a_read_only_output_dir_is_one_line(tmp_path, tiny_argv, monkeypatch):
-    def denied(lock):
+    def denied(path):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(outdir, "_try_create", denied)
+    monkeypatch.setattr(outdir, "_flock", denied)
     with pytest.raises(ValueError, match=r"^--output-dir '.*run' is not writable \(Permission denied\)"):
         main(tiny_argv(tmp_path / "run", max_steps=1))
