@@ -25,7 +25,7 @@ from lowmem_optim.llama_config import SIZING_KEYS, load_llama_config
 from train import RunStopped, checkpoint, distributed, outdir
 from train.config import RESUMABLE_CHANGES, TrainConfig
 from train.data import Data, build_data, fingerprint
-from train.metrics import Metrics, peak_memory
+from train.metrics import Metrics, peak_memory, perplexity
 from train.model import build_model, count_parameters, quantize_weights
 from train.optim import make_optimizer, make_scheduler, optimizer_state_bytes
 
@@ -308,7 +308,7 @@ def _loop(
                 record["skipped_steps"], skipped = skipped, 0
             if evaluating and not (bad_step and not skip):
                 record["val_loss"] = evaluate(model, data.val, d.device)
-                record["val_ppl"] = math.exp(min(record["val_loss"], 80.0))  # exp overflows past ~709
+                record["val_ppl"] = perplexity(record["val_loss"])
                 if hasattr(optimizer, "layer_stats"):
                     metrics.log_layers(step, optimizer.layer_stats())
             metrics.log(record)

@@ -97,6 +97,10 @@ def build_model(
     return model
 
 
+#: values per scale and zero point of the INT8 weights (Q-GaLore's group size)
+INT8_GROUP_SIZE = 256
+
+
 def quantize_weights(model: nn.Module, target_modules: str | list[str]) -> nn.Module:
     """INT8 weights (Q-GaLore) in the linear layers ``target_modules`` selects, in place
     (:mod:`lowmem_optim.quant.int8_linear`: codes + per-group scale and zero, group size 256).
@@ -104,7 +108,7 @@ def quantize_weights(model: nn.Module, target_modules: str | list[str]) -> nn.Mo
     package's optimizers can train them (checked when the optimizer is built)."""
     from lowmem_optim.quant.int8_linear import quantize_linear_layers
 
-    return quantize_linear_layers(model, target_modules=target_modules, group_size=256)
+    return quantize_linear_layers(model, target_modules=target_modules, group_size=INT8_GROUP_SIZE)
 
 
 def count_parameters(model: nn.Module) -> int:
