@@ -130,7 +130,7 @@ def _read_dcp(path: Path, model_config: str | None) -> Trained:
     # the one copy of the weights: DCP reads each rank's shards into these tensors
     state = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in shapes.items()}
     try:
-        dcp.load({DCP_MODEL_KEY: state}, storage_reader=reader)
+        dcp.load({DCP_MODEL_KEY: state}, storage_reader=reader, no_dist=True)  # all shards, in this process
     except Exception as err:  # a missing or truncated shard file
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(f"--checkpoint {str(path)!r}: DCP could not read it ({type(err).__name__}: {first})") from err
