@@ -144,6 +144,11 @@ def load_tokenizer(name: str) -> Tokenizer:
     return ByteTokenizer() if name == "bytes" else HFTokenizer(name)
 
 
+def folder_tokenizer(folder: str | Path) -> str | None:
+    """``folder`` as a tokenizer name when it holds a saved HF tokenizer, else None."""
+    return str(folder) if (Path(folder) / "tokenizer_config.json").is_file() else None
+
+
 def default_tokenizer(source: str) -> str:
     """The tokenizer of ``--data source`` when ``--tokenizer`` is not given."""
     return "t5-base" if source == "c4" else "bytes"

@@ -21,26 +21,21 @@ import torch
 from torch import nn
 
 from train.config import DTYPES, TrainConfig
+from train.data import folder_tokenizer
 from train.export import hf_model, read_trained
 from train.metrics import perplexity
 from train.model import LlamaWithChunkedLoss
 
 #: settings of the held-out split and the model, with the training command's defaults
 SETTINGS = ("data", "tokenizer", "seq_len", "batch_size", "val_fraction", "eval_batches", "loss_chunk_tokens")
-#: files that make a folder a save_pretrained model
+#: the file that makes a folder a save_pretrained model, with its weights
 HF_CONFIG = "config.json"
-HF_TOKENIZER = "tokenizer_config.json"
 
 
 def is_hf_folder(path: str | Path) -> bool:
     """Whether ``path`` is a ``save_pretrained`` model folder (a ``config.json`` and weights)."""
     path = Path(path)
     return (path / HF_CONFIG).is_file() and any(path.glob("model*.safetensors"))
-
-
-def folder_tokenizer(path: str | Path) -> str | None:
-    """``path`` as a tokenizer name when the folder holds a saved tokenizer, else None."""
-    return str(path) if (Path(path) / HF_TOKENIZER).is_file() else None
 
 
 def load_model(

@@ -24,9 +24,9 @@ from lowmem_optim.groups import parse_target_modules
 from lowmem_optim.llama_config import SIZING_KEYS, load_llama_config
 from train import RunStopped, checkpoint, distributed, outdir
 from train.config import RESUMABLE_CHANGES, TrainConfig
-from train.data import Data, build_data, fingerprint
+from train.data import Data, build_data, fingerprint, folder_tokenizer
 from train.metrics import Metrics, peak_memory, perplexity
-from train.model import build_model, count_parameters, quantize_weights
+from train.model import build_model, count_parameters, pretrained_config, quantize_weights
 from train.optim import make_optimizer, make_scheduler, optimizer_state_bytes
 
 
@@ -139,7 +139,8 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> Trained:
 
 def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Trained:
     dtype = getattr(torch, cfg.torch_dtype_name)
-    model_config = load_llama_config(cfg.model_config)
+    config_path = pretrained_config(cfg.init_from, cfg.model_config) if cfg.init_from else cfg.model_config
+    model_config = load_llama_config(config_path)
     data_fingerprint = fingerprint(cfg.data)
 
     # ---- resume or start: the newest intact checkpoint, which must have trained the same thing ----
@@ -151,7 +152,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
     # ---- data, model, optimizer, schedule ----
     data: Data = build_data(
         cfg.data,
-        cfg.tokenizer,
+        cfg.tokenizer or (folder_tokenizer(cfg.init_from) if cfg.init_from else None),
         cfg.seq_len,
         cfg.batch_size,
         seed=cfg.seed,
@@ -162,7 +163,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
         device=d.device,
     )
     model = build_model(
-        cfg.model_config,
+        config_path,
         dtype=dtype,
         device=d.device,
         seed=cfg.seed,
@@ -170,8 +171,9 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
         seq_len=cfg.seq_len,
         activation_checkpointing=cfg.activation_checkpointing,
         loss_chunk_tokens=cfg.loss_chunk_tokens,
+        init_from=cfg.init_from,
     )
-    if cfg.weight_bits == 8:
+    if cfg.weight_bits == 8:  # quantized from the initial weights, those of --init-from included
         model = quantize_weights(model, parse_target_modules(cfg.target_modules))
     n_params = count_parameters(model)
     # layer-wise steps run inside backward, before DDP would all-reduce: their hooks average

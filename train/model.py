@@ -9,6 +9,7 @@ training dtype on the training device: a 7B model in bf16 never exists in fp32 f
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -58,8 +59,11 @@ def build_model(
     seq_len: int,
     activation_checkpointing: bool = False,
     loss_chunk_tokens: int = CHUNK_TOKENS,
+    init_from: str | None = None,
 ) -> nn.Module:
-    """A freshly initialised LlamaForCausalLM in ``dtype`` on ``device``.
+    """A freshly initialised LlamaForCausalLM in ``dtype`` on ``device``, or with the weights of
+    the ``save_pretrained`` folder ``init_from`` (loaded by ``transformers``, every weight
+    required) when given.
 
     The config is read by :func:`lowmem_optim.llama_config.load_llama_config`; ``vocab_needed``
     (the tokenizer's size) and ``seq_len`` are checked against it, and whatever else
@@ -80,8 +84,11 @@ def build_model(
         config = LlamaConfig(**{k: v for k, v in raw.items() if k != "model_type"})
         config.use_cache = False  # training never reuses keys/values; the cache would only hold memory
         torch.manual_seed(seed)
-        with _default_dtype(dtype), torch.device(device):
-            model = LlamaWithChunkedLoss(config, loss_chunk_tokens)
+        if init_from is None:
+            with _default_dtype(dtype), torch.device(device):
+                model = LlamaWithChunkedLoss(config, loss_chunk_tokens)
+        else:
+            model = _load_pretrained(init_from, config, dtype, loss_chunk_tokens).to(device)
     except (TypeError, ValueError, KeyError, AttributeError) as err:  # a key transformers does not accept
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
@@ -95,6 +102,50 @@ def build_model(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _load_pretrained(folder: str, config: LlamaConfig, dtype: torch.dtype, loss_chunk_tokens: int) -> nn.Module:
+    model, info = LlamaWithChunkedLoss.from_pretrained(
+        folder,
+        config=config,
+        dtype=dtype,
+        loss_chunk_tokens=loss_chunk_tokens,
+        local_files_only=True,
+        output_loading_info=True,
+    )
+    problems = [f"{kind} {sorted(info[kind])[:3]}" for kind in ("missing_keys", "unexpected_keys") if info[kind]]
+    if problems or info["mismatched_keys"]:
+        raise ValueError(
+            f"--init-from {folder!r} holds other weights than its config.json describes "
+            f"({'; '.join(problems) or 'mismatched shapes'})"
+        )
+    return model
+
+
+#: keys of a model config that belong to the tokenizer, not the model's shape
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def pretrained_config(folder: str, model_config: str | None) -> str:
+    """The config.json of the ``save_pretrained`` folder ``folder`` (``--init-from``), after
+    checking that ``model_config`` (``--model-config``, if given) says nothing else: every key
+    it sets but the token ids (the tokenizer's) must have the folder's value. ValueError naming
+    both values otherwise."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"--init-from {folder!r} has no config.json (allowed: a local save_pretrained LLaMA folder)")
+    own = load_llama_config(path, flag="--init-from")
+    if model_config:
+        filled = LlamaConfig.from_dict(own).to_dict()
+        given = load_llama_config(model_config)
+        for key in sorted(set(given) - {"model_type", *TOKEN_ID_KEYS}):
+            theirs = own.get(key, filled.get(key, "(unset)"))
+            if theirs != given[key]:
+                raise ValueError(
+                    f"--init-from {folder!r} has {key} {theirs!r} but --model-config {model_config!r} has "
+                    f"{given[key]!r} (allowed: a matching --model-config, or none: the folder's config is used)"
+                )
+    return str(path)
 
 
 #: values per scale and zero point of the INT8 weights (Q-GaLore's group size)
