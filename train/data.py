@@ -149,9 +149,16 @@ def folder_tokenizer(folder: str | Path) -> str | None:
     return str(folder) if (Path(folder) / "tokenizer_config.json").is_file() else None
 
 
-def default_tokenizer(source: str) -> str:
-    """The tokenizer of ``--data source`` when ``--tokenizer`` is not given."""
-    return "t5-base" if source == "c4" else "bytes"
+def run_tokenizer(settings: dict[str, Any]) -> str:
+    """The tokenizer of a run with these settings (``TrainConfig.to_dict()``): ``--tokenizer``,
+    else the ``--init-from`` folder's when it has one, else the data's default (t5-base for c4,
+    as GaLore; bytes otherwise)."""
+    init_from = settings.get("init_from")
+    return (
+        settings.get("tokenizer")
+        or (folder_tokenizer(init_from) if init_from else None)
+        or ("t5-base" if settings["data"] == "c4" else "bytes")
+    )
 
 
 # ---- the built-in corpus --------------------------------------------------------------------
@@ -491,7 +498,7 @@ def _build_data(
     rank: int,
     world: int,
 ) -> Data:
-    tokenizer = load_tokenizer(tokenizer_name or default_tokenizer(source))
+    tokenizer = load_tokenizer(tokenizer_name or run_tokenizer({"data": source}))
     if source == "c4":
         val = c4_validation(tokenizer, seq_len, eval_batches * batch_size * world)
         train = C4Stream(tokenizer, seq_len, batch_size, seed, rank, world)

@@ -2,7 +2,7 @@
 
 ``--model`` is a Hugging Face LLaMA folder (an export, or any ``save_pretrained`` folder), a
 checkpoint of the loop or a run's ``--output-dir`` (its newest intact checkpoint), or a DCP
-folder with ``--model-config`` (:func:`train.export.read_trained`). The number is the loop's
+folder with ``--model-config`` (:func:`train.export.read_saved`). The number is the loop's
 own: the held-out split of ``--data`` that :func:`train.data.build_data` makes, cut into
 ``--eval-batches`` micro-batches of ``--batch-size`` x ``--seq-len`` tokens, and the loop's
 :func:`train.loop.evaluate` over them with the loop's model class (loss computed in chunks of
@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from train.config import DTYPES, TrainConfig
-from train.data import folder_tokenizer
-from train.export import hf_model, read_trained
+from train.data import folder_tokenizer, run_tokenizer
+from train.export import hf_model, read_saved
 from train.metrics import perplexity
 from train.model import LlamaWithChunkedLoss
 
@@ -38,23 +38,16 @@ def is_hf_folder(path: str | Path) -> bool:
     return (path / HF_CONFIG).is_file() and any(path.glob("model*.safetensors"))
 
 
-def load_model(
-    source: str, *, dtype: str | None, model_config: str | None, loss_chunk_tokens: int
-) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(source: str, *, dtype: str | None, model_config: str | None) -> tuple[nn.Module, dict[str, Any]]:
     """(the model in ``source``, ready to evaluate; the settings its run recorded, or {})."""
     if is_hf_folder(source):
         if model_config is not None:
             raise ValueError(f"--model-config is only for a DCP folder; --model {source!r} holds its config.json")
         options = {"dtype": getattr(torch, DTYPES[dtype])} if dtype else {"dtype": "auto"}
-        model = LlamaWithChunkedLoss.from_pretrained(source, loss_chunk_tokens=loss_chunk_tokens, **options)
+        model = LlamaWithChunkedLoss.from_pretrained(source, local_files_only=True, **options)
         return model.eval(), {}
-    try:
-        trained = read_trained(source, model_config=model_config)
-    except ValueError as err:
-        raise ValueError(f"--model: {err}".replace("--checkpoint", "the checkpoint")) from err
-    model = hf_model(trained, getattr(torch, DTYPES[dtype]) if dtype else trained.dtype, LlamaWithChunkedLoss)
-    model.loss_chunk_tokens = loss_chunk_tokens
-    return model, trained.run
+    saved = read_saved(source, model_config=model_config, flag="--model")
+    return hf_model(saved, getattr(torch, DTYPES[dtype]) if dtype else saved.dtype, LlamaWithChunkedLoss), saved.run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,19 +85,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args = build_parser().parse_args(argv)
     given = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
-    chunk = given.get("loss_chunk_tokens")
-    model, run = load_model(
-        args.model,
-        dtype=args.dtype,
-        model_config=args.model_config,
-        loss_chunk_tokens=chunk if chunk is not None else TrainConfig.loss_chunk_tokens,
-    )
+    model, run = load_model(args.model, dtype=args.dtype, model_config=args.model_config)
     defaults = {name: TrainConfig.__dataclass_fields__[name].default for name in SETTINGS}
     settings = {**defaults, **{k: v for k, v in run.items() if k in SETTINGS}, **given}
-    if settings["tokenizer"] is None and "tokenizer" not in run:
-        settings["tokenizer"] = folder_tokenizer(args.model)
-    if chunk is None:
-        model.loss_chunk_tokens = settings["loss_chunk_tokens"]
+    settings["tokenizer"] = given.get("tokenizer") or (run_tokenizer(run) if run else folder_tokenizer(args.model))
+    model.loss_chunk_tokens = settings["loss_chunk_tokens"]
     data = build_data(
         settings["data"],
         settings["tokenizer"],

@@ -44,7 +44,7 @@ from lowmem_optim.llama_config import load_llama_config
 from lowmem_optim.quant.groupwise import dequantize_groupwise
 from train import checkpoint
 from train.config import DTYPES
-from train.data import Tokenizer, default_tokenizer, load_tokenizer
+from train.data import Tokenizer, load_tokenizer, run_tokenizer
 from train.model import INT8_GROUP_SIZE
 
 #: a DCP folder holds this file
@@ -56,7 +56,7 @@ _INT8_SIDE = (".weight_scale", ".weight_zero")
 
 
 @dataclass
-class Trained:
+class SavedModel:
     """A model as a checkpoint holds it."""
 
     state: dict[str, torch.Tensor]  # its state dict (INT8 layers as weight_codes/_scale/_zero)
@@ -67,47 +67,45 @@ class Trained:
     source: Path  # the file or folder read
 
 
-def read_trained(path: str | Path, *, model_config: str | None = None) -> Trained:
-    """The model in ``path`` (see the module docstring); ValueError naming ``--checkpoint`` and
-    the cause when it is not a checkpoint or cannot be trusted."""
+def read_saved(path: str | Path, *, model_config: str | None = None, flag: str = "--checkpoint") -> SavedModel:
+    """The model in ``path`` (see the module docstring); ValueError naming ``flag`` and the
+    cause when it is not a checkpoint or cannot be trusted."""
     path = Path(path)
     if path.is_dir() and (path / DCP_METADATA).is_file():
-        return _read_dcp(path, model_config)
+        return _read_dcp(path, model_config, flag)
     if model_config is not None:
-        raise ValueError(
-            f"--model-config is only for a DCP folder; --checkpoint {str(path)!r} records the config it trained"
-        )
+        raise ValueError(f"--model-config is only for a DCP folder; {flag} {str(path)!r} records the config it trained")
     if path.is_dir():
         found, failures = checkpoint.newest_intact(path)
         if found is None:
             raise ValueError(
-                f"--checkpoint {str(path)!r} is not a checkpoint (allowed: a step_*.pt file of the training loop, "
+                f"{flag} {str(path)!r} is not a checkpoint (allowed: a step_*.pt file of the training loop, "
                 f"a run's --output-dir holding checkpoints/step_*.pt, or a DCP folder holding {DCP_METADATA})"
             )
         for reason in failures:
             print(f"note: skipping a corrupt checkpoint: {reason}", file=sys.stderr)
         path = found
     elif not path.is_file():
-        raise ValueError(f"--checkpoint {str(path)!r} does not exist")
+        raise ValueError(f"{flag} {str(path)!r} does not exist")
     payload = checkpoint.load(path, mmap=True)
     run = payload["config"]
-    return Trained(
+    return SavedModel(
         payload["model"],
         payload["model_config"],
         getattr(torch, DTYPES[run["dtype"]]),
-        run.get("tokenizer") or default_tokenizer(run["data"]),
+        run_tokenizer(run),
         run,
         path,
     )
 
 
-def _read_dcp(path: Path, model_config: str | None) -> Trained:
+def _read_dcp(path: Path, model_config: str | None, flag: str) -> SavedModel:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if model_config is None:
         raise ValueError(
-            f"--checkpoint {str(path)!r} is a DCP folder, which holds no model config: pass --model-config "
+            f"{flag} {str(path)!r} is a DCP folder, which holds no model config: pass --model-config "
             "(the LLaMA config JSON it was trained with)"
         )
     config = load_llama_config(model_config)
@@ -115,7 +113,7 @@ def _read_dcp(path: Path, model_config: str | None) -> Trained:
     try:
         entries = reader.read_metadata().state_dict_metadata
     except Exception as err:  # truncated or foreign metadata: unusable either way
-        raise ValueError(f"--checkpoint {str(path)!r}: unreadable DCP metadata ({type(err).__name__}: {err})") from err
+        raise ValueError(f"{flag} {str(path)!r}: unreadable DCP metadata ({type(err).__name__}: {err})") from err
     prefix = DCP_MODEL_KEY + "."
     shapes = {
         key[len(prefix) :]: meta
@@ -124,7 +122,7 @@ def _read_dcp(path: Path, model_config: str | None) -> Trained:
     }
     if not shapes:
         raise ValueError(
-            f"--checkpoint {str(path)!r} is a DCP folder without model weights (expected entries under "
+            f"{flag} {str(path)!r} is a DCP folder without model weights (expected entries under "
             f"{DCP_MODEL_KEY!r}, as saved by dcp.save({{{DCP_MODEL_KEY!r}: get_model_state_dict(model), ...}}))"
         )
     # the one copy of the weights: DCP reads each rank's shards into these tensors
@@ -133,42 +131,42 @@ def _read_dcp(path: Path, model_config: str | None) -> Trained:
         dcp.load({DCP_MODEL_KEY: state}, storage_reader=reader, no_dist=True)  # all shards, in this process
     except Exception as err:  # a missing or truncated shard file
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(f"--checkpoint {str(path)!r}: DCP could not read it ({type(err).__name__}: {first})") from err
+        raise ValueError(f"{flag} {str(path)!r}: DCP could not read it ({type(err).__name__}: {first})") from err
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
-    return Trained(state, config, dtype, None, {}, path)
+    return SavedModel(state, config, dtype, None, {}, path)
 
 
-def hf_weights(trained: Trained, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """``trained``'s weights as HF's ``LlamaForCausalLM`` names them, in ``dtype``. Each INT8
+def hf_weights(saved: SavedModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``saved``'s weights as HF's ``LlamaForCausalLM`` names them, in ``dtype``. Each INT8
     weight is ``scale * (codes - zero)`` in float32 rounded to the training dtype, as
     ``Int8Weight.dequantized`` computes it for the forward pass. Entries are taken out of
-    ``trained.state`` as they are converted."""
-    state, weights = trained.state, {}
+    ``saved.state`` as they are converted."""
+    state, weights = saved.state, {}
     for key in [k for k in state if not k.endswith(_INT8_SIDE)]:
         value = state.pop(key)
         if key.endswith(".weight_codes"):
             key = key.removesuffix("_codes")
             scale, zero = state.pop(key + "_scale"), state.pop(key + "_zero")
-            value = dequantize_groupwise(value.view(-1), scale, zero, value.shape, trained.dtype, INT8_GROUP_SIZE)
+            value = dequantize_groupwise(value.view(-1), scale, zero, value.shape, saved.dtype, INT8_GROUP_SIZE)
         weights[key] = value.to(dtype)
     return weights
 
 
-def hf_model(trained: Trained, dtype: torch.dtype, model_class: type[nn.Module] | None = None) -> nn.Module:
-    """``model_class`` (default HF's ``LlamaForCausalLM``) holding ``trained``'s weights in
+def hf_model(saved: SavedModel, dtype: torch.dtype, model_class: type[nn.Module] | None = None) -> nn.Module:
+    """``model_class`` (default HF's ``LlamaForCausalLM``) holding ``saved``'s weights in
     ``dtype``: built without weights (on the meta device), then given the converted tensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig.from_dict({k: v for k, v in trained.model_config.items() if k != "model_type"})
+    config = LlamaConfig.from_dict({k: v for k, v in saved.model_config.items() if k != "model_type"})
     config.dtype = dtype
     with torch.device("meta"):
         model = (model_class or LlamaForCausalLM)(config)
     try:
-        model.load_state_dict(hf_weights(trained, dtype), assign=True, strict=True)
+        model.load_state_dict(hf_weights(saved, dtype), assign=True, strict=True)
     except RuntimeError as err:
         first = str(err).strip().splitlines()
         raise ValueError(
-            f"--checkpoint {str(trained.source)!r} does not fit its model config ({' '.join(first[:3])[:300]})"
+            f"the checkpoint {str(saved.source)!r} does not fit its model config ({' '.join(first[:3])[:300]})"
         ) from err
     # the rotary embedding's frequencies are buffers computed from the config, never saved
     rotary = model.model.rotary_emb
@@ -177,7 +175,7 @@ def hf_model(trained: Trained, dtype: torch.dtype, model_class: type[nn.Module] 
 
 
 def export(
-    trained: Trained,
+    saved: SavedModel,
     out: str | Path,
     *,
     dtype: torch.dtype | None = None,
@@ -185,14 +183,14 @@ def export(
     max_shard_size: str | int = "5GB",
     tokenizer: str | None = None,
 ) -> list[str]:
-    """Write ``trained`` to ``out`` as the module docstring says; returns the names written.
+    """Write ``saved`` to ``out`` as the module docstring says; returns the names written.
     ``tokenizer`` replaces the run's (a name or path :func:`train.data.load_tokenizer` takes)."""
     from transformers import GenerationConfig
 
     out = Path(out)
-    _check_out(out, trained.source, overwrite)
-    tok = _saveable_tokenizer(tokenizer or trained.tokenizer)
-    model = hf_model(trained, dtype or trained.dtype)
+    check_out(out, saved.source, overwrite)
+    tok = _saveable_tokenizer(tokenizer or saved.tokenizer)
+    model = hf_model(saved, dtype or saved.dtype)
     model.config.use_cache = True  # for generation; training had it off
     if tok is not None:
         model.config.eos_token_id = tok.eos_token_id
@@ -207,7 +205,9 @@ def export(
     return sorted(p.name for p in out.iterdir())
 
 
-def _check_out(out: Path, source: Path, overwrite: bool) -> None:
+def check_out(out: Path, source: Path, overwrite: bool) -> None:
+    """ValueError naming ``--out`` unless it may be written: new, empty, or ``overwrite``, and
+    not holding ``source``."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file (allowed: a new or empty folder, or a folder with --overwrite)")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -274,15 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[str]:
     args = build_parser().parse_args(argv)
-    trained = read_trained(args.checkpoint, model_config=args.model_config)
+    check_out(Path(args.out), Path(args.checkpoint), args.overwrite)  # before reading a checkpoint of any size
+    saved = read_saved(args.checkpoint, model_config=args.model_config)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     written = export(
-        trained,
+        saved,
         args.out,
         dtype=dtype,
         overwrite=args.overwrite,
         max_shard_size=args.max_shard_size,
         tokenizer=args.tokenizer,
     )
-    print(f"exported {str(trained.source)!r} to {args.out!r}: {', '.join(written)}")
+    print(f"exported {str(saved.source)!r} to {args.out!r}: {', '.join(written)}")
     return written

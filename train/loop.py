@@ -24,7 +24,7 @@ from lowmem_optim.groups import parse_target_modules
 from lowmem_optim.llama_config import SIZING_KEYS, load_llama_config
 from train import RunStopped, checkpoint, distributed, outdir
 from train.config import RESUMABLE_CHANGES, TrainConfig
-from train.data import Data, build_data, fingerprint, folder_tokenizer
+from train.data import Data, build_data, fingerprint, run_tokenizer
 from train.metrics import Metrics, peak_memory, perplexity
 from train.model import build_model, count_parameters, pretrained_config, quantize_weights
 from train.optim import make_optimizer, make_scheduler, optimizer_state_bytes
@@ -152,7 +152,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
     # ---- data, model, optimizer, schedule ----
     data: Data = build_data(
         cfg.data,
-        cfg.tokenizer or (folder_tokenizer(cfg.init_from) if cfg.init_from else None),
+        run_tokenizer(cfg.to_dict()),
         cfg.seq_len,
         cfg.batch_size,
         seed=cfg.seed,

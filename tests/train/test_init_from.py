@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lowmem_optim.quant.int8_linear import quantize_linear_layers
 from tests.train.conftest import REPO, _tiny_argv
 from train import main
-from train.data import build_data
+from train.data import BYTE_EOS_TOKEN, ByteTokenizer, build_data
 from train.model import INT8_GROUP_SIZE
 
 
@@ -35,17 +35,23 @@ def _from(pretrained: Path, out: Path, optimizer: str = "adamw", **flags) -> lis
 
 @pytest.mark.parametrize("optimizer", ["adamw", "galore_adamw"])
 def test_a_run_started_from_a_folder_exports_back_to_the_same_model(pretrained, tmp_path, optimizer):
+    from transformers import AutoTokenizer
+
     _from(pretrained, tmp_path / "run", optimizer, lr=0.0)  # a step that moves nothing
-    main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
-    before, after = load_file(pretrained / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    out = tmp_path / "hf"
+    main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)])
+    before, after = load_file(pretrained / "model.safetensors"), load_file(out / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads(
         (pretrained / "config.json").read_text()
     )
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        assert (tmp_path / "hf" / name).read_text() == (pretrained / name).read_text()
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (pretrained / "tokenizer.json").read_bytes()
+    text = f"the same ids, {BYTE_EOS_TOKEN} included"
+    ids = [AutoTokenizer.from_pretrained(f, local_files_only=True)(text)["input_ids"] for f in (pretrained, out)]
+    assert ids[0] == ids[1] == ByteTokenizer().encode(text).tolist()
     run_config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert run_config["tokenizer"] == str(pretrained)  # the folder's own tokenizer
+    assert run_config["tokenizer"] == str(pretrained)  # the folder's own tokenizer...
+    assert main(["eval", "--model", str(tmp_path / "run")])["tokenizer"] == str(pretrained)  # ...also after it
 
 
 def test_int8_weights_are_quantized_from_the_folders_weights(pretrained, tmp_path):
