@@ -33,6 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,9 @@ def _read_dcp(path: Path, model_config: str | None, flag: str) -> SavedModel:
     # the one copy of the weights: DCP reads each rank's shards into these tensors
     state = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in shapes.items()}
     try:
-        dcp.load({DCP_MODEL_KEY: state}, storage_reader=reader, no_dist=True)  # all shards, in this process
+        with warnings.catch_warnings():  # one process reading every rank's shards is the intent here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({DCP_MODEL_KEY: state}, storage_reader=reader, no_dist=True)
     except Exception as err:  # a missing or truncated shard file
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(f"{flag} {str(path)!r}: DCP could not read it ({type(err).__name__}: {first})") from err

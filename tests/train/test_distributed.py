@@ -1,7 +1,8 @@
 """Two CPU processes on gloo (torchrun), the loss computed in chunks: DDP keeps ranks identical
 (INT8 weights included) and matches one process on the same global batch; FSDP2 trains every
 optimizer of the registry but bitsandbytes' (refused with a clear error), GaLore under FSDP2
-equals GaLore under DDP, and a Q-GaLore run resumes exactly from its gathered checkpoint."""
+equals GaLore under DDP, and a Q-GaLore run resumes exactly from its gathered checkpoint. The
+runs' checkpoints and an FSDP2 model's DCP folder export to Hugging Face with their logits."""
 
 from __future__ import annotations
 
@@ -177,16 +178,17 @@ def _model_holding(state: dict[str, torch.Tensor], int8: bool) -> torch.nn.Modul
     return model
 
 
-@pytest.mark.parametrize("source", ["ddp", "ddp_int8", "fsdp_dcp"])
+@pytest.mark.parametrize("source", ["ddp", "ddp_int8", "fsdp", "fsdp_dcp"])
 def test_export_of_a_two_process_run_loads_in_transformers_with_its_logits(two_ranks, tmp_path, source):
-    # ddp, ddp_int8: the run's --output-dir (its gathered checkpoint); fsdp_dcp: the FSDP2 model's DCP shards
+    # ddp, ddp_int8, fsdp: the run's --output-dir (the loop's checkpoint, whole tensors); fsdp_dcp: the
+    # FSDP2 model's DCP folder, each rank's rows in its own file
     argv = ["export", "--checkpoint", str(two_ranks / source), "--out", str(tmp_path / "hf")]
     if source == "fsdp_dcp":
         assert len(list((two_ranks / source).glob("*.distcp"))) == 2  # one file of rows per rank
         argv += ["--model-config", str(REPO / "configs" / "llama_tiny.json"), "--tokenizer", "bytes"]
     main(argv)
-    held = {"ddp": "ddp_rank0.pt", "ddp_int8": "ddp_int8_rank0.pt", "fsdp_dcp": "fsdp_rank0.pt"}[source]
-    trained = _model_holding(_load(two_ranks / held), int8=source == "ddp_int8")
+    held = _load(two_ranks / f"{source.removesuffix('_dcp')}_rank0.pt")  # what rank 0 held at the end
+    trained = _model_holding(held, int8=source == "ddp_int8")
     assert_loads_with_the_training_models_logits(tmp_path / "hf", trained, torch.float32)
 
 
