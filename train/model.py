@@ -1,8 +1,9 @@
 """The model: HF ``transformers``' LlamaForCausalLM built from a config JSON in ``configs/``,
 with the chunked loss of :mod:`train.loss`.
 
-Built from the config (never ``from_pretrained``), with the seed set first so every rank and
-every run with that seed starts from the same weights. The weights are created directly in the
+Built from the config, with the seed set first so every rank and every run with that seed
+starts from the same weights; or, with ``--init-from``, loaded by ``from_pretrained`` from a
+``save_pretrained`` folder whose config it is built from. The weights are created directly in the
 training dtype on the training device: a 7B model in bf16 never exists in fp32 first.
 """
 
@@ -87,13 +88,13 @@ def build_model(
         if init_from is None:
             with _default_dtype(dtype), torch.device(device):
                 model = LlamaWithChunkedLoss(config, loss_chunk_tokens)
-        else:
-            model = _load_pretrained(init_from, config, dtype, loss_chunk_tokens).to(device)
     except (TypeError, ValueError, KeyError, AttributeError) as err:  # a key transformers does not accept
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"--model-config {config_path!r} is rejected by transformers' LLaMA model ({type(err).__name__}: {first})"
         ) from err
+    if init_from is not None:
+        model = _load_pretrained(init_from, config, dtype, loss_chunk_tokens).to(device)
     if activation_checkpointing:
         # non-reentrant checkpointing works with DDP, FSDP2 and gradient hooks (layer-wise updates);
         # transformers renamed the method (the older name warns from 5.2x on, older 5.x lack the new)
@@ -105,14 +106,18 @@ def build_model(
 
 
 def _load_pretrained(folder: str, config: LlamaConfig, dtype: torch.dtype, loss_chunk_tokens: int) -> nn.Module:
-    model, info = LlamaWithChunkedLoss.from_pretrained(
-        folder,
-        config=config,
-        dtype=dtype,
-        loss_chunk_tokens=loss_chunk_tokens,
-        local_files_only=True,
-        output_loading_info=True,
-    )
+    try:
+        model, info = LlamaWithChunkedLoss.from_pretrained(
+            folder,
+            config=config,
+            dtype=dtype,
+            loss_chunk_tokens=loss_chunk_tokens,
+            local_files_only=True,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError) as err:  # no weights file, unreadable safetensors
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--init-from {folder!r}: transformers could not load its weights ({first})") from err
     problems = [f"{kind} {sorted(info[kind])[:3]}" for kind in ("missing_keys", "unexpected_keys") if info[kind]]
     if problems or info["mismatched_keys"]:
         raise ValueError(
@@ -154,7 +159,8 @@ INT8_GROUP_SIZE = 256
 
 def quantize_weights(model: nn.Module, target_modules: str | list[str]) -> nn.Module:
     """INT8 weights (Q-GaLore) in the linear layers ``target_modules`` selects, in place
-    (:mod:`lowmem_optim.quant.int8_linear`: codes + per-group scale and zero, group size 256).
+    (:mod:`lowmem_optim.quant.int8_linear`: codes + per-group scale and zero, groups of
+    :data:`INT8_GROUP_SIZE`).
     Their updates are applied by the optimizer through ``apply_update``, so only this
     package's optimizers can train them (checked when the optimizer is built)."""
     from lowmem_optim.quant.int8_linear import quantize_linear_layers
