@@ -1,7 +1,8 @@
 """``python -m train export`` (:mod:`train.export`) from a one-process checkpoint: the folder loads in
 ``transformers`` with the training model's logits (float32 and bfloat16, INT8 weights included, sharded or
-not), carries a tokenizer that gives the run's ids, and bad sources or targets are refused in one line.
-DDP and FSDP2 (DCP) sources: tests/train/test_distributed.py."""
+not), carries a tokenizer that gives the run's ids, and bad sources or targets are refused in one line;
+``python -m train eval`` (:mod:`train.evaluate`) of a checkpoint and of its export gives the run's last
+val_loss. DDP and FSDP2 (DCP) sources: tests/train/test_distributed.py."""
 
 from __future__ import annotations
 
