@@ -102,6 +102,7 @@ def read_saved(path: str | Path, *, model_config: str | None = None, flag: str =
 
 def _read_dcp(path: Path, model_config: str | None, flag: str) -> SavedModel:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if model_config is None:
@@ -132,8 +133,8 @@ def _read_dcp(path: Path, model_config: str | None, flag: str) -> SavedModel:
         with warnings.catch_warnings():  # one process reading every rank's shards is the intent here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load({DCP_MODEL_KEY: state}, storage_reader=reader, no_dist=True)
-    except Exception as err:  # a missing or truncated shard file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    except (Exception, CheckpointException) as err:  # a missing or truncated shard file (DCP's is a BaseException)
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else ""
         raise ValueError(f"{flag} {str(path)!r}: DCP could not read it ({type(err).__name__}: {first})") from err
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
     return SavedModel(state, config, dtype, None, {}, path)

@@ -130,3 +130,20 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line_by_the_command(runs, tmp_pa
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "is corrupt: its contents do not match the SHA-256" in done.stderr
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_dcp_folder_needs_its_model_config_and_a_truncated_one_is_refused(runs, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    _, model = runs["fp32"]
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    argv = ["export", "--checkpoint", str(tmp_path / "dcp"), "--out", str(tmp_path / "hf")]
+    with pytest.raises(ValueError, match=r"is a DCP folder, which holds no model config: pass --model-config"):
+        main(argv)
+    argv += ["--model-config", str(REPO / "configs" / "llama_tiny.json")]
+    main(argv)
+    assert_loads_with_the_training_models_logits(tmp_path / "hf", model, torch.float32)
+    (shard,) = (tmp_path / "dcp").glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"--checkpoint .*dcp': DCP could not read it"):
+        main([*argv[:4], str(tmp_path / "hf2"), *argv[5:]])
