@@ -65,15 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype", choices=tuple(DTYPES), default=None, help="compute dtype (default: the model's or the run's)"
     )
-    defaults = TrainConfig.__dataclass_fields__
     for name in SETTINGS:
-        f = defaults[name]
-        kind = type(f.default) if f.default is not None else str
+        f = TrainConfig.__dataclass_fields__[name]
+        otherwise = "the folder's own, else bytes (t5-base for c4)" if name == "tokenizer" else f.default
         parser.add_argument(
             f"--{name.replace('_', '-')}",
-            type=kind,
+            type=str if f.default is None else type(f.default),
             default=None,
-            help=f"{f.metadata['help']} (default: the run's for a checkpoint, else {f.default})",
+            help=f"{f.metadata['help'].split(' (default')[0]} (default: the run's for a checkpoint, else {otherwise})",
         )
     return parser
 

@@ -251,7 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m train export",
         description="Write a checkpoint as a Hugging Face folder (config.json, safetensors, tokenizer).",
         allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--checkpoint",
@@ -267,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     parser.add_argument(
-        "--max-shard-size", default="5GB", help="largest safetensors file; larger models are sharded with an index"
+        "--max-shard-size",
+        default="5GB",
+        help="largest safetensors file (default 5GB); larger models are sharded with an index",
     )
     parser.add_argument("--model-config", default=None, help="the LLaMA config JSON of a DCP folder")
     parser.add_argument(
