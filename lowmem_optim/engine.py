@@ -206,6 +206,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
     part_choices: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: this optimizer's defaults over the parts' declarations
     named_defaults: ClassVar[dict[str, Any]] = {}
+    #: the name :mod:`lowmem_optim.registry` lists this class under (None: not registered)
+    registry_name: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -684,12 +686,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
         return sum(_state_bytes(s) for s in self.state.values())
 
 
-def _display_name(cls: type) -> str:
-    """``GaLoreAdamW (galore_adamw)``: the class and, when registered, its registry name."""
-    from lowmem_optim.registry import OPTIMIZERS
-
-    names = [name for name, path in OPTIMIZERS.items() if path == f"{cls.__module__}:{cls.__name__}"]
-    return f"{cls.__name__} ({names[0]})" if names else cls.__name__
+def _display_name(cls: type[ComposedOptimizer]) -> str:
+    """``GaLoreAdamW (galore_adamw)``: the class and, when it declares one, its registry name
+    (a subclass of a named optimizer is not registered under its parent's name)."""
+    name = vars(cls).get("registry_name")
+    return f"{cls.__name__} ({name})" if name else cls.__name__
 
 
 def hparams_doc(cls: type[ComposedOptimizer]) -> str:

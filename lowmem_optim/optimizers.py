@@ -46,6 +46,7 @@ class GaLoreAdamW(AdamWFamily):
     :func:`lowmem_optim.lowrank_param_groups`.
     """
 
+    registry_name = "galore_adamw"
     part_choices = {"rule": ("adam",)}
 
 
@@ -67,6 +68,7 @@ class DCTAdamW(AdamWFamily):
     :mod:`lowmem_optim.projection.dct` and docs/benchmarks.md.
     """
 
+    registry_name = "dct_adamw"
     part_choices = {"rule": ("adam",), "proj_method": ("dct",)}
     named_defaults = {"update_proj_gap": 1, "scale": 1.0, "error_feedback": "nf4"}
 
@@ -76,6 +78,7 @@ class GaLoreAdamW8bit(AdamWFamily):
     (uint8 codes + one float32 absmax per 256 values, bitsandbytes' dynamic map). CPU and CUDA.
     """
 
+    registry_name = "galore_adamw8bit"
     part_choices = {"rule": ("adam8bit",)}
 
 
@@ -100,6 +103,7 @@ class QGaLoreAdamW8bit(AdamWFamily):
     ``cos_threshold``, ``gamma_proj`` and ``queue_size`` have its names already.
     """
 
+    registry_name = "q_galore_adamw8bit"
     part_choices = {"rule": ("adam8bit",)}
     named_defaults = {"refresh": "adaptive", "proj_bits": 4}
     #: q-galore-torch's group keys and ours
@@ -130,6 +134,7 @@ class GaLoreAdafactor(ComposedOptimizer):
     relative step size by default: ``lr=None``, ``relative_step=True``); the leading arguments
     are HF's ``Adafactor``'s."""
 
+    registry_name = "galore_adafactor"
     part_choices = {"rule": ("adafactor",)}
 
     def __init__(
@@ -221,6 +226,7 @@ class AuON(NormalizedMomentumOptimizer):
     with the matrix size. ``options``: see :class:`NormalizedMomentumOptimizer`.
     """
 
+    registry_name = "auon"
     part_choices = {"rule": ("auon", "adam")}
 
     def __init__(
@@ -247,6 +253,7 @@ class HybridAuON(NormalizedMomentumOptimizer):
     ``options``: see :class:`NormalizedMomentumOptimizer`.
     """
 
+    registry_name = "hybrid_auon"
     part_choices = {"rule": ("hybrid_auon", "adam")}
 
     def __init__(
@@ -272,6 +279,7 @@ class Muon(NormalizedMomentumOptimizer):
     ``options``: see :class:`NormalizedMomentumOptimizer`.
     """
 
+    registry_name = "muon"
     part_choices = {"rule": ("muon", "adam")}
 
     def __init__(
