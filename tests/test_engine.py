@@ -368,7 +368,7 @@ def test_a_step_that_raises_at_a_refresh_leaves_every_parameter_and_its_state_as
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_begin_project_finish_equals_step_param(cls):
-    """The split step (begin_step, project, finish_step) is step_param's projected update."""
+    """The split step (begin_step, project_gradient, finish_step) is step_param's projected update."""
     models = [_model(), _model()]
     opts = [cls(_groups(m), **_kwargs(cls)) for m in models]
     for _ in range(4):  # refreshes at steps 1 and 4 (update_proj_gap 3)
@@ -378,9 +378,9 @@ def test_begin_project_finish_equals_step_param(cls):
         for p in models[0].parameters():
             opts[0].step_param(p)
         for p in models[1].parameters():
-            if opts[1].projects(p):
+            if opts[1].is_projected(p):
                 opts[1].begin_step(p, p.grad)
-                opts[1].finish_step(p, opts[1].project(p, p.grad))
+                opts[1].finish_step(p, opts[1].project_gradient(p, p.grad))
             else:
                 opts[1].step_param(p)
     for a, b in zip(models[0].parameters(), models[1].parameters()):
@@ -394,6 +394,6 @@ def test_split_step_refuses_error_feedback_and_unprojected_params_by_name():
     with pytest.raises(ValueError, match="error_feedback='float32'"):
         opt.begin_step(model[0].weight, model[0].weight.grad)
     with pytest.raises(ValueError, match="is not projected"):
-        opt.project(model[0].bias, model[0].bias.grad)
+        opt.project_gradient(model[0].bias, model[0].bias.grad)
     with pytest.raises(KeyError, match="not a parameter"):
         opt.begin_step(torch.nn.Parameter(torch.ones(3, 3)), torch.ones(3, 3))
