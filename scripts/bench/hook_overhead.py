@@ -8,8 +8,9 @@ Protocol (one process, CPU, one thread):
 - Optimizer: ``GaLoreAdamW`` over ``lowrank_param_groups(model, rank=--rank)`` with
   ``update_proj_gap`` larger than the run (one refresh, in the warm-up step), attached with
   ``layerwise.attach(accumulation_steps=4, accumulation_buffer="float32")``.
-- Timed: ``--steps`` training steps of 4 micro-batches after one warm-up step; per step, the
-  summed wall time of its 4 ``loss.backward()`` calls (the hooks run inside them: the first
+- Timed: ``--steps`` training steps of 4 micro-batches after one warm-up step; per step, this
+  process's CPU time (``time.process_time``: less disturbed than wall time by other processes
+  on the machine) over its 4 ``loss.backward()`` calls (the hooks run inside them: the first
   micro-batch begins the step, the last finishes it). The baseline is the same backward with no
   optimizer attached (gradients dropped after each backward). Reported: the median over steps,
   divided by 4 (per micro-batch), of each, and their difference (the hooks' cost per micro-batch).
@@ -67,16 +68,16 @@ class SkeletonLlama(nn.Module):
 
 
 def backward_seconds(model: nn.Module, steps: int, handle: layerwise.LayerwiseHandle | None) -> float:
-    """Median over the timed steps (after one warm-up step) of a step's backward time, per micro-batch."""
+    """Median over the timed steps (after one warm-up step) of a step's backward CPU time, per micro-batch."""
     generator = torch.Generator().manual_seed(0)
     times = []
     for _ in range(steps + 1):
         total = 0.0
         for _ in range(ACCUMULATION_STEPS):
             loss = model(torch.randint(VOCAB, (TOKENS,), generator=generator)) / ACCUMULATION_STEPS
-            start = time.perf_counter()
+            start = time.process_time()
             loss.backward()
-            total += time.perf_counter() - start
+            total += time.process_time() - start
             if handle is None:
                 model.zero_grad(set_to_none=True)
         times.append(total / ACCUMULATION_STEPS)
