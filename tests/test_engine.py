@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lowmem_optim
-from lowmem_optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from lowmem_optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, layerwise
 
 OPTIMIZERS = [GaLoreAdamW, GaLoreAdafactor, GaLoreAdamW8bit]
 LOWRANK = {"rank": 4, "update_proj_gap": 3}
@@ -397,3 +397,38 @@ def test_split_step_refuses_error_feedback_and_unprojected_params_by_name():
         opt.project_gradient(model[0].bias, model[0].bias.grad)
     with pytest.raises(KeyError, match="not a parameter"):
         opt.begin_step(torch.nn.Parameter(torch.ones(3, 3)), torch.ones(3, 3))
+
+
+def test_a_deepcopy_and_a_loaded_optimizer_step_their_own_parameters_by_lookup():
+    """The parameter index follows the groups: a copy finds its own parameters (not the
+    original's), and so does an optimizer after load_state_dict replaced its groups."""
+    model = _model()
+    opt = GaLoreAdamW(_groups(model))
+    _train(model, opt, 2)
+    clone = copy.deepcopy(opt)
+    weight = clone.param_groups[1]["params"][0]
+    weight.grad = torch.ones_like(weight)
+    assert clone.is_projected(weight) and clone.draw_seed(weight, 1) == opt.draw_seed(model[0].weight, 1)
+    clone.step_param(weight)
+    assert int(clone.state[weight]["step"]) == 3 and int(opt.state[model[0].weight]["step"]) == 2
+    with pytest.raises(KeyError, match="not a parameter"):
+        clone.step_param(model[0].weight)
+    fresh_model = _model()
+    fresh = GaLoreAdamW(_groups(fresh_model))
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.draw_seed(fresh_model[2].weight, 1) == opt.draw_seed(model[2].weight, 1)
+
+
+def test_a_param_group_refused_after_it_was_added_leaves_no_parameter_behind():
+    """layerwise.attach pops a group it cannot serve after add_param_group took it: its
+    parameters are no longer the optimizer's, for every per-parameter call."""
+    model = _model()
+    opt = GaLoreAdamW([{"params": [model[0].bias, model[2].bias]}])
+    handle = layerwise.attach(opt, accumulation_steps=2, accumulation_buffer="float32")
+    extra = {"params": [model[0].weight], **LOWRANK, "error_feedback": "float32"}
+    with pytest.raises(ValueError, match="error_feedback"):
+        opt.add_param_group(extra)
+    handle.remove()
+    for call in (opt.is_projected, opt.refresh_due, lambda p: opt.step_param(p, torch.ones_like(p))):
+        with pytest.raises(KeyError, match="not a parameter"):
+            call(model[0].weight)

@@ -27,6 +27,11 @@ class ParamEntry:
     index: int
     slot: int | None
 
+    @property
+    def projected(self) -> bool:
+        """Whether the parameter is updated in a subspace (:func:`lowmem_optim.shapes.uses_projection`)."""
+        return self.slot is not None
+
 
 class ParamIndex:
     """Parameter -> :class:`ParamEntry`, and param group -> its parts (resolved once per group).

@@ -149,7 +149,7 @@ class ComposedOptimizer(SplitStep, torch.optim.Optimizer):
         parameter and its state as they were. One host sync, on refresh steps only."""
         checks = []
         for p, grad, entry in updates:
-            if not uses_projection(p, entry.group):
+            if not entry.projected:
                 continue
             state = self.state.get(p, {})
             if entry.parts.schedule.due(state, next_step(state)):
@@ -173,7 +173,7 @@ class ComposedOptimizer(SplitStep, torch.optim.Optimizer):
     def _rule_steps_with_group(p: torch.Tensor, grad: torch.Tensor, entry: ParamEntry) -> bool:
         """Whether the rule steps this full-rank parameter itself, in one call with the group's
         others that it accepts (:meth:`lowmem_optim.parts.Part.step_in_place`)."""
-        return not uses_projection(p, entry.group) and entry.parts.rule.can_step_in_place(p, grad)
+        return not entry.projected and entry.parts.rule.can_step_in_place(p, grad)
 
     def _step_batch_by_rule(self, group: dict[str, Any], parts: Parts, batch: Batch) -> None:
         """The rule's whole step of these parameters of ``group``, in one call (it advances the counters)."""

@@ -13,7 +13,7 @@ from lowmem_optim.engine.index import ParamEntry
 from lowmem_optim.engine.sharding_policy import rule_rows
 from lowmem_optim.projection.base import projection_sides
 from lowmem_optim.projection.feedback import SHARDED_LAYOUT
-from lowmem_optim.shapes import matrix_shape, uses_projection
+from lowmem_optim.shapes import matrix_shape
 from lowmem_optim.sharding import Placed, RowShard, local_view, row_shard, store
 
 
@@ -66,7 +66,7 @@ def open_step(state: dict[str, Any], entry: ParamEntry) -> ParamStep:
     p, group, parts = entry.param, entry.group, entry.parts
     shard = row_shard(p, f"parameter {entry.index}")
     target = p if shard is None else p.to_local()
-    projected = uses_projection(p, group)
+    projected = entry.projected
     left = projected and projection_sides(matrix_shape(p), group["proj_type"])[0]
     # the feedback buffer E and P have the rows of G; the rule's state the rows it sees
     rule_shard = rule_rows(shard, parts.rule, group, matrix_shape(p), p.dtype, left)

@@ -14,7 +14,6 @@ import torch
 from lowmem_optim.engine.index import ParamEntry
 from lowmem_optim.engine.param_step import finish_projected, next_step, open_step, refresh_if_due, refresh_seed
 from lowmem_optim.engine.validation import param_label
-from lowmem_optim.shapes import uses_projection
 from lowmem_optim.sharding import store
 
 #: mixes a stream number into a step's seed (the 64-bit golden ratio, so streams never align)
@@ -27,7 +26,7 @@ class SplitStep:
 
     def is_projected(self, param: torch.Tensor) -> bool:
         """Whether ``param`` is updated in a subspace (its group has a rank below min(m, n))."""
-        return uses_projection(param, self._entry(param, "is_projected").group)
+        return self._entry(param, "is_projected").projected
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -63,7 +62,7 @@ class SplitStep:
         """Whether ``param``'s next :meth:`begin_step` chooses a new subspace."""
         entry = self._entry(param, "refresh_due")
         state = self.state.get(param, {})
-        return uses_projection(param, entry.group) and entry.parts.schedule.due(state, next_step(state))
+        return entry.projected and entry.parts.schedule.due(state, next_step(state))
 
     def draw_seed(self, param: torch.Tensor, stream: int) -> int:
         """A seed per (group ``seed``, parameter, current step, ``stream``) for random draws
@@ -77,7 +76,7 @@ class SplitStep:
         """``param``'s entry, or ValueError naming ``caller`` if its step cannot be split."""
         entry = self._entry(param, caller)
         group = entry.group
-        if not uses_projection(param, group):
+        if not entry.projected:
             raise ValueError(
                 f"{caller}: {param_label(group, entry.position, param)} is not projected (its group has "
                 f"rank={group.get('rank')!r}); step it with step_param"
