@@ -37,7 +37,7 @@ from lowmem_optim.engine.declarations import ENGINE_HPARAMS, SELECTORS, Parts, g
 from lowmem_optim.engine.optimizer import ComposedOptimizer
 from lowmem_optim.engine.param_step import back_projection_dtype
 from lowmem_optim.engine.sharding_policy import splits_projected_rows
-from lowmem_optim.engine.validation import hparams_doc
+from lowmem_optim.engine.validation import declared_defaults, hparams_doc
 from lowmem_optim.shapes import is_lowrank_group, matrix_shape, uses_projection
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "ComposedOptimizer",
     "Parts",
     "back_projection_dtype",
+    "declared_defaults",
     "group_parts",
     "hparams_doc",
     "is_lowrank_group",

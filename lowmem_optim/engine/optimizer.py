@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lowmem_optim.engine.declarations import ENGINE_HPARAMS, GROUP_FIELDS, Parts, group_parts
+from lowmem_optim.engine.declarations import GROUP_FIELDS, Parts, group_parts
 from lowmem_optim.engine.index import ParamEntry, ParamIndex
 from lowmem_optim.engine.param_step import (
     ParamStep,
@@ -23,7 +23,7 @@ from lowmem_optim.engine.param_step import (
 from lowmem_optim.engine.split_step import SplitStep
 from lowmem_optim.engine.state_io import check_same_layout, restore_declared_placement
 from lowmem_optim.engine.statistics import layer_stats, state_bytes
-from lowmem_optim.engine.validation import check_choices, hparams_doc, param_label, validate_group
+from lowmem_optim.engine.validation import check_choices, chosen_defaults, hparams_doc, param_label, validate_group
 from lowmem_optim.parts import invalid
 from lowmem_optim.projection.feedback import load_error, store_error
 from lowmem_optim.shapes import is_lowrank_group, matrix_shape, uses_projection
@@ -61,12 +61,7 @@ class ComposedOptimizer(SplitStep, torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._warned_full_rank: set[int] = set()
         self._index = ParamIndex([])
-        chosen = {
-            **{hp.name: hp.default for hp in ENGINE_HPARAMS},
-            **{key: choices[0] for key, choices in self.part_choices.items()},
-            **self.named_defaults,
-            **defaults,
-        }
+        chosen = {**chosen_defaults(type(self)), **defaults}
         check_choices(type(self), chosen)
         allowed = group_parts(chosen).hparams()
         unknown = sorted(set(defaults) - allowed.keys())

@@ -3,7 +3,6 @@ optimizer's "Hyperparameters" docstring section generated from the same declarat
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -74,20 +73,27 @@ def validate_group(cls: type, group: dict[str, Any], given: set[str]) -> None:
             )
 
 
-def hparams_doc(cls: type) -> str:
-    """The "Hyperparameters" section of a named optimizer's docstring, from the declarations:
-    every key with this optimizer's default, then the keys of the parts a group may name instead."""
-    signature = {
-        name: p.default
-        for name, p in inspect.signature(cls.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    defaults = {
+def chosen_defaults(cls: type) -> dict[str, Any]:
+    """What an optimizer class sets over the engine's defaults: its default parts (the first of
+    each ``part_choices``) and its ``named_defaults``."""
+    return {
         **{hp.name: hp.default for hp in ENGINE_HPARAMS},
         **{key: choices[0] for key, choices in cls.part_choices.items()},
         **cls.named_defaults,
-        **signature,
     }
+
+
+def declared_defaults(cls: type) -> dict[str, Any]:
+    """Every key's default in an optimizer class: its default parts' declarations under
+    :func:`chosen_defaults`."""
+    chosen = chosen_defaults(cls)
+    return {**{name: hp.default for name, hp in group_parts(chosen).hparams().items()}, **chosen}
+
+
+def hparams_doc(cls: type) -> str:
+    """The "Hyperparameters" section of a named optimizer's docstring, from the declarations:
+    every key with this optimizer's default, then the keys of the parts a group may name instead."""
+    defaults = chosen_defaults(cls)
     shown = group_parts(defaults).hparams()
     fixed = {key for key, choices in cls.part_choices.items() if len(choices) == 1}
     lines = ["Hyperparameters (keyword arguments, and keys of a param group; a group's own keys win):", ""]
