@@ -2,10 +2,10 @@
 
 Each class is a declaration: the parts its groups may use (``part_choices``; one choice fixes
 that part), its own defaults over its parts' (``named_defaults``), its registry name and the
-hyperparameters it also takes by position (``leading``); no class repeats an ``__init__``. Every other
-hyperparameter is a key declared by one of its parts (:mod:`lowmem_optim.parts`): accepted as a
-keyword argument and as a param group key, and listed with its default at the end of the class
-docstring. The loop is :class:`~lowmem_optim.engine.ComposedOptimizer`'s.
+hyperparameters it also takes by position (``leading``); no class repeats an ``__init__``.
+Every hyperparameter is a key declared by one of its parts (:mod:`lowmem_optim.parts`):
+accepted as a keyword argument and as a param group key, and listed with its default at the
+end of the class docstring. The loop is :class:`~lowmem_optim.engine.ComposedOptimizer`'s.
 Param groups follow galore-torch: a group with ``rank`` is projected (keys ``rank``,
 ``update_proj_gap``, ``scale``, ``proj_type``, ...), a group without it gets the plain
 full-rank rule. Hyperparameter names and defaults follow ``torch.optim.AdamW`` (note:
