@@ -8,7 +8,7 @@ matrix (m x n; N-D weights as (shape[0], -1)), at step t:
     2. projector: R = project(G)                  (r x n, m x r or r x r)
     3. rule:      N, lr_t = update(R)             (Adam, Adafactor, 8-bit Adam, ...)
     4. engine:    W <- W (1 - lr_t wd);  W <- W - scale * back_project(N)
-                  (N in the weight's dtype first for bfloat16 weights: :func:`back_projection_dtype`)
+                  (N in the weight's dtype first for bfloat16 weights: :func:`.param_step.back_projection_dtype`)
 
 With ``error_feedback`` (:mod:`lowmem_optim.projection.feedback`), steps 1 and 2 see
 A = G + E instead of G, and E <- A - back_project(R) is kept for the next step.
@@ -33,23 +33,18 @@ accumulation), :mod:`.index` (where each parameter sits, in O(1)), :mod:`.declar
 each rank steps under FSDP2).
 """
 
-from lowmem_optim.engine.declarations import ENGINE_HPARAMS, SELECTORS, Parts, group_parts, lowrank_hparams
+from lowmem_optim.engine.declarations import ENGINE_HPARAMS, group_parts, lowrank_hparams
 from lowmem_optim.engine.optimizer import ComposedOptimizer
-from lowmem_optim.engine.param_step import back_projection_dtype
 from lowmem_optim.engine.sharding_policy import splits_projected_rows
 from lowmem_optim.engine.validation import declared_defaults, hparams_doc
-from lowmem_optim.shapes import is_lowrank_group, matrix_shape, uses_projection
+from lowmem_optim.shapes import matrix_shape, uses_projection
 
 __all__ = [
     "ENGINE_HPARAMS",
-    "SELECTORS",
     "ComposedOptimizer",
-    "Parts",
-    "back_projection_dtype",
     "declared_defaults",
     "group_parts",
     "hparams_doc",
-    "is_lowrank_group",
     "lowrank_hparams",
     "matrix_shape",
     "splits_projected_rows",
