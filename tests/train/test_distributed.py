@@ -18,7 +18,7 @@ import torch
 
 from lowmem_optim import available_optimizers
 from lowmem_optim.groups import parse_target_modules
-from tests.train.export_checks import assert_loads_with_the_training_models_logits
+from tests.helpers.export_checks import assert_loads_with_the_training_models_logits
 from train import checkpoint, distributed, main
 from train.metrics import read_jsonl
 from train.model import build_model, quantize_weights

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.conftest import REPO, _tiny_argv
-from tests.train.export_checks import assert_loads_with_the_training_models_logits
+from tests.helpers.export_checks import assert_loads_with_the_training_models_logits
+from tests.helpers.tiny_run import REPO
+from tests.helpers.tiny_run import tiny_argv as _tiny_argv
 from train import distributed, main
 from train.config import parse_args
 from train.data import BYTE_EOS_TOKEN, ByteTokenizer

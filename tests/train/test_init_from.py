@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from lowmem_optim.quant.int8_linear import quantize_linear_layers
-from tests.train.conftest import REPO, _tiny_argv
+from tests.helpers.tiny_run import REPO
+from tests.helpers.tiny_run import tiny_argv as _tiny_argv
 from train import main
 from train.data import BYTE_EOS_TOKEN, ByteTokenizer, build_data
 from train.model import INT8_GROUP_SIZE
