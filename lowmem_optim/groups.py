@@ -1,9 +1,9 @@
 """Param groups from a model: which weights are projected, which get the full-rank rule.
 
-``target_modules`` selects ``nn.Linear`` modules the way HF's ``optim_target_modules`` does:
-a list of name fragments (a module matches when a fragment occurs in its name), a regex
-string (full match of the module name), or ``"all-linear"`` (every linear layer but the
-output head). Only the ``weight`` of a selected linear layer is low-rank; embeddings, the
+``target_modules`` selects ``nn.Linear`` modules the way HF's ``optim_target_modules`` does
+(:mod:`lowmem_optim.selection`): a list of name fragments (a module matches when a fragment
+occurs in its name), a regex string (full match of the module name), or ``"all-linear"`` (every
+linear layer but the output head). Only the ``weight`` of a selected linear layer is low-rank; embeddings, the
 output head, norms and biases land in the full-rank group. The normalized-momentum optimizers
 (AuON, Hybrid-AuON, Muon) select linear and convolution weights the same way and send the
 rest to their AdamW rule.
@@ -17,6 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowmem_optim.selection import selected_modules
+from lowmem_optim.shapes import matrix_shape
+
 #: the ``--target-modules`` syntax shared by the training and memory command lines
 TARGET_MODULES_HELP = (
     "all-linear (every linear layer but the output head); re:<regex> (a full match of module "
@@ -24,15 +27,6 @@ TARGET_MODULES_HELP = (
     "occurs in its name, e.g. q_proj,v_proj or self_attn)"
 )
 _FRAGMENT = re.compile(r"[A-Za-z0-9_.]+")
-
-#: output heads excluded from "all-linear" (HF excludes the model's output embedding)
-_HEAD_NAMES = ("lm_head", "output", "classifier", "score")
-
-
-def _head_weights(model: nn.Module) -> set[int]:
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    return {id(head.weight)} if head is not None and getattr(head, "weight", None) is not None else set()
 
 
 def parse_target_modules(spec: str, flag: str = "--target-modules") -> str | list[str]:
@@ -63,44 +57,12 @@ def parse_target_modules(spec: str, flag: str = "--target-modules") -> str | lis
 def check_some_matrix_projected(model: nn.Module, target_modules: str | list[str], rank: int) -> None:
     """ValueError naming ``--rank`` when ``rank`` >= min(rows, cols) of every selected matrix:
     nothing would be projected."""
-    from lowmem_optim.engine import matrix_shape
-
     min_dims = [min(matrix_shape(module.weight)) for _, module in selected_modules(model, target_modules)]
     if min_dims and not any(rank < d for d in min_dims):
         raise ValueError(
             f"Invalid --rank: {rank} is >= min(rows, cols) of every low-rank matrix (largest: "
             f"{max(min_dims)}), so nothing would be projected (allowed: --rank < {max(min_dims)})"
         )
-
-
-def _selector(target_modules: str | list[str] | tuple[str, ...]):
-    if target_modules == "all-linear":
-        return lambda name: name.split(".")[-1] not in _HEAD_NAMES
-    if isinstance(target_modules, str):
-        pattern = re.compile(target_modules)
-        return lambda name: pattern.fullmatch(name) is not None
-    if isinstance(target_modules, (list, tuple)) and target_modules and all(isinstance(t, str) for t in target_modules):
-        return lambda name: any(fragment in name for fragment in target_modules)
-    raise ValueError(
-        f"Invalid target_modules: {target_modules!r} (allowed: a non-empty list of name fragments, "
-        "a regex string, or 'all-linear')"
-    )
-
-
-def selected_modules(
-    model: nn.Module,
-    target_modules: str | list[str] | tuple[str, ...] = "all-linear",
-    module_types: tuple[type[nn.Module], ...] = (nn.Linear,),
-) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of each module of ``module_types`` that ``target_modules`` selects
-    (``"all-linear"`` spares the output head); also what INT8 conversion replaces."""
-    selected = _selector(target_modules)
-    heads = _head_weights(model) if target_modules == "all-linear" else set()
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, module_types) and selected(name) and id(module.weight) not in heads
-    ]
 
 
 def matrix_param_groups(

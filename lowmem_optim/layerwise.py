@@ -249,7 +249,7 @@ class LayerwiseHandle:
 
     @torch.no_grad()
     def _hook(self, param: torch.Tensor) -> None:
-        if self.lowrank and self.optimizer.projects(param):
+        if self.lowrank and self.optimizer.is_projected(param):
             self._accumulate_projected(param)
             return
         seen = self._micro.get(param, 0) + 1
@@ -290,7 +290,7 @@ class LayerwiseHandle:
             if self.process_group is not None and optimizer.refresh_due(param):
                 self._average(grad)  # the same on every rank, so averaging it again below changes nothing
             optimizer.begin_step(param, grad)
-        low = optimizer.project(param, grad)
+        low = optimizer.project_gradient(param, grad)
         param.grad = None
         buffer = self.buffers.get(param)
         if buffer is None:
@@ -394,7 +394,7 @@ def _check_lowrank_accumulation(optimizer: torch.optim.Optimizer, params: list[t
     ids = {id(p) for p in params}
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if id(p) not in ids or not optimizer.projects(p):
+            if id(p) not in ids or not optimizer.is_projected(p):
                 continue
             if group.get("error_feedback") is not None:
                 raise ValueError(

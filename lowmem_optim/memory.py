@@ -85,6 +85,8 @@ from lowmem_optim.engine import ComposedOptimizer, group_parts, matrix_shape, us
 from lowmem_optim.layerwise import ACCUMULATION_BUFFERS, accumulation_workspace_bytes, buffer_bytes
 from lowmem_optim.projection.base import projected_shape
 from lowmem_optim.projection.feedback import error_dtype, feedback_bytes
+from lowmem_optim.quant.int8_linear import UPDATE_CHUNK, Int8Weight, quantize_linear_layers
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, build_optimizer
 from lowmem_optim.rules.adam8bit import Adam8bitRule
 
 WEIGHT_BITS = (32, 16, 8)
@@ -249,13 +251,9 @@ class MemoryEstimate:
 
 def build_setup_model(config: dict[str, Any], setup: TrainingSetup) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The meta-device skeleton (INT8-converted as training would) and the optimizer over it."""
-    from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, build_optimizer
-
     dtype = setup.torch_dtype()
     model = llama_skeleton(LlamaShape.from_config(config), dtype)
     if setup.weight_bits == 8:
-        from lowmem_optim.quant.int8_linear import quantize_linear_layers
-
         quantize_linear_layers(model, setup.target_modules, group_size=setup.group_size)
     kwargs = dict(setup.optimizer_kwargs)
     if setup.optimizer in LOWRANK_OPTIMIZERS | MATRIX_OPTIMIZERS:
@@ -269,8 +267,6 @@ def build_setup_model(config: dict[str, Any], setup: TrainingSetup) -> tuple[nn.
 
 
 def _weight_bytes(model: nn.Module) -> int:
-    from lowmem_optim.quant.int8_linear import Int8Weight
-
     params = sum(
         p.element_size() if isinstance(p, Int8Weight) else p.numel() * p.element_size() for p in model.parameters()
     )
@@ -290,10 +286,8 @@ def _baseline_state_bytes(name: str, param: torch.Tensor, optimizer: torch.optim
 
 
 def _int8_chunk_bytes(param: torch.Tensor) -> int:
-    from lowmem_optim.quant.int8_linear import _UPDATE_CHUNK, Int8Weight
-
     # dequantized fp32 weight, scaled values, uniform draws and their floor, per chunk
-    return 16 * min(param.numel(), _UPDATE_CHUNK) if isinstance(param, Int8Weight) else 0
+    return 16 * min(param.numel(), UPDATE_CHUNK) if isinstance(param, Int8Weight) else 0
 
 
 def optimizer_memory(

@@ -1,10 +1,11 @@
 """The named optimizers: which parts of the engine each composes, with its papers' defaults.
 
-Each class names the parts its groups may use (``part_choices``; one choice fixes that part) and
-its own defaults (``named_defaults`` and its explicit leading arguments). Every other
-hyperparameter is a key declared by one of its parts (:mod:`lowmem_optim.parts`): accepted as a
-keyword argument and as a param group key, and listed with its default at the end of the class
-docstring. The loop is :class:`~lowmem_optim.engine.ComposedOptimizer`'s.
+Each class is a declaration: the parts its groups may use (``part_choices``; one choice fixes
+that part), its own defaults over its parts' (``named_defaults``), its registry name and the
+hyperparameters it also takes by position (``leading``); no class repeats an ``__init__``.
+Every hyperparameter is a key declared by one of its parts (:mod:`lowmem_optim.parts`):
+accepted as a keyword argument and as a param group key, and listed with its default at the
+end of the class docstring. The loop is :class:`~lowmem_optim.engine.ComposedOptimizer`'s.
 Param groups follow galore-torch: a group with ``rank`` is projected (keys ``rank``,
 ``update_proj_gap``, ``scale``, ``proj_type``, ...), a group without it gets the plain
 full-rank rule. Hyperparameter names and defaults follow ``torch.optim.AdamW`` (note:
@@ -14,26 +15,55 @@ galore-torch's GaLoreAdamW defaulted to ``weight_decay=0`` and ``eps=1e-6``; our
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
-from lowmem_optim.engine import ComposedOptimizer
+from lowmem_optim.engine import ComposedOptimizer, declared_defaults
 from lowmem_optim.rules.adam import AdamRule
 
 
-class AdamWFamily(ComposedOptimizer):
+class NamedOptimizer(ComposedOptimizer):
+    """Base of the named optimizers, which are declarations only: ``part_choices``,
+    ``named_defaults``, ``registry_name`` and ``leading``, the hyperparameters also taken by
+    position after ``params`` (in the order of the optimizer they follow: ``torch.optim.AdamW``,
+    HF's ``Adafactor``), each defaulting to its part's declaration. The class's signature lists
+    them with those defaults (where its default parts declare them all)."""
+
+    #: the hyperparameters taken by position after ``params``
+    leading: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        defaults = declared_defaults(cls)
+        if not defaults.keys() >= set(cls.leading):  # a base whose default parts do not read them all
+            return
+        init = inspect.signature(cls.__init__)
+        params = []
+        for p in list(init.parameters.values())[1:]:  # after self
+            if p.kind is p.VAR_POSITIONAL:
+                params += [inspect.Parameter(n, p.POSITIONAL_OR_KEYWORD, default=defaults[n]) for n in cls.leading]
+            else:
+                params.append(p)
+        cls.__signature__ = init.replace(parameters=params, return_annotation=inspect.Signature.empty)
+
+    def __init__(self, params: Iterable[Any], *args: Any, **hparams: Any) -> None:
+        if len(args) > len(self.leading):
+            raise TypeError(
+                f"{type(self).__name__}() takes {len(self.leading) + 1} positional arguments "
+                f"(params, {', '.join(self.leading)}) but {len(args) + 1} were given"
+            )
+        for name, value in zip(self.leading, args):
+            if name in hparams:
+                raise TypeError(f"{type(self).__name__}() got multiple values for argument {name!r}")
+            hparams[name] = value
+        super().__init__(params, hparams)
+
+
+class AdamWFamily(NamedOptimizer):
     """Base of the optimizers with an Adam rule: ``torch.optim.AdamW``'s leading arguments."""
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        **hparams: Any,
-    ) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **hparams))
+    leading = ("lr", "betas", "eps", "weight_decay")
 
 
 class GaLoreAdamW(AdamWFamily):
@@ -46,6 +76,7 @@ class GaLoreAdamW(AdamWFamily):
     :func:`lowmem_optim.lowrank_param_groups`.
     """
 
+    registry_name = "galore_adamw"
     part_choices = {"rule": ("adam",)}
 
 
@@ -67,6 +98,7 @@ class DCTAdamW(AdamWFamily):
     :mod:`lowmem_optim.projection.dct` and docs/benchmarks.md.
     """
 
+    registry_name = "dct_adamw"
     part_choices = {"rule": ("adam",), "proj_method": ("dct",)}
     named_defaults = {"update_proj_gap": 1, "scale": 1.0, "error_feedback": "nf4"}
 
@@ -76,6 +108,7 @@ class GaLoreAdamW8bit(AdamWFamily):
     (uint8 codes + one float32 absmax per 256 values, bitsandbytes' dynamic map). CPU and CUDA.
     """
 
+    registry_name = "galore_adamw8bit"
     part_choices = {"rule": ("adam8bit",)}
 
 
@@ -100,6 +133,7 @@ class QGaLoreAdamW8bit(AdamWFamily):
     ``cos_threshold``, ``gamma_proj`` and ``queue_size`` have its names already.
     """
 
+    registry_name = "q_galore_adamw8bit"
     part_choices = {"rule": ("adam8bit",)}
     named_defaults = {"refresh": "adaptive", "proj_bits": 4}
     #: q-galore-torch's group keys and ours
@@ -125,45 +159,27 @@ class QGaLoreAdamW8bit(AdamWFamily):
         super().add_param_group(group)
 
 
-class GaLoreAdafactor(ComposedOptimizer):
+class GaLoreAdafactor(NamedOptimizer):
     """GaLore with HF transformers' Adafactor in the subspace (factored second moment,
     relative step size by default: ``lr=None``, ``relative_step=True``); the leading arguments
     are HF's ``Adafactor``'s."""
 
+    registry_name = "galore_adafactor"
     part_choices = {"rule": ("adafactor",)}
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float | None = None,
-        eps: tuple[float, float] = (1e-30, 1e-3),
-        clip_threshold: float = 1.0,
-        decay_rate: float = -0.8,
-        beta1: float | None = None,
-        weight_decay: float = 0.0,
-        scale_parameter: bool = True,
-        relative_step: bool = True,
-        warmup_init: bool = False,
-        **hparams: Any,
-    ) -> None:
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                eps=eps,
-                clip_threshold=clip_threshold,
-                decay_rate=decay_rate,
-                beta1=beta1,
-                weight_decay=weight_decay,
-                scale_parameter=scale_parameter,
-                relative_step=relative_step,
-                warmup_init=warmup_init,
-                **hparams,
-            ),
-        )
+    leading = (
+        "lr",
+        "eps",
+        "clip_threshold",
+        "decay_rate",
+        "beta1",
+        "weight_decay",
+        "scale_parameter",
+        "relative_step",
+        "warmup_init",
+    )
 
 
-class NormalizedMomentumOptimizer(ComposedOptimizer):
+class NormalizedMomentumOptimizer(NamedOptimizer):
     """Base of AuON, HybridAuON and Muon: weight matrices get a normalized-momentum rule, every
     other parameter an AdamW rule, in one optimizer (the ``rule`` key of each param group, as
     Muon implementations do with a ``use_muon`` flag).
@@ -177,15 +193,12 @@ class NormalizedMomentumOptimizer(ComposedOptimizer):
     """
 
     named_defaults = {"scale": 1.0}
+    leading = ("lr", "weight_decay", "momentum", "nesterov")
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float,
-        weight_decay: float,
-        momentum: float,
-        nesterov: bool,
-        *,
+        *args: Any,
         adamw_lr: float = 1e-3,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
@@ -197,9 +210,7 @@ class NormalizedMomentumOptimizer(ComposedOptimizer):
         for key, value in adamw.items():
             adam[key].validate(value, f"adamw_{key}")
         self._adamw_defaults = {"rule": "adam", **adamw}
-        super().__init__(
-            params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, **hparams)
-        )
+        super().__init__(params, *args, **hparams)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if param_group.get("rule", self.defaults["rule"]) == "adam":
@@ -221,18 +232,8 @@ class AuON(NormalizedMomentumOptimizer):
     with the matrix size. ``options``: see :class:`NormalizedMomentumOptimizer`.
     """
 
+    registry_name = "auon"
     part_choices = {"rule": ("auon", "adam")}
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 0.24,
-        weight_decay: float = 0.0,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        **options: Any,
-    ) -> None:
-        super().__init__(params, lr, weight_decay, momentum, nesterov, **options)
 
 
 class HybridAuON(NormalizedMomentumOptimizer):
@@ -247,18 +248,8 @@ class HybridAuON(NormalizedMomentumOptimizer):
     ``options``: see :class:`NormalizedMomentumOptimizer`.
     """
 
+    registry_name = "hybrid_auon"
     part_choices = {"rule": ("hybrid_auon", "adam")}
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 0.24,
-        weight_decay: float = 0.0,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        **options: Any,
-    ) -> None:
-        super().__init__(params, lr, weight_decay, momentum, nesterov, **options)
 
 
 class Muon(NormalizedMomentumOptimizer):
@@ -272,15 +263,5 @@ class Muon(NormalizedMomentumOptimizer):
     ``options``: see :class:`NormalizedMomentumOptimizer`.
     """
 
+    registry_name = "muon"
     part_choices = {"rule": ("muon", "adam")}
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        **options: Any,
-    ) -> None:
-        super().__init__(params, lr, weight_decay, momentum, nesterov, **options)

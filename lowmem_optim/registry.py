@@ -13,6 +13,9 @@ from typing import Any
 
 from torch import nn
 
+from lowmem_optim.engine import ComposedOptimizer, lowrank_hparams
+from lowmem_optim.groups import lowrank_param_groups, normalized_param_groups
+
 OPTIMIZERS: dict[str, str] = {
     "adamw": "torch.optim:AdamW",
     "adamw8bit": "bitsandbytes.optim:AdamW8bit",
@@ -51,8 +54,6 @@ def get_optimizer_class(name: str) -> type:
 def check_int8_capable(name: str) -> None:
     """ValueError unless optimizer ``name`` can train INT8 weights (:mod:`lowmem_optim.quant.int8_linear`):
     only this package's optimizers apply their updates through ``apply_update``."""
-    from lowmem_optim.engine import ComposedOptimizer
-
     if not issubclass(get_optimizer_class(name), ComposedOptimizer):
         raise ValueError(
             f"--weight-bits 8: --optimizer {name} writes into its parameters and cannot update INT8 "
@@ -72,9 +73,6 @@ def build_optimizer(
     form the matrix group (with the low-rank keys, if given: the rule then runs in a subspace)
     and the rest gets AdamW. Keys whose value is None are dropped (the class default applies).
     """
-    from lowmem_optim.engine import lowrank_hparams
-    from lowmem_optim.groups import lowrank_param_groups, normalized_param_groups
-
     cls = get_optimizer_class(name)
     hparams = {k: v for k, v in hparams.items() if v is not None}
     lowrank_keys = lowrank_hparams()

@@ -235,7 +235,7 @@ def _block_count(local: torch.Tensor, block: int) -> int:
 
 def wrap_rows(local: torch.Tensor, shard: RowShard) -> torch.Tensor:
     """A ``Shard(0)`` DTensor of the whole tensor whose dim-0 block on this rank is ``local``."""
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Shard  # absent from torch builds without distributed
 
     shape = shard.global_shape(local)
     return DTensor.from_local(local, shard.mesh, (Shard(0),), shape=shape, stride=_contiguous_stride(shape))
@@ -262,7 +262,7 @@ def wrap_blocks(local: torch.Tensor, values: torch.Tensor, shard: RowShard, bloc
     When every rank's values fill whole blocks (``chunk * values_per_row`` a multiple of
     ``block`` and the rows split evenly) the padding is empty, the blocks are those of the
     whole tensor, and the DTensor equals the unsharded statistic: it loads on any world size."""
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Shard  # absent from torch builds without distributed
 
     per_rank = blocks_per_rank(math.prod(values.shape[1:]), shard, block)
     padded = torch.cat([local, local.new_zeros(per_rank - local.numel())]) if local.numel() < per_rank else local

@@ -17,7 +17,7 @@
 #     its adaptive refresh (cos_threshold 0.4, gamma 2, queue 5) is q_galore_adamw8bit's default.
 #   DCT-AdamW (Modoranu et al., arXiv 2505.17967; the authors' code): a new DCT subspace every step,
 #     scale 1, and the discarded part fed back in a 4-bit NormalFloat buffer (dct_adamw's class defaults, chosen on
-#     the CPU training benchmark, scripts/bench/dct_ablations.py); the paper gives no C4 lr: 0.0025,
+#     the CPU training benchmark, configs/sweeps/cpu_small.yaml); the paper gives no C4 lr: 0.0025,
 #     the best there (lr 0.01 at scale 0.25, the same step on the projected weights but 0.01 on the
 #     full-rank ones, was 6.2% behind GaLore-SVD over three seeds with a min-max 4-bit buffer, against
 #     5.3% at 0.0025).

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowmem_optim import engine
+from lowmem_optim.engine import param_step
 from lowmem_optim.op_count import OpCounter, as_one_op
 from lowmem_optim.quant import groupwise, int8_linear
 from lowmem_optim.quant.int8_linear import quantize_linear_layers
 from lowmem_optim.registry import build_optimizer
-from tests.integration.tiny import VOCAB, optimizer_kwargs, tiny_llama, token_batches
+from tests.helpers.tiny import VOCAB, optimizer_kwargs, tiny_llama, token_batches
 
 STEPS = 20
 
@@ -37,7 +37,7 @@ def _final_loss(name: str, seed: int) -> float:
 @pytest.mark.parametrize("name", ["q_galore_adamw8bit", "galore_adafactor"])
 def test_bf16_back_projection_trains_within_seed_noise_of_the_float32_one(name, monkeypatch):
     bf16 = [_final_loss(name, seed) for seed in (0, 1)]
-    monkeypatch.setattr(engine, "back_projection_dtype", lambda param, update: update.dtype)  # the float32 path
+    monkeypatch.setattr(param_step, "back_projection_dtype", lambda param, update: update.dtype)  # the float32 path
     fp32 = [_final_loss(name, seed) for seed in (0, 1)]
     start = float(torch.log(torch.tensor(float(VOCAB))))
     assert max(bf16) < start - 0.5  # it trains

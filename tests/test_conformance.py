@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, available_optimizers, build_optimizer
-from tests.integration.tiny import OURS, assert_same_state
+from tests.helpers.tiny import OURS, assert_same_state
 
 STEPS, SAVE_AT = 12, 5
 TARGET_SEED = 7

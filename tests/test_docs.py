@@ -8,6 +8,9 @@
   ``#anchor`` resolves;
 - every ```` ```python ```` block compiles, and blocks whose info string is ``python run`` run
   on CPU (keep them tiny);
+- a page's blocks marked ``session`` (```` ```bash session ````, ```` ```python session ````) run
+  in order in one fresh folder (``configs/`` at hand), in this process: each ``python -m train``
+  command line of a bash block through :func:`train.main`, each python block as a script;
 - the hyperparameter lists of docs/optimizers.md are what ``scripts/docs_hparams.py`` writes from the
   declarations;
 - the README's optimizer table lists every registry name, and its "state bytes / param" column
@@ -66,6 +69,10 @@ def cli_flags(cli: str) -> frozenset[str]:
     if cli in ("sweep", "report"):
         module = __import__(f"train.{cli}", fromlist=["main"])
         return _help_flags(module.main, ["--help"])
+    if cli in ("export", "eval"):
+        from train import main
+
+        return _help_flags(main, [cli, "--help"])
     return script_flags(cli)
 
 
@@ -86,15 +93,19 @@ def script_flags(path: str) -> frozenset[str]:
 
 def all_flags() -> frozenset[str]:
     scripts = [str(p.relative_to(REPO)) for p in (REPO / "scripts").rglob("*.py")]
-    return frozenset().union(*(cli_flags(c) for c in ("train", "memory", "quickstart", "sweep", "report", *scripts)))
+    return frozenset().union(
+        *(cli_flags(c) for c in ("train", "export", "eval", "memory", "quickstart", "sweep", "report", *scripts))
+    )
 
 
 #: (pattern of a command, the command line its flags belong to: a name of cli_flags or the matched script)
 COMMANDS = [
     (re.compile(r"-m train\.(sweep|report|quickstart)\b"), lambda m: m.group(1)),
-    (re.compile(r"-m train(?![.\w])"), lambda m: "train"),
+    (re.compile(r"-m train (export|eval)\b"), lambda m: m.group(1)),
+    (re.compile(r"-m train(?![.\w])(?! (?:export|eval)\b)"), lambda m: "train"),
     (re.compile(r"(?:lowmem-optim|lowmem_optim\.cli) memory\b"), lambda m: "memory"),
     (re.compile(r"\b(scripts/[\w/.-]+\.(?:py|sh))\b"), lambda m: m.group(1)),
+    (re.compile(r"-m scripts\.bench\.(\w+)"), lambda m: f"scripts/bench/{m.group(1)}.py"),
 ]
 
 
@@ -103,7 +114,7 @@ def segments(text: str) -> list[str]:
     comments apart) and its inline code spans."""
     pieces = []
     for info, body in FENCE.findall(text):
-        if info.strip() in ("bash", "sh", "console", ""):
+        if info.split()[:1] in (["bash"], ["sh"], ["console"], []):
             for line in body.replace("\\\n", " ").splitlines():
                 pieces += re.split(r"\s#\s|^#\s|;|&&|\|\|", line)
     pieces += re.findall(r"`([^`\n]+)`", FENCE.sub("", text))
@@ -200,6 +211,48 @@ def test_runnable_python_blocks_run_on_cpu(where: str, info: str, body: str):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-c", body], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, f"{where} failed:\n{done.stderr[-3000:]}"
+
+
+def session_blocks(page: Path) -> list[tuple[str, str]]:
+    """(language, body) of the page's blocks marked ``session``, in order."""
+    found = FENCE.findall(page.read_text())
+    return [(info.split()[0], body) for info, body in found if info.split()[1:2] == ["session"]]
+
+
+SESSION_PAGES = [page for page in DOCS if session_blocks(page)]
+
+
+@pytest.mark.parametrize("page", SESSION_PAGES, ids=lambda p: p.name)
+def test_session_blocks_run_in_order_in_one_folder(page: Path, tmp_path, monkeypatch):
+    from train import main
+
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for language, body in session_blocks(page):
+            if language == "python":
+                exec(compile(body, f"{page.name} session", "exec"), {"__name__": "__main__"})
+                continue
+            for line in body.replace("\\\n", " ").splitlines():
+                command = line.split(" #")[0].strip()
+                if not command:
+                    continue
+                assert command.startswith("python -m train "), f"{page.name}: not a python -m train command: {line}"
+                main(shlex.split(command)[3:])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_training_page_has_its_after_training_session():
+    # export, load in transformers, evaluate, continue
+    assert [language for language, _ in session_blocks(REPO / "docs" / "training.md")] == [
+        "bash",
+        "python",
+        "bash",
+        "bash",
+    ]
 
 
 def readme_optimizer_table() -> dict[str, float]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lowmem_optim
-from lowmem_optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from lowmem_optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, layerwise
 
 OPTIMIZERS = [GaLoreAdamW, GaLoreAdafactor, GaLoreAdamW8bit]
 LOWRANK = {"rank": 4, "update_proj_gap": 3}
@@ -368,7 +368,7 @@ def test_a_step_that_raises_at_a_refresh_leaves_every_parameter_and_its_state_as
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_begin_project_finish_equals_step_param(cls):
-    """The split step (begin_step, project, finish_step) is step_param's projected update."""
+    """The split step (begin_step, project_gradient, finish_step) is step_param's projected update."""
     models = [_model(), _model()]
     opts = [cls(_groups(m), **_kwargs(cls)) for m in models]
     for _ in range(4):  # refreshes at steps 1 and 4 (update_proj_gap 3)
@@ -378,9 +378,9 @@ def test_begin_project_finish_equals_step_param(cls):
         for p in models[0].parameters():
             opts[0].step_param(p)
         for p in models[1].parameters():
-            if opts[1].projects(p):
+            if opts[1].is_projected(p):
                 opts[1].begin_step(p, p.grad)
-                opts[1].finish_step(p, opts[1].project(p, p.grad))
+                opts[1].finish_step(p, opts[1].project_gradient(p, p.grad))
             else:
                 opts[1].step_param(p)
     for a, b in zip(models[0].parameters(), models[1].parameters()):
@@ -394,6 +394,41 @@ def test_split_step_refuses_error_feedback_and_unprojected_params_by_name():
     with pytest.raises(ValueError, match="error_feedback='float32'"):
         opt.begin_step(model[0].weight, model[0].weight.grad)
     with pytest.raises(ValueError, match="is not projected"):
-        opt.project(model[0].bias, model[0].bias.grad)
+        opt.project_gradient(model[0].bias, model[0].bias.grad)
     with pytest.raises(KeyError, match="not a parameter"):
         opt.begin_step(torch.nn.Parameter(torch.ones(3, 3)), torch.ones(3, 3))
+
+
+def test_a_deepcopy_and_a_loaded_optimizer_step_their_own_parameters_by_lookup():
+    """The parameter index follows the groups: a copy finds its own parameters (not the
+    original's), and so does an optimizer after load_state_dict replaced its groups."""
+    model = _model()
+    opt = GaLoreAdamW(_groups(model))
+    _train(model, opt, 2)
+    clone = copy.deepcopy(opt)
+    weight = clone.param_groups[1]["params"][0]
+    weight.grad = torch.ones_like(weight)
+    assert clone.is_projected(weight) and clone.draw_seed(weight, 1) == opt.draw_seed(model[0].weight, 1)
+    clone.step_param(weight)
+    assert int(clone.state[weight]["step"]) == 3 and int(opt.state[model[0].weight]["step"]) == 2
+    with pytest.raises(KeyError, match="not a parameter"):
+        clone.step_param(model[0].weight)
+    fresh_model = _model()
+    fresh = GaLoreAdamW(_groups(fresh_model))
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.draw_seed(fresh_model[2].weight, 1) == opt.draw_seed(model[2].weight, 1)
+
+
+def test_a_param_group_refused_after_it_was_added_leaves_no_parameter_behind():
+    """layerwise.attach pops a group it cannot serve after add_param_group took it: its
+    parameters are no longer the optimizer's, for every per-parameter call."""
+    model = _model()
+    opt = GaLoreAdamW([{"params": [model[0].bias, model[2].bias]}])
+    handle = layerwise.attach(opt, accumulation_steps=2, accumulation_buffer="float32")
+    extra = {"params": [model[0].weight], **LOWRANK, "error_feedback": "float32"}
+    with pytest.raises(ValueError, match="error_feedback"):
+        opt.add_param_group(extra)
+    handle.remove()
+    for call in (opt.is_projected, opt.refresh_due, lambda p: opt.step_param(p, torch.ones_like(p))):
+        with pytest.raises(KeyError, match="not a parameter"):
+            call(model[0].weight)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 import lowmem_optim
-from tests.integration.tiny import tiny_llama
-from tests.models import ConvNet
+from tests.helpers.models import ConvNet
+from tests.helpers.tiny import tiny_llama
 
 
 def test_normalized_param_groups_send_hidden_matrices_and_convs_to_the_rule_and_the_rest_to_adam():

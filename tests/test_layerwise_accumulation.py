@@ -13,8 +13,8 @@ from torch import nn
 from lowmem_optim import GaLoreAdamW, layerwise, lowrank_param_groups
 from lowmem_optim.layerwise import AccumulationBuffer, buffer_bytes
 from lowmem_optim.quant.blockwise import dynamic_map
-from tests.reference import svd_basis
-from tests.test_layerwise import batches, loss_of, tiny_model
+from tests.helpers.models import batches, loss_of, tiny_model
+from tests.helpers.reference import svd_basis
 
 K = 3  # micro-batches per step
 
@@ -25,7 +25,7 @@ def galore(model: nn.Module, gap: int = 2, **low) -> GaLoreAdamW:
 
 
 def projected(model: nn.Module, opt: GaLoreAdamW) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if opt.projects(p)]
+    return [p for p in model.parameters() if opt.is_projected(p)]
 
 
 def ordinary_steps(model, opt, data):
@@ -85,11 +85,11 @@ def reference_step(model: nn.Module, opt: GaLoreAdamW, grads: list[dict[nn.Param
     """One step by hand from the micro-batch gradients: the others on their sum; a projected
     parameter begins with micro-batch 1's gradient and finishes from the sum of projections."""
     for p in model.parameters():
-        if not opt.projects(p):
+        if not opt.is_projected(p):
             opt.step_param(p, sum(g[p] for g in grads))
             continue
         opt.begin_step(p, grads[0][p])
-        opt.finish_step(p, sum(opt.project(p, g[p]) for g in grads))
+        opt.finish_step(p, sum(opt.project_gradient(p, g[p]) for g in grads))
 
 
 def test_refresh_step_chooses_the_subspace_from_micro_batch_one_and_projects_every_micro_batch_on_it():
@@ -157,7 +157,7 @@ def test_buffers_are_allocated_once_freed_of_gradients_and_sized_as_the_memory_m
     for i, tokens in enumerate(data):
         (loss_of(model, tokens) / K).backward()
         assert all(p.grad is None for p in projected(model, opt)), "full gradients freed every micro-batch"
-        others = [p.grad is not None for p in model.parameters() if not opt.projects(p)]
+        others = [p.grad is not None for p in model.parameters() if not opt.is_projected(p)]
         assert all(others) if i % K < K - 1 else not any(others), "the others accumulate in .grad"
         if i % K == K - 1:
             now = [t.data_ptr() for b in handle.buffers.values() for t in b.tensors]
@@ -257,12 +257,12 @@ def test_clipping_scales_a_projected_parameters_summed_projection_by_its_own_nor
         chunk = data[step * K : (step + 1) * K]
         grads = micro_gradients(ref, chunk)
         for p in ref.parameters():
-            if not opt_ref.projects(p):
+            if not opt_ref.is_projected(p):
                 total = sum(g[p] for g in grads)
                 opt_ref.step_param(p, total * (clip / (total.norm() + 1e-6)).clamp(max=1.0))
                 continue
             opt_ref.begin_step(p, grads[0][p])
-            low = sum(opt_ref.project(p, g[p]) for g in grads)
+            low = sum(opt_ref.project_gradient(p, g[p]) for g in grads)
             opt_ref.finish_step(p, low * (clip / (low.norm() + 1e-6)).clamp(max=1.0))
         accumulated_steps(ours, chunk)
     for (name, a), b in zip(ref.named_parameters(), ours.parameters()):

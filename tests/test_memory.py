@@ -12,6 +12,7 @@ import torch
 from lowmem_optim import build_optimizer
 from lowmem_optim.memory import TrainingSetup, estimate_memory
 from lowmem_optim.quant.int8_linear import Int8Weight, quantize_linear_layers
+from tests.helpers.scripts import script_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY = CONFIGS / "llama_tiny.json"
@@ -117,8 +118,6 @@ def test_layerwise_keeps_one_gradient_and_activation_checkpointing_shrinks_activ
 def test_llama7b_recipe_of_pretrain_script_is_predicted_under_15_gib(tmp_path):
     # scripts/pretrain_llama7b.sh: q_galore_adamw8bit, INT8 weights, INT4 projections, rank 1024,
     # layer-wise, activation checkpointing, bf16, 32 micro-batches of 16 x 256 summed in 8-bit buffers
-    from tests.test_scripts import script_config
-
     cfg = script_config(tmp_path, "7b")
     assert (cfg.batch_size, cfg.total_batch_size, cfg.accumulation_buffer) == (16, 512, "8bit")
     setup = TrainingSetup(

@@ -7,6 +7,7 @@ tests/test_conformance.py."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -14,8 +15,8 @@ from torch import nn
 
 import lowmem_optim
 from lowmem_optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW8bit
-from tests.models import ConvNet, conv_batch
-from tests.reference import adam_ref, galore_ref, svd_basis
+from tests.helpers.models import ConvNet, conv_batch
+from tests.helpers.reference import adam_ref, galore_ref, svd_basis
 
 NORMALIZED = [lowmem_optim.AuON, lowmem_optim.HybridAuON, lowmem_optim.Muon]
 
@@ -367,3 +368,25 @@ def test_tiny_llama_loss_goes_down(cls, lr):
         llama_loss(model, tokens).backward()
         opt.step()
     assert llama_loss(model, tokens).item() < 0.85 * first
+
+
+def test_named_optimizers_are_declarations_without_an_init_of_their_own():
+    from lowmem_optim.engine import declared_defaults
+    from lowmem_optim.registry import OPTIMIZERS, get_optimizer_class
+
+    named = [get_optimizer_class(name) for name, path in OPTIMIZERS.items() if path.startswith("lowmem_optim.")]
+    assert named and not [cls.__name__ for cls in named if "__init__" in vars(cls)]
+    for cls in named:
+        shown = list(inspect.signature(cls).parameters.values())[1 : 1 + len(cls.leading)]
+        assert [(p.name, p.default) for p in shown] == [(n, declared_defaults(cls)[n]) for n in cls.leading]
+
+
+def test_leading_hyperparameters_are_taken_by_position_once():
+    w = [torch.nn.Parameter(torch.randn(8, 8))]
+    given = {"lr": 0.1, "weight_decay": 0.01, "momentum": 0.95}
+    assert lowmem_optim.AuON(w, 0.1, 0.01).defaults.items() >= given.items()
+    assert GaLoreAdafactor(w, 0.01, relative_step=False).defaults["lr"] == 0.01
+    with pytest.raises(TypeError, match="multiple values for argument 'lr'"):
+        GaLoreAdamW(w, 0.01, lr=0.1)
+    with pytest.raises(TypeError, match="positional arguments"):
+        GaLoreAdamW(w, 0.01, (0.9, 0.99), 1e-8, 0.0, 4)

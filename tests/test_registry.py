@@ -8,7 +8,7 @@ import torch
 
 import lowmem_optim
 from lowmem_optim.registry import build_optimizer
-from tests.integration.tiny import tiny_llama
+from tests.helpers.tiny import tiny_llama
 
 
 @pytest.mark.parametrize("name", ["galore_adamw", "galore_adafactor", "galore_adamw8bit"])
@@ -31,3 +31,10 @@ def test_registry_routes_rank_to_the_matrix_group_for_the_lowrank_variant():
     opt = build_optimizer("auon", tiny_llama(), rank=4, update_proj_gap=10)
     assert "rank" not in opt.param_groups[0] or opt.param_groups[0]["rank"] is None
     assert opt.param_groups[1]["rank"] == 4 and opt.param_groups[1]["update_proj_gap"] == 10
+
+
+def test_each_class_of_the_package_carries_the_name_the_registry_lists_it_under():
+    from lowmem_optim.registry import OPTIMIZERS, get_optimizer_class
+
+    ours = {name: get_optimizer_class(name) for name, path in OPTIMIZERS.items() if path.startswith("lowmem_optim.")}
+    assert ours and {name: cls.registry_name for name, cls in ours.items()} == {name: name for name in ours}

@@ -195,13 +195,14 @@ def newest_intact(output_dir: str | Path) -> tuple[Path | None, list[str]]:
     return None, []
 
 
-def load(path: Path, *, verified: bool = False) -> dict[str, Any]:
+def load(path: Path, *, verified: bool = False, mmap: bool = False) -> dict[str, Any]:
     """The checkpoint at ``path`` (its checksum verified unless ``verified``); ValueError
-    naming the file when it cannot be trusted or read."""
+    naming the file when it cannot be trusted or read. ``mmap``: tensors are read from the
+    file when used, not all at once."""
     if not verified:
         verify(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # bad pickle, foreign objects: all mean "unusable"
         raise ValueError(
             f"checkpoint {str(path)!r} is unreadable ({type(err).__name__}: {err}). It was left as is; "

@@ -80,7 +80,14 @@ class TrainConfig(LowRankFlags):
     """Every setting of a run; the low-rank setup's fields come from :class:`LowRankFlags`."""
 
     # model
-    model_config: str = _opt("", "path of a LLaMA config JSON, e.g. configs/llama_60m.json (required)")
+    model_config: str = _opt(
+        "", "path of a LLaMA config JSON, e.g. configs/llama_60m.json (required, unless --init-from gives one)"
+    )
+    init_from: str | None = _opt(
+        None,
+        "a local save_pretrained LLaMA folder (e.g. an export) whose weights and config.json start the run, and "
+        "its tokenizer where it has one (unless --tokenizer); --model-config, if given, must match its config",
+    )
     dtype: str = _opt("float32", "weight and compute dtype", choices=tuple(DTYPES))
     activation_checkpointing: bool = _opt(False, "recompute activations in backward (saves memory)")
     loss_chunk_tokens: int = _opt(
@@ -180,8 +187,11 @@ class TrainConfig(LowRankFlags):
             raise ValueError(
                 f"Invalid --output-dir: {self.output_dir!r} (allowed: a folder of the run's own, e.g. runs/my_run)"
             )
-        if not self.model_config:
-            raise ValueError("--model-config is required (a LLaMA config JSON, e.g. configs/llama_60m.json)")
+        if not (self.model_config or self.init_from):
+            raise ValueError(
+                "--model-config is required (a LLaMA config JSON, e.g. configs/llama_60m.json), "
+                "unless --init-from names a save_pretrained folder"
+            )
         if self.optimizer not in available_optimizers():
             raise ValueError(f"Invalid --optimizer: {self.optimizer!r} (allowed: {', '.join(available_optimizers())})")
         for f in dataclasses.fields(self):
@@ -290,7 +300,8 @@ def _field_type(f: dataclasses.Field) -> tuple[type, bool]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train",
-        description="Pretrain a LLaMA model with a lowmem_optim optimizer (or a torch/bitsandbytes baseline).",
+        description="Pretrain a LLaMA model with a lowmem_optim optimizer (or a torch/bitsandbytes baseline). "
+        "After training: python -m train export --help, python -m train eval --help.",
         allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -58,6 +58,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> torch.Tensor: ...
 
+    def save_pretrained(self, folder: str | Path) -> None: ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids 0-255 and 256 as end of document: needs no download and no training."""
@@ -73,6 +75,42 @@ class ByteTokenizer:
             if data
             else torch.empty(0, dtype=torch.int32)
         )
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write this tokenizer as a ``transformers`` fast tokenizer (``tokenizer.json`` and
+        ``tokenizer_config.json``) that gives the same ids: a byte-level BPE without merges
+        whose 256 base tokens are the bytes (id = byte value), and :data:`BYTE_EOS_TOKEN` as
+        id 256, the end of document, which is never split out of a text (``split_special_tokens``):
+        a document holding its spelling is encoded as bytes, as here.
+        ``AutoTokenizer.from_pretrained(folder)`` loads it."""
+        from tokenizers import Tokenizer as FastTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        shown = _byte_level_alphabet()
+        fast = FastTokenizer(models.BPE({shown[b]: b for b in range(256)}, [], ignore_merges=True))
+        fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        fast.decoder = decoders.ByteLevel()
+        fast.add_special_tokens([BYTE_EOS_TOKEN])  # the next id: 256
+        PreTrainedTokenizerFast(
+            tokenizer_object=fast, eos_token=BYTE_EOS_TOKEN, split_special_tokens=True
+        ).save_pretrained(str(folder))
+
+
+#: the text of the byte tokenizer's end-of-document id in its ``transformers`` form
+BYTE_EOS_TOKEN = "<|end_of_document|>"
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The character that stands for each byte in byte-level BPE (GPT-2's convention, which
+    ``tokenizers``' ByteLevel pre-tokenizer applies): printable Latin-1 bytes stand for
+    themselves, the other 68 for the code points 256, 257, ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shown, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in shown:
+            shown[b], extra = chr(256 + extra), extra + 1
+    return [shown[b] for b in range(256)]
 
 
 class HFTokenizer:
@@ -98,9 +136,29 @@ class HFTokenizer:
     def encode(self, text: str) -> torch.Tensor:
         return torch.tensor(self._tok(text, add_special_tokens=False)["input_ids"], dtype=torch.int32)
 
+    def save_pretrained(self, folder: str | Path) -> None:
+        self._tok.save_pretrained(str(folder))
+
 
 def load_tokenizer(name: str) -> Tokenizer:
     return ByteTokenizer() if name == "bytes" else HFTokenizer(name)
+
+
+def folder_tokenizer(folder: str | Path) -> str | None:
+    """``folder`` as a tokenizer name when it holds a saved HF tokenizer, else None."""
+    return str(folder) if (Path(folder) / "tokenizer_config.json").is_file() else None
+
+
+def run_tokenizer(settings: dict[str, Any]) -> str:
+    """The tokenizer of a run with these settings (``TrainConfig.to_dict()``): ``--tokenizer``,
+    else the ``--init-from`` folder's when it has one, else the data's default (t5-base for c4,
+    as GaLore; bytes otherwise)."""
+    init_from = settings.get("init_from")
+    return (
+        settings.get("tokenizer")
+        or (folder_tokenizer(init_from) if init_from else None)
+        or ("t5-base" if settings["data"] == "c4" else "bytes")
+    )
 
 
 # ---- the built-in corpus --------------------------------------------------------------------
@@ -445,7 +503,7 @@ def _build_data(
     rank: int,
     world: int,
 ) -> Data:
-    tokenizer = load_tokenizer(tokenizer_name or ("t5-base" if source == "c4" else "bytes"))
+    tokenizer = load_tokenizer(tokenizer_name or run_tokenizer({"data": source}))
     if source == "c4":
         val = c4_validation(tokenizer, seq_len, eval_batches * batch_size * world)
         train = C4Stream(tokenizer, seq_len, batch_size, seed, rank, world)

@@ -24,9 +24,9 @@ from lowmem_optim.groups import parse_target_modules
 from lowmem_optim.llama_config import SIZING_KEYS, load_llama_config
 from train import RunStopped, checkpoint, distributed, outdir, preemption, resumption
 from train.config import RESUMABLE_CHANGES, TrainConfig
-from train.data import Data, build_data, fingerprint
-from train.metrics import Metrics, peak_memory
-from train.model import build_model, count_parameters, quantize_weights
+from train.data import Data, build_data, fingerprint, run_tokenizer
+from train.metrics import Metrics, peak_memory, perplexity
+from train.model import build_model, count_parameters, pretrained_config, quantize_weights
 from train.optim import make_optimizer, make_scheduler, optimizer_state_bytes
 
 
@@ -141,7 +141,8 @@ def run(cfg: TrainConfig, d: distributed.Dist) -> Trained:
 
 def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Trained:
     """Builds the run (or restores it from its newest checkpoint) and trains it."""
-    model_config = load_llama_config(cfg.model_config)
+    config_path = pretrained_config(cfg.init_from, cfg.model_config) if cfg.init_from else cfg.model_config
+    model_config = load_llama_config(config_path)
     data_fingerprint = fingerprint(cfg.data)
 
     # ---- resume or start: the newest intact checkpoint, which must have trained the same thing ----
@@ -154,7 +155,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
 
     # ---- data, model, optimizer, schedule ----
     data = _build_data(cfg, d)
-    model = _build_model(cfg, d, data)
+    model = _build_model(cfg, d, data, config_path)
     n_params = count_parameters(model)
     # layer-wise steps run inside backward, before DDP would all-reduce: their hooks average
     # each gradient over the ranks themselves, so the model is not wrapped in DDP
@@ -216,7 +217,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
 def _build_data(cfg: TrainConfig, d: distributed.Dist) -> Data:
     return build_data(
         cfg.data,
-        cfg.tokenizer,
+        run_tokenizer(cfg.to_dict()),
         cfg.seq_len,
         cfg.batch_size,
         seed=cfg.seed,
@@ -228,10 +229,11 @@ def _build_data(cfg: TrainConfig, d: distributed.Dist) -> Data:
     )
 
 
-def _build_model(cfg: TrainConfig, d: distributed.Dist, data: Data) -> nn.Module:
-    """The model as configured (INT8 weights with ``--weight-bits 8``), not yet wrapped."""
+def _build_model(cfg: TrainConfig, d: distributed.Dist, data: Data, config_path: str) -> nn.Module:
+    """The model as configured, from ``--init-from``'s weights where given (INT8 weights with
+    ``--weight-bits 8``, quantized from those), not yet wrapped."""
     model = build_model(
-        cfg.model_config,
+        config_path,
         dtype=getattr(torch, cfg.torch_dtype_name),
         device=d.device,
         seed=cfg.seed,
@@ -239,6 +241,7 @@ def _build_model(cfg: TrainConfig, d: distributed.Dist, data: Data) -> nn.Module
         seq_len=cfg.seq_len,
         activation_checkpointing=cfg.activation_checkpointing,
         loss_chunk_tokens=cfg.loss_chunk_tokens,
+        init_from=cfg.init_from,
     )
     if cfg.weight_bits == 8:
         model = quantize_weights(model, parse_target_modules(cfg.target_modules))
@@ -385,7 +388,7 @@ def _evaluate_into(w: Wiring, record: dict[str, Any]) -> None:
     """Adds the validation loss and perplexity to ``record``; logs the optimizer's per-layer
     statistics where it keeps them."""
     record["val_loss"] = evaluate(w.model, w.data.val, w.d.device)
-    record["val_ppl"] = math.exp(min(record["val_loss"], 80.0))  # exp overflows past ~709
+    record["val_ppl"] = perplexity(record["val_loss"])
     if hasattr(w.optimizer, "layer_stats"):
         w.metrics.log_layers(record["step"], w.optimizer.layer_stats())
 
@@ -399,18 +402,18 @@ def _save(w: Wiring, step: int, last_good: Path | None) -> Path | None:
         )
     model_state, optim_state = distributed.full_state_dicts(w.model, w.optimizer)
     if w.d.is_main:
-        payload = {
-            "step": step,
-            "model": model_state,
-            "optimizer": optim_state,
-            "scheduler": w.scheduler.state_dict(),
-            "data": w.data.train.state_dict(),
-            "rng": checkpoint.rng_state(),
-            "config": {**w.cfg.to_dict(), "world_size": w.d.world},
-            "model_config": w.model_config,
-            "data_fingerprint": w.data_fingerprint,
-        }
         try:
+            payload = {
+                "step": step,
+                "model": model_state,
+                "optimizer": optim_state,
+                "scheduler": w.scheduler.state_dict(),
+                "data": w.data.train.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "config": {**w.cfg.to_dict(), "world_size": w.d.world},
+                "model_config": w.model_config,
+                "data_fingerprint": w.data_fingerprint,
+            }
             last_good = checkpoint.save(w.out, step, payload, keep=w.cfg.keep_checkpoints)
         except OSError as err:  # a full disk, no permission: the previous checkpoints are intact
             raise RunStopped(f"step {step}: {err.strerror or err}") from err

@@ -41,6 +41,11 @@ def peak_memory(device: torch.device) -> dict[str, int]:
     return {"peak_mem_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(80) (exp overflows past ~709)."""
+    return math.exp(min(loss, 80.0))
+
+
 def read_jsonl(path: str | Path, *, drop_torn_end: bool = False) -> list[dict[str, Any]]:
     """The objects of a JSON-lines file; ValueError naming the file and line of a bad line.
     ``drop_torn_end``: a last line without its newline (a write cut short) is dropped."""

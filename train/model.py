@@ -1,14 +1,16 @@
 """The model: HF ``transformers``' LlamaForCausalLM built from a config JSON in ``configs/``,
 with the chunked loss of :mod:`train.loss`.
 
-Built from the config (never ``from_pretrained``), with the seed set first so every rank and
-every run with that seed starts from the same weights. The weights are created directly in the
+Built from the config, with the seed set first so every rank and every run with that seed
+starts from the same weights; or, with ``--init-from``, loaded by ``from_pretrained`` from a
+``save_pretrained`` folder whose config it is built from. The weights are created directly in the
 training dtype on the training device: a 7B model in bf16 never exists in fp32 first.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -58,8 +60,11 @@ def build_model(
     seq_len: int,
     activation_checkpointing: bool = False,
     loss_chunk_tokens: int = CHUNK_TOKENS,
+    init_from: str | None = None,
 ) -> nn.Module:
-    """A freshly initialised LlamaForCausalLM in ``dtype`` on ``device``.
+    """A freshly initialised LlamaForCausalLM in ``dtype`` on ``device``, or with the weights of
+    the ``save_pretrained`` folder ``init_from`` (loaded by ``transformers``, every weight
+    required) when given.
 
     The config is read by :func:`lowmem_optim.llama_config.load_llama_config`; ``vocab_needed``
     (the tokenizer's size) and ``seq_len`` are checked against it, and whatever else
@@ -80,13 +85,16 @@ def build_model(
         config = LlamaConfig(**{k: v for k, v in raw.items() if k != "model_type"})
         config.use_cache = False  # training never reuses keys/values; the cache would only hold memory
         torch.manual_seed(seed)
-        with _default_dtype(dtype), torch.device(device):
-            model = LlamaWithChunkedLoss(config, loss_chunk_tokens)
+        if init_from is None:
+            with _default_dtype(dtype), torch.device(device):
+                model = LlamaWithChunkedLoss(config, loss_chunk_tokens)
     except (TypeError, ValueError, KeyError, AttributeError) as err:  # a key transformers does not accept
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"--model-config {config_path!r} is rejected by transformers' LLaMA model ({type(err).__name__}: {first})"
         ) from err
+    if init_from is not None:
+        model = _load_pretrained(init_from, config, dtype, loss_chunk_tokens).to(device)
     if activation_checkpointing:
         # non-reentrant checkpointing works with DDP, FSDP2 and gradient hooks (layer-wise updates);
         # transformers renamed the method (the older name warns from 5.2x on, older 5.x lack the new)
@@ -97,14 +105,67 @@ def build_model(
     return model
 
 
+def _load_pretrained(folder: str, config: LlamaConfig, dtype: torch.dtype, loss_chunk_tokens: int) -> nn.Module:
+    try:
+        model, info = LlamaWithChunkedLoss.from_pretrained(
+            folder,
+            config=config,
+            dtype=dtype,
+            loss_chunk_tokens=loss_chunk_tokens,
+            local_files_only=True,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError) as err:  # no weights file, unreadable safetensors
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--init-from {folder!r}: transformers could not load its weights ({first})") from err
+    problems = [f"{kind} {sorted(info[kind])[:3]}" for kind in ("missing_keys", "unexpected_keys") if info[kind]]
+    if problems or info["mismatched_keys"]:
+        raise ValueError(
+            f"--init-from {folder!r} holds other weights than its config.json describes "
+            f"({'; '.join(problems) or 'mismatched shapes'})"
+        )
+    return model
+
+
+#: keys of a model config that belong to the tokenizer, not the model's shape
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def pretrained_config(folder: str, model_config: str | None) -> str:
+    """The config.json of the ``save_pretrained`` folder ``folder`` (``--init-from``), after
+    checking that ``model_config`` (``--model-config``, if given) says nothing else: every key
+    it sets but the token ids (the tokenizer's) must have the folder's value. ValueError naming
+    both values otherwise."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"--init-from {folder!r} has no config.json (allowed: a local save_pretrained LLaMA folder)")
+    own = load_llama_config(path, flag="--init-from")
+    if model_config:
+        filled = LlamaConfig.from_dict(own).to_dict()
+        given = load_llama_config(model_config)
+        for key in sorted(set(given) - {"model_type", *TOKEN_ID_KEYS}):
+            theirs = own.get(key, filled.get(key, "(unset)"))
+            if theirs != given[key]:
+                raise ValueError(
+                    f"--init-from {folder!r} has {key} {theirs!r} but --model-config {model_config!r} has "
+                    f"{given[key]!r} (allowed: a matching --model-config, or none: the folder's config is used)"
+                )
+    return str(path)
+
+
+#: values per scale and zero point of the INT8 weights (Q-GaLore's group size)
+INT8_GROUP_SIZE = 256
+
+
 def quantize_weights(model: nn.Module, target_modules: str | list[str]) -> nn.Module:
     """INT8 weights (Q-GaLore) in the linear layers ``target_modules`` selects, in place
-    (:mod:`lowmem_optim.quant.int8_linear`: codes + per-group scale and zero, group size 256).
+    (:mod:`lowmem_optim.quant.int8_linear`: codes + per-group scale and zero, groups of
+    :data:`INT8_GROUP_SIZE`).
     Their updates are applied by the optimizer through ``apply_update``, so only this
     package's optimizers can train them (checked when the optimizer is built)."""
     from lowmem_optim.quant.int8_linear import quantize_linear_layers
 
-    return quantize_linear_layers(model, target_modules=target_modules, group_size=256)
+    return quantize_linear_layers(model, target_modules=target_modules, group_size=INT8_GROUP_SIZE)
 
 
 def count_parameters(model: nn.Module) -> int:

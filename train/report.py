@@ -8,10 +8,12 @@ step: ``step``, ``loss``, ``tokens_per_s``, ``peak_mem_bytes``, ``opt_state_byte
 ``trial.json`` (written by :mod:`train.sweep`; a failed trial is listed even without metrics).
 
 Figures per run: final and best validation loss; peak memory and optimizer-state bytes (the
-largest logged value of each); tokens/s (median over logged steps after the first, which
-carries the start-up cost). The hyperparameter columns are lr, rank and every other flag that
-differs between the runs. A run is on the Pareto front when no other run has both less
-optimizer state and a lower final validation loss.
+largest logged value of each); subspace refreshes summed over the projected matrices and the
+largest refresh gap, from the last line of ``layer_stats.jsonl`` (low-rank runs); tokens/s
+(median over logged steps after the first, which carries the start-up cost). The
+hyperparameter columns are lr, rank and every other flag that differs between the runs. A run
+is on the Pareto front when no other run has both less optimizer state and a lower final
+validation loss.
 
 Writes ``report.md``, ``report.csv``, ``loss_vs_step.png`` (the best run of each optimizer)
 and ``memory_vs_loss.png`` (final validation loss against optimizer-state and peak memory).
@@ -23,11 +25,11 @@ import argparse
 import csv
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowmem_optim.registry import LOWRANK_OPTIMIZERS
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS
 from train.optim import LOWRANK_FLAGS
 
 #: flags that name where or how a run logs, not what it trains: never hyperparameter columns
@@ -56,6 +58,8 @@ FIGURES = (
     "opt_state_bytes",
     "tokens_per_s",
     "pareto",
+    "refreshes",
+    "largest_gap",
 )
 MIB = 2**20
 
@@ -66,6 +70,7 @@ class Run:
     config: dict[str, Any]
     metrics: list[dict[str, Any]]
     trial: dict[str, Any] | None
+    layers: list[dict[str, Any]] = field(default_factory=list)  # the last per-layer statistics logged
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -78,14 +83,17 @@ def load_runs(root: str | Path) -> list[Run]:
     folders = {p.parent for pattern in ("metrics.jsonl", "trial.json") for p in root.rglob(pattern)}
     runs = []
     for folder in sorted(folders):
-        metrics_path = folder / "metrics.jsonl"
+        metrics_path, stats_path = folder / "metrics.jsonl", folder / "layer_stats.jsonl"
         lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        stats = stats_path.read_text().splitlines() if stats_path.exists() else []
+        stats = [line for line in stats if line.strip()]
         runs.append(
             Run(
                 name=str(folder.relative_to(root)) if folder != root else folder.name,
                 config=_read_json(folder / "config.json") or {},
                 metrics=[json.loads(line) for line in lines if line.strip()],
                 trial=_read_json(folder / "trial.json"),
+                layers=json.loads(stats[-1])["layers"] if stats else [],
             )
         )
     return runs
@@ -105,6 +113,7 @@ def summarize(run: Run) -> dict[str, Any]:
         status = "ok"
     else:
         status = "incomplete"
+    projected = [layer for layer in run.layers if layer.get("rank") is not None]
     return {
         "status": status,
         "steps": m[-1].get("step") if m else None,
@@ -113,6 +122,8 @@ def summarize(run: Run) -> dict[str, Any]:
         "best_val_loss": min(val) if val else None,
         "peak_mem_bytes": max(_values(m, "peak_mem_bytes"), default=None),
         "opt_state_bytes": max(_values(m, "opt_state_bytes"), default=None),
+        "refreshes": sum(layer["refreshes"] for layer in projected) if projected else None,
+        "largest_gap": max((layer["gap"] for layer in projected if layer["gap"] is not None), default=None),
         "tokens_per_s": statistics.median(speed[1:] or speed) if speed else None,
     }
 
@@ -137,7 +148,10 @@ def build_table(runs: list[Run]) -> tuple[list[str], list[dict[str, Any]]]:
     for run in runs:
         params = run.trial["params"] if run.trial else {}
         config = {**{k.replace("-", "_"): v for k, v in params.items()}, **run.config}
-        if config.get("optimizer") not in LOWRANK_OPTIMIZERS:  # the CLI ignored its low-rank flags
+        if config.get("optimizer") not in (
+            *LOWRANK_OPTIMIZERS,
+            *MATRIX_OPTIMIZERS,
+        ):  # the CLI ignored its low-rank flags
             config.update(dict.fromkeys(LOWRANK_FLAGS))
         rows.append(
             {

@@ -1,6 +1,7 @@
 """Run a wandb sweep configuration offline: expand its trials, train each one, write the report.
 
     python -m train.sweep configs/sweeps/tiny.yaml [--parallel N] [--output-root runs/sweeps/tiny]
+    python -m train.sweep configs/sweeps/cpu_small.yaml --set optimizer=dct_adamw --set "seed=[0, 1]"
 
 The YAML is the one ``wandb sweep`` takes. Its trials are expanded with wandb's semantics:
 
@@ -13,6 +14,10 @@ The YAML is the one ``wandb sweep`` takes. Its trials are expanded with wandb's 
   distribution is inferred as wandb does when the key is absent (``values`` -> categorical,
   ``value`` -> constant, integer ``min``/``max`` -> int_uniform, else uniform).
 - ``bayes`` needs wandb's controller (``wandb sweep`` + ``wandb agent``): refused here.
+
+``--set KEY=VALUE`` replaces (or adds) one parameter before the trials are expanded: a YAML
+flow list (``"lr=[0.001, 0.01]"``) becomes its ``values``, anything else its ``value``; so one
+YAML holds a benchmark's protocol and each variant of it is a command line.
 
 Each trial runs the YAML's ``command`` (default ``${env} ${interpreter} ${program} ${args}``)
 in a subprocess, with ``${args}`` rendered as wandb's agent renders it (``--key=value``,
@@ -190,6 +195,22 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     return config
 
 
+def override(config: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """``config`` with each ``KEY=VALUE`` of ``--set`` as its parameter KEY (see the module docstring)."""
+    import yaml
+
+    parameters = dict(config["parameters"])
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise ValueError(f"Invalid --set: {assignment!r} (allowed: KEY=VALUE or KEY=[V1, V2, ...])")
+        value = yaml.safe_load(text)
+        if isinstance(value, list) and not value:
+            raise ValueError(f"Invalid --set: {assignment!r} (allowed: KEY=VALUE or KEY=[V1, V2, ...])")
+        parameters[key] = {"values": value} if isinstance(value, list) else {"value": value}
+    return {**config, "parameters": parameters}
+
+
 def expand(config: dict[str, Any], count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """The trials of a sweep, each a ``{flag name: value}`` dict, in the order wandb proposes them.
 
@@ -360,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--count", type=int, default=None, help="number of trials (overrides run_cap)")
     parser.add_argument("--sample-seed", type=int, default=0, help="seed of the random search's draws")
     parser.add_argument("--wandb", default="offline", choices=WANDB_MODES, help="wandb mode of the trials")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="replace one parameter: KEY=VALUE, or KEY=[V1, V2] for several values (repeatable)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the trials' commands, run nothing")
     return parser
 
@@ -368,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.parallel < 1:
         raise ValueError(f"Invalid --parallel: {args.parallel!r} (allowed: an int >= 1)")
-    config = load_sweep(args.sweep)
+    config = override(load_sweep(args.sweep), args.set)
     trials = expand(config, count=args.count, seed=args.sample_seed)
     root = Path(args.output_root or Path("runs/sweeps") / Path(args.sweep).stem)
     runner = SweepRunner(config, trials, root, wandb=args.wandb)

@@ -28,7 +28,7 @@ BLOCKSIZE = 256
 
 @functools.cache
 def _dynamic_map(signed: bool, device: str) -> torch.Tensor:
-    import bitsandbytes.functional as bnbf
+    import bitsandbytes.functional as bnbf  # optional dependency: imported where it is used
 
     return bnbf.create_dynamic_map(signed=signed).to(device)
 
@@ -40,7 +40,7 @@ def dynamic_map(signed: bool, device: torch.device | str) -> torch.Tensor:
 
 def quantize_blockwise(x: torch.Tensor, signed: bool, blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` to (codes uint8 of x's shape, absmax float32 of one value per block)."""
-    import bitsandbytes.functional as bnbf
+    import bitsandbytes.functional as bnbf  # optional dependency: imported where it is used
 
     code = dynamic_map(signed, x.device)
     codes, quant_state = bnbf.quantize_blockwise(x.detach().float().contiguous(), code=code, blocksize=blocksize)
@@ -55,7 +55,7 @@ def dequantize_blockwise(
     blocksize: int = BLOCKSIZE,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`: a float tensor of ``codes``' shape."""
-    import bitsandbytes.functional as bnbf
+    import bitsandbytes.functional as bnbf  # optional dependency: imported where it is used
 
     code = dynamic_map(signed, codes.device)
     out = bnbf.dequantize_blockwise(codes, absmax=absmax, code=code, blocksize=blocksize)

@@ -73,10 +73,11 @@ from lowmem_optim.quant.groupwise import (
     requantize_rows_,
     round_keys,
 )
+from lowmem_optim.selection import selected_modules
 
 #: values re-quantized per eager pass in :meth:`Int8Weight.apply_update`, bounding its workspace
 #: (float32 and int64 temporaries of one chunk) whatever the layer's size
-_UPDATE_CHUNK = 1 << 18
+UPDATE_CHUNK = 1 << 18
 #: mixed into the optimizer's seed so rounding draws differ from the same step's other draws
 _ROUNDING_STREAM = 0x5EED_1A7
 
@@ -114,9 +115,9 @@ class Int8Weight(nn.Parameter):
     @torch.no_grad()
     def rms(self) -> torch.Tensor:
         """RMS of the dequantized weight, sqrt(mean(W^2)) (Adafactor's RMS(W)), in fp32 chunks of
-        at most ``_UPDATE_CHUNK`` values: no full-precision copy of the weight is made. A 0-D
+        at most ``UPDATE_CHUNK`` values: no full-precision copy of the weight is made. A 0-D
         float64 tensor on the codes' device: no host read."""
-        codes, chunk = self.codes.view(-1), _UPDATE_CHUNK // self.group_size * self.group_size
+        codes, chunk = self.codes.view(-1), UPDATE_CHUNK // self.group_size * self.group_size
         total = torch.zeros((), dtype=torch.float64, device=codes.device)
         for start in range(0, codes.numel(), chunk):
             stop = min(start + chunk, codes.numel())
@@ -146,7 +147,7 @@ class Int8Weight(nn.Parameter):
         whole = codes.numel() // size * size
         fuse = _fusable(self.codes, size)
         requantize = fused(requantize_rows_) if fuse else requantize_rows_
-        chunk = whole if fuse else _UPDATE_CHUNK // size * size
+        chunk = whole if fuse else UPDATE_CHUNK // size * size
         for start in range(0, whole, chunk):
             stop = min(start + chunk, whole)
             groups = slice(start // size, stop // size)
@@ -392,8 +393,6 @@ def quantize_linear_layers(
     :func:`lowmem_optim.lowrank_param_groups`: ``"all-linear"`` spares the output head) by
     :class:`Int8Linear`, in place, one layer at a time; returns ``model``. Build the optimizer
     afterwards, from the converted model."""
-    from lowmem_optim.groups import selected_modules
-
     chosen = [(name, module) for name, module in selected_modules(model, target_modules) if type(module) is nn.Linear]
     if not chosen:
         raise ValueError(

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from lowmem_optim.parts import BOOLEAN, HParam, Part, SubspaceChange, invalid, number, optional, sequence
-from lowmem_optim.quant.int8_linear import Int8Weight
 from lowmem_optim.rules.base import LR, WEIGHT_DECAY, reindex_along
 from lowmem_optim.sharding import RowShard, StateLayout, global_mean, global_norm, global_numel, param_rms
 
@@ -33,9 +32,10 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 def weight_rms(param: torch.Tensor) -> torch.Tensor:
     """RMS(W), a 0-D float64 tensor on W's device (read on the host, it would stall a GPU every
-    step). An INT8 weight's parameter holds no values: its RMS is read from the codes; an
-    FSDP2-sharded one's sum of squares is summed over the ranks."""
-    return param.rms() if isinstance(param, Int8Weight) else param_rms(param)
+    step). A weight that stores its values itself (one with ``apply_update``, the engine's
+    protocol: an INT8 weight, :mod:`lowmem_optim.quant.int8_linear`) holds none in its tensor and
+    gives its own ``rms()``; an FSDP2-sharded one's sum of squares is summed over the ranks."""
+    return param.rms() if hasattr(param, "apply_update") else param_rms(param)
 
 
 class AdafactorRule(Part):

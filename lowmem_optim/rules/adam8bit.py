@@ -75,7 +75,7 @@ def fused_adam8bit_(
     """bitsandbytes' fused blockwise 8-bit Adam on this rule's state, in place:
     p <- p (1 - lr weight_decay) - lr Adam(g), the codes and absmax of both moments updated
     (``state['step']`` already advanced; ``p`` and ``g`` contiguous, of one dtype)."""
-    import bitsandbytes.functional as bnbf
+    import bitsandbytes.functional as bnbf  # optional dependency: imported where it is used
 
     beta1, beta2 = group["betas"]
     bnbf.optimizer_update_8bit_blockwise(

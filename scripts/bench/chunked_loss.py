@@ -23,7 +23,7 @@ Protocol (CPU; one JSON object written to --out and printed):
   minus weights, optimizer states and projections (what a step adds on top of them).
 
 Usage:
-  OMP_NUM_THREADS=1 python scripts/bench/chunked_loss.py --model-config configs/llama_small.json \\
+  OMP_NUM_THREADS=1 python -m scripts.bench.chunked_loss --model-config configs/llama_small.json \\
       --batch-size 16 --seq-len 256 --steps 10 --out chunked_loss.json
 """
 
@@ -40,14 +40,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from lowmem_optim import build_optimizer  # noqa: E402
-from lowmem_optim.memory import TrainingSetup, estimate_memory  # noqa: E402
-from lowmem_optim.op_count import OpCounter  # noqa: E402
-from train import main as train_main  # noqa: E402
-from train.loss import CHUNK_TOKENS  # noqa: E402
-from train.model import build_model  # noqa: E402
+from lowmem_optim import build_optimizer
+from lowmem_optim.memory import TrainingSetup, estimate_memory
+from lowmem_optim.op_count import OpCounter
+from scripts.bench.toolkit import REPO
+from train import main as train_main
+from train.loss import CHUNK_TOKENS
+from train.model import build_model
 
 
 def _rss_kib(field: str) -> int:
@@ -106,7 +105,12 @@ def _measure_in_fresh_process(args: argparse.Namespace, config_path: str, chunk:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     one = [config_path, args.dtype, str(args.batch_size), str(args.seq_len), str(chunk)]
     result = subprocess.run(
-        [sys.executable, __file__, "--measure-step", *one], env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-m", "scripts.bench.chunked_loss", "--measure-step", *one],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode:
         raise RuntimeError(result.stderr[-3000:])

@@ -2,11 +2,11 @@
 
 Run on CPU with 2 processes (gloo):
 
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 scripts/bench/fsdp_sharded_step.py [--steps 3] [--json out.json]
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m scripts.bench.fsdp_sharded_step [--steps 3] [--json out.json]
 
 Protocol:
-- Model: LLaMA-60M shaped HF ``LlamaForCausalLM`` (GaLore's config: hidden 512, intermediate
-  1376, 8 layers, 8 heads, vocab 32000, untied head), float32, CPU. Sharded copy: ``fully_shard``
+- Model: HF ``LlamaForCausalLM`` from ``configs/llama_60m.json`` (GaLore's 60M: hidden 512,
+  intermediate 1376, 8 layers, 8 heads, vocab 32000, untied head), float32, CPU. Sharded copy: ``fully_shard``
   per decoder layer and on the root over a 1-D mesh of the 2 ranks (``Shard(0)``); unsharded
   copy: the same weights, whole, in the same process.
 - Optimizers: every optimizer of this package through ``build_optimizer`` (``all-linear``
@@ -49,6 +49,7 @@ from lowmem_optim.engine import matrix_shape, splits_projected_rows
 from lowmem_optim.projection.base import projection_sides
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer
 from lowmem_optim.rules import RULES
+from scripts.bench.toolkit import LLAMA_7B, llama, state_bytes
 
 OPTIMIZERS = (
     "galore_adamw",
@@ -60,28 +61,6 @@ OPTIMIZERS = (
     "hybrid_auon",
     "muon",
 )
-LLAMA_60M = {
-    "hidden_size": 512,
-    "intermediate_size": 1376,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 8,
-    "vocab_size": 32000,
-}
-LLAMA_7B = {
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "vocab_size": 32000,
-}
-
-
-def llama(config: dict[str, int], device: str = "cpu"):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        return LlamaForCausalLM(LlamaConfig(**config, max_position_embeddings=1024, tie_word_embeddings=False))
 
 
 def hparams(name: str, rank: int, gap: int) -> dict[str, Any]:
@@ -194,10 +173,6 @@ def timed_step(model: torch.nn.Module, optimizer, grads: dict[str, torch.Tensor]
     return seconds, traffic.sent
 
 
-def state_bytes(optimizer) -> int:
-    return sum(sharding.local_bytes(v) for s in optimizer.state.values() for v in s.values())
-
-
 def largest(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -208,7 +183,7 @@ def measure(name: str, mesh, steps: int, rank: int) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
     world = mesh.size()
-    whole, sharded = llama(LLAMA_60M), llama(LLAMA_60M)
+    whole, sharded = llama(), llama()
     for layer in sharded.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(sharded, mesh=mesh)

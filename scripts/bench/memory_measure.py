@@ -26,7 +26,7 @@ Protocol (one JSON line per setup, appended to --out):
     ``lowmem_optim.memory.estimate_memory`` for the same setup.
 
 Usage:
-  python scripts/bench/memory_measure.py --device cuda --model-config configs/llama_60m.json \
+  python -m scripts.bench.memory_measure --device cuda --model-config configs/llama_60m.json \
       --optimizer galore_adamw --rank 128 --batch-size 8 --seq-len 256 --out mem.jsonl
 """
 
@@ -34,18 +34,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from lowmem_optim import build_optimizer, layerwise  # noqa: E402
-from lowmem_optim.memory import TrainingSetup, estimate_memory  # noqa: E402
-from lowmem_optim.registry import LOWRANK_OPTIMIZERS  # noqa: E402
-from train.model import build_model, quantize_weights  # noqa: E402
+from lowmem_optim import build_optimizer, layerwise
+from lowmem_optim.memory import TrainingSetup, estimate_memory
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS
+from train.model import build_model, quantize_weights
 
 
 def _build(args: argparse.Namespace, setup: TrainingSetup, config: dict, device: torch.device):

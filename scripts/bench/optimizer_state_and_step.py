@@ -1,8 +1,8 @@
 """Optimizer-state bytes and optimizer step time: torch AdamW vs ours vs galore-torch.
 
 Protocol (the figures in docs/benchmarks.md come from this script, as printed):
-- Model: LLaMA-60M shaped HF ``LlamaForCausalLM`` (GaLore's config: hidden 512, intermediate
-  1376, 8 layers, 8 heads, vocab 32000, untied head), float32 weights, on CPU.
+- Model: HF ``LlamaForCausalLM`` from ``configs/llama_60m.json`` (GaLore's 60M: hidden 512,
+  intermediate 1376, 8 layers, 8 heads, vocab 32000, untied head), float32 weights, on CPU.
 - Low-rank groups: every linear layer of the decoder (attention and MLP; not the head),
   rank 128, scale 0.25, proj_type std; embeddings, head and norms full-rank AdamW (GaLore's
   recipe). Other hyperparameters at each class's defaults.
@@ -18,7 +18,7 @@ Protocol (the figures in docs/benchmarks.md come from this script, as printed):
   refresh (update_proj_gap 1); reported as ratios to torch AdamW's median measured in the same
   run (``torch.set_num_threads`` as given).
 
-Usage: python scripts/bench/optimizer_state_and_step.py [--steps 5] [--threads 2] [--json out.json]
+Usage: python -m scripts.bench.optimizer_state_and_step [--steps 5] [--threads 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,25 +29,11 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lowmem_optim
+from scripts.bench.toolkit import llama, retained_bytes, state_bytes
 
 RANK = 128
-
-
-def llama_60m() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        vocab_size=32000,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
 
 
 def groups(model: torch.nn.Module, gap: int) -> list[dict]:
@@ -80,29 +66,6 @@ def set_grads(model: torch.nn.Module, step: int) -> None:
         p.grad = torch.randn(p.shape, generator=gen)
 
 
-def _state_tensors(opt: torch.optim.Optimizer):
-    """Every tensor the state holds: its values, and tensors kept as attributes of objects in it
-    (galore-torch keeps its projection matrix inside a projector object in the state)."""
-    for state in opt.state.values():
-        for value in state.values():
-            if torch.is_tensor(value):
-                yield value
-            elif hasattr(value, "__dict__"):
-                yield from (v for v in vars(value).values() if torch.is_tensor(v))
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """numel x element size of every state tensor."""
-    return sum(t.numel() * t.element_size() for t in _state_tensors(opt))
-
-
-def retained_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the distinct storages behind the state tensors: what the state keeps alive (a
-    slice of a larger tensor keeps the whole storage)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _state_tensors(opt)}
-    return sum(storages.values())
-
-
 def time_steps(model, opt, steps: int) -> float:
     times = []
     for step in range(steps):
@@ -120,7 +83,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = llama_60m()
+    model = llama()
     n_params = sum(p.numel() for p in model.parameters())
     rows = []
     for name, make in candidates().items():
@@ -141,7 +104,7 @@ def main() -> None:
         except Exception as err:  # a peer that cannot run here is reported, not hidden
             row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:120]
         rows.append(row)
-        model = llama_60m()  # fresh weights for the next candidate
+        model = llama()  # fresh weights for the next candidate
     base = next(r for r in rows if r["optimizer"] == "torch AdamW")
     print(
         f"LLaMA-60M shape ({n_params / 1e6:.1f}M params), rank {RANK}, CPU fp32, {args.threads} threads, "

@@ -1,7 +1,7 @@
 """Peer benchmark: our optimizers and the peers' on the same model, data, seed and step budget.
 
     pip install -e ".[bench]"      # galore-torch, apollo-torch, torchao: benchmark only
-    python scripts/bench/peers.py --out runs/bench/peers
+    python -m scripts.bench.peers --out runs/bench/peers
 
 Protocol (CPU, one intra-op thread so that CPU time measures the work rather than the
 contention of a shared machine): a LLaMA of hidden 128, 4 layers, 4 heads, intermediate 352,
@@ -36,15 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from lowmem_optim import available_optimizers, lowrank_param_groups  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
-from train.data import build_data  # noqa: E402
-from train.loop import evaluate  # noqa: E402
-from train.model import build_model  # noqa: E402
-from train.optim import make_optimizer, make_scheduler  # noqa: E402
+from lowmem_optim import available_optimizers, lowrank_param_groups
+from scripts.bench.toolkit import retained_bytes, state_bytes
+from train.config import TrainConfig
+from train.data import build_data
+from train.loop import evaluate
+from train.model import build_model
+from train.optim import make_optimizer, make_scheduler
 
 MODEL = {
     "model_type": "llama",
@@ -83,40 +81,6 @@ class Result:
     final_val_loss: float | None = None
     wall_s: float | None = None
     not_run: str | None = None
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-    """(retained, logical) bytes of the tensors reachable from the optimizer's state.
-
-    retained: the storages those tensors keep alive, each once (a view of a larger matrix keeps
-    all of it); logical: numel x element size of the tensors themselves.
-    """
-    tensors: dict[int, torch.Tensor] = {}
-    visited: set[int] = set()
-
-    def walk(value: Any) -> None:
-        if id(value) in visited:
-            return
-        visited.add(id(value))
-        if torch.is_tensor(value) and hasattr(value, "__tensor_flatten__"):  # torchao: codes + scales
-            for inner in value.__tensor_flatten__()[0]:
-                walk(getattr(value, inner))
-        elif torch.is_tensor(value):
-            tensors[id(value)] = value
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v)
-        elif hasattr(value, "__dict__"):  # galore-torch and apollo-torch keep projectors as objects
-            for v in vars(value).values():
-                walk(v)
-
-    for state in optimizer.state.values():
-        walk(state)
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()}
-    return sum(storages.values()), sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _lowrank_groups(model: nn.Module, **keys: Any) -> list[dict[str, Any]]:
@@ -254,12 +218,11 @@ def run_one(name: str, lr: float, build: Callable, data: Any, steps: int, skip: 
     except Exception as err:  # a peer that does not install or run here: listed with the reason
         return Result(name, lr, not_run=f"{type(err).__name__}: {err}"[:200])
     timed = steps - skip
-    retained, logical = state_bytes(optimizer)
     return Result(
         name,
         lr,
-        state_bytes=retained,
-        logical_state_bytes=logical,
+        state_bytes=retained_bytes(optimizer),
+        logical_state_bytes=state_bytes(optimizer),
         step_cpu_s=step_cpu / timed,
         train_step_cpu_s=train_cpu / timed,
         final_val_loss=evaluate(model, data.val, torch.device("cpu")),

@@ -1,7 +1,7 @@
 """Memory-versus-loss picture of a peer benchmark: optimizer state against final validation loss.
 
-    python scripts/bench/peers.py --out runs/bench/peers
-    python scripts/bench/plot_peers.py runs/bench/peers/results.jsonl --out docs/img/memory_vs_loss.png
+    python -m scripts.bench.peers --out runs/bench/peers
+    python -m scripts.bench.plot_peers runs/bench/peers/results.jsonl --out docs/img/memory_vs_loss.png
 
 Reads the ``results.jsonl`` that ``scripts/bench/peers.py`` writes (one JSON object per
 optimizer: ``name``, ``state_bytes``, ``final_val_loss``, ``not_run``) and draws each optimizer
@@ -17,10 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from train.report import pareto_front  # noqa: E402
+from train.report import pareto_front
 
 OURS = "lowmem_optim "
 #: label positions tried around a point, in points (the first one that overlaps no placed label wins)

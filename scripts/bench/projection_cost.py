@@ -10,7 +10,7 @@ the minimum over ``--repeats`` timed calls. Also checks that both DCT paths sele
 indices. One intra-op thread by default (``--threads``). Prints a Markdown table (seconds, and
 the exact SVD's time over each method's).
 
-    .venv/bin/python scripts/bench/projection_cost.py [--shapes 4096x4096,4096x11008] [--rank 1024]
+    python -m scripts.bench.projection_cost [--shapes 4096x4096,4096x11008] [--rank 1024]
 """
 
 from __future__ import annotations
@@ -23,11 +23,7 @@ import torch
 
 from lowmem_optim.parts import defaults
 from lowmem_optim.projection import DCTProjector, RandomizedSVDProjector, SVDProjector
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from scripts.bench.toolkit import sync
 
 
 def _time(refresh, grad: torch.Tensor, repeats: int, warm_up: bool) -> tuple[float, dict]:
@@ -37,10 +33,10 @@ def _time(refresh, grad: torch.Tensor, repeats: int, warm_up: bool) -> tuple[flo
     best = float("inf")
     for _ in range(repeats):
         state = {}
-        _sync(grad.device)
+        sync(grad.device)
         start = time.perf_counter()
         refresh(grad, state)
-        _sync(grad.device)
+        sync(grad.device)
         best = min(best, time.perf_counter() - start)
     return best, state
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -36,20 +35,19 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from lowmem_optim.engine import ComposedOptimizer  # noqa: E402
-from lowmem_optim.groups import parse_target_modules  # noqa: E402
-from lowmem_optim.llama_config import load_llama_config  # noqa: E402
-from lowmem_optim.memory import TrainingSetup, estimate_memory  # noqa: E402
-from lowmem_optim.projection import PROJECTORS  # noqa: E402
-from lowmem_optim.quant.int8_linear import Int8Weight  # noqa: E402
-from lowmem_optim.rules import RULES  # noqa: E402
-from train import distributed  # noqa: E402
-from train.config import TrainConfig, parse_args  # noqa: E402
-from train.loop import accumulation_steps, attach_layerwise  # noqa: E402
-from train.model import build_model, quantize_weights  # noqa: E402
-from train.optim import make_optimizer  # noqa: E402
+from lowmem_optim.engine import ComposedOptimizer
+from lowmem_optim.groups import parse_target_modules
+from lowmem_optim.llama_config import load_llama_config
+from lowmem_optim.memory import TrainingSetup, estimate_memory
+from lowmem_optim.projection import PROJECTORS
+from lowmem_optim.quant.int8_linear import Int8Weight
+from lowmem_optim.rules import RULES
+from scripts.bench.toolkit import sync
+from train import distributed
+from train.config import TrainConfig, parse_args
+from train.loop import accumulation_steps, attach_layerwise
+from train.model import build_model, quantize_weights
+from train.optim import make_optimizer
 
 
 class PartTimer:
@@ -102,11 +100,6 @@ def _patched(owner: type, attr: str, value: Callable) -> Iterator[None]:
         setattr(owner, attr, original)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _reset_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -127,16 +120,16 @@ def _run_steps(
     step: Callable[[], None], steps: int, tokens_per_step: int, device: torch.device, timer: PartTimer
 ) -> dict[str, Any]:
     """Step 1 alone, then tokens/s and the split over the others."""
-    _sync(device)
+    sync(device)
     begin = time.perf_counter()
     step()
-    _sync(device)
+    sync(device)
     first = time.perf_counter() - begin
     timer.clear()
     begin = time.perf_counter()
     for _ in range(steps - 1):
         step()
-    _sync(device)
+    sync(device)
     elapsed = time.perf_counter() - begin
     timed = max(steps - 1, 1)
     return {

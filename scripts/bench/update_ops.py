@@ -39,8 +39,8 @@ ops, temporaries (meta, ``--dtype``) and CPU time (``--cpu-dtype``) of a step af
 kernel counted as one op per parameter.
 
 Usage:
-  OMP_NUM_THREADS=1 python scripts/bench/update_ops.py [--rank 1024] [--steps 3] [--json out.json]
-  OMP_NUM_THREADS=1 python scripts/bench/update_ops.py --full-rank configs/llama_7b.json --no-time
+  OMP_NUM_THREADS=1 python -m scripts.bench.update_ops [--rank 1024] [--steps 3] [--json out.json]
+  OMP_NUM_THREADS=1 python -m scripts.bench.update_ops --full-rank configs/llama_7b.json --no-time
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -57,13 +56,11 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from lowmem_optim.op_count import OpCounter, as_one_op  # noqa: E402
-from lowmem_optim.quant import groupwise, int8_linear  # noqa: E402
-from lowmem_optim.quant.int8_linear import quantize_linear_layers  # noqa: E402
-from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer, get_optimizer_class  # noqa: E402
-from lowmem_optim.rules import adam8bit  # noqa: E402
+from lowmem_optim.op_count import OpCounter, as_one_op
+from lowmem_optim.quant import groupwise, int8_linear
+from lowmem_optim.quant.int8_linear import quantize_linear_layers
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer, get_optimizer_class
+from lowmem_optim.rules import adam8bit
 
 NO_REFRESH_GAP = 10**6
 SVD_BASED = ("galore_adamw", "galore_adafactor", "galore_adamw8bit", "q_galore_adamw8bit")

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.integration.tiny import OPTIMIZERS, explicit_lr, make_optimizer, snapshot, tiny_llama, token_batches
+from tests.helpers.tiny import OPTIMIZERS, explicit_lr, make_optimizer, snapshot, tiny_llama, token_batches
 
 STEPS, SAVE_AT = 4, 2
 

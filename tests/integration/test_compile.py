@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.integration.tiny import (
+from tests.helpers.tiny import (
     OPTIMIZERS,
     OURS,
     assert_same_state,

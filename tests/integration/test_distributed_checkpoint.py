@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS
-from tests.integration.tiny import (
+from tests.helpers.tiny import (
     OPTIMIZERS,
     assert_same_state,
     make_optimizer,

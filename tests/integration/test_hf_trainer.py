@@ -15,7 +15,7 @@ import torch
 
 from lowmem_optim.integrations.hf import trainer_optimizer
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS
-from tests.integration.tiny import (
+from tests.helpers.tiny import (
     OPTIMIZERS,
     explicit_lr,
     make_optimizer,

@@ -13,7 +13,7 @@ import io
 import pytest
 import torch
 
-from tests.integration.tiny import OPTIMIZERS, explicit_lr, make_optimizer, snapshot, tiny_llama, token_batches, train
+from tests.helpers.tiny import OPTIMIZERS, explicit_lr, make_optimizer, snapshot, tiny_llama, token_batches, train
 
 STEPS, SAVE_AT, LR = 4, 2, 1e-2
 

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from tests.integration.tiny import (
+from tests.helpers.tiny import (
     OPTIMIZERS,
     assert_same_state,
     lm_loss,

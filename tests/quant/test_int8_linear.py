@@ -127,7 +127,7 @@ def test_apply_update_draws_do_not_depend_on_the_chunking(monkeypatch):
     update = torch.randn(20, 300) * 0.05
     whole = copy.deepcopy(layer)
     whole.weight.apply_update(update, alpha=0.5, decay=0.9, seed=3)
-    monkeypatch.setattr(int8_linear, "_UPDATE_CHUNK", 3 * 128)  # 16 passes instead of 1
+    monkeypatch.setattr(int8_linear, "UPDATE_CHUNK", 3 * 128)  # 16 passes instead of 1
     layer.weight.apply_update(update, alpha=0.5, decay=0.9, seed=3)
     for key in ("weight_codes", "weight_scale", "weight_zero"):
         assert torch.equal(getattr(layer, key), getattr(whole, key))

@@ -4,7 +4,7 @@ Adafactor step for step."""
 import torch
 
 from lowmem_optim import GaLoreAdafactor
-from tests.reference import step_side_by_side
+from tests.helpers.reference import step_side_by_side
 
 
 def test_full_rank_adafactor_group_matches_hf_transformers_adafactor():

@@ -20,7 +20,7 @@ def _layer() -> tuple[Int8Linear, torch.Tensor]:
 
 @pytest.mark.parametrize("chunk", [1 << 22, 128])
 def test_int8_weight_rms_is_the_dequantized_weights_chunk_by_chunk(monkeypatch, chunk):
-    monkeypatch.setattr(int8_linear, "_UPDATE_CHUNK", chunk)  # 128: eight chunks of two groups
+    monkeypatch.setattr(int8_linear, "UPDATE_CHUNK", chunk)  # 128: eight chunks of two groups
     layer, dense = _layer()
     rms = weight_rms(layer.weight)
     assert rms.shape == () and rms.device == dense.device  # on the weight's device: no host read

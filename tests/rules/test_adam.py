@@ -9,7 +9,7 @@ import torch
 from lowmem_optim import GaLoreAdamW
 from lowmem_optim.memory import optimizer_memory
 from lowmem_optim.op_count import OpCounter
-from tests.reference import step_side_by_side
+from tests.helpers.reference import step_side_by_side
 
 
 def test_full_rank_group_equals_torch_adamw_bit_for_bit():

@@ -1,8 +1,8 @@
 """Run by ``torchrun --nproc_per_node 2`` from test_distributed.py (not a test module).
 
 Every run in one job, so the two processes start once: DDP with GaLore; DDP with GaLore on
-INT8 weights; FSDP2 with Q-GaLore, then resumed from its step-2 checkpoint; FSDP2 with every
-optimizer of the registry. Each rank writes what it holds.
+INT8 weights; FSDP2 with Q-GaLore (its model also saved as a DCP folder), then resumed from its
+step-2 checkpoint; FSDP2 with every optimizer of the registry. Each rank writes what it holds.
 """
 
 import json
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, available_optimizers
 from train import distributed, loop, preemption
@@ -77,6 +79,8 @@ def main(out: Path, base: list[str]) -> None:
     ]
     fsdp = loop.run(parse_args(base + fsdp_flags + [f"--output-dir={out / 'fsdp'}"]), d)
     torch.save(full_parameters(fsdp.model), out / f"fsdp_rank{rank}.pt")
+    # the sharded model as torchtitan checkpoints it: one DCP folder, each rank writing its rows
+    dcp.save({"model": get_model_state_dict(fsdp.model)}, checkpoint_id=str(out / "fsdp_dcp"))
     if rank == 0:  # as if killed after step 2's checkpoint
         shutil.copytree(out / "fsdp", out / "fsdp_cut")
         (out / "fsdp_cut" / "checkpoints" / "step_00000004.pt").unlink()

@@ -1,7 +1,8 @@
 """Two CPU processes on gloo (torchrun), the loss computed in chunks: DDP keeps ranks identical
 (INT8 weights included) and matches one process on the same global batch; FSDP2 trains every
 optimizer of the registry but bitsandbytes' (refused with a clear error), GaLore under FSDP2
-equals GaLore under DDP, and a Q-GaLore run resumes exactly from its gathered checkpoint."""
+equals GaLore under DDP, and a Q-GaLore run resumes exactly from its gathered checkpoint. The
+runs' checkpoints and an FSDP2 model's DCP folder export to Hugging Face with their logits."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import pytest
 import torch
 
 from lowmem_optim import available_optimizers
+from lowmem_optim.groups import parse_target_modules
+from tests.helpers.export_checks import assert_loads_with_the_training_models_logits
 from train import checkpoint, distributed, main, outdir
 from train.metrics import read_jsonl
-from train.model import build_model
+from train.model import build_model, quantize_weights
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = [
@@ -170,6 +173,35 @@ def test_fsdp2_refuses_bitsandbytes_with_a_clear_error(two_ranks):
     message = _fsdp_outcomes(two_ranks)["adamw8bit"]["refused"]
     assert message.startswith("--parallel fsdp: --optimizer adamw8bit cannot take FSDP2-sharded parameters")
     assert "(allowed: --parallel ddp, or an optimizer of lowmem_optim)" in message
+
+
+def _model_holding(state: dict[str, torch.Tensor], int8: bool) -> torch.nn.Module:
+    model = build_model(
+        str(REPO / "configs" / "llama_tiny.json"),
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        seed=1,  # other weights than the runs': the state must replace them all
+        vocab_needed=257,
+        seq_len=32,
+    )
+    if int8:
+        quantize_weights(model, parse_target_modules("all-linear"))
+    model.load_state_dict(state)
+    return model
+
+
+@pytest.mark.parametrize("source", ["ddp", "ddp_int8", "fsdp", "fsdp_dcp"])
+def test_export_of_a_two_process_run_loads_in_transformers_with_its_logits(two_ranks, tmp_path, source):
+    # ddp, ddp_int8, fsdp: the run's --output-dir (the loop's checkpoint, whole tensors); fsdp_dcp: the
+    # FSDP2 model's DCP folder, each rank's rows in its own file
+    argv = ["export", "--checkpoint", str(two_ranks / source), "--out", str(tmp_path / "hf")]
+    if source == "fsdp_dcp":
+        assert len(list((two_ranks / source).glob("*.distcp"))) == 2  # one file of rows per rank
+        argv += ["--model-config", str(REPO / "configs" / "llama_tiny.json"), "--tokenizer", "bytes"]
+    main(argv)
+    held = _load(two_ranks / f"{source.removesuffix('_dcp')}_rank0.pt")  # what rank 0 held at the end
+    trained = _model_holding(held, int8=source == "ddp_int8")
+    assert_loads_with_the_training_models_logits(tmp_path / "hf", trained, torch.float32)
 
 
 def test_teardown_meets_at_a_barrier_after_a_finished_run_and_not_after_a_failure(monkeypatch):

@@ -138,3 +138,26 @@ def test_report_files_markdown_csv_and_plots(runs, tmp_path):
 def test_report_of_a_folder_without_runs_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="no metrics.jsonl"):
         write_report(tmp_path, tmp_path / "report")
+
+
+def test_refreshes_and_largest_gap_come_from_the_last_layer_statistics_of_projected_layers(runs):
+    layers = [
+        {"name": "q", "rank": 8, "refreshes": 3, "gap": 10},
+        {"name": "k", "rank": 8, "refreshes": 2, "gap": 40},
+        {"name": "embed", "rank": None, "refreshes": 0, "gap": None},
+    ]
+    earlier = [{**layer, "refreshes": 1, "gap": 99} for layer in layers]
+    lines = [{"step": 2, "layers": earlier}, {"step": 4, "layers": layers}]
+    (runs / "galore_r8" / "layer_stats.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    _, rows = build_table(load_runs(runs))
+    by_run = {r["run"]: r for r in rows}
+    assert (by_run["galore_r8"]["refreshes"], by_run["galore_r8"]["largest_gap"]) == (5, 40)
+    assert (by_run["adamw"]["refreshes"], by_run["adamw"]["largest_gap"]) == (None, None)  # no statistics logged
+
+
+def test_a_matrix_optimizer_keeps_its_rank_column(runs):
+    # muon, auon and hybrid_auon take --rank (a subspace of their matrix group), unlike adamw
+    metrics = _metrics([5, 4, 3.5, 3.2], {4: 3.5}, 4.0, [100] * 4, [10] * 4)
+    _write_run(runs / "auon_r8", {"max_steps": 4, "optimizer": "auon", "lr": 0.01, "rank": 8}, metrics)
+    _, rows = build_table(load_runs(runs))
+    assert {r["run"]: r["rank"] for r in rows}["auon_r8"] == 8

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.sweep import SweepRunner, build_command, expand, load_sweep, main, main_exit_status
+from train.sweep import SweepRunner, build_command, expand, load_sweep, main, main_exit_status, override
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -231,6 +231,28 @@ def test_tiny_sweep_trains_every_trial_through_the_cli_records_a_failure_and_rep
     assert {p.name for p in report.iterdir()} == {"report.md", "report.csv", "loss_vs_step.png", "memory_vs_loss.png"}
     rows = (report / "report.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[-1].split(",")[1] == "no_such_optimizer"
+
+
+def test_set_replaces_or_adds_a_parameter_a_flow_list_giving_its_values():
+    config = _grid({"optimizer": {"values": ["adamw", "galore_adamw"]}, "lr": {"value": 0.1}})
+    changed = override(config, ["optimizer=dct_adamw", "lr=[0.001, 0.01]", "betas=0.9,0.99"])
+    assert expand(changed) == [
+        {"betas": "0.9,0.99", "lr": 0.001, "optimizer": "dct_adamw"},
+        {"betas": "0.9,0.99", "lr": 0.01, "optimizer": "dct_adamw"},
+    ]
+    assert config["parameters"]["optimizer"] == {"values": ["adamw", "galore_adamw"]}  # the loaded file is kept
+    for bad in ("lr", "=1", "lr=[]"):
+        with pytest.raises(ValueError, match="Invalid --set"):
+            override(config, [bad])
+
+
+def test_set_reaches_the_trials_command_lines(tmp_path, capsys):
+    sweep_file = tmp_path / "fake.yaml"
+    sweep_file.write_text(yaml.safe_dump(_fake_sweep(tmp_path, ["adamw"])))
+    assert main([str(sweep_file), "--dry-run", "--set", "lr=0.5", "--set", "seed=[0, 1]"]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 2 and all("--lr=0.5" in c for c in commands)
+    assert ["--seed=0" in commands[0], "--seed=1" in commands[1]] == [True, True]
 
 
 @pytest.mark.parametrize(

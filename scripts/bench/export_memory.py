@@ -1,0 +1,111 @@
+"""Peak memory of ``python -m train export`` against the size of the weights it writes.
+
+Protocol (CPU; one JSON object written to --out and printed):
+- The model: --model-config (default configs/llama_130m.json), built in float32 with seed 0 and
+  saved twice in a temporary folder: as a DCP folder (``dcp.save({"model": state_dict})`` in one
+  process) and as a checkpoint of the loop (``train.checkpoint.save``, with its SHA-256 file; the
+  optimizer entry empty).
+- Each export (DCP to float32, DCP to bfloat16, checkpoint to float32) runs in a fresh process
+  started with ``MALLOC_MMAP_THRESHOLD_=65536`` (every large tensor gets its own mapping, returned
+  to the system when freed, so the resident set follows the live tensors). After its imports the
+  process resets its peak resident set (``/proc/self/clear_refs``), runs ``train.export.main`` and
+  reports ``VmHWM`` minus the resident set before: ``peak_extra_bytes``. The checkpoint is
+  memory-mapped, so its pages count as resident once read, though the kernel may drop them.
+- Reported per export: ``peak_extra_bytes``, the float32 weights' bytes and their ratio
+  (one copy of the float32 weights: 1.0).
+
+Usage:
+  OMP_NUM_THREADS=1 python scripts/bench/export_memory.py --out export_memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+#: run in the measuring process: imports, reset the peak, export, report
+CHILD = """
+import json, sys
+from train.export import main
+import torch.distributed.checkpoint, transformers.models.llama.modeling_llama, safetensors.torch  # imports first
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM to the current resident set
+main(sys.argv[1:])
+print(json.dumps({"peak_extra_bytes": status("VmHWM") - before}))
+"""
+
+
+def measure(argv: list[str]) -> int:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, *argv], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+def main() -> None:
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from lowmem_optim.llama_config import load_llama_config
+    from train import checkpoint
+    from train.model import build_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-config", default="configs/llama_130m.json")
+    parser.add_argument("--out", default=None, help="also write the JSON result here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = build_model(
+            args.model_config, dtype=torch.float32, device=torch.device("cpu"), seed=0, vocab_needed=257, seq_len=256
+        )
+        state = model.state_dict()
+        weight_bytes = sum(v.numel() * v.element_size() for v in state.values())
+        dcp.save({"model": state}, checkpoint_id=str(root / "dcp"), no_dist=True)
+        payload = {
+            "step": 0,
+            "model": state,
+            "optimizer": {},
+            "scheduler": {},
+            "data": {},
+            "rng": {},
+            "config": {"dtype": "float32", "data": "builtin", "tokenizer": None},
+            "model_config": load_llama_config(args.model_config),
+            "data_fingerprint": "",
+        }
+        pt = checkpoint.save(root / "run", 0, payload, keep=1)
+        del model, state, payload
+
+        dcp_flags = ["--checkpoint", str(root / "dcp"), "--model-config", args.model_config]
+        exports = {
+            "dcp_to_float32": [*dcp_flags, "--dtype", "float32"],
+            "dcp_to_bfloat16": [*dcp_flags, "--dtype", "bfloat16"],
+            "checkpoint_to_float32": ["--checkpoint", str(pt), "--dtype", "float32"],
+        }
+        result = {"model_config": args.model_config, "float32_weight_bytes": weight_bytes}
+        for name, flags in exports.items():
+            peak = measure([*flags, "--out", str(root / name)])
+            result[name] = {"peak_extra_bytes": peak, "copies_of_float32_weights": round(peak / weight_bytes, 3)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""What the tests share: tiny models, float64 references of the equations, the tiny LLaMA stack."""
