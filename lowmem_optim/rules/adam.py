@@ -100,7 +100,14 @@ class AdamRule(Part):
         ``foreach=True``: a handful of multi-tensor kernels per dtype on CUDA, one op per tensor on
         CPU): bit for bit ``torch.optim.AdamW(foreach=True)``, and the same for one parameter or
         many. The state is this rule's: ``step`` a float32 CPU tensor, moments of the parameter's
-        shape and dtype."""
+        shape and dtype.
+
+        Gradient entries beyond 2^63 are clamped to +-2^63 in the gradients themselves (torch's
+        kernels read them; a clamped copy would double the step's workspace), as
+        :func:`adam_update` takes them: their squares would make V infinite and drop those
+        entries' updates for good. Below 2^63 nothing changes, bit for bit."""
+        torch._foreach_clamp_min_(grads, -GRADIENT_LIMIT)
+        torch._foreach_clamp_max_(grads, GRADIENT_LIMIT)
         for p, state in zip(params, states):
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)

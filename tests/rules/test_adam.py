@@ -26,6 +26,21 @@ def test_full_rank_group_equals_torch_adamw_bit_for_bit():
         assert torch.equal(opt.state[a]["exp_avg_sq"], torch_opt.state[c]["exp_avg_sq"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_rank_params_move_by_lr_on_a_first_step_of_gradients_beyond_float32_squares(dtype):
+    """Entries of 1e30 would make torch's V infinite and their update zero for good: clamped to
+    2^63 they give Adam's first step, lr x sign(g), like any gradient."""
+    params = [torch.nn.Parameter(torch.zeros(8, 4, dtype=dtype)), torch.nn.Parameter(torch.zeros(4, dtype=dtype))]
+    opt = GaLoreAdamW(params, lr=0.5, weight_decay=0.0)
+    signs = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).sign() for i, p in enumerate(params)]
+    for p, s in zip(params, signs):
+        p.grad = (s * 1e30).to(dtype)
+    opt.step()
+    for p, s in zip(params, signs):
+        torch.testing.assert_close(p.detach(), (-0.5 * s).to(dtype))
+        assert torch.isfinite(opt.state[p]["exp_avg_sq"]).all()
+
+
 def test_float16_params_keep_float32_moments_through_a_state_dict_roundtrip():
     p = torch.nn.Parameter(torch.randn(32, 16).half())
     opt = GaLoreAdamW([{"params": [p], "rank": 4}])
