@@ -1,5 +1,5 @@
-"""The probes' shared helpers (scripts/bench/toolkit.py): state bytes as the peers hold state,
-and a timer that leaves its set-up out."""
+"""State bytes as the peers hold state (train/optim.py) and the probes' shared helpers
+(scripts/bench/toolkit.py): a timer that leaves its set-up out, LLaMA from configs/."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 
 import torch
 
-from scripts.bench.toolkit import LLAMA_60M, llama, median_seconds, retained_bytes, state_bytes
+from scripts.bench.toolkit import LLAMA_60M, llama, median_seconds
+from train.optim import retained_bytes, state_bytes
 
 
 class _Projector:  # as galore-torch keeps its basis: an object in the state

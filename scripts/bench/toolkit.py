@@ -1,10 +1,11 @@
-"""What the probes share: state bytes, timing, LLaMA models from the shipped configs."""
+"""What the probes share: timing, LLaMA models from the shipped configs (state bytes: :mod:`train.optim`)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,47 +14,6 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 LLAMA_60M = REPO / "configs" / "llama_60m.json"
 LLAMA_7B = REPO / "configs" / "llama_7b.json"
-
-
-def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
-    """Every tensor reachable from ``optimizer.state``, each once: values, nested containers,
-    tensors held as attributes of objects (galore-torch and apollo-torch keep projectors so), the
-    inner tensors of tensor subclasses (torchao's codes and scales; a DTensor's local shard)."""
-    seen: set[int] = set()
-
-    def walk(value: Any) -> Iterator[torch.Tensor]:
-        if id(value) in seen:
-            return
-        seen.add(id(value))
-        if torch.is_tensor(value) and hasattr(value, "__tensor_flatten__"):
-            for inner in value.__tensor_flatten__()[0]:
-                yield from walk(getattr(value, inner))
-        elif torch.is_tensor(value):
-            yield value
-        elif isinstance(value, dict):
-            for v in value.values():
-                yield from walk(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                yield from walk(v)
-        elif hasattr(value, "__dict__"):
-            for v in vars(value).values():
-                yield from walk(v)
-
-    for state in optimizer.state.values():
-        yield from walk(state)
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """numel x element size of every state tensor (on this rank)."""
-    return sum(t.numel() * t.element_size() for t in state_tensors(optimizer))
-
-
-def retained_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the distinct storages behind the state tensors: what the state keeps alive (a
-    view of a larger tensor keeps all of it)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state_tensors(optimizer)}
-    return sum(storages.values())
 
 
 def sync(device: torch.device | str) -> None:
@@ -93,3 +53,22 @@ def llama(config: str | Path = LLAMA_60M, seed: int = 0, device: torch.device | 
     torch.manual_seed(seed)
     with torch.device(device):
         return LlamaForCausalLM(LlamaConfig.from_json_file(config))
+
+
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A markdown table of ``rows`` (cells already formatted) under ``columns``."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def write_json(path: str | Path | None, payload: Any) -> None:
+    """``payload`` as JSON at ``path`` (nothing when ``path`` is None), with the torch version."""
+    if path is not None:
+        Path(path).write_text(json.dumps({"torch": torch.__version__, **payload}, indent=1))
+
+
+def set_gradients(model: torch.nn.Module, seed: int, dtype: torch.dtype | None = None) -> None:
+    """A seeded standard-normal ``.grad`` for every parameter (the optimizer alone is measured)."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen).to(dtype or p.dtype)
