@@ -71,4 +71,4 @@ def set_gradients(model: torch.nn.Module, seed: int, dtype: torch.dtype | None =
     """A seeded standard-normal ``.grad`` for every parameter (the optimizer alone is measured)."""
     gen = torch.Generator().manual_seed(seed)
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=gen).to(dtype or p.dtype)
+        p.grad = torch.randn(p.shape, generator=gen).to(p.device, dtype or p.dtype)
