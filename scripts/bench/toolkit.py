@@ -1,9 +1,13 @@
-"""What the probes share: timing, LLaMA models from the shipped configs (state bytes: :mod:`train.optim`)."""
+"""What the probes share: timing, resident memory, tables, LLaMA models from the shipped configs
+(state bytes: :mod:`train.optim`)."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -72,3 +76,28 @@ def set_gradients(model: torch.nn.Module, seed: int, dtype: torch.dtype | None =
     gen = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=gen).to(p.device, dtype or p.dtype)
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident set (``VmRSS``) or its peak since the last reset (``VmHWM``)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def peak_rss_above(run: Callable[[], Any]) -> int:
+    """Peak resident bytes while ``run`` runs, above the resident set before it."""
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = rss_bytes()
+    run()
+    return rss_bytes("VmHWM") - before
+
+
+def in_fresh_process(module: str, *args: str) -> Any:
+    """The JSON of the last line ``python -m module args`` prints, run from the repository root in
+    a fresh process with ``MALLOC_MMAP_THRESHOLD_=65536`` (every large tensor gets its own mapping,
+    returned to the system when freed, so the RSS follows the live tensors) and one thread."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
