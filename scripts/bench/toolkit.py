@@ -32,19 +32,21 @@ def median_seconds(
     device: torch.device | str,
     warmup: int = 1,
     before: Callable[[], Any] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> float:
-    """Median wall time of ``repeats`` calls of ``run`` after ``warmup`` untimed ones, the
-    device synchronized around each; ``before`` runs untimed ahead of every call."""
+    """Median time (``clock``: wall time by default) of ``repeats`` calls of ``run`` after
+    ``warmup`` untimed ones, the device synchronized around each; ``before`` runs untimed ahead
+    of every call."""
     times = []
     for i in range(warmup + repeats):
         if before is not None:
             before()
         sync(device)
-        start = time.perf_counter()
+        start = clock()
         run()
         sync(device)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return statistics.median(times)
 
 
