@@ -15,6 +15,15 @@ from typing import Any
 
 import torch
 
+from lowmem_optim.groups import parse_target_modules
+from lowmem_optim.llama_config import load_llama_config
+from lowmem_optim.memory import MemoryEstimate, TrainingSetup, estimate_memory
+from train import distributed
+from train.config import TrainConfig
+from train.loop import accumulation_steps, attach_layerwise
+from train.model import build_model, quantize_weights
+from train.optim import make_optimizer
+
 REPO = Path(__file__).resolve().parents[2]
 LLAMA_60M = REPO / "configs" / "llama_60m.json"
 LLAMA_7B = REPO / "configs" / "llama_7b.json"
@@ -108,3 +117,43 @@ def in_fresh_process(module: str, *args: str) -> Any:
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def recipe(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, int]:
+    """The model, optimizer, layer-wise hooks (None without ``--layerwise``) and accumulation steps
+    as ``python -m train`` builds them from ``cfg`` in one process, on ``device``."""
+    model = build_model(
+        cfg.model_config,
+        dtype=getattr(torch, cfg.torch_dtype_name),
+        device=device,
+        seed=cfg.seed,
+        vocab_needed=load_llama_config(cfg.model_config)["vocab_size"],
+        seq_len=cfg.seq_len,
+        activation_checkpointing=cfg.activation_checkpointing,
+        loss_chunk_tokens=cfg.loss_chunk_tokens,
+    )
+    if cfg.weight_bits == 8:
+        model = quantize_weights(model, parse_target_modules(cfg.target_modules))
+    optimizer = make_optimizer(cfg, model)
+    accum = accumulation_steps(cfg, 1)
+    one_process = distributed.Dist(rank=0, world=1, local_rank=0, device=device, owns_group=False)
+    handle = attach_layerwise(cfg, optimizer, accum, one_process) if cfg.layerwise else None
+    return model, optimizer, handle, accum
+
+
+def predicted_memory(cfg: TrainConfig) -> MemoryEstimate:
+    """The memory model's estimate for the run ``cfg`` describes (:func:`lowmem_optim.memory.estimate_memory`)."""
+    setup = TrainingSetup(
+        optimizer=cfg.optimizer,
+        rank=cfg.rank,
+        weight_bits=32 if cfg.torch_dtype_name == "float32" else cfg.weight_bits,  # the model's name for fp32
+        dtype=cfg.torch_dtype_name,
+        proj_bits=cfg.proj_bits,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        activation_checkpointing=cfg.activation_checkpointing,
+        layerwise=cfg.layerwise,
+        target_modules=parse_target_modules(cfg.target_modules),
+        loss_chunk_tokens=cfg.loss_chunk_tokens,
+    )
+    return estimate_memory(load_llama_config(cfg.model_config), setup)
