@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.bench.toolkit import predicted_memory, recipe
+from scripts.bench.toolkit import peak_memory, predicted_memory, recipe, reset_peak_memory
 from train.config import TrainConfig, build_parser
 
 
@@ -53,9 +53,7 @@ def _training_step(model, opt, handle, tokens: torch.Tensor) -> None:
 
 
 def _cuda_peak(model, opt, handle, tokens: torch.Tensor, steps: int) -> dict:
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(tokens.device)
     times = []
     for _ in range(steps):
         torch.cuda.synchronize()
@@ -63,11 +61,11 @@ def _cuda_peak(model, opt, handle, tokens: torch.Tensor, steps: int) -> dict:
         _training_step(model, opt, handle, tokens)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    steady = times[1:] or times
+    steady, peaks = times[1:] or times, peak_memory(tokens.device)
     return {
         "device": torch.cuda.get_device_name(),
-        "max_memory_allocated": torch.cuda.max_memory_allocated(),
-        "max_memory_reserved": torch.cuda.max_memory_reserved(),
+        "max_memory_allocated": peaks["peak_allocated_bytes"],
+        "max_memory_reserved": peaks["peak_reserved_bytes"],
         "first_step_s": times[0],
         "tokens_per_s": tokens.numel() * len(steady) / sum(steady),
     }

@@ -25,7 +25,6 @@ Usage (the 7B recipe, its flags unchanged):
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import time
 from collections import defaultdict
@@ -40,7 +39,7 @@ from lowmem_optim.llama_config import load_llama_config
 from lowmem_optim.projection import PROJECTORS
 from lowmem_optim.quant.int8_linear import Int8Weight
 from lowmem_optim.rules import RULES
-from scripts.bench.toolkit import predicted_memory, recipe, sync
+from scripts.bench.toolkit import peak_memory, predicted_memory, recipe, reset_peak_memory, sync
 from train.config import TrainConfig, parse_args
 from train.model import build_model
 
@@ -95,22 +94,6 @@ def _patched(owner: type, attr: str, value: Callable) -> Iterator[None]:
         setattr(owner, attr, original)
 
 
-def _reset_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peaks(device: torch.device) -> dict[str, int | None]:
-    if device.type != "cuda":
-        return {"peak_allocated_bytes": None, "peak_reserved_bytes": None}
-    return {
-        "peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
-        "peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
-    }
-
-
 def _run_steps(
     step: Callable[[], None], steps: int, tokens_per_step: int, device: torch.device, timer: PartTimer
 ) -> dict[str, Any]:
@@ -132,7 +115,7 @@ def _run_steps(
         "step_s": elapsed / timed,
         "tokens_per_s": tokens_per_step * timed / elapsed,
         "parts_s_per_step": {k: v / timed for k, v in sorted(timer.seconds().items())},
-        **_peaks(device),
+        **peak_memory(device),
     }
 
 
@@ -165,7 +148,7 @@ def floor(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
         with timer.part("backward"):
             loss.backward()
 
-    _reset_memory(device)
+    reset_peak_memory(device)
     out = _run_steps(step, cfg.max_steps, cfg.batch_size * cfg.seq_len, device, timer)
     return out
 
@@ -198,7 +181,7 @@ def ours(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
                 owner = next((k for k in cls.__mro__ if attr in k.__dict__), None)
                 if owner is not None:
                     parts[owner, attr] = f"{kind} {attr}"
-    _reset_memory(device)
+    reset_peak_memory(device)
     with contextlib.ExitStack() as stack:
         for (owner, attr), name in parts.items():
             stack.enter_context(timer.wrapped(owner, attr, name))

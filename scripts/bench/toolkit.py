@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -73,6 +74,24 @@ def llama(
     torch.manual_seed(seed)
     with torch.device(device):
         return LlamaForCausalLM(settings)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """After a garbage collection, CUDA's cached blocks freed and its peak counters restarted."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, int | None]:
+    """CUDA's largest allocated and reserved bytes since :func:`reset_peak_memory` (None elsewhere)."""
+    cuda = device.type == "cuda"
+    return {
+        "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
+    }
 
 
 def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
