@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lowmem_optim import sharding
+from lowmem_optim import available_optimizers, sharding
 from lowmem_optim.engine import matrix_shape, splits_projected_rows
 from lowmem_optim.projection.base import projection_sides
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer
@@ -51,16 +51,8 @@ from lowmem_optim.rules import RULES
 from scripts.bench.toolkit import LLAMA_7B, llama, write_json
 from train.optim import state_bytes
 
-OPTIMIZERS = (
-    "galore_adamw",
-    "galore_adamw8bit",
-    "q_galore_adamw8bit",
-    "galore_adafactor",
-    "dct_adamw",
-    "auon",
-    "hybrid_auon",
-    "muon",
-)
+#: every optimizer of this package (``adamw`` and ``adamw8bit`` are torch's and bitsandbytes' classes)
+OPTIMIZERS = tuple(name for name in available_optimizers() if name not in ("adamw", "adamw8bit"))
 
 
 def hparams(name: str, rank: int, gap: int) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""What the probes share: timing, resident memory, tables, LLaMA models from the shipped configs
-(state bytes: :mod:`train.optim`)."""
+"""What the probes share: timing, peak memory and resident set, a fresh measuring process, a run
+built from the training CLI's flags with the memory model's estimate of it, seeded gradients,
+tables and JSON, LLaMA models from the shipped configs (state bytes: :mod:`train.optim`)."""
 
 from __future__ import annotations
 
