@@ -41,20 +41,10 @@ import torch
 from torch import nn
 
 from lowmem_optim import available_optimizers
-from scripts.bench.toolkit import LLAMA_60M, llama, markdown_table, median_seconds, set_gradients, write_json
+from scripts.bench.toolkit import LLAMA_60M, OneMatrix, llama, markdown_table, median_seconds, set_gradients, write_json
 from train.config import TrainConfig
 from train.optim import make_optimizer, retained_bytes, state_bytes
 from train.peers import PEERS
-
-
-class OneMatrix(nn.Module):
-    """One linear layer's weight of shape (out, in), drawn N(0, 0.02^2) with seed 0."""
-
-    def __init__(self, shape: str, device: str) -> None:
-        super().__init__()
-        out_features, in_features = (int(d) for d in shape.split("x"))
-        self.proj = nn.Linear(in_features, out_features, bias=False, device=device)
-        nn.init.normal_(self.proj.weight, std=0.02, generator=torch.Generator(device).manual_seed(0))
 
 
 def measure(name: str, model_of: Callable[[], nn.Module], args: argparse.Namespace) -> dict:
@@ -112,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     torch.set_num_threads(args.threads)
     names = [*available_optimizers(), *PEERS]
     names = [n for n in names if n == "adamw" or not args.only or any(s in n for s in args.only)]
-    models = {shape: partial(OneMatrix, shape, args.device) for shape in args.matrix or ()}
+    shapes = {shape: tuple(int(d) for d in shape.split("x")) for shape in args.matrix or ()}
+    models = {label: partial(OneMatrix, shape, device=args.device) for label, shape in shapes.items()}
     models = models or {str(args.model_config): partial(llama, args.model_config, device=args.device)}
     print(
         f"rank {args.rank}, {args.device} float32, {torch.get_num_threads()} threads, median of {args.steps} steps "

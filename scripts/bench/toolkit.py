@@ -20,6 +20,7 @@ import torch
 from lowmem_optim.groups import parse_target_modules
 from lowmem_optim.llama_config import load_llama_config
 from lowmem_optim.memory import MemoryEstimate, TrainingSetup, estimate_memory
+from lowmem_optim.quant.int8_linear import quantize_linear_layers
 from train import distributed
 from train.config import TrainConfig
 from train.loop import accumulation_steps, attach_layerwise
@@ -75,6 +76,22 @@ def llama(
     torch.manual_seed(seed)
     with torch.device(device):
         return LlamaForCausalLM(settings)
+
+
+class OneMatrix(torch.nn.Module):
+    """One linear layer's weight of ``shape`` (out, in) in ``dtype`` on ``device``, drawn
+    N(0, 0.02^2) with seed 0 (on ``meta``: its shape only); INT8 with ``int8``."""
+
+    def __init__(
+        self, shape: tuple[int, int], dtype: torch.dtype = torch.float32, device: str = "cpu", int8: bool = False
+    ) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(shape[1], shape[0], bias=False, dtype=dtype, device=device)
+        if device != "meta":
+            with torch.no_grad():
+                self.proj.weight.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(0)).mul_(0.02))
+        if int8:
+            quantize_linear_layers(self, "all-linear")
 
 
 def reset_peak_memory(device: torch.device) -> None:

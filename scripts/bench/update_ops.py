@@ -56,27 +56,12 @@ from torch import nn
 
 from lowmem_optim.op_count import OpCounter, as_one_op
 from lowmem_optim.quant import groupwise, int8_linear
-from lowmem_optim.quant.int8_linear import quantize_linear_layers
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer, get_optimizer_class
 from lowmem_optim.rules import adam8bit
-from scripts.bench.toolkit import markdown_table, median_seconds, set_gradients, write_json
+from scripts.bench.toolkit import OneMatrix, markdown_table, median_seconds, set_gradients, write_json
 
 NO_REFRESH_GAP = 10**6
 SVD_BASED = ("galore_adamw", "galore_adafactor", "galore_adamw8bit", "q_galore_adamw8bit")
-
-
-class OneMatrix(nn.Module):
-    """A model holding one linear layer of the given (out, in) weight shape."""
-
-    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: str, int8: bool) -> None:
-        super().__init__()
-        with torch.device(device):
-            self.proj = nn.Linear(shape[1], shape[0], bias=False, dtype=dtype)
-        if device != "meta":
-            with torch.no_grad():
-                self.proj.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
-        if int8:
-            quantize_linear_layers(self, "all-linear")
 
 
 def _optimizer(name: str, model: nn.Module, rank: int, **extra: Any) -> torch.optim.Optimizer:
