@@ -1,5 +1,5 @@
-"""The probes' shared helpers (scripts/bench/toolkit.py): state bytes as the peers hold state,
-and a timer that leaves its set-up out."""
+"""State bytes as the peers hold state (train/optim.py) and the probes' shared helpers
+(scripts/bench/toolkit.py): a timer that leaves its set-up out, LLaMA from configs/."""
 
 from __future__ import annotations
 
@@ -7,7 +7,19 @@ import json
 
 import torch
 
-from scripts.bench.toolkit import LLAMA_60M, llama, median_seconds, retained_bytes, state_bytes
+from scripts.bench.toolkit import (
+    LLAMA_60M,
+    llama,
+    markdown_table,
+    median_seconds,
+    peak_rss_above,
+    predicted_memory,
+    recipe,
+    set_gradients,
+)
+from tests.helpers.tiny_run import TINY
+from train.config import TrainConfig
+from train.optim import retained_bytes, state_bytes
 
 
 class _Projector:  # as galore-torch keeps its basis: an object in the state
@@ -37,3 +49,27 @@ def test_llama_is_built_from_the_shipped_config():
     config = json.loads(LLAMA_60M.read_text())
     assert model.config.hidden_size == config["hidden_size"] and not model.config.tie_word_embeddings
     assert sum(p.numel() for p in model.parameters()) == 58_073_600  # GaLore's "60M" with its untied head
+
+
+def test_recipe_builds_the_run_as_the_training_cli_and_predicts_a_float32_run_with_32_bit_weights():
+    cfg = TrainConfig(model_config=TINY, optimizer="galore_adamw", rank=4, layerwise=True)
+    model, optimizer, handle, accumulation = recipe(cfg, torch.device("cpu"))
+    assert handle is not None and accumulation == 1 and {p.dtype for p in model.parameters()} == {torch.float32}
+    assert [g["rank"] for g in optimizer.param_groups if g.get("rank")] == [4]
+    handle.remove()
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    # 4 bytes a parameter (and a few buffers); refused as "float32 with 16-bit weights" before
+    assert weights <= predicted_memory(cfg).weights_bytes < 1.01 * weights
+
+
+def test_peak_rss_above_sees_a_tensor_made_and_freed_inside():
+    assert peak_rss_above(lambda: torch.ones(16 * 2**20).sum()) >= 48 * 2**20  # 64 MiB of float32, touched
+
+
+def test_markdown_table_and_seeded_gradients():
+    assert markdown_table(("a", "b"), [(1, "x")]) == "| a | b |\n|---|---|\n| 1 | x |"
+    model = torch.nn.Linear(3, 2)
+    set_gradients(model, 7)
+    first = [p.grad.clone() for p in model.parameters()]
+    set_gradients(model, 7)
+    assert all(torch.equal(a, p.grad) for a, p in zip(first, model.parameters()))

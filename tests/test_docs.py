@@ -78,11 +78,13 @@ def cli_flags(cli: str) -> frozenset[str]:
 
 @cache
 def script_flags(path: str) -> frozenset[str]:
-    """Flags of a script under scripts/: the string literals its argparse declares, or, for a shell
-    script, those of the command line it hands its arguments to."""
+    """Flags of a script under scripts/: the string literals its argparse declares (and the training
+    CLI's where it extends that parser), or, for a shell script, those of the command line it
+    hands its arguments to."""
     source = (REPO / path).read_text()
     if path.endswith(".py"):
-        return frozenset(re.findall(r"[\"'](--[a-z][\w-]*)[\"']", source))
+        own = frozenset(re.findall(r"[\"'](--[a-z][\w-]*)[\"']", source))
+        return own | cli_flags("train") if "parser = build_parser()" in source else own
     own = frozenset(re.findall(r"=\s*\"(--[a-z][\w-]*)\"", source))  # [ "$1" = "--dry-run" ]
     if "-m train.quickstart" in source:
         return own | cli_flags("quickstart")

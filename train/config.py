@@ -20,6 +20,7 @@ from lowmem_optim.layerwise import ACCUMULATION_BUFFERS
 from lowmem_optim.parts import invalid
 from lowmem_optim.rules.adam import BETAS, EPS
 from train.loss import CHUNK_TOKENS
+from train.peers import PEERS
 
 #: accepted spellings of ``--dtype`` and the torch dtype name each resolves to
 DTYPES: dict[str, str] = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -100,7 +101,9 @@ class TrainConfig(LowRankFlags):
         16, "8: INT8 weights in the linear layers (Q-GaLore); 16: weights in --dtype", choices=(8, 16)
     )
     # optimizer
-    optimizer: str = _opt("adamw", "a registry name (lowmem_optim.available_optimizers())")
+    optimizer: str = _opt(
+        "adamw", "a registry name (lowmem_optim.available_optimizers()) or a peer baseline (train.peers)"
+    )
     lr: float = _opt(1e-3, "peak learning rate")
     weight_decay: float = _opt(0.0, "decoupled weight decay")
     betas: str | None = _opt(
@@ -192,8 +195,9 @@ class TrainConfig(LowRankFlags):
                 "--model-config is required (a LLaMA config JSON, e.g. configs/llama_60m.json), "
                 "unless --init-from names a save_pretrained folder"
             )
-        if self.optimizer not in available_optimizers():
-            raise ValueError(f"Invalid --optimizer: {self.optimizer!r} (allowed: {', '.join(available_optimizers())})")
+        allowed = [*available_optimizers(), *PEERS]
+        if self.optimizer not in allowed:
+            raise ValueError(f"Invalid --optimizer: {self.optimizer!r} (allowed: {', '.join(allowed)})")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices is not None and getattr(self, f.name) not in choices:
@@ -312,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "optimizer":
             from lowmem_optim import available_optimizers
 
-            help_text = f"one of: {', '.join(available_optimizers())}"
+            help_text = f"one of: {', '.join(available_optimizers())}; peer baselines: {', '.join(PEERS)}"
         kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": help_text}
         if base is bool:
             # "--flag" alone means True; "--flag=False" / "--flag False" as wandb's agent writes them

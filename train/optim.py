@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from lowmem_optim.registry import (
     get_optimizer_class,
 )
 from train.config import TrainConfig
+from train.peers import PEERS, build_peer
 
 #: flags that configure low-rank groups (group key = flag name in snake_case), from the parts' declarations
 LOWRANK_FLAGS = tuple(lowrank_hparams())
@@ -39,6 +41,8 @@ SCHEDULE_COMPATIBLE: dict[str, dict[str, Any]] = {
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """``cfg.optimizer`` over ``model`` with the run's hyperparameters."""
     name = cfg.optimizer
+    if name in PEERS:
+        return build_peer(cfg, model)
     cls = get_optimizer_class(name)
     hparams: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, **SCHEDULE_COMPATIBLE.get(name, {})}
     if cfg.adam_betas is not None:
@@ -95,15 +99,51 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
+def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    """Every tensor reachable from ``optimizer.state``, each once: values, nested containers,
+    tensors held as attributes of objects (galore-torch and apollo-torch keep projectors so), the
+    inner tensors of tensor subclasses (torchao's codes and scales; a DTensor's local shard)."""
+    seen: set[int] = set()
+
+    def walk(value: Any) -> Iterator[torch.Tensor]:
+        if id(value) in seen:
+            return
+        seen.add(id(value))
+        if torch.is_tensor(value) and hasattr(value, "__tensor_flatten__"):
+            for inner in value.__tensor_flatten__()[0]:
+                yield from walk(getattr(value, inner))
+        elif torch.is_tensor(value):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from walk(v)
+        elif hasattr(value, "__dict__"):
+            for v in vars(value).values():
+                yield from walk(v)
+
+    for state in optimizer.state.values():
+        yield from walk(state)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """numel x element size of every state tensor (on this rank)."""
+    return sum(t.numel() * t.element_size() for t in state_tensors(optimizer))
+
+
+def retained_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the distinct storages behind the state tensors: what the state keeps alive (a
+    view of a larger tensor keeps all of it)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state_tensors(optimizer)}
+    return sum(storages.values())
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the optimizer's state on this process: ``state_bytes()`` where the optimizer
-    has it, else the bytes of every tensor in ``optimizer.state`` (local shards under FSDP2)."""
+    has it, else the storages its state keeps alive (:func:`retained_bytes`; local shards under
+    FSDP2, a peer's projector objects included)."""
     if hasattr(optimizer, "state_bytes"):
         return int(optimizer.state_bytes())
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if torch.is_tensor(value):
-                local = value.to_local() if hasattr(value, "to_local") else value
-                total += local.numel() * local.element_size()
-    return total
+    return retained_bytes(optimizer)

@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,15 +40,10 @@ import torch
 from lowmem_optim import build_optimizer
 from lowmem_optim.memory import TrainingSetup, estimate_memory
 from lowmem_optim.op_count import OpCounter
-from scripts.bench.toolkit import REPO
+from scripts.bench.toolkit import in_fresh_process, peak_rss_above
 from train import main as train_main
 from train.loss import CHUNK_TOKENS
 from train.model import build_model
-
-
-def _rss_kib(field: str) -> int:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
-    return int(line.split()[1])
 
 
 def measure_step(config_path: str, dtype: str, batch: int, seq: int, chunk: int) -> dict:
@@ -76,11 +68,14 @@ def measure_step(config_path: str, dtype: str, batch: int, seq: int, chunk: int)
         optimizer.zero_grad(set_to_none=True)
 
     step()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    before = _rss_kib("VmRSS")
+    counter = OpCounter()
+
+    def counted_step() -> None:
+        with counter:
+            step()
+
     start = time.perf_counter()
-    with OpCounter() as counter:
-        step()
+    peak_rss = peak_rss_above(counted_step)
     elapsed = time.perf_counter() - start
     setup = TrainingSetup(
         "adamw",
@@ -95,26 +90,10 @@ def measure_step(config_path: str, dtype: str, batch: int, seq: int, chunk: int)
     return {
         "loss_chunk_tokens": chunk,
         "peak_tensor_bytes": counter.peak_bytes,
-        "peak_rss_bytes": (_rss_kib("VmHWM") - before) * 1024,
+        "peak_rss_bytes": peak_rss,
         "step_s": elapsed,
         "predicted_step_bytes": predicted.total_bytes - static,
     }
-
-
-def _measure_in_fresh_process(args: argparse.Namespace, config_path: str, chunk: int) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    one = [config_path, args.dtype, str(args.batch_size), str(args.seq_len), str(chunk)]
-    result = subprocess.run(
-        [sys.executable, "-m", "scripts.bench.chunked_loss", "--measure-step", *one],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode:
-        raise RuntimeError(result.stderr[-3000:])
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _train(args: argparse.Namespace, config_path: str, chunk: int, out: Path) -> list[float]:
@@ -158,7 +137,11 @@ def main() -> None:
         config_path = str(Path(tmp) / "model.json")
         config = {**json.loads(Path(args.model_config).read_text()), "vocab_size": args.vocab_size}
         Path(config_path).write_text(json.dumps(config))
-        steps = {chunk: _measure_in_fresh_process(args, config_path, chunk) for chunk in (0, args.chunk_tokens)}
+        one = [config_path, args.dtype, str(args.batch_size), str(args.seq_len)]
+        steps = {
+            chunk: in_fresh_process("scripts.bench.chunked_loss", "--measure-step", *one, str(chunk))
+            for chunk in (0, args.chunk_tokens)
+        }
         losses = {chunk: _train(args, config_path, chunk, Path(tmp)) for chunk in (0, args.chunk_tokens)}
     whole, chunked = losses[0], losses[args.chunk_tokens]
     result = {

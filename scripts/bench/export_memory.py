@@ -6,7 +6,7 @@ Protocol (CPU; one JSON object written to --out and printed):
   process) and as a checkpoint of the loop (``train.checkpoint.save``, with its SHA-256 file; the
   optimizer entry empty).
 - Each export (DCP to float32, DCP to bfloat16, checkpoint to float32) runs in a fresh process
-  started with ``MALLOC_MMAP_THRESHOLD_=65536`` (every large tensor gets its own mapping, returned
+  started with ``MALLOC_MMAP_THRESHOLD_=65536`` and one thread (every large tensor gets its own mapping, returned
   to the system when freed, so the resident set follows the live tensors). After its imports the
   process resets its peak resident set (``/proc/self/clear_refs``), runs ``train.export.main`` and
   reports ``VmHWM`` minus the resident set before: ``peak_extra_bytes``. The checkpoint is
@@ -15,55 +15,34 @@ Protocol (CPU; one JSON object written to --out and printed):
   (one copy of the float32 weights: 1.0).
 
 Usage:
-  OMP_NUM_THREADS=1 python scripts/bench/export_memory.py --out export_memory.json
+  python -m scripts.bench.export_memory --out export_memory.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+import torch
+import torch.distributed.checkpoint as dcp
 
-#: run in the measuring process: imports, reset the peak, export, report
-CHILD = """
-import json, sys
-from train.export import main
-import torch.distributed.checkpoint, transformers.models.llama.modeling_llama, safetensors.torch  # imports first
-
-def status(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
-
-before = status("VmRSS")
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # resets VmHWM to the current resident set
-main(sys.argv[1:])
-print(json.dumps({"peak_extra_bytes": status("VmHWM") - before}))
-"""
-
-
-def measure(argv: list[str]) -> int:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, *argv], cwd=REPO, env=env, capture_output=True, text=True, check=True
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+from lowmem_optim.llama_config import load_llama_config
+from scripts.bench.toolkit import in_fresh_process, peak_rss_above
+from train import checkpoint
+from train.export import main as export
+from train.model import build_model
 
 
 def main() -> None:
-    import torch
-    import torch.distributed.checkpoint as dcp
+    if sys.argv[1:2] == ["--measure"]:  # in the fresh process: what the export imports first, then the export
+        import safetensors.torch  # noqa: F401
+        import transformers.models.llama.modeling_llama  # noqa: F401
 
-    from lowmem_optim.llama_config import load_llama_config
-    from train import checkpoint
-    from train.model import build_model
-
+        print(json.dumps({"peak_extra_bytes": peak_rss_above(lambda: export(sys.argv[2:]))}))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-config", default="configs/llama_130m.json")
     parser.add_argument("--out", default=None, help="also write the JSON result here")
@@ -99,7 +78,8 @@ def main() -> None:
         }
         result = {"model_config": args.model_config, "float32_weight_bytes": weight_bytes}
         for name, flags in exports.items():
-            peak = measure([*flags, "--out", str(root / name)])
+            peak = in_fresh_process("scripts.bench.export_memory", "--measure", *flags, "--out", str(root / name))
+            peak = peak["peak_extra_bytes"]
             result[name] = {"peak_extra_bytes": peak, "copies_of_float32_weights": round(peak / weight_bytes, 3)}
     text = json.dumps(result, indent=2)
     print(text)

@@ -36,7 +36,6 @@ Protocol:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from typing import Any
@@ -44,23 +43,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lowmem_optim import sharding
+from lowmem_optim import available_optimizers, sharding
 from lowmem_optim.engine import matrix_shape, splits_projected_rows
 from lowmem_optim.projection.base import projection_sides
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer
 from lowmem_optim.rules import RULES
-from scripts.bench.toolkit import LLAMA_7B, llama, state_bytes
+from scripts.bench.toolkit import LLAMA_7B, llama, write_json
+from train.optim import state_bytes
 
-OPTIMIZERS = (
-    "galore_adamw",
-    "galore_adamw8bit",
-    "q_galore_adamw8bit",
-    "galore_adafactor",
-    "dct_adamw",
-    "auon",
-    "hybrid_auon",
-    "muon",
-)
+#: every optimizer of this package (``adamw`` and ``adamw8bit`` are torch's and bitsandbytes' classes)
+OPTIMIZERS = tuple(name for name in available_optimizers() if name not in ("adamw", "adamw8bit"))
 
 
 def hparams(name: str, rank: int, gap: int) -> dict[str, Any]:
@@ -286,9 +278,7 @@ def main() -> None:
                         f"{split['replicated_state'] / mib:.1f} | {split['gather_bytes'] / mib:.1f} | "
                         f"{'yes' if split['split'] else 'no'} |"
                     )
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"llama_60m": rows, "llama_7b": big, "world": dist.get_world_size()}, f, indent=1)
+        write_json(args.json, {"llama_60m": rows, "llama_7b": big, "world": dist.get_world_size()})
     dist.destroy_process_group()
 
 

@@ -1,10 +1,10 @@
 """Python overhead of layer-wise low-rank accumulation per micro-batch, at LLaMA-7B's parameter count.
 
 Protocol (one process, CPU, one thread):
-- Model: LLaMA-7B's parameter layout at toy width: an embedding, 32 blocks of 7 linear layers
-  (q, k, v, o, gate, up, down) and 2 norm weights, a final norm and an output head: 291
-  parameters (as LLaMA-7B), 224 of them projected. Width ``--width`` (16), so the arithmetic is
-  negligible and the time is the Python around it.
+- Model: HF ``LlamaForCausalLM`` from ``configs/llama_7b.json`` at toy width: hidden
+  ``--width`` (16), MLP 2 x width, one attention head, vocab 64: LLaMA-7B's 291 parameters (an
+  embedding, 32 blocks of 7 linear layers and 2 norm weights, a final norm, an output head), 224
+  of them projected, so the arithmetic is negligible and the time is the Python around it.
 - Optimizer: ``GaLoreAdamW`` over ``lowrank_param_groups(model, rank=--rank)`` with
   ``update_proj_gap`` larger than the run (one refresh, in the warm-up step), attached with
   ``layerwise.attach(accumulation_steps=4, accumulation_buffer="float32")``.
@@ -29,42 +29,11 @@ import torch
 from torch import nn
 
 from lowmem_optim import GaLoreAdamW, layerwise, lowrank_param_groups
+from scripts.bench.toolkit import LLAMA_7B, llama
 
 ACCUMULATION_STEPS = 4
-LAYERS = 32
 VOCAB = 64
 TOKENS = 8
-
-
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.attn_norm = nn.RMSNorm(width)
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(width, width, bias=False) for _ in range(4))
-        self.mlp_norm = nn.RMSNorm(width)
-        self.gate_proj, self.up_proj = nn.Linear(width, 2 * width, bias=False), nn.Linear(width, 2 * width, bias=False)
-        self.down_proj = nn.Linear(2 * width, width, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.attn_norm(x)
-        x = x + self.o_proj(self.q_proj(h) * self.k_proj(h) + self.v_proj(h))
-        h = self.mlp_norm(x)
-        return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
-
-
-class SkeletonLlama(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(VOCAB, width)
-        self.layers = nn.ModuleList(Block(width) for _ in range(LAYERS))
-        self.norm = nn.RMSNorm(width)
-        self.lm_head = nn.Linear(width, VOCAB, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x = layer(x)
-        return nn.functional.cross_entropy(self.lm_head(self.norm(x)), tokens)
 
 
 def backward_seconds(model: nn.Module, steps: int, handle: layerwise.LayerwiseHandle | None) -> float:
@@ -74,7 +43,8 @@ def backward_seconds(model: nn.Module, steps: int, handle: layerwise.LayerwiseHa
     for _ in range(steps + 1):
         total = 0.0
         for _ in range(ACCUMULATION_STEPS):
-            loss = model(torch.randint(VOCAB, (TOKENS,), generator=generator)) / ACCUMULATION_STEPS
+            tokens = torch.randint(VOCAB, (1, TOKENS), generator=generator)
+            loss = model(input_ids=tokens, labels=tokens).loss / ACCUMULATION_STEPS
             start = time.process_time()
             loss.backward()
             total += time.process_time() - start
@@ -93,7 +63,14 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
-    model = SkeletonLlama(args.width)
+    model = llama(
+        LLAMA_7B,
+        hidden_size=args.width,
+        intermediate_size=2 * args.width,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        vocab_size=VOCAB,
+    )
     baseline = backward_seconds(model, args.steps, None)
 
     optimizer = GaLoreAdamW(lowrank_param_groups(model, rank=args.rank, update_proj_gap=10 * (args.steps + 2)), lr=1e-3)

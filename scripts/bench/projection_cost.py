@@ -16,14 +16,13 @@ the exact SVD's time over each method's).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 from lowmem_optim.parts import defaults
 from lowmem_optim.projection import DCTProjector, RandomizedSVDProjector, SVDProjector
-from scripts.bench.toolkit import sync
+from scripts.bench.toolkit import markdown_table, sync, write_json
 
 
 def _time(refresh, grad: torch.Tensor, repeats: int, warm_up: bool) -> tuple[float, dict]:
@@ -87,21 +86,14 @@ def main() -> None:
         )
         results.append(row)
     names = list(methods)
-    print(
-        "\n| shape | "
-        + " | ".join(f"{n} (s)" for n in names)
-        + " | "
-        + " | ".join(f"SVD / {n}" for n in names[1:])
-        + " | DCT paths same indices |"
-    )
-    print("|---" * (2 * len(names) + 1) + "|")
-    for row in results:
-        times = " | ".join(f"{row[n]:.3g}" for n in names)
-        ratios = " | ".join(f"{row['exact SVD'] / row[n]:.1f}x" for n in names[1:])
-        print(f"| {row['shape']} | {times} | {ratios} | {row['dct_paths_same_indices']} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": str(device), "dtype": args.dtype, "rank": args.rank, "results": results}, f, indent=1)
+    columns = ["shape", *(f"{n} (s)" for n in names), *(f"SVD / {n}" for n in names[1:]), "DCT paths same indices"]
+    cells = [
+        [row["shape"], *(f"{row[n]:.3g}" for n in names), *(f"{row['exact SVD'] / row[n]:.1f}x" for n in names[1:])]
+        + [row["dct_paths_same_indices"]]
+        for row in results
+    ]
+    print("\n" + markdown_table(columns, cells))
+    write_json(args.json, {"device": str(device), "dtype": args.dtype, "rank": args.rank, "results": results})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Usage (the 7B recipe, its flags unchanged):
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import time
 from collections import defaultdict
@@ -36,18 +35,13 @@ from typing import Any
 import torch
 
 from lowmem_optim.engine import ComposedOptimizer
-from lowmem_optim.groups import parse_target_modules
 from lowmem_optim.llama_config import load_llama_config
-from lowmem_optim.memory import TrainingSetup, estimate_memory
 from lowmem_optim.projection import PROJECTORS
 from lowmem_optim.quant.int8_linear import Int8Weight
 from lowmem_optim.rules import RULES
-from scripts.bench.toolkit import sync
-from train import distributed
+from scripts.bench.toolkit import peak_memory, predicted_memory, recipe, reset_peak_memory, sync
 from train.config import TrainConfig, parse_args
-from train.loop import accumulation_steps, attach_layerwise
-from train.model import build_model, quantize_weights
-from train.optim import make_optimizer
+from train.model import build_model
 
 
 class PartTimer:
@@ -100,22 +94,6 @@ def _patched(owner: type, attr: str, value: Callable) -> Iterator[None]:
         setattr(owner, attr, original)
 
 
-def _reset_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peaks(device: torch.device) -> dict[str, int | None]:
-    if device.type != "cuda":
-        return {"peak_allocated_bytes": None, "peak_reserved_bytes": None}
-    return {
-        "peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
-        "peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
-    }
-
-
 def _run_steps(
     step: Callable[[], None], steps: int, tokens_per_step: int, device: torch.device, timer: PartTimer
 ) -> dict[str, Any]:
@@ -137,7 +115,7 @@ def _run_steps(
         "step_s": elapsed / timed,
         "tokens_per_s": tokens_per_step * timed / elapsed,
         "parts_s_per_step": {k: v / timed for k, v in sorted(timer.seconds().items())},
-        **_peaks(device),
+        **peak_memory(device),
     }
 
 
@@ -170,32 +148,15 @@ def floor(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
         with timer.part("backward"):
             loss.backward()
 
-    _reset_memory(device)
+    reset_peak_memory(device)
     out = _run_steps(step, cfg.max_steps, cfg.batch_size * cfg.seq_len, device, timer)
     return out
 
 
 def ours(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     """The recipe's model, optimizer and stepping, each part timed."""
-    vocab = load_llama_config(cfg.model_config)["vocab_size"]
-    dtype = getattr(torch, cfg.torch_dtype_name)
-    model = build_model(
-        cfg.model_config,
-        dtype=dtype,
-        device=device,
-        seed=cfg.seed,
-        vocab_needed=vocab,
-        seq_len=cfg.seq_len,
-        activation_checkpointing=cfg.activation_checkpointing,
-        loss_chunk_tokens=cfg.loss_chunk_tokens,
-    )
-    if cfg.weight_bits == 8:
-        model = quantize_weights(model, parse_target_modules(cfg.target_modules))
-    optimizer = make_optimizer(cfg, model)
-    accum = accumulation_steps(cfg, 1)
-    one_process = distributed.Dist(rank=0, world=1, local_rank=0, device=device, owns_group=False)
-    handle = attach_layerwise(cfg, optimizer, accum, one_process) if cfg.layerwise else None
-    tokens = _tokens(cfg, vocab, device)
+    model, optimizer, handle, accum = recipe(cfg, device)
+    tokens = _tokens(cfg, load_llama_config(cfg.model_config)["vocab_size"], device)
     timer = PartTimer(device)
 
     def step() -> None:
@@ -220,7 +181,7 @@ def ours(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
                 owner = next((k for k in cls.__mro__ if attr in k.__dict__), None)
                 if owner is not None:
                     parts[owner, attr] = f"{kind} {attr}"
-    _reset_memory(device)
+    reset_peak_memory(device)
     with contextlib.ExitStack() as stack:
         for (owner, attr), name in parts.items():
             stack.enter_context(timer.wrapped(owner, attr, name))
@@ -229,24 +190,6 @@ def ours(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
         handle.remove()
     out["accumulation_steps"] = accum
     return out
-
-
-def predicted_bytes(cfg: TrainConfig) -> int:
-    """The memory model's peak for the recipe (:func:`lowmem_optim.memory.estimate_memory`)."""
-    setup = TrainingSetup(
-        optimizer=cfg.optimizer,
-        rank=cfg.rank,
-        weight_bits=cfg.weight_bits,
-        dtype=cfg.torch_dtype_name,
-        proj_bits=cfg.proj_bits,
-        batch_size=cfg.batch_size,
-        seq_len=cfg.seq_len,
-        activation_checkpointing=cfg.activation_checkpointing,
-        layerwise=cfg.layerwise,
-        target_modules=parse_target_modules(cfg.target_modules),
-        loss_chunk_tokens=cfg.loss_chunk_tokens,
-    )
-    return estimate_memory(load_llama_config(cfg.model_config), setup).total_bytes
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -262,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["floor"] = floor(cfg, device)
     result["ours"] = ours(cfg, device)
     result["tokens_per_s_vs_floor"] = result["ours"]["tokens_per_s"] / result["floor"]["tokens_per_s"]
-    result["predicted_peak_bytes"] = predicted_bytes(cfg)
+    result["predicted_peak_bytes"] = predicted_memory(cfg).total_bytes
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "step_split.json").write_text(json.dumps(result, indent=1))

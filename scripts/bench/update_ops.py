@@ -46,11 +46,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 import platform
-import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,26 +56,12 @@ from torch import nn
 
 from lowmem_optim.op_count import OpCounter, as_one_op
 from lowmem_optim.quant import groupwise, int8_linear
-from lowmem_optim.quant.int8_linear import quantize_linear_layers
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer, get_optimizer_class
 from lowmem_optim.rules import adam8bit
+from scripts.bench.toolkit import OneMatrix, markdown_table, median_seconds, set_gradients, write_json
 
 NO_REFRESH_GAP = 10**6
 SVD_BASED = ("galore_adamw", "galore_adafactor", "galore_adamw8bit", "q_galore_adamw8bit")
-
-
-class OneMatrix(nn.Module):
-    """A model holding one linear layer of the given (out, in) weight shape."""
-
-    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: str, int8: bool) -> None:
-        super().__init__()
-        with torch.device(device):
-            self.proj = nn.Linear(shape[1], shape[0], bias=False, dtype=dtype)
-        if device != "meta":
-            with torch.no_grad():
-                self.proj.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
-        if int8:
-            quantize_linear_layers(self, "all-linear")
 
 
 def _optimizer(name: str, model: nn.Module, rank: int, **extra: Any) -> torch.optim.Optimizer:
@@ -165,17 +149,12 @@ def cpu_figures(
     model = OneMatrix(shape, dtype, "cpu", int8)
     extra = {"proj_method": "randomized_svd", "power_iters": 0} if name in SVD_BASED else {}
     optimizer = _optimizer(name, model, rank, **extra)
-    _set_grad(model, 1)
-    optimizer.step()
-    times = []
-    for step in range(2, steps + 2):
-        _set_grad(model, step)
-        start = time.process_time()
-        optimizer.step()
-        times.append(time.process_time() - start)
+    seeds = itertools.count(1)
+    before = lambda: _set_grad(model, next(seeds))  # noqa: E731
+    cpu_s = median_seconds(optimizer.step, steps, "cpu", before=before, clock=time.process_time)
     counted = _counted_step(model, optimizer, steps + 2)
     return {
-        "cpu_s": statistics.median(times),
+        "cpu_s": cpu_s,
         "cpu_ops": counted.ops,
         "cpu_alloc_bytes": counted.allocated_bytes,
         "cpu_peak_bytes": counted.peak_bytes,
@@ -243,17 +222,12 @@ def full_rank_figures(
             adam8bit.fuses, adam8bit.fused_adam8bit_ = fuses, kernel
         row.update(fused_device_ops=fused.ops - fused.host_ops, fused_peak_bytes=fused.peak_bytes)
     if timed:
-        params = _full_rank_params(config, cpu_dtype, "cpu")
-        step = _full_rank_step(way, params)
-        times = []
-        for i in range(steps + 1):
-            gen = torch.Generator().manual_seed(i)
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen).to(cpu_dtype)
-            start = time.process_time()
-            step()
-            times.append(time.process_time() - start)
-        row["cpu_s"] = statistics.median(times[1:])
+        params = torch.nn.ParameterList(_full_rank_params(config, cpu_dtype, "cpu"))
+        seeds = itertools.count()
+        before = lambda: set_gradients(params, next(seeds))  # noqa: E731
+        row["cpu_s"] = median_seconds(
+            _full_rank_step(way, list(params)), steps, "cpu", before=before, clock=time.process_time
+        )
     return row
 
 
@@ -271,12 +245,8 @@ def full_rank_main(args: argparse.Namespace) -> list[dict[str, Any]]:
     columns += (("alloc MiB", "alloc_bytes", "MiB"),)
     columns += (("peak MiB", "peak_bytes", "MiB"), ("fused device ops", "fused_device_ops", "d"))
     columns += (("fused peak MiB", "fused_peak_bytes", "MiB"), ("CPU ms", "cpu_s", "ms"))
-    print(f"{'step':<24}" + "".join(f" {title:>{len(title)}}" for title, _, _ in columns))
-    rows = []
-    for way in FULL_RANK_WAYS:
-        row = full_rank_figures(way, config, dtype, cpu_dtype, args.steps, not args.no_time)
-        rows.append(row)
-        print(f"{way:<24}" + "".join(f" {_cell(row.get(key), unit):>{len(title)}}" for title, key, unit in columns))
+    rows = [full_rank_figures(way, config, dtype, cpu_dtype, args.steps, not args.no_time) for way in FULL_RANK_WAYS]
+    print(_table(("optimizer",), columns, rows))
     return rows
 
 
@@ -284,6 +254,12 @@ def _cell(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
     return {"d": f"{value}", "MiB": f"{value / 2**20:.1f}", "ms": f"{1000 * value:.0f}"}[unit]
+
+
+def _table(first: tuple[str, ...], columns: tuple[tuple[str, str, str], ...], rows: list[dict[str, Any]]) -> str:
+    """A markdown table: ``first`` columns (row keys), then one per ``(title, key, unit)``."""
+    cells = [[row[key] for key in first] + [_cell(row.get(key), unit) for _, key, unit in columns] for row in rows]
+    return markdown_table([*first, *(title for title, _, _ in columns)], cells)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -302,8 +278,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     if args.full_rank:
         rows = full_rank_main(args)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": rows}))
+        write_json(args.json, {"args": vars(args), "rows": rows})
         return rows
     shape, dtype, cpu_dtype = tuple(args.shape), getattr(torch, args.dtype), getattr(torch, args.cpu_dtype)
     print(
@@ -327,23 +302,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ("CPU alloc MiB", "cpu_alloc_bytes", "MiB"),
         ("CPU peak MiB", "cpu_peak_bytes", "MiB"),
     )
-    print(f"{'optimizer':<20} {'int8':<5}" + "".join(f" {title:>{len(title)}}" for title, _, _ in columns))
     rows = []
     for name in args.optimizers.split(","):
         for int8 in (False, True):
-            row = {"optimizer": name, "int8": int8, **dispatch_figures(name, shape, args.rank, dtype, int8)}
+            row = {"optimizer": name, "int8": "on" if int8 else "off"}
+            row.update(dispatch_figures(name, shape, args.rank, dtype, int8))
             if int8:
                 row.update(fused_figures(name, shape, args.rank, dtype))
             if not args.no_time:
                 row.update(cpu_figures(name, shape, args.rank, cpu_dtype, int8, args.steps))
             rows.append(row)
-            print(
-                f"{name:<20} {'on' if int8 else 'off':<5}"
-                + "".join(f" {_cell(row.get(key), unit):>{len(title)}}" for title, key, unit in columns),
-                flush=True,
-            )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": rows}, indent=1))
+    print(_table(("optimizer", "int8"), columns, rows))
+    write_json(args.json, {"args": vars(args), "rows": rows})
     return rows
 
 

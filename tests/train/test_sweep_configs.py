@@ -36,6 +36,7 @@ SWEEPS_WHEEL_SHA256 = "e35fbfa87215000238dd4ee8589fc0fed476e4f792cbe803f65071e52
 EXPECTED_TRIALS = {
     "tiny.yaml": 2,
     "cpu_small.yaml": 1,
+    "peers.yaml": 1,
     "llama60m_baselines.yaml": 2 * 3,
     "llama60m_lowrank.yaml": 4 * 3 * 2,
     "llama60m_dct.yaml": 3 * 2,
