@@ -23,8 +23,19 @@ Protocol (one JSON line per setup, appended to --out):
     kernels the model assumes keep a logsumexp: use a short --seq-len on CPU, and
     --loss-chunk-tokens 0 when a micro-batch holds more tokens than a chunk (MemTracker
     refuses a module called once per chunk);
+  * CPU with --cpu-peak step (the chunked loss against the whole one): the last step runs under
+    :class:`lowmem_optim.op_count.OpCounter` instead, which follows every storage the step
+    creates until it is freed; reported ``peak_tensor_bytes`` (the most of them alive at once:
+    gradients, activations, loss tensors, temporaries; not the weights and optimizer state made
+    before), ``peak_rss_bytes`` (the peak resident set over the step, ``VmHWM`` reset through
+    ``/proc/self/clear_refs``, above the resident set before it: run with
+    ``MALLOC_MMAP_THRESHOLD_=65536`` so that every large tensor gets its own mapping and the
+    RSS follows the live tensors), ``step_s`` (its wall time under the counter) and the memory
+    model's total minus weights, optimizer states and projections (``predicted_step_bytes``);
   * both: the optimizer-state bytes counted from the state tensors, and the prediction of
     ``lowmem_optim.memory.estimate_memory`` for the same setup.
+
+--vocab-size replaces the config's vocabulary (a large one makes the logits dominate a small model).
 
 Usage:
   python -m scripts.bench.memory_measure --device cuda --model-config configs/llama_60m.json \
@@ -34,12 +45,15 @@ Usage:
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from scripts.bench.toolkit import peak_memory, predicted_memory, recipe, reset_peak_memory
+from lowmem_optim.llama_config import load_llama_config
+from lowmem_optim.op_count import OpCounter
+from scripts.bench.toolkit import peak_memory, peak_rss_above, predicted_memory, recipe, reset_peak_memory
 from train.config import TrainConfig, build_parser
 
 
@@ -88,13 +102,34 @@ def _cpu_peak(model, opt, handle, tokens: torch.Tensor, steps: int) -> dict:
     }
 
 
-def measure(cfg: TrainConfig, device: torch.device, steps: int) -> dict:
+def _cpu_step_peak(model, opt, handle, tokens: torch.Tensor, steps: int) -> dict:
+    for _ in range(steps - 1):
+        _training_step(model, opt, handle, tokens)
+    counter = OpCounter()
+
+    def counted_step() -> None:
+        with counter:
+            _training_step(model, opt, handle, tokens)
+
+    start = time.perf_counter()
+    peak_rss = peak_rss_above(counted_step)
+    elapsed = time.perf_counter() - start
+    return {
+        "device": "cpu (OpCounter)",
+        "peak_tensor_bytes": counter.peak_bytes,
+        "peak_rss_bytes": peak_rss,
+        "step_s": elapsed,
+    }
+
+
+def measure(cfg: TrainConfig, device: torch.device, steps: int, cpu_peak: str = "memtracker") -> dict:
     predicted = predicted_memory(cfg).as_dict()
     model, opt, handle, _ = recipe(cfg, device)
     model.train()
     vocab = model.config.vocab_size
     tokens = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device=device)
-    peak = (_cuda_peak if device.type == "cuda" else _cpu_peak)(model, opt, handle, tokens, steps)
+    peak_of = _cuda_peak if device.type == "cuda" else _cpu_peak if cpu_peak == "memtracker" else _cpu_step_peak
+    peak = peak_of(model, opt, handle, tokens, steps)
     states = proj = 0
     for state in opt.state.values():
         for key, value in state.items():
@@ -110,7 +145,12 @@ def measure(cfg: TrainConfig, device: torch.device, steps: int) -> dict:
         "measured_projections_bytes": proj,
         "predicted": predicted,
     }
-    result["predicted_over_measured"] = predicted["total_bytes"] / result["max_memory_allocated"]
+    if "peak_tensor_bytes" in result:
+        static = ("weights_bytes", "optimizer_states_bytes", "projections_bytes")
+        result["predicted_step_bytes"] = predicted["total_bytes"] - sum(predicted[k] for k in static)
+        result["predicted_over_measured"] = result["predicted_step_bytes"] / result["peak_tensor_bytes"]
+    else:
+        result["predicted_over_measured"] = predicted["total_bytes"] / result["max_memory_allocated"]
     return result
 
 
@@ -118,24 +158,34 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     parser.prog, parser.description = "python -m scripts.bench.memory_measure", __doc__.split("\n\n")[0]
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--cpu-peak", default="memtracker", choices=("memtracker", "step"))
+    parser.add_argument("--vocab-size", type=int, help="replaces the config's vocab_size")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", required=True, help="JSON lines file the result is appended to")
     parser.set_defaults(dtype="bfloat16")
     args = vars(parser.parse_args(argv))
     device, steps, out = torch.device(args.pop("device")), args.pop("steps"), args.pop("out")
-    cfg = TrainConfig(**args)
-    result = measure(cfg, device, steps)
+    cpu_peak, vocab = args.pop("cpu_peak"), args.pop("vocab_size")
+    with tempfile.TemporaryDirectory() as tmp:
+        if vocab is not None:
+            config = {**load_llama_config(args["model_config"]), "vocab_size": vocab}
+            args["model_config"] = str(Path(tmp) / f"{Path(args['model_config']).stem}_vocab{vocab}.json")
+            Path(args["model_config"]).write_text(json.dumps(config))
+        cfg = TrainConfig(**args)
+        result = measure(cfg, device, steps, cpu_peak)
     with open(out, "a") as f:
         f.write(json.dumps(result) + "\n")
-    gib = 2**30
+    gib, step = 2**30, "peak_tensor_bytes" in result
     reserved = f", reserved {result['max_memory_reserved'] / gib:.3f} GiB" if "max_memory_reserved" in result else ""
     speed = f", {result['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in result else ""
+    measured = result["peak_tensor_bytes" if step else "max_memory_allocated"]
+    predicted = result["predicted_step_bytes"] if step else result["predicted"]["total_bytes"]
+    rss = f", step RSS {result['peak_rss_bytes'] / gib:.4f} GiB, {result['step_s']:.1f} s" if step else ""
     print(
         f"{Path(cfg.model_config).stem} {cfg.optimizer} b{cfg.batch_size}x{cfg.seq_len} w{cfg.weight_bits} "
-        f"{cfg.dtype} ckpt={cfg.activation_checkpointing} lw={cfg.layerwise}: "
-        f"measured {result['max_memory_allocated'] / gib:.4f} GiB{reserved}, "
-        f"predicted {result['predicted']['total_bytes'] / gib:.4f} GiB "
-        f"(x{result['predicted_over_measured']:.3f}){speed}",
+        f"{cfg.dtype} ckpt={cfg.activation_checkpointing} lw={cfg.layerwise} chunk={cfg.loss_chunk_tokens}: "
+        f"measured {'step ' if step else ''}{measured / gib:.4f} GiB{reserved}{rss}, "
+        f"predicted {predicted / gib:.4f} GiB (x{result['predicted_over_measured']:.3f}){speed}",
         flush=True,
     )
 
