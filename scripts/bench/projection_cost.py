@@ -6,7 +6,7 @@ projector's ``refresh`` (what the optimizer runs: choose the subspace and store 
 10, 2 power iterations), DCT by one product with the cached basis, and DCT by FFT (Makhoul).
 One warm-up call per method on that shape builds the DCT basis cache and FFT plans (the exact
 SVD is warmed up on a 256 x 256 matrix instead: a full warm-up would double the run); then
-the minimum over ``--repeats`` timed calls. Also checks that both DCT paths select the same
+the median of ``--repeats`` timed calls. Also checks that both DCT paths select the same
 indices. One intra-op thread by default (``--threads``). Prints a Markdown table (seconds, and
 the exact SVD's time over each method's).
 
@@ -16,28 +16,13 @@ the exact SVD's time over each method's).
 from __future__ import annotations
 
 import argparse
-import time
+from functools import partial
 
 import torch
 
 from lowmem_optim.parts import defaults
 from lowmem_optim.projection import DCTProjector, RandomizedSVDProjector, SVDProjector
-from scripts.bench.toolkit import markdown_table, sync, write_json
-
-
-def _time(refresh, grad: torch.Tensor, repeats: int, warm_up: bool) -> tuple[float, dict]:
-    state: dict = {}
-    if warm_up:
-        refresh(grad, {})
-    best = float("inf")
-    for _ in range(repeats):
-        state = {}
-        sync(grad.device)
-        start = time.perf_counter()
-        refresh(grad, state)
-        sync(grad.device)
-        best = min(best, time.perf_counter() - start)
-    return best, state
+from scripts.bench.toolkit import markdown_table, median_seconds, write_json
 
 
 def main() -> None:
@@ -70,7 +55,7 @@ def main() -> None:
     methods["exact SVD"](torch.randn(256, 256, device=device, dtype=dtype), {})
     print(
         f"device {device} ({torch.get_num_threads()} threads), dtype {args.dtype}, rank {args.rank}, "
-        f"torch {torch.__version__}, min of {args.repeats} timed call(s)"
+        f"torch {torch.__version__}, median of {args.repeats} timed call(s)"
     )
     results = []
     for shape in args.shapes.split(","):
@@ -79,7 +64,9 @@ def main() -> None:
         row = {"shape": shape}
         states = {}
         for name, refresh in methods.items():
-            row[name], states[name] = _time(refresh, grad, args.repeats, warm_up=name != "exact SVD")
+            state = states[name] = {}
+            run, warmup = partial(refresh, grad, state), int(name != "exact SVD")
+            row[name] = median_seconds(run, args.repeats, device, warmup=warmup, before=state.clear)
             print(f"  {shape} {name}: {row[name]:.4f} s", flush=True)
         row["dct_paths_same_indices"] = bool(
             torch.equal(states["DCT matmul"]["proj_index"], states["DCT FFT"]["proj_index"])

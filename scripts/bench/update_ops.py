@@ -1,42 +1,32 @@
 """What one optimizer update of a 7B-width matrix costs: aten ops, host-device syncs, temporaries, CPU time.
 
 Protocol (figures in the docs come from this script, as printed):
-- One weight of LLaMA-7B's MLP width, ``down_proj`` (4096 x 11008, ``--shape``), alone in a
-  model, in the low-rank group of each low-rank optimizer of the registry at rank 1024 (the 7B
-  recipe's; ``--rank``), every other hyperparameter at the class's default except
-  ``update_proj_gap`` (10^6, so steps 2 and later never refresh). INT8 weights off (the weight
-  in ``--dtype``) and on (:func:`lowmem_optim.quant.int8_linear.quantize_linear_layers`,
-  stochastic rounding).
-- The update is ``optimizer.step()`` with a seeded standard-normal gradient already in
-  ``param.grad``: neither forward nor backward is counted.
-- Ops, syncs, temporaries (:class:`lowmem_optim.op_count.OpCounter`): the parameter on the
-  ``meta`` device in ``--dtype`` (bfloat16, the 7B recipe's), so every op runs shape-only and a
-  sync is any host read of a tensor that is not on the CPU, as on a GPU. Columns: ``ops`` and
-  ``syncs`` of a step without a refresh (step 2), ``syncs/load`` of such a step after
-  ``state_dict()`` -> a new optimizer -> ``load_state_dict()`` (a resumed run), ``refresh ops``
-  and ``refresh syncs`` of step 1 (the first subspace), ``alloc MiB`` (bytes of every new
-  storage an op of step 2 returned) and ``peak MiB`` (the most of them alive at one time). With
-  INT8 weights these count the eager code; ``fused ops`` / ``fused alloc MiB`` / ``fused peak
-  MiB`` count step 2 as CUDA runs it, each fused pass of :mod:`lowmem_optim.quant.groupwise`
-  (one compiled graph) as one op (:func:`lowmem_optim.op_count.as_one_op`).
-- CPU time: the parameter on the CPU in ``--cpu-dtype`` (float32: bfloat16 matmuls are
-  emulated on CPUs without AMX, ~40x slower, which would time the emulation), ``--threads``
-  threads; the first step (the refresh) is done with ``proj_method="randomized_svd"`` and no
-  power iteration for the SVD-based optimizers (an exact SVD of 4096 x 11008 takes minutes
-  here; the steps timed are the same whatever chose the subspace), then the median
-  ``time.process_time()`` of ``--steps`` steps without a refresh; ``CPU ops``, ``CPU alloc MiB``
-  and ``CPU peak MiB`` count one more such step there (in ``--cpu-dtype``; also where a step
-  cannot run on the meta device, which then shows "-"). ``--no-time`` skips this part.
+- One weight of LLaMA-7B's ``down_proj`` shape (4096 x 11008, ``--shape``) alone in a model, in
+  the low-rank group of each low-rank optimizer of the registry at rank 1024 (the 7B recipe's,
+  ``--rank``), class defaults but ``update_proj_gap`` 10^6 (steps 2 and later never refresh);
+  INT8 weights off (the weight in ``--dtype``) and on (stochastic rounding). A step is
+  ``optimizer.step()`` on a seeded standard-normal ``param.grad``: no forward or backward.
+- Counts (:class:`lowmem_optim.op_count.OpCounter`) on the ``meta`` device in ``--dtype``
+  (bfloat16, the recipe's): every op runs shape-only, and a sync is a host read of a tensor off
+  the CPU, as on a GPU. ``ops`` / ``syncs`` of step 2; ``syncs/load`` of a step after
+  ``state_dict()`` -> a new optimizer -> ``load_state_dict()``; ``refresh ops`` / ``refresh
+  syncs`` of step 1; ``alloc MiB`` (every new storage of step 2) and ``peak MiB`` (the most of
+  them alive at once). ``fused ...``: INT8 step 2 as CUDA runs it, each compiled pass of
+  :mod:`lowmem_optim.quant.groupwise` one op (:func:`lowmem_optim.op_count.as_one_op`).
+- CPU time in ``--cpu-dtype`` (float32: bf16 matmuls are emulated on these CPUs), ``--threads``
+  threads: step 1 by randomized SVD without power iteration for the SVD-based optimizers (an
+  exact SVD of 4096 x 11008 takes minutes; the timed steps do not depend on it), then the median
+  ``time.process_time()`` of ``--steps`` steps; ``CPU ops`` / ``CPU alloc MiB`` / ``CPU peak
+  MiB`` count one more step there ("-" on meta where a step cannot run there). ``--no-time``
+  skips this part.
 
-``--full-rank CONFIG`` measures instead the full-rank parameters of a LLaMA config (embedding,
-head and the 2 L + 1 RMSNorm weights; the 7B recipe's full-rank group) in one group without a
-rank: ``galore_adamw``'s ``step()`` (the group in one call), its ``step_param`` over each
-parameter (layer-wise training), torch.optim.AdamW with ``foreach=True`` and ``False``, and
-``q_galore_adamw8bit``'s ``step()`` (8-bit moments; the eager code, as on CPU), as
-ops, temporaries (meta, ``--dtype``) and CPU time (``--cpu-dtype``) of a step after the first;
-``device ops`` leaves out the ops on CPU tensors only (the step counters: no kernel, no sync);
-``fused device ops`` / ``fused peak MiB``: the 8-bit step as CUDA runs it, bitsandbytes' fused
-kernel counted as one op per parameter.
+``--full-rank CONFIG``: the full-rank parameters of a LLaMA config instead (embedding, head, the
+2 L + 1 RMSNorm weights: the 7B recipe's full-rank group) in one group without a rank, stepped
+by ``galore_adamw``'s ``step()`` and its ``step_param`` per parameter (layer-wise), torch's
+AdamW with and without ``foreach``, and ``q_galore_adamw8bit``'s ``step()`` (eager 8-bit
+moments): counts of step 2 on meta (``device ops`` leaves out ops on CPU tensors only, the step
+counters) and its CPU time; ``fused device ops`` / ``fused peak MiB``: the 8-bit step with
+bitsandbytes' fused kernel one op per parameter, as CUDA runs it.
 
 Usage:
   OMP_NUM_THREADS=1 python -m scripts.bench.update_ops [--rank 1024] [--steps 3] [--json out.json]
@@ -286,22 +276,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"shape {shape[0]} x {shape[1]}, rank {args.rank}, dispatch figures in {args.dtype} on meta, "
         f"CPU time in {args.cpu_dtype}"
     )
-    columns = (
-        ("ops", "ops", "d"),
-        ("syncs", "syncs", "d"),
-        ("syncs/load", "syncs_after_load", "d"),
-        ("refresh ops", "refresh_ops", "d"),
-        ("refresh syncs", "refresh_syncs", "d"),
-        ("alloc MiB", "alloc_bytes", "MiB"),
-        ("peak MiB", "peak_bytes", "MiB"),
-        ("fused ops", "fused_ops", "d"),
-        ("fused alloc MiB", "fused_alloc_bytes", "MiB"),
-        ("fused peak MiB", "fused_peak_bytes", "MiB"),
-        ("CPU ms", "cpu_s", "ms"),
-        ("CPU ops", "cpu_ops", "d"),
-        ("CPU alloc MiB", "cpu_alloc_bytes", "MiB"),
-        ("CPU peak MiB", "cpu_peak_bytes", "MiB"),
-    )
+    columns = (("ops", "ops", "d"), ("syncs", "syncs", "d"), ("syncs/load", "syncs_after_load", "d"))
+    columns += (("refresh ops", "refresh_ops", "d"), ("refresh syncs", "refresh_syncs", "d"))
+    columns += (("alloc MiB", "alloc_bytes", "MiB"), ("peak MiB", "peak_bytes", "MiB"), ("fused ops", "fused_ops", "d"))
+    columns += (("fused alloc MiB", "fused_alloc_bytes", "MiB"), ("fused peak MiB", "fused_peak_bytes", "MiB"))
+    columns += (("CPU ms", "cpu_s", "ms"), ("CPU ops", "cpu_ops", "d"), ("CPU alloc MiB", "cpu_alloc_bytes", "MiB"))
+    columns += (("CPU peak MiB", "cpu_peak_bytes", "MiB"),)
     rows = []
     for name in args.optimizers.split(","):
         for int8 in (False, True):
