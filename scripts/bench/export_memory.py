@@ -6,11 +6,11 @@ Protocol (CPU; one JSON object written to --out and printed):
   process) and as a checkpoint of the loop (``train.checkpoint.save``, with its SHA-256 file; the
   optimizer entry empty).
 - Each export (DCP to float32, DCP to bfloat16, checkpoint to float32) runs in a fresh process
-  started with ``MALLOC_MMAP_THRESHOLD_=65536`` and one thread (every large tensor gets its own mapping, returned
-  to the system when freed, so the resident set follows the live tensors). After its imports the
-  process resets its peak resident set (``/proc/self/clear_refs``), runs ``train.export.main`` and
-  reports ``VmHWM`` minus the resident set before: ``peak_extra_bytes``. The checkpoint is
-  memory-mapped, so its pages count as resident once read, though the kernel may drop them.
+  (:func:`scripts.bench.toolkit.in_fresh_process`: one mapping per large tensor, so the resident
+  set follows the live tensors); after its imports, ``peak_extra_bytes`` is its peak resident
+  set over ``train.export.main`` above the resident set before
+  (:func:`scripts.bench.toolkit.peak_rss_above`). The checkpoint is memory-mapped, so its pages
+  count as resident once read, though the kernel may drop them.
 - Reported per export: ``peak_extra_bytes``, the float32 weights' bytes and their ratio
   (one copy of the float32 weights: 1.0).
 
@@ -30,7 +30,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from lowmem_optim.llama_config import load_llama_config
-from scripts.bench.toolkit import in_fresh_process, peak_rss_above
+from scripts.bench.toolkit import in_fresh_process, peak_rss_above, write_json
 from train import checkpoint
 from train.export import main as export
 from train.model import build_model
@@ -81,10 +81,8 @@ def main() -> None:
             peak = in_fresh_process("scripts.bench.export_memory", "--measure", *flags, "--out", str(root / name))
             peak = peak["peak_extra_bytes"]
             result[name] = {"peak_extra_bytes": peak, "copies_of_float32_weights": round(peak / weight_bytes, 3)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print(json.dumps(result, indent=2))
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

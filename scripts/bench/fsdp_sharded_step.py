@@ -5,10 +5,9 @@ Run on CPU with 2 processes (gloo):
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m scripts.bench.fsdp_sharded_step [--steps 3] [--json out.json]
 
 Protocol:
-- Model: HF ``LlamaForCausalLM`` from ``configs/llama_60m.json`` (GaLore's 60M: hidden 512,
-  intermediate 1376, 8 layers, 8 heads, vocab 32000, untied head), float32, CPU. Sharded copy: ``fully_shard``
-  per decoder layer and on the root over a 1-D mesh of the 2 ranks (``Shard(0)``); unsharded
-  copy: the same weights, whole, in the same process.
+- Model: GaLore's 60M (:func:`scripts.bench.toolkit.llama`), float32, CPU. Sharded copy:
+  ``fully_shard`` per decoder layer and on the root over a 1-D mesh of the 2 ranks
+  (``Shard(0)``); unsharded copy: the same weights, whole, in the same process.
 - Optimizers: every optimizer of this package through ``build_optimizer`` (``all-linear``
   low-rank/matrix group, the rest full-rank AdamW or the optimizer's rule), rank 128 for the
   low-rank ones, Newton-Schulz in float32, other hyperparameters at their defaults.

@@ -18,14 +18,12 @@ Protocol:
   defaults.
 - Gradients: seeded standard-normal tensors on every parameter (no forward or backward: only
   the optimizer is timed).
-- State, after the first step: "state" = numel x element size of every tensor the optimizer
-  holds for the parameters (in its state, in projector objects, inside tensor subclasses), per
-  parameter and in KiB; "retained" = the distinct storages those tensors keep alive (a slice
-  keeps its whole base tensor alive) (:mod:`train.optim`).
-- Step time: one warm-up step (the first refresh), then the median wall time (the device
-  synchronized around each step) of ``--steps``
-  steps without a refresh (``update_proj_gap`` larger than the run) and of ``--steps`` steps
-  that all refresh (``update_proj_gap`` 1), as ratios to ``adamw``'s median in the same run
+- State, after the first step (:func:`train.optim.state_bytes`, :func:`train.optim.retained_bytes`):
+  every tensor the optimizer holds for the parameters, per parameter and in KiB, and the
+  distinct storages those tensors keep alive (a slice keeps its whole base alive).
+- Step time: :func:`scripts.bench.toolkit.median_seconds` of ``--steps`` steps after one
+  warm-up step (the first refresh), without a refresh (``update_proj_gap`` larger than the run)
+  and all refreshing (``update_proj_gap`` 1), as ratios to ``adamw``'s median in the same run
   (the refresh column means nothing for an optimizer without a subspace).
 A peer that is not installed or fails to run is listed as not run, with the reason.
 """
