@@ -23,15 +23,12 @@ Protocol (one JSON line per setup, appended to --out):
     kernels the model assumes keep a logsumexp: use a short --seq-len on CPU, and
     --loss-chunk-tokens 0 when a micro-batch holds more tokens than a chunk (MemTracker
     refuses a module called once per chunk);
-  * CPU with --cpu-peak step (the chunked loss against the whole one): the last step runs under
-    :class:`lowmem_optim.op_count.OpCounter` instead, which follows every storage the step
-    creates until it is freed; reported ``peak_tensor_bytes`` (the most of them alive at once:
-    gradients, activations, loss tensors, temporaries; not the weights and optimizer state made
-    before), ``peak_rss_bytes`` (the peak resident set over the step, ``VmHWM`` reset through
-    ``/proc/self/clear_refs``, above the resident set before it: run with
-    ``MALLOC_MMAP_THRESHOLD_=65536`` so that every large tensor gets its own mapping and the
-    RSS follows the live tensors), ``step_s`` (its wall time under the counter) and the memory
-    model's total minus weights, optimizer states and projections (``predicted_step_bytes``);
+  * CPU with --cpu-peak step (the chunked loss against the whole one): the last step under
+    :class:`lowmem_optim.op_count.OpCounter` instead: ``peak_tensor_bytes``, the most bytes of
+    the storages the step creates alive at once (not the weights and state made before it),
+    ``peak_rss_bytes`` (:func:`scripts.bench.toolkit.peak_rss_above`; with
+    ``MALLOC_MMAP_THRESHOLD_=65536`` the RSS follows the live tensors), ``step_s`` (under the
+    counter) and ``predicted_step_bytes`` (the model's total minus weights, states, projections);
   * both: the optimizer-state bytes counted from the state tensors, and the prediction of
     ``lowmem_optim.memory.estimate_memory`` for the same setup.
 
