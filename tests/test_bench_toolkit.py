@@ -73,3 +73,8 @@ def test_markdown_table_and_seeded_gradients():
     first = [p.grad.clone() for p in model.parameters()]
     set_gradients(model, 7)
     assert all(torch.equal(a, p.grad) for a, p in zip(first, model.parameters()))
+    on_meta = torch.nn.Linear(3, 2, device="meta", dtype=torch.bfloat16)
+    set_gradients(on_meta, 7)
+    assert [(p.grad.device.type, p.grad.dtype, p.grad.shape) for p in on_meta.parameters()] == [
+        ("meta", torch.bfloat16, p.shape) for p in on_meta.parameters()
+    ]

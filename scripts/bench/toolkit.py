@@ -125,10 +125,14 @@ def write_json(path: str | Path | None, payload: Any) -> None:
 
 
 def set_gradients(model: torch.nn.Module, seed: int, dtype: torch.dtype | None = None) -> None:
-    """A seeded standard-normal ``.grad`` for every parameter (the optimizer alone is measured)."""
+    """A seeded standard-normal ``.grad`` for every parameter (the optimizer alone is measured;
+    on ``meta``: the shape only)."""
     gen = torch.Generator().manual_seed(seed)
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=gen).to(p.device, dtype or p.dtype)
+        if p.device.type == "meta":
+            p.grad = torch.empty_like(p, dtype=dtype or p.dtype)
+        else:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.device, dtype or p.dtype)
 
 
 def rss_bytes(field: str = "VmRSS") -> int:

@@ -58,17 +58,11 @@ def _optimizer(name: str, model: nn.Module, rank: int, **extra: Any) -> torch.op
     return build_optimizer(name, model, rank=rank, update_proj_gap=NO_REFRESH_GAP, **extra)
 
 
-def _set_grad(model: nn.Module, step: int) -> None:
-    p = model.proj.weight
-    g = torch.randn(p.shape, generator=torch.Generator().manual_seed(step), dtype=torch.float32)
-    p.grad = g.to(p.dtype) if p.device.type != "meta" else torch.empty(p.shape, dtype=p.dtype, device="meta")
-
-
 def _counted_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, step: int, counter: OpCounter | None = None
 ) -> OpCounter:
     counter = counter or OpCounter()
-    _set_grad(model, step)
+    set_gradients(model, step)
     with counter:
         optimizer.step()
     model.proj.weight.grad = None
@@ -140,7 +134,7 @@ def cpu_figures(
     extra = {"proj_method": "randomized_svd", "power_iters": 0} if name in SVD_BASED else {}
     optimizer = _optimizer(name, model, rank, **extra)
     seeds = itertools.count(1)
-    before = lambda: _set_grad(model, next(seeds))  # noqa: E731
+    before = lambda: set_gradients(model, next(seeds))  # noqa: E731
     cpu_s = median_seconds(optimizer.step, steps, "cpu", before=before, clock=time.process_time)
     counted = _counted_step(model, optimizer, steps + 2)
     return {
