@@ -41,13 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lowmem_optim.engine import ComposedOptimizer  # noqa: E402
 from lowmem_optim.groups import parse_target_modules  # noqa: E402
 from lowmem_optim.llama_config import load_llama_config  # noqa: E402
-from lowmem_optim.memory import TrainingSetup, estimate_memory  # noqa: E402
+from lowmem_optim.memory import estimate_memory  # noqa: E402
 from lowmem_optim.projection import PROJECTORS  # noqa: E402
 from lowmem_optim.quant.int8_linear import Int8Weight  # noqa: E402
 from lowmem_optim.rules import RULES  # noqa: E402
 from train import distributed  # noqa: E402
 from train.config import TrainConfig, parse_args  # noqa: E402
 from train.loop import accumulation_steps, attach_layerwise  # noqa: E402
+from train.memory_trace import training_setup  # noqa: E402
 from train.model import build_model, quantize_weights  # noqa: E402
 from train.optim import make_optimizer  # noqa: E402
 
@@ -240,20 +241,7 @@ def ours(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
 
 def predicted_bytes(cfg: TrainConfig) -> int:
     """The memory model's peak for the recipe (:func:`lowmem_optim.memory.estimate_memory`)."""
-    setup = TrainingSetup(
-        optimizer=cfg.optimizer,
-        rank=cfg.rank,
-        weight_bits=cfg.weight_bits,
-        dtype=cfg.torch_dtype_name,
-        proj_bits=cfg.proj_bits,
-        batch_size=cfg.batch_size,
-        seq_len=cfg.seq_len,
-        activation_checkpointing=cfg.activation_checkpointing,
-        layerwise=cfg.layerwise,
-        target_modules=parse_target_modules(cfg.target_modules),
-        loss_chunk_tokens=cfg.loss_chunk_tokens,
-    )
-    return estimate_memory(load_llama_config(cfg.model_config), setup).total_bytes
+    return estimate_memory(load_llama_config(cfg.model_config), training_setup(cfg)).total_bytes
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
