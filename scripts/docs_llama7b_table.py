@@ -30,7 +30,9 @@ PAGE = REPO / "docs" / "llama7b_memory.md"
 TRACES = REPO / "docs" / "llama7b_traces.json"
 CONFIG = "configs/llama_7b.json"
 GIB = 2**30
-TRACE_COMMAND = "ENTRY=scripts/bench/memory_trace.py GPU_MEMORY={card} BATCH_SIZE={batch} bash scripts/pretrain_llama7b.sh"
+TRACE_COMMAND = (
+    "ENTRY=scripts/bench/memory_trace.py GPU_MEMORY={card} BATCH_SIZE={batch} bash scripts/pretrain_llama7b.sh"
+)
 
 
 def gib(value: int) -> str:
