@@ -52,8 +52,8 @@ MIN_MICRO_BATCH_TOKENS = 1024
 
 def budget_bytes(memory_gib: float) -> int:
     """The bytes a predicted peak may take on a card of ``memory_gib`` GiB (module docstring)."""
-    if not memory_gib > 0:
-        raise ValueError(f"Invalid memory: {memory_gib!r} (allowed: a number of GiB > 0)")
+    if isinstance(memory_gib, bool) or not isinstance(memory_gib, (int, float)) or not memory_gib > 2:
+        raise ValueError(f"Invalid --memory-gib: {memory_gib!r} (allowed: a card's memory in GiB, more than 2)")
     return int((memory_gib - min(2.0, max(1.5, memory_gib / 8))) * GIB)
 
 
