@@ -49,8 +49,11 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
   (:meth:`~lowmem_optim.parts.Part.workspace_bytes`: 8-bit Adam's float32 update of a projected
   gradient and its moments dequantized chunk by chunk, a full-rank weight's chunks only, as
   they are applied in place; Adam's denominator and update), and the INT8 weight's float32
-  re-quantization chunk. On CUDA bitsandbytes' fused 8-bit kernel allocates no chunk: there the
-  8-bit terms are an upper bound.
+  re-quantization chunk (for a projected parameter the rule's temporaries are freed before its
+  float32 low-rank update is back-projected and applied: the larger of the two sets counts).
+  On CUDA bitsandbytes' fused 8-bit kernel allocates no chunk: there the 8-bit terms are an
+  upper bound. Each chunk's bytes per value are those measured by following every storage
+  (:class:`lowmem_optim.op_count.OpCounter`).
 
 The peak is the largest of the moments a step goes through, on top of the static part
 (weights + optimizer_states + projections):
@@ -59,8 +62,9 @@ The peak is the largest of the moments a step goes through, on top of the static
                            with --layerwise only while the loss is chunked)
     checkpointed backward  kept activations + one rebuilt layer (+ every gradient so far)
     optimizer step         every gradient + workspace                     (ordinary stepping)
-    a layer-wise update    kept activations + that gradient + its workspace (+ the rebuilt layer,
-                           for the parameters of a decoder layer)
+    a layer-wise update    kept activations + that gradient + its workspace (+ the rebuilt layer's
+                           saved tensors, without its activation gradients, for the parameters
+                           of a decoder layer: their weight gradients complete past that peak)
 
 so ``total_bytes`` is at most, not equal to, the sum of the components.
 
