@@ -5,7 +5,12 @@
         --activation-checkpointing --layerwise [--json]
 
 prints the bytes of weights, gradients, optimizer states, projections, activations, the update's
-workspace, and the predicted peak (:mod:`lowmem_optim.memory`). Flags shared with the training
+workspace, and the predicted peak (:mod:`lowmem_optim.memory`).
+
+    lowmem-optim fit --model-config configs/llama_7b.json --memory-gib 12 [--json]
+
+prints the training flags of the low-memory setup that fits a card of that memory, with its
+prediction and the budget (:mod:`lowmem_optim.memory_fit`). Flags shared with the training
 CLI have its names; snake_case spellings are accepted too.
 """
 
@@ -15,6 +20,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -30,6 +36,7 @@ from lowmem_optim.memory import (
     estimate_memory,
     llama_skeleton,
 )
+from lowmem_optim.memory_fit import budget_bytes, fitting
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, available_optimizers, check_int8_capable
 
 
@@ -88,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     _flag(memory, "target-modules", default="all-linear", help=f"low-rank/INT8 linear layers: {TARGET_MODULES_HELP}")
     _flag(memory, "json", action="store_true", help="print one JSON object")
+    fit = commands.add_parser("fit", help="the low-memory training setup that fits a card of a given memory")
+    _flag(fit, "model-config", required=True, help="LLaMA config JSON (HF LlamaConfig fields)")
+    _flag(fit, "memory-gib", type=float, required=True, help="the card's memory in GiB (e.g. 12, 16, 24)")
+    _flag(fit, "seq-len", type=int, default=256)
+    _flag(fit, "total-batch-size", type=int, default=512, help="sequences per optimizer step")
+    _flag(fit, "json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -119,6 +132,21 @@ def memory_command(args: argparse.Namespace) -> dict[str, int]:
     return estimate_memory(config, setup).as_dict()
 
 
+def fit_command(args: argparse.Namespace) -> dict[str, Any]:
+    """The setup :func:`lowmem_optim.memory_fit.fitting` chooses: its flags, the prediction and
+    the budget; ValueError when none fits or for bad input."""
+    config = load_llama_config(args.model_config)
+    check_seq_len(config, args.seq_len, args.model_config)
+    budget = budget_bytes(args.memory_gib)
+    found = fitting(config, args.memory_gib, args.seq_len, args.total_batch_size)
+    if found is None:
+        raise ValueError(
+            f"no setup of {args.model_config} fits --memory-gib {args.memory_gib:g} (budget "
+            f"{budget / 2**30:.2f} GiB, the smallest search setup included); try a smaller --seq-len"
+        )
+    return {"flags": found.flags(), "budget_bytes": budget, **found.estimate.as_dict()}
+
+
 def _table(result: dict[str, int]) -> str:
     rows = [(name, result[f"{name}_bytes"]) for name in (*COMPONENTS, "total")]
     return "\n".join(f"{name:<22}{value:>16,d} B {value / 2**30:>9.3f} GiB" for name, value in rows)
@@ -127,11 +155,18 @@ def _table(result: dict[str, int]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        result = memory_command(args)
+        result = fit_command(args) if args.command == "fit" else memory_command(args)
     except ValueError as err:
         print(f"lowmem-optim: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(result) if args.json else _table(result))
+    if args.json:
+        print(json.dumps(result))
+    elif args.command == "fit":
+        print(" ".join(result["flags"]))
+        print(_table(result))
+        print(f"{'budget':<22}{result['budget_bytes']:>16,d} B {result['budget_bytes'] / 2**30:>9.3f} GiB")
+    else:
+        print(_table(result))
     return 0
 
 

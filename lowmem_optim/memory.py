@@ -49,8 +49,11 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
   (:meth:`~lowmem_optim.parts.Part.workspace_bytes`: 8-bit Adam's float32 update of a projected
   gradient and its moments dequantized chunk by chunk, a full-rank weight's chunks only, as
   they are applied in place; Adam's denominator and update), and the INT8 weight's float32
-  re-quantization chunk. On CUDA bitsandbytes' fused 8-bit kernel allocates no chunk: there the
-  8-bit terms are an upper bound.
+  re-quantization chunk (for a projected parameter the rule's temporaries are freed before its
+  float32 low-rank update is back-projected and applied: the larger of the two sets counts).
+  On CUDA bitsandbytes' fused 8-bit kernel allocates no chunk: there the 8-bit terms are an
+  upper bound. Each chunk's bytes per value are those measured by following every storage
+  (:class:`lowmem_optim.op_count.OpCounter`).
 
 The peak is the largest of the moments a step goes through, on top of the static part
 (weights + optimizer_states + projections):
@@ -59,8 +62,9 @@ The peak is the largest of the moments a step goes through, on top of the static
                            with --layerwise only while the loss is chunked)
     checkpointed backward  kept activations + one rebuilt layer (+ every gradient so far)
     optimizer step         every gradient + workspace                     (ordinary stepping)
-    a layer-wise update    kept activations + that gradient + its workspace (+ the rebuilt layer,
-                           for the parameters of a decoder layer)
+    a layer-wise update    kept activations + that gradient + its workspace (+ the rebuilt layer's
+                           saved tensors, without its activation gradients, for the parameters
+                           of a decoder layer: their weight gradients complete past that peak)
 
 so ``total_bytes`` is at most, not equal to, the sum of the components.
 
@@ -286,8 +290,9 @@ def _baseline_state_bytes(name: str, param: torch.Tensor, optimizer: torch.optim
 
 
 def _int8_chunk_bytes(param: torch.Tensor) -> int:
-    # dequantized fp32 weight, scaled values, uniform draws and their floor, per chunk
-    return 16 * min(param.numel(), UPDATE_CHUNK) if isinstance(param, Int8Weight) else 0
+    # dequantized fp32 weight, update, scaled values, int64 counters, uniform draws and their
+    # floor, per chunk: 32 bytes per value at their peak, as measured by following every storage
+    return 32 * min(param.numel(), UPDATE_CHUNK) if isinstance(param, Int8Weight) else 0
 
 
 def optimizer_memory(
@@ -369,6 +374,11 @@ def optimizer_memory(
             if not uses_projection(p, group) and parts.rule.can_step_in_place(p, p):
                 workspace += parts.rule.step_in_place_workspace_bytes([(shape, p.dtype)], group)
                 together.setdefault(id(group), (parts.rule, group, []))[2].append((shape, p.dtype))
+            elif uses_projection(p, group):
+                # the rule's temporaries are freed before its low-rank update (float32) is
+                # back-projected and applied (measured: lowmem_optim.op_count.OpCounter)
+                low_rank_update = 4 * math.prod(shape)
+                workspace = max(parts.rule.workspace_bytes(shape, p.dtype, group), workspace + low_rank_update)
             else:
                 workspace += parts.rule.workspace_bytes(shape, p.dtype, group)
             out["optimizer_states"] += states
@@ -386,7 +396,8 @@ def activation_memory(shape: LlamaShape, setup: TrainingSetup) -> dict[str, int]
     backward: each layer's saved tensors or checkpoint, the final norm's, the logits held by
     the output unless the loss is chunked), ``loss`` (the float32 loss tensors at the start of
     backward, or one chunk's) and ``recompute`` (one checkpointed layer rebuilt in backward,
-    with its gradient working set; 0 without checkpointing)."""
+    with its gradient working set; 0 without checkpointing) and ``rebuilt`` (that layer's saved
+    tensors alone)."""
     s = torch.empty((), dtype=setup.torch_dtype()).element_size()
     h, f, a, kv = shape.hidden_size, shape.intermediate_size, shape.num_attention_heads, shape.num_key_value_heads
     tokens = setup.batch_size * setup.seq_len
@@ -394,6 +405,7 @@ def activation_memory(shape: LlamaShape, setup: TrainingSetup) -> dict[str, int]
     per_layer = 2 * norm + s * h * (3 + 2 * kv / a) + 4 * a + 4 * s * f
     kept = per_layer if not setup.activation_checkpointing else s * h
     recompute = per_layer + s * (h + 2 * f) if setup.activation_checkpointing else 0
+    rebuilt = per_layer if setup.activation_checkpointing else 0
     v, chunk = shape.vocab_size, setup.loss_chunk_tokens
     if loss_is_chunked(setup):
         logits, loss = 0, max(12 * v * chunk, s * v * (chunk + h)) + s * h * tokens
@@ -403,6 +415,7 @@ def activation_memory(shape: LlamaShape, setup: TrainingSetup) -> dict[str, int]
         "stored": int(tokens * (shape.num_hidden_layers * kept + norm) + logits),
         "loss": loss,
         "recompute": int(tokens * recompute),
+        "rebuilt": int(tokens * rebuilt),
     }
 
 
@@ -437,7 +450,9 @@ def estimate_memory(config: dict[str, Any], setup: TrainingSetup) -> MemoryEstim
         # loss, whose gradient it accumulates, unless held), the embedding's after the last layer
         loss = act["loss"] + (opt["largest_gradient"] if loss_is_chunked(setup) and not accumulation else 0)
         layers = max(held + opt["layer_write_peak"], held - early + opt["layer_step_peak"])
-        peaks = max(held + loss, act["recompute"] + layers, held + opt["step_peak"])
+        # a decoder layer's parameter is written or stepped once its weight gradient is complete,
+        # with the rebuilt layer's saved tensors but past the peak of its activation gradients
+        peaks = max(held + loss, act["recompute"] + held, act["rebuilt"] + layers, held + opt["step_peak"])
         total = static + act["stored"] + peaks
     else:
         gradients = opt["gradients"]

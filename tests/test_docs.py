@@ -58,10 +58,10 @@ def cli_flags(cli: str) -> frozenset[str]:
         from train.config import build_parser
 
         return _help_flags(build_parser().parse_args, ["--help"])
-    if cli == "memory":
+    if cli in ("memory", "fit"):
         from lowmem_optim.cli import main
 
-        return _help_flags(main, ["memory", "--help"])
+        return _help_flags(main, [cli, "--help"])
     if cli == "quickstart":  # unknown flags go on to every training run
         from train.quickstart import main
 
@@ -105,7 +105,7 @@ COMMANDS = [
     (re.compile(r"-m train\.(sweep|report|quickstart)\b"), lambda m: m.group(1)),
     (re.compile(r"-m train (export|eval)\b"), lambda m: m.group(1)),
     (re.compile(r"-m train(?![.\w])(?! (?:export|eval)\b)"), lambda m: "train"),
-    (re.compile(r"(?:lowmem-optim|lowmem_optim\.cli) memory\b"), lambda m: "memory"),
+    (re.compile(r"(?:lowmem-optim|lowmem_optim\.cli) (memory|fit)\b"), lambda m: m.group(1)),
     (re.compile(r"\b(scripts/[\w/.-]+\.(?:py|sh))\b"), lambda m: m.group(1)),
     (re.compile(r"-m scripts\.bench\.(\w+)"), lambda m: f"scripts/bench/{m.group(1)}.py"),
 ]

@@ -20,6 +20,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "lowmem_optim.tools",
         "lowmem_optim.memory",
+        "lowmem_optim.memory_fit",
+        "lowmem_optim.memory_trace",
         "lowmem_optim.cli",
         "lowmem_optim.llama_config",
         "lowmem_optim.op_count",

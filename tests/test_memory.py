@@ -115,31 +115,22 @@ def test_layerwise_keeps_one_gradient_and_activation_checkpointing_shrinks_activ
     assert double.activations_bytes == 2 * plain.activations_bytes
 
 
-def test_llama7b_recipe_of_pretrain_script_is_predicted_under_15_gib(tmp_path):
-    # scripts/pretrain_llama7b.sh: q_galore_adamw8bit, INT8 weights, INT4 projections, rank 1024,
-    # layer-wise, activation checkpointing, bf16, 32 micro-batches of 16 x 256 summed in 8-bit buffers
-    cfg = script_config(tmp_path, "7b")
-    assert (cfg.batch_size, cfg.total_batch_size, cfg.accumulation_buffer) == (16, 512, "8bit")
-    setup = TrainingSetup(
-        cfg.optimizer,
-        rank=cfg.rank,
-        weight_bits=cfg.weight_bits,
-        proj_bits=cfg.proj_bits,
-        dtype=cfg.torch_dtype_name,
-        batch_size=cfg.batch_size,
-        seq_len=cfg.seq_len,
-        activation_checkpointing=cfg.activation_checkpointing,
-        layerwise=cfg.layerwise,
-        loss_chunk_tokens=cfg.loss_chunk_tokens,
-        total_batch_size=cfg.total_batch_size,
-        accumulation_buffer=cfg.accumulation_buffer,
-    )
+@pytest.mark.parametrize("card", [12, 16, 24])
+def test_llama7b_recipe_of_each_card_is_the_one_fit_chooses_and_is_predicted_within_its_budget(tmp_path, card):
+    # scripts/pretrain_llama7b.sh GPU_MEMORY=card: q_galore_adamw8bit, INT4 projections,
+    # layer-wise, activation checkpointing, bf16, 512 sequences per update in 8-bit buffers
+    from lowmem_optim.memory_fit import budget_bytes, fitting
+    from train.memory_trace import training_setup
+
+    cfg = script_config(tmp_path, "7b", GPU_MEMORY=str(card))
+    assert (cfg.total_batch_size, cfg.accumulation_buffer, cfg.seq_len) == (512, "8bit", 256)
     config = json.loads((CONFIGS / "llama_7b.json").read_text())
-    estimate = estimate_memory(config, setup)
-    assert estimate.total_bytes <= 15 * 2**30
-    assert 6.5 * 2**30 < estimate.weights_bytes < 7 * 2**30  # 6.5B INT8 linear weights + bf16 embeddings
-    # 224 projected matrices at rank 1024: ~1.62e9 values, one byte each + a float32 scale per 256
-    assert 1.5 * 2**30 < estimate.accumulation_buffers_bytes < 1.55 * 2**30
+    fit = fitting(config, card, 256, 512)
+    assert fit is not None and training_setup(cfg) == fit.setup
+    estimate = estimate_memory(config, training_setup(cfg))
+    assert estimate.total_bytes <= budget_bytes(card)
+    if cfg.weight_bits == 8:
+        assert 6.5 * 2**30 < estimate.weights_bytes < 7 * 2**30  # 6.5B INT8 linear weights + bf16 embeddings
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -26,7 +26,22 @@ import torch
 BLOCKSIZE = 256
 
 
-@functools.cache
+def _real_constant(make):
+    """``make``, cached, and run outside any FakeTensorMode: a map made while a step is traced on
+    valueless tensors (:mod:`lowmem_optim.memory_trace`) must still hold values afterwards."""
+
+    @functools.cache
+    @functools.wraps(make)
+    def made(*args):
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            return make(*args)
+
+    return made
+
+
+@_real_constant
 def _dynamic_map(signed: bool, device: str) -> torch.Tensor:
     import bitsandbytes.functional as bnbf  # optional dependency: imported where it is used
 
@@ -66,7 +81,7 @@ def dequantize_blockwise(
 NF4_OFFSET = 0.9677083
 
 
-@functools.cache
+@_real_constant
 def _normal_float_map(device: str) -> torch.Tensor:
     quantiles = torch.special.ndtri
     positive = quantiles(torch.linspace(NF4_OFFSET, 0.5, 9, dtype=torch.float64)[:-1])

@@ -58,6 +58,7 @@ The contract with optimizers, layer-wise hooks, DDP and checkpoints
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Any
 
@@ -102,7 +103,12 @@ class Int8Weight(nn.Parameter):
         device: torch.device | str | None = None,
         requires_grad: bool = True,
     ) -> Int8Weight:
-        return super().__new__(cls, _valueless(shape, dtype, device), requires_grad)
+        weight = super().__new__(cls, _valueless(shape, dtype, device), requires_grad)
+        if not isinstance(weight, cls):
+            # nn.Parameter of a tensor subclass (a FakeTensor, under FakeTensorMode) returns that
+            # tensor itself: give it this class's methods too, so a traced step takes INT8's path
+            weight.__class__ = _with_int8_methods(type(weight))
+        return weight
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """scale * (codes - zero), in ``dtype`` (default: the compute dtype); one fused pass on CUDA."""
@@ -172,7 +178,7 @@ class Int8Weight(nn.Parameter):
     def __deepcopy__(self, memo: dict[int, Any]) -> Int8Weight:
         if id(self) in memo:
             return memo[id(self)]
-        new = type(self)(tuple(self.shape), self.dtype, self.device, self.requires_grad)
+        new = Int8Weight(tuple(self.shape), self.dtype, self.device, self.requires_grad)
         memo[id(self)] = new
         # through memo, the copy's codes are the copied layer's buffers, as here
         for key in ("codes", "scale", "zero", "group_size", "stochastic_round"):
@@ -193,6 +199,12 @@ class Int8Weight(nn.Parameter):
                 self.stochastic_round,
             ),
         )
+
+
+@functools.cache
+def _with_int8_methods(tensor_type: type) -> type:
+    """A subclass of ``tensor_type`` (a tensor subclass such as FakeTensor) and of :class:`Int8Weight`."""
+    return type(f"{tensor_type.__name__}{Int8Weight.__name__}", (tensor_type, Int8Weight), {})
 
 
 def _rebuild_int8_weight(shape, dtype, requires_grad, codes, scale, zero, group_size, stochastic_round) -> Int8Weight:

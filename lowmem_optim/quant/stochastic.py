@@ -27,9 +27,10 @@ from lowmem_optim.quant.groupwise import counter_uniform
 
 #: values rounded per pass: the draws and indices of a pass are temporaries
 CHUNK = 1 << 20
-#: temporaries per value of a pass (8 bits, the larger: padded float32 values, int64 counters,
-#: float32 draws, int32 neighbours, their map values and gap, the chosen codes), a model
-ROUNDING_BYTES = 44
+#: temporaries per value of a pass at their peak (8 bits, the larger: padded float32 values, int64
+#: counters, float32 draws, int32 neighbours, their map values and gap, the chosen codes), as
+#: measured by following every storage (lowmem_optim.op_count.OpCounter): 36 (bfloat16: 26)
+ROUNDING_BYTES = 36
 
 
 def _uniform(start: int, stop: int, keys: tuple[int, int], device: torch.device) -> torch.Tensor:

@@ -4,16 +4,17 @@
 # is left of the budget, and a step that would get under 20 s is skipped and says so. Steps, in
 # order of importance:
 #   0. bitsandbytes: imported and one blockwise quantize run on CUDA (fails fast without its wheel)
-#   1. the 7B recipe (scripts/pretrain_llama7b.sh, its flags unchanged, first refresh by randomized
-#      SVD) against the floor (same model and micro-batch, bf16 weights, no optimizer, gradients
-#      dropped): tokens/s ours / floor, peak allocated and reserved, the memory model's
-#      prediction, the per-part split of the step (scripts/bench/step_split.py)
+#   1. each 7B recipe (scripts/pretrain_llama7b.sh with GPU_MEMORY=16, 12, 24, its flags unchanged
+#      but 4 micro-batches per update, first refresh by randomized SVD), two updates, against the
+#      floor (same model and micro-batch, bf16 weights, no optimizer, gradients dropped): peak
+#      allocated and reserved, the memory model's prediction, tokens/s ours / floor (the 16 GB
+#      recipe's is the one held to its floor), the per-part split (scripts/bench/step_split.py)
 #   2. the CUDA-marked tests (every optimizer on CUDA vs CPU, INT8 layer and its fused passes)
 #   3. the memory model against torch.cuda.max_memory_allocated (llama_130m, Q-GaLore recipe)
-#   4. two steps of the 7B recipe through the training CLI (data read ahead; no checkpoint)
+#   4. two steps of the 16 GB 7B recipe through the training CLI (data read ahead; no checkpoint)
 #   5. subspace refresh cost at LLaMA-7B shapes (exact SVD, randomized SVD, DCT)
-# Results in ${OUT:-runs/gpu_session} (6 files, one folder level): session.log (everything printed),
-# memory.jsonl, split/step_split.json, recipe7b/{metrics.jsonl,config.json,layer_stats.jsonl}.
+# Results in ${OUT:-runs/gpu_session} (8 files, one folder level): session.log (everything printed),
+# memory.jsonl, split{16,12,24}/step_split.json, recipe7b/{metrics.jsonl,config.json,layer_stats.jsonl}.
 # No checkpoint is written. The GPU image lacks bitsandbytes: carry its wheel and put it on
 # PYTHONPATH before calling this script.
 #   bash scripts/bench/gpu_session.sh            # on the GPU machine, from anywhere
@@ -69,16 +70,19 @@ print('torch', torch.__version__, 'bitsandbytes', bitsandbytes.__version__, 'cod
       'max relative error', round(error, 4))
 assert codes.device.type == '$device' and error < 0.02
 "
-step "1. the 7B recipe vs the floor" 200 "${recipe[@]}" ENTRY=scripts/bench/step_split.py STEPS=3 DATA=builtin \
-    OUTPUT_DIR="$out/split" PYTHON="$PY" bash scripts/pretrain_llama7b.sh --proj-method=randomized_svd
+for card in 16 12 24; do
+    step "1. the ${card} GB 7B recipe vs the floor" 100 "${recipe[@]}" ENTRY=scripts/bench/step_split.py GPU_MEMORY="$card" \
+        STEPS=2 MICRO_BATCHES=4 DATA=builtin OUTPUT_DIR="$out/split$card" PYTHON="$PY" \
+        bash scripts/pretrain_llama7b.sh --proj-method=randomized_svd
+done
 step "2. CUDA tests" 100 "$PY" -m pytest -p no:cacheprovider -o addopts="" -q -m cuda $(grep -rl "mark.cuda" tests)
 step "3. memory model vs allocator" 60 "$PY" scripts/bench/memory_measure.py --device "$device" \
     --optimizer q_galore_adamw8bit --weight-bits 8 --proj-bits 4 --activation-checkpointing --layerwise \
     --proj-method randomized_svd --steps 3 --out "$out/memory.jsonl" "${tiny_memory[@]}"
-step "4. the 7B recipe through the training CLI" 120 "${recipe[@]}" STEPS=2 DATA=builtin OUTPUT_DIR="$out/recipe7b" \
+step "4. the 16 GB 7B recipe through the training CLI" 120 "${recipe[@]}" GPU_MEMORY=16 STEPS=2 DATA=builtin OUTPUT_DIR="$out/recipe7b" \
     PYTHON="$PY" bash scripts/pretrain_llama7b.sh --proj-method=randomized_svd --eval-batches=1 --save=False \
     --progress=False
 step "5. refresh cost at LLaMA-7B shapes" 45 "$PY" scripts/bench/projection_cost.py --device "$device" "${shapes[@]}"
 
-grep -E "^(floor:|ours)" "$log"
+grep -E "^(== 1\.|floor:|ours)" "$log"
 echo "total ${SECONDS} s; results in $out"

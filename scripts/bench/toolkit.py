@@ -19,11 +19,12 @@ import torch
 
 from lowmem_optim.groups import parse_target_modules
 from lowmem_optim.llama_config import load_llama_config
-from lowmem_optim.memory import MemoryEstimate, TrainingSetup, estimate_memory
+from lowmem_optim.memory import MemoryEstimate, estimate_memory
 from lowmem_optim.quant.int8_linear import quantize_linear_layers
 from train import distributed
 from train.config import TrainConfig
 from train.loop import accumulation_steps, attach_layerwise
+from train.memory_trace import training_setup
 from train.model import build_model, quantize_weights
 from train.optim import make_optimizer
 
@@ -184,17 +185,4 @@ def recipe(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, tor
 
 def predicted_memory(cfg: TrainConfig) -> MemoryEstimate:
     """The memory model's estimate for the run ``cfg`` describes (:func:`lowmem_optim.memory.estimate_memory`)."""
-    setup = TrainingSetup(
-        optimizer=cfg.optimizer,
-        rank=cfg.rank,
-        weight_bits=32 if cfg.torch_dtype_name == "float32" else cfg.weight_bits,  # the model's name for fp32
-        dtype=cfg.torch_dtype_name,
-        proj_bits=cfg.proj_bits,
-        batch_size=cfg.batch_size,
-        seq_len=cfg.seq_len,
-        activation_checkpointing=cfg.activation_checkpointing,
-        layerwise=cfg.layerwise,
-        target_modules=parse_target_modules(cfg.target_modules),
-        loss_chunk_tokens=cfg.loss_chunk_tokens,
-    )
-    return estimate_memory(load_llama_config(cfg.model_config), setup)
+    return estimate_memory(load_llama_config(cfg.model_config), training_setup(cfg))

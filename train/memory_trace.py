@@ -1,0 +1,150 @@
+"""A run's training steps traced at its real shapes on valueless tensors: the memory the code path allocates.
+
+The model, INT8 conversion, optimizer and layer-wise hooks are built by the functions
+``python -m train`` builds them with (:func:`train.model.build_model`, ``quantize_weights``,
+:func:`train.optim.make_optimizer`, :func:`train.loop.attach_layerwise`), under
+``FakeTensorMode`` on the CPU (the random initialisation skipped), and the loop's own step
+(``train.loop._train_step``: micro-batches, chunked loss, checkpointed layers, low-rank
+accumulation, the update) runs under :class:`lowmem_optim.memory_trace.StorageTrace`. Each
+micro-batch is a phase: its peak and split (parameters, buffers, gradients, optimizer states,
+accumulation buffers, activations, temporaries) are reported, with the memory model's prediction
+(:func:`lowmem_optim.memory.estimate_memory`) for the same flags.
+
+Micro-batches: a step of k > 2 micro-batches goes through three kinds of them (the first, which
+allocates the accumulation buffers and, on a refresh step, chooses the subspaces; middle ones;
+the last, which steps), so ``micro_batches`` (3) of them stand for k: the held gradients and
+buffers do not grow with k. Step 1 refreshes every subspace; step 2 is a step without a
+refresh (apart from the matrices a staggered schedule refreshes then).
+
+Where CUDA differs (the trace runs torch's CPU kernels on fake CPU tensors):
+
+* attention: SDPA on CPU at bfloat16 takes the flash kernel for CPU, which keeps a logsumexp,
+  as CUDA's flash and memory-efficient kernels do (the memory model's assumption);
+* the INT8 layer's dequantization and update, and 8-bit Adam, run their eager chunked code; on
+  CUDA they run fused (compiled passes, bitsandbytes' kernel) without the chunk temporaries: the
+  CUDA figure is at most the traced one by those chunks (0.1-0.2 GiB at 7B);
+* the trace counts storages' bytes, as ``torch.cuda.max_memory_allocated`` counts blocks: the
+  caching allocator rounds each block up (to 512 bytes; 2 MiB segments) and the CUDA context
+  (0.3-0.5 GiB) is outside both, so the card needs more than the traced peak.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from lowmem_optim.groups import parse_target_modules
+from lowmem_optim.llama_config import load_llama_config
+from lowmem_optim.memory import TrainingSetup, estimate_memory
+from lowmem_optim.memory_trace import CATEGORIES, StorageTrace, fake_tensors
+from train import distributed
+from train.config import TrainConfig
+from train.loop import _train_step, accumulation_steps, attach_layerwise
+from train.model import build_model, quantize_weights
+from train.optim import make_optimizer
+
+#: micro-batches per traced step: the first, a middle one and the last
+TRACED_MICRO_BATCHES = 3
+
+
+def training_setup(cfg: TrainConfig) -> TrainingSetup:
+    """The memory model's setup for a run's flags."""
+    return TrainingSetup(
+        optimizer=cfg.optimizer,
+        rank=cfg.rank,
+        weight_bits=32 if cfg.torch_dtype_name == "float32" else cfg.weight_bits,  # the model's name for fp32
+        dtype=cfg.torch_dtype_name,
+        proj_bits=cfg.proj_bits,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        activation_checkpointing=cfg.activation_checkpointing,
+        layerwise=cfg.layerwise,
+        target_modules=parse_target_modules(cfg.target_modules),
+        loss_chunk_tokens=cfg.loss_chunk_tokens,
+        total_batch_size=cfg.total_batch_size,
+        accumulation_buffer=cfg.accumulation_buffer,
+    )
+
+
+class _Batches:
+    """The data a traced step reads: one valueless micro-batch, each read starting a phase."""
+
+    def __init__(self, trace: StorageTrace, tokens: torch.Tensor) -> None:
+        self.trace, self.tokens, self.step, self.micro = trace, tokens, 0, 0
+
+    def next_batch(self) -> torch.Tensor:
+        self.micro += 1
+        self.trace.phase(f"step {self.step}, micro-batch {self.micro}")
+        return self.tokens
+
+
+def _load_bitsandbytes() -> None:
+    """bitsandbytes loads its CPU backend on its first call (and logs if a kernel is missing, the
+    record holding the caller's frames): done before the trace, so its tensors are not the step's."""
+    from lowmem_optim.quant.blockwise import BLOCKSIZE, quantize_blockwise
+
+    quantize_blockwise(torch.zeros(BLOCKSIZE), signed=True)
+
+
+def _no_init_weights() -> Any:
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers before 5
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def trace_training(cfg: TrainConfig, *, steps: int = 2, micro_batches: int = TRACED_MICRO_BATCHES) -> dict[str, Any]:
+    """The traced peaks of ``steps`` training steps of the run ``cfg`` (one process), each of
+    ``min(micro_batches, the run's micro-batches per step)`` micro-batches; see the module
+    docstring. Returns {"phases": {name: {"bytes", "split"}}, "peak_bytes", "peak_phase",
+    "peak_split", "predicted": the memory model's components, "host_reads", "micro_batches"}."""
+    accum = accumulation_steps(cfg, 1)
+    traced = min(accum, micro_batches)
+    config = load_llama_config(cfg.model_config)
+    one_process = distributed.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), owns_group=False)
+    trace = StorageTrace()
+    _load_bitsandbytes()
+    with fake_tensors():
+        with _no_init_weights():
+            model = build_model(
+                cfg.model_config,
+                dtype=getattr(torch, cfg.torch_dtype_name),
+                device=one_process.device,
+                seed=cfg.seed,
+                vocab_needed=config["vocab_size"],
+                seq_len=cfg.seq_len,
+                activation_checkpointing=cfg.activation_checkpointing,
+                loss_chunk_tokens=cfg.loss_chunk_tokens,
+            )
+        if cfg.weight_bits == 8:
+            model = quantize_weights(model, parse_target_modules(cfg.target_modules))
+        optimizer = make_optimizer(cfg, model)
+        trace.watch(model)  # its gradient hooks run before the layer-wise ones, which free the gradient
+        handle = attach_layerwise(cfg, optimizer, traced, one_process) if cfg.layerwise else None
+        trace.collect_state(optimizer, handle)
+        batches = _Batches(trace, torch.randint(0, config["vocab_size"], (cfg.batch_size, cfg.seq_len)))
+        # what the loop's step reads of its wiring (train.loop.Wiring)
+        wiring = SimpleNamespace(
+            cfg=cfg, d=one_process, accum=traced, model=model, optimizer=optimizer, data=SimpleNamespace(train=batches)
+        )
+        with trace:
+            for step in range(1, steps + 1):
+                batches.step, batches.micro = step, 0
+                _train_step(wiring)
+        peaks = trace.finish()
+        if handle is not None:
+            handle.remove()
+    name, peak = max(peaks.items(), key=lambda item: item[1].bytes)
+    return {
+        "micro_batches": traced,
+        "phases": {k: {"bytes": v.bytes, "split": v.split} for k, v in peaks.items() if k != "setup"},
+        "peak_bytes": peak.bytes,
+        "peak_phase": name,
+        "peak_split": peak.split,
+        "categories": list(CATEGORIES),
+        "predicted": estimate_memory(config, training_setup(cfg)).as_dict(),
+        "host_reads": dict(trace.host_reads),
+    }
