@@ -7,7 +7,7 @@
 Rows are the recorded traces (docs/llama7b_traces.json: one per recipe and micro-batch, each
 written by ``--record`` from the output of scripts/bench/memory_trace.py, with the command that
 made it). For each row the page gives the memory model's prediction for the same flags, computed
-now (:func:`lowmem_optim.memory.estimate_memory`), the traced peak and its split, and the peak
+now (:func:`lowmem_optim.tools.memory.estimate_memory`), the traced peak and its split, and the peak
 measured on a GPU where a run recorded one (``gpu`` in the row). Every 7B memory figure the
 README and docs/ quote comes from this page (tests/test_llama7b_table.py).
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lowmem_optim.llama_config import load_llama_config  # noqa: E402
-from lowmem_optim.memory import TrainingSetup, estimate_memory  # noqa: E402
-from lowmem_optim.memory_trace import CATEGORIES  # noqa: E402
+from lowmem_optim.tools.llama_config import load_llama_config  # noqa: E402
+from lowmem_optim.tools.memory import TrainingSetup, estimate_memory  # noqa: E402
+from lowmem_optim.tools.memory_trace import CATEGORIES  # noqa: E402
 
 PAGE = REPO / "docs" / "llama7b_memory.md"
 TRACES = REPO / "docs" / "llama7b_traces.json"

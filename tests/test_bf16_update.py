@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from lowmem_optim.engine import param_step
-from lowmem_optim.op_count import OpCounter, as_one_op
 from lowmem_optim.quant import groupwise, int8_linear
 from lowmem_optim.quant.int8_linear import quantize_linear_layers
 from lowmem_optim.registry import build_optimizer
+from lowmem_optim.tools.op_count import OpCounter, as_one_op
 from tests.helpers.tiny import VOCAB, optimizer_kwargs, tiny_llama, token_batches
 
 STEPS = 20

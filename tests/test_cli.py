@@ -1,4 +1,4 @@
-"""The ``lowmem-optim`` console script (:mod:`lowmem_optim.cli`): one JSON object with every
+"""The ``lowmem-optim`` console script (:mod:`lowmem_optim.tools.cli`): one JSON object with every
 component, bad input named by its flag, and no import of the training loop (not installed)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_optim.cli import main
+from lowmem_optim.tools.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "llama_tiny.json"
@@ -102,7 +102,7 @@ def test_cli_reports_bad_input_naming_the_flag(capsys):
 
 def test_the_console_script_runs_where_the_training_package_cannot_be_imported(tmp_path):
     blocked = (
-        "import sys; sys.modules['train'] = None; from lowmem_optim.cli import main; "
+        "import sys; sys.modules['train'] = None; from lowmem_optim.tools.cli import main; "
         f"sys.exit(main(['memory', '--model-config', {str(TINY)!r}, '--optimizer', 'galore_adamw', "
         "'--rank', '8', '--batch-size', '1', '--seq-len', '8', '--json']))"
     )

@@ -59,7 +59,7 @@ def cli_flags(cli: str) -> frozenset[str]:
 
         return _help_flags(build_parser().parse_args, ["--help"])
     if cli in ("memory", "fit"):
-        from lowmem_optim.cli import main
+        from lowmem_optim.tools.cli import main
 
         return _help_flags(main, [cli, "--help"])
     if cli == "quickstart":  # unknown flags go on to every training run
@@ -314,7 +314,7 @@ def memory_examples() -> list[tuple[str, list[str], str]]:
 
 
 def test_memory_examples_print_what_the_docs_show():
-    from lowmem_optim.cli import main
+    from lowmem_optim.tools.cli import main
 
     examples = memory_examples()
     assert examples, "docs/memory.md shows no `lowmem-optim memory` output"

@@ -17,15 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lowmem_optim"
 
 #: top to bottom: a module imports nothing of a layer above its own
 LAYERS: tuple[tuple[str, ...], ...] = (
-    (
-        "lowmem_optim.tools",
-        "lowmem_optim.memory",
-        "lowmem_optim.memory_fit",
-        "lowmem_optim.memory_trace",
-        "lowmem_optim.cli",
-        "lowmem_optim.llama_config",
-        "lowmem_optim.op_count",
-    ),
+    ("lowmem_optim.tools",),
     ("lowmem_optim.registry", "lowmem_optim.integrations"),
     ("lowmem_optim.optimizers", "lowmem_optim.groups", "lowmem_optim.layerwise"),
     ("lowmem_optim.engine",),

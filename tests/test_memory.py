@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lowmem_optim import build_optimizer
-from lowmem_optim.memory import TrainingSetup, estimate_memory
 from lowmem_optim.quant.int8_linear import Int8Weight, quantize_linear_layers
+from lowmem_optim.tools.memory import TrainingSetup, estimate_memory
 from tests.helpers.scripts import script_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -119,7 +119,7 @@ def test_layerwise_keeps_one_gradient_and_activation_checkpointing_shrinks_activ
 def test_llama7b_recipe_of_each_card_is_the_one_fit_chooses_and_is_predicted_within_its_budget(tmp_path, card):
     # scripts/pretrain_llama7b.sh GPU_MEMORY=card: q_galore_adamw8bit, INT4 projections,
     # layer-wise, activation checkpointing, bf16, 512 sequences per update in 8-bit buffers
-    from lowmem_optim.memory_fit import budget_bytes, fitting
+    from lowmem_optim.tools.memory_fit import budget_bytes, fitting
     from train.memory_trace import training_setup
 
     cfg = script_config(tmp_path, "7b", GPU_MEMORY=str(card))
@@ -141,8 +141,8 @@ def test_loss_term_is_the_measured_peak_of_the_head_and_loss(dtype, chunk):
     # term, plus the logits the output holds (unchunked) and the head's gradient
     import torch.nn.functional as F
 
-    from lowmem_optim.memory import LlamaShape, activation_memory
-    from lowmem_optim.op_count import OpCounter
+    from lowmem_optim.tools.memory import LlamaShape, activation_memory
+    from lowmem_optim.tools.op_count import OpCounter
     from train.loss import chunked_causal_lm_loss
 
     batch, seq, h, vocab = 4, 256, 64, 4096

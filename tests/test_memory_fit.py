@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from lowmem_optim.cli import main
-from lowmem_optim.memory import estimate_memory
-from lowmem_optim.memory_fit import MODEL_MARGIN, budget_bytes, candidates, fitting
+from lowmem_optim.tools.cli import main
+from lowmem_optim.tools.memory import estimate_memory
+from lowmem_optim.tools.memory_fit import MODEL_MARGIN, budget_bytes, candidates, fitting
 
 SMALL = "configs/llama_small.json"
 

@@ -1,4 +1,4 @@
-"""The storage trace (lowmem_optim.memory_trace), the INT8 layer under FakeTensorMode, and the memory
+"""The storage trace (lowmem_optim.tools.memory_trace), the INT8 layer under FakeTensorMode, and the memory
 model held to the trace of each 7B recipe's settings at small shapes (train.memory_trace)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from lowmem_optim.memory_trace import StorageTrace, fake_tensors
 from lowmem_optim.quant.int8_linear import Int8Linear, Int8Weight
+from lowmem_optim.tools.memory_trace import StorageTrace, fake_tensors
 from tests.helpers.scripts import script_config
 from train.memory_trace import trace_training
 

@@ -2,7 +2,7 @@
 refresh, also after load_state_dict.
 
 Parameters live on the ``meta`` device, which stands for a GPU: every op runs shape-only and
-:class:`lowmem_optim.op_count.OpCounter` counts each host read of a tensor that is not on the
+:class:`lowmem_optim.tools.op_count.OpCounter` counts each host read of a tensor that is not on the
 CPU (``.item()``, ``int(t)``, ``bool(t)``, ``nonzero``) as a sync.
 """
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from lowmem_optim.op_count import OpCounter
 from lowmem_optim.projection.feedback import ERROR_FEEDBACK
 from lowmem_optim.quant.int8_linear import quantize_linear_layers
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, OPTIMIZERS, build_optimizer
+from lowmem_optim.tools.op_count import OpCounter
 
 #: host reads per refreshed matrix allowed on a refresh step (finite check, zero check, similarity, ...)
 REFRESH_SYNCS_PER_MATRIX = 6

@@ -41,8 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowmem_optim.llama_config import load_llama_config
 from lowmem_optim.quant.groupwise import dequantize_groupwise
+from lowmem_optim.tools.llama_config import load_llama_config
 from train import checkpoint
 from train.config import DTYPES
 from train.data import Tokenizer, load_tokenizer, run_tokenizer

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lowmem_optim.groups import parse_target_modules
-from lowmem_optim.llama_config import SIZING_KEYS, load_llama_config
+from lowmem_optim.tools.llama_config import SIZING_KEYS, load_llama_config
 from train import RunStopped, checkpoint, distributed, outdir, preemption, resumption
 from train.config import RESUMABLE_CHANGES, TrainConfig
 from train.data import Data, build_data, fingerprint, run_tokenizer

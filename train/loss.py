@@ -21,7 +21,7 @@ once per backward, after the last chunk.
 Chunk size: a fixed number of tokens, ``CHUNK_TOKENS`` = 1024 by default. Per chunk the loss
 then holds 12 V x 1024 bytes (0.37 GiB at V = 32,000; a quarter of the unchunked loss at
 16 x 256 tokens), which at LLaMA-7B is below the moment the rebuilt decoder layer sets
-(:mod:`lowmem_optim.memory`), so smaller chunks would buy nothing there; and each chunk's head
+(:mod:`lowmem_optim.tools.memory`), so smaller chunks would buy nothing there; and each chunk's head
 matmul (1024 x h by h x V) is still large enough to keep a GPU's matrix units busy. A
 micro-batch of at most ``chunk_tokens`` tokens has nothing to split: it takes HF's loss (no
 recomputation). The price of chunking is the head's forward matmul run twice: 2 h V flops per

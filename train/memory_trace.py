@@ -5,10 +5,10 @@ The model, INT8 conversion, optimizer and layer-wise hooks are built by the func
 :func:`train.optim.make_optimizer`, :func:`train.loop.attach_layerwise`), under
 ``FakeTensorMode`` on the CPU (the random initialisation skipped), and the loop's own step
 (``train.loop._train_step``: micro-batches, chunked loss, checkpointed layers, low-rank
-accumulation, the update) runs under :class:`lowmem_optim.memory_trace.StorageTrace`. Each
+accumulation, the update) runs under :class:`lowmem_optim.tools.memory_trace.StorageTrace`. Each
 micro-batch is a phase: its peak and split (parameters, buffers, gradients, optimizer states,
 accumulation buffers, activations, temporaries) are reported, with the memory model's prediction
-(:func:`lowmem_optim.memory.estimate_memory`) for the same flags.
+(:func:`lowmem_optim.tools.memory.estimate_memory`) for the same flags.
 
 Micro-batches: a step of k > 2 micro-batches goes through three kinds of them (the first, which
 allocates the accumulation buffers and, on a refresh step, chooses the subspaces; middle ones;
@@ -36,9 +36,9 @@ from typing import Any
 import torch
 
 from lowmem_optim.groups import parse_target_modules
-from lowmem_optim.llama_config import load_llama_config
-from lowmem_optim.memory import TrainingSetup, estimate_memory
-from lowmem_optim.memory_trace import CATEGORIES, StorageTrace, fake_tensors
+from lowmem_optim.tools.llama_config import load_llama_config
+from lowmem_optim.tools.memory import TrainingSetup, estimate_memory
+from lowmem_optim.tools.memory_trace import CATEGORIES, StorageTrace, fake_tensors
 from train import distributed
 from train.config import TrainConfig
 from train.loop import _train_step, accumulation_steps, attach_layerwise

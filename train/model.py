@@ -17,7 +17,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lowmem_optim.llama_config import check_seq_len, load_llama_config
+from lowmem_optim.tools.llama_config import check_seq_len, load_llama_config
 from train.loss import CHUNK_TOKENS, chunked_causal_lm_loss
 
 
@@ -66,7 +66,7 @@ def build_model(
     the ``save_pretrained`` folder ``init_from`` (loaded by ``transformers``, every weight
     required) when given.
 
-    The config is read by :func:`lowmem_optim.llama_config.load_llama_config`; ``vocab_needed``
+    The config is read by :func:`lowmem_optim.tools.llama_config.load_llama_config`; ``vocab_needed``
     (the tokenizer's size) and ``seq_len`` are checked against it, and whatever else
     ``transformers`` rejects is a one-line ValueError naming the file. Its loss is computed in
     chunks of ``loss_chunk_tokens`` tokens (:mod:`train.loss`; 0: HF's loss over the whole

@@ -28,7 +28,7 @@ BLOCKSIZE = 256
 
 def _real_constant(make):
     """``make``, cached, and run outside any FakeTensorMode: a map made while a step is traced on
-    valueless tensors (:mod:`lowmem_optim.memory_trace`) must still hold values afterwards."""
+    valueless tensors (:mod:`lowmem_optim.tools.memory_trace`) must still hold values afterwards."""
 
     @functools.cache
     @functools.wraps(make)

@@ -29,7 +29,7 @@ from lowmem_optim.quant.groupwise import counter_uniform
 CHUNK = 1 << 20
 #: temporaries per value of a pass at their peak (8 bits, the larger: padded float32 values, int64
 #: counters, float32 draws, int32 neighbours, their map values and gap, the chosen codes), as
-#: measured by following every storage (lowmem_optim.op_count.OpCounter): 36 (bfloat16: 26)
+#: measured by following every storage (lowmem_optim.tools.op_count.OpCounter): 36 (bfloat16: 26)
 ROUNDING_BYTES = 36
 
 

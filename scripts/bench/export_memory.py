@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from lowmem_optim.llama_config import load_llama_config
+from lowmem_optim.tools.llama_config import load_llama_config
 from scripts.bench.toolkit import in_fresh_process, peak_rss_above, write_json
 from train import checkpoint
 from train.export import main as export

@@ -24,13 +24,13 @@ Protocol (one JSON line per setup, appended to --out):
     --loss-chunk-tokens 0 when a micro-batch holds more tokens than a chunk (MemTracker
     refuses a module called once per chunk);
   * CPU with --cpu-peak step (the chunked loss against the whole one): the last step under
-    :class:`lowmem_optim.op_count.OpCounter` instead: ``peak_tensor_bytes``, the most bytes of
+    :class:`lowmem_optim.tools.op_count.OpCounter` instead: ``peak_tensor_bytes``, the most bytes of
     the storages the step creates alive at once (not the weights and state made before it),
     ``peak_rss_bytes`` (:func:`scripts.bench.toolkit.peak_rss_above`; with
     ``MALLOC_MMAP_THRESHOLD_=65536`` the RSS follows the live tensors), ``step_s`` (under the
     counter) and ``predicted_step_bytes`` (the model's total minus weights, states, projections);
   * both: the optimizer-state bytes counted from the state tensors, and the prediction of
-    ``lowmem_optim.memory.estimate_memory`` for the same setup.
+    ``lowmem_optim.tools.memory.estimate_memory`` for the same setup.
 
 --vocab-size replaces the config's vocabulary (a large one makes the logits dominate a small model).
 
@@ -48,8 +48,8 @@ from pathlib import Path
 
 import torch
 
-from lowmem_optim.llama_config import load_llama_config
-from lowmem_optim.op_count import OpCounter
+from lowmem_optim.tools.llama_config import load_llama_config
+from lowmem_optim.tools.op_count import OpCounter
 from scripts.bench.toolkit import peak_memory, peak_rss_above, predicted_memory, recipe, reset_peak_memory
 from train.config import TrainConfig, build_parser
 

@@ -7,10 +7,10 @@ Protocol (one process on the CPU, no GPU and no memory needed; :mod:`train.memor
 - two training steps run through the loop's own step function, each of 3 micro-batches (the
   first, a middle one and the last stand for the recipe's k; what is held across micro-batches
   does not grow with k): step 1 refreshes every subspace, step 2 is a step without a refresh;
-- every live tensor storage is counted (:class:`lowmem_optim.memory_trace.StorageTrace`): the
+- every live tensor storage is counted (:class:`lowmem_optim.tools.memory_trace.StorageTrace`): the
   peak of each micro-batch, split into parameters, buffers, gradients, optimizer states,
   accumulation buffers, activations and temporaries, next to the memory model's prediction for
-  the same flags (:func:`lowmem_optim.memory.estimate_memory`); host reads that need values
+  the same flags (:func:`lowmem_optim.tools.memory.estimate_memory`); host reads that need values
   are answered by stand-ins ("finite", "not all zero") and counted;
 - written to ``<--output-dir>/memory_trace.json`` and printed. No data, no checkpoint.
 

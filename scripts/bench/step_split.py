@@ -35,10 +35,10 @@ from typing import Any
 import torch
 
 from lowmem_optim.engine import ComposedOptimizer
-from lowmem_optim.llama_config import load_llama_config
 from lowmem_optim.projection import PROJECTORS
 from lowmem_optim.quant.int8_linear import Int8Weight
 from lowmem_optim.rules import RULES
+from lowmem_optim.tools.llama_config import load_llama_config
 from scripts.bench.toolkit import peak_memory, predicted_memory, recipe, reset_peak_memory, sync
 from train.config import TrainConfig, parse_args
 from train.model import build_model

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from lowmem_optim.groups import parse_target_modules
-from lowmem_optim.llama_config import load_llama_config
-from lowmem_optim.memory import MemoryEstimate, estimate_memory
 from lowmem_optim.quant.int8_linear import quantize_linear_layers
+from lowmem_optim.tools.llama_config import load_llama_config
+from lowmem_optim.tools.memory import MemoryEstimate, estimate_memory
 from train import distributed
 from train.config import TrainConfig
 from train.loop import accumulation_steps, attach_layerwise
@@ -184,5 +184,5 @@ def recipe(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, tor
 
 
 def predicted_memory(cfg: TrainConfig) -> MemoryEstimate:
-    """The memory model's estimate for the run ``cfg`` describes (:func:`lowmem_optim.memory.estimate_memory`)."""
+    """The memory model's estimate for the run ``cfg`` describes (:func:`lowmem_optim.tools.memory.estimate_memory`)."""
     return estimate_memory(load_llama_config(cfg.model_config), training_setup(cfg))

@@ -6,13 +6,13 @@ Protocol (figures in the docs come from this script, as printed):
   ``--rank``), class defaults but ``update_proj_gap`` 10^6 (steps 2 and later never refresh);
   INT8 weights off (the weight in ``--dtype``) and on (stochastic rounding). A step is
   ``optimizer.step()`` on a seeded standard-normal ``param.grad``: no forward or backward.
-- Counts (:class:`lowmem_optim.op_count.OpCounter`) on the ``meta`` device in ``--dtype``
+- Counts (:class:`lowmem_optim.tools.op_count.OpCounter`) on the ``meta`` device in ``--dtype``
   (bfloat16, the recipe's): every op runs shape-only, and a sync is a host read of a tensor off
   the CPU, as on a GPU. ``ops`` / ``syncs`` of step 2; ``syncs/load`` of a step after
   ``state_dict()`` -> a new optimizer -> ``load_state_dict()``; ``refresh ops`` / ``refresh
   syncs`` of step 1; ``alloc MiB`` (every new storage of step 2) and ``peak MiB`` (the most of
   them alive at once). ``fused ...``: INT8 step 2 as CUDA runs it, each compiled pass of
-  :mod:`lowmem_optim.quant.groupwise` one op (:func:`lowmem_optim.op_count.as_one_op`).
+  :mod:`lowmem_optim.quant.groupwise` one op (:func:`lowmem_optim.tools.op_count.as_one_op`).
 - CPU time in ``--cpu-dtype`` (float32: bf16 matmuls are emulated on these CPUs), ``--threads``
   threads: step 1 by randomized SVD without power iteration for the SVD-based optimizers (an
   exact SVD of 4096 x 11008 takes minutes; the timed steps do not depend on it), then the median
@@ -44,10 +44,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowmem_optim.op_count import OpCounter, as_one_op
 from lowmem_optim.quant import groupwise, int8_linear
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer, get_optimizer_class
 from lowmem_optim.rules import adam8bit
+from lowmem_optim.tools.op_count import OpCounter, as_one_op
 from scripts.bench.toolkit import OneMatrix, markdown_table, median_seconds, set_gradients, write_json
 
 NO_REFRESH_GAP = 10**6
@@ -216,7 +216,7 @@ def full_rank_figures(
 
 
 def full_rank_main(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from lowmem_optim.llama_config import load_llama_config
+    from lowmem_optim.tools.llama_config import load_llama_config
 
     config = load_llama_config(args.full_rank, "--full-rank")
     dtype, cpu_dtype = getattr(torch, args.dtype), getattr(torch, args.cpu_dtype)

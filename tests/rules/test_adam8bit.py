@@ -111,9 +111,9 @@ def test_off_cuda_the_eager_8bit_step_runs(monkeypatch):
 def test_full_rank_8bit_step_has_no_float32_update_of_the_weights_size(monkeypatch):
     """The eager full-rank step applies each chunk's update to the weight as it comes: its
     temporaries are one chunk's, whatever the weight's size, and the memory model says so."""
-    from lowmem_optim.memory import optimizer_memory
-    from lowmem_optim.op_count import OpCounter
     from lowmem_optim.rules import adam8bit
+    from lowmem_optim.tools.memory import optimizer_memory
+    from lowmem_optim.tools.op_count import OpCounter
 
     monkeypatch.setattr(adam8bit, "_CHUNK", 1024)
     peaks, predicted = [], []

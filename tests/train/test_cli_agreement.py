@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_optim.cli import main as memory_main
+from lowmem_optim.tools.cli import main as memory_main
 from train import main as train_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,8 +150,8 @@ def test_a_jsonl_text_that_is_not_a_string_is_one_line(tmp_path, tiny_argv):
 
 
 def test_memory_model_chunks_the_loss_as_training_does_by_default():
-    from lowmem_optim.cli import _parser
-    from lowmem_optim.memory import TrainingSetup
+    from lowmem_optim.tools.cli import _parser
+    from lowmem_optim.tools.memory import TrainingSetup
     from train.config import TrainConfig
 
     trained = TrainConfig(model_config="configs/llama_tiny.json").loss_chunk_tokens

@@ -13,7 +13,7 @@ low-rank buffers. What varies, in order of preference:
    at least ``MIN_MICRO_BATCH_TOKENS`` tokens: below that a GPU waits between small kernels and
    the INT8 weights are dequantized three times per micro-batch for few tokens.
 
-The first setup (in that order) whose predicted peak (:func:`lowmem_optim.memory.estimate_memory`)
+The first setup (in that order) whose predicted peak (:func:`lowmem_optim.tools.memory.estimate_memory`)
 is within the card's budget, less ``MODEL_MARGIN`` for the model's error, fits. The budget leaves
 room for what neither the prediction nor a trace counts: the CUDA context (0.3-0.5 GiB) and the
 caching allocator's rounding and fragmentation:
@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from lowmem_optim.memory import MemoryEstimate, TrainingSetup, estimate_memory
+from lowmem_optim.tools.memory import MemoryEstimate, TrainingSetup, estimate_memory
 
 GIB = 2**30
 #: the settings every candidate shares (the training CLI's flags, snake_case)

@@ -53,7 +53,7 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
   float32 low-rank update is back-projected and applied: the larger of the two sets counts).
   On CUDA bitsandbytes' fused 8-bit kernel allocates no chunk: there the 8-bit terms are an
   upper bound. Each chunk's bytes per value are those measured by following every storage
-  (:class:`lowmem_optim.op_count.OpCounter`).
+  (:class:`lowmem_optim.tools.op_count.OpCounter`).
 
 The peak is the largest of the moments a step goes through, on top of the static part
 (weights + optimizer_states + projections):
@@ -376,7 +376,7 @@ def optimizer_memory(
                 together.setdefault(id(group), (parts.rule, group, []))[2].append((shape, p.dtype))
             elif uses_projection(p, group):
                 # the rule's temporaries are freed before its low-rank update (float32) is
-                # back-projected and applied (measured: lowmem_optim.op_count.OpCounter)
+                # back-projected and applied (measured: lowmem_optim.tools.op_count.OpCounter)
                 low_rank_update = 4 * math.prod(shape)
                 workspace = max(parts.rule.workspace_bytes(shape, p.dtype, group), workspace + low_rank_update)
             else:

@@ -1,7 +1,7 @@
 """Tracing a training step's memory: the bytes of every live tensor storage, its peak, and what holds it.
 
 :class:`StorageTrace` is a ``TorchDispatchMode`` that follows every tensor storage an op
-returns, as :class:`lowmem_optim.op_count.OpCounter` follows temporaries: each storage is
+returns, as :class:`lowmem_optim.tools.op_count.OpCounter` follows temporaries: each storage is
 counted once (views share it) from its first appearance until it is freed (weak references:
 Python frees it, its callback uncounts it). Storages made before the mode was entered (the
 model's parameters and buffers) are followed with :meth:`StorageTrace.follow`. Run under
@@ -49,7 +49,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lowmem_optim.op_count import SYNC_OPS
+from lowmem_optim.tools.op_count import SYNC_OPS
 
 #: the categories a traced peak is split into
 CATEGORIES = (

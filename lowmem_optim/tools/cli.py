@@ -5,12 +5,12 @@
         --activation-checkpointing --layerwise [--json]
 
 prints the bytes of weights, gradients, optimizer states, projections, activations, the update's
-workspace, and the predicted peak (:mod:`lowmem_optim.memory`).
+workspace, and the predicted peak (:mod:`lowmem_optim.tools.memory`).
 
     lowmem-optim fit --model-config configs/llama_7b.json --memory-gib 12 [--json]
 
 prints the training flags of the low-memory setup that fits a card of that memory, with its
-prediction and the budget (:mod:`lowmem_optim.memory_fit`). Flags shared with the training
+prediction and the budget (:mod:`lowmem_optim.tools.memory_fit`). Flags shared with the training
 CLI have its names; snake_case spellings are accepted too.
 """
 
@@ -26,8 +26,9 @@ import torch
 
 from lowmem_optim.groups import TARGET_MODULES_HELP, check_some_matrix_projected, parse_target_modules
 from lowmem_optim.layerwise import ACCUMULATION_BUFFERS
-from lowmem_optim.llama_config import check_seq_len, load_llama_config
-from lowmem_optim.memory import (
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, available_optimizers, check_int8_capable
+from lowmem_optim.tools.llama_config import check_seq_len, load_llama_config
+from lowmem_optim.tools.memory import (
     COMPONENTS,
     DTYPES,
     WEIGHT_BITS,
@@ -36,8 +37,7 @@ from lowmem_optim.memory import (
     estimate_memory,
     llama_skeleton,
 )
-from lowmem_optim.memory_fit import budget_bytes, fitting
-from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, available_optimizers, check_int8_capable
+from lowmem_optim.tools.memory_fit import budget_bytes, fitting
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -133,7 +133,7 @@ def memory_command(args: argparse.Namespace) -> dict[str, int]:
 
 
 def fit_command(args: argparse.Namespace) -> dict[str, Any]:
-    """The setup :func:`lowmem_optim.memory_fit.fitting` chooses: its flags, the prediction and
+    """The setup :func:`lowmem_optim.tools.memory_fit.fitting` chooses: its flags, the prediction and
     the budget; ValueError when none fits or for bad input."""
     config = load_llama_config(args.model_config)
     check_seq_len(config, args.seq_len, args.model_config)
