@@ -26,13 +26,25 @@ def _start(argv: list[str]) -> subprocess.Popen:
     )
 
 
-def _wait_for(run: subprocess.Popen, path: Path) -> None:
-    """Waits until the run has written ``path`` (so it is inside its loop), however slow the machine."""
+def _wait_for(run: subprocess.Popen, folder: Path, pattern: str) -> None:
+    """Waits until the run has written a file ``pattern`` in ``folder`` (so it is inside its loop),
+    however slow the machine. A pattern, not a name: a run that saves every step may rotate its
+    first checkpoint away between two looks."""
     deadline = time.monotonic() + 300
-    while not (path.exists() and path.stat().st_size):
+    while not _written(folder, pattern):
         assert run.poll() is None, run.communicate()[1]
-        assert time.monotonic() < deadline, f"the run wrote no {path.name} in 300 s"
+        assert time.monotonic() < deadline, f"the run wrote no {pattern} in 300 s"
         time.sleep(0.05)
+
+
+def _written(folder: Path, pattern: str) -> bool:
+    for path in folder.glob(pattern):
+        try:
+            if path.stat().st_size:
+                return True
+        except FileNotFoundError:  # rotated away since the listing
+            pass
+    return False
 
 
 def _long_run(tiny_argv, out: Path, **flags) -> list[str]:
@@ -44,7 +56,7 @@ def _long_run(tiny_argv, out: Path, **flags) -> list[str]:
 def test_a_stop_signal_saves_the_step_in_flight_and_resume_continues_bit_exactly(tmp_path, tiny_argv, stop):
     out = tmp_path / "preempted"
     run = _start(_long_run(tiny_argv, out, optimizer="galore_adamw", rank=8, update_proj_gap=3))
-    _wait_for(run, out / "metrics.jsonl")
+    _wait_for(run, out, "metrics.jsonl")
     run.send_signal(stop)
     _, err = run.communicate(timeout=300)
 
@@ -74,7 +86,7 @@ def test_a_stop_signal_saves_the_step_in_flight_and_resume_continues_bit_exactly
 def test_a_second_signal_exits_at_once_and_leaves_the_folder_resumable(tmp_path, tiny_argv):
     out = tmp_path / "run"
     run = _start(_long_run(tiny_argv, out, save_every=1, keep_checkpoints=2))
-    _wait_for(run, out / "checkpoints" / "step_00000001.pt")
+    _wait_for(run, out / "checkpoints", "step_*.pt")
     # both signals pending while the run is stopped: its handlers see them one right after the other
     run.send_signal(signal.SIGSTOP)
     run.send_signal(signal.SIGINT)
