@@ -29,6 +29,29 @@ def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _preempted(out: Path, base: list[str], d: distributed.Dist, name: str, flags: list[str]) -> None:
+    """A run to ``out/name`` whose rank 1 alone receives SIGTERM during step 2; each rank writes
+    what the run said to ``out/<name>_rank<rank>.txt``."""
+    real_step, steps = loop._train_step, []
+
+    def step_signalled_on_rank1(w: loop.Wiring) -> torch.Tensor | None:
+        steps.append(len(steps) + 1)
+        if d.rank == 1 and len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(w)
+
+    loop._train_step = step_signalled_on_rank1
+    try:
+        with preemption.handled():
+            loop.run(parse_args(base + flags + [f"--output-dir={out / name}"]), d)
+        said = "not preempted"
+    except preemption.RunPreempted as err:
+        said = str(err)
+    finally:
+        loop._train_step = real_step
+    (out / f"{name}_rank{d.rank}.txt").write_text(said)
+
+
 def main(out: Path, base: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # owned here, so the runs below share it
@@ -42,25 +65,9 @@ def main(out: Path, base: list[str]) -> None:
     )
     torch.save(full_parameters(ddp.model), out / f"ddp_rank{rank}.pt")
 
-    # preemption: only rank 1 receives SIGTERM, during step 2; both ranks stop after it, rank 0 saves it
-    real_step, steps = loop._train_step, []
-
-    def step_signalled_on_rank1(w: loop.Wiring) -> torch.Tensor | None:
-        steps.append(len(steps) + 1)
-        if rank == 1 and len(steps) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(w)
-
-    loop._train_step = step_signalled_on_rank1
-    try:
-        with preemption.handled():
-            loop.run(parse_args(base + ["--optimizer=adamw", f"--output-dir={out / 'preempted'}"]), d)
-        said = "not preempted"
-    except preemption.RunPreempted as err:
-        said = str(err)
-    finally:
-        loop._train_step = real_step
-    (out / f"preempted_rank{rank}.txt").write_text(said)
+    # preemption: only rank 1 receives SIGTERM, during step 2; both ranks stop after it and save it
+    _preempted(out, base, d, "preempted", ["--optimizer=adamw"])
+    _preempted(out, base, d, "preempted_fsdp", ["--optimizer=galore_adamw", "--rank=8", "--parallel=fsdp"])
 
     int8 = loop.run(
         parse_args(

@@ -72,16 +72,18 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)
 
 
-def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_and_rank0_saves_it(two_ranks):
-    saved = two_ranks / "preempted" / "checkpoints" / "step_00000002.pt"
-    said = [(two_ranks / f"preempted_rank{rank}.txt").read_text() for rank in range(2)]
+@pytest.mark.parametrize("name", ["preempted", "preempted_fsdp"])
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_and_rank0_saves_it(two_ranks, name):
+    """DDP, and FSDP2 (every rank takes part in gathering the checkpoint that rank 0 writes)."""
+    saved = two_ranks / name / "checkpoints" / "step_00000002.pt"
+    said = [(two_ranks / f"{name}_rank{rank}.txt").read_text() for rank in range(2)]
     assert said == [
         f"preempted by a stop signal sent to another rank after step 2: saved {str(saved)!r}; "
         "continue the run with --resume",
         f"preempted by SIGTERM after step 2: saved {str(saved)!r}; continue the run with --resume",
     ]
-    assert [p.name for p in checkpoint.saved(two_ranks / "preempted")] == [saved.name]
-    assert not (two_ranks / "preempted" / outdir.LOCK_NAME).exists()
+    assert [p.name for p in checkpoint.saved(two_ranks / name)] == [saved.name]
+    assert not (two_ranks / name / outdir.LOCK_NAME).exists()
 
 
 def test_ddp_ranks_end_with_identical_parameters(two_ranks):
