@@ -20,13 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowmem_optim.groups import parse_target_modules
 from lowmem_optim.tools.llama_config import SIZING_KEYS, load_llama_config
 from train import RunStopped, checkpoint, distributed, outdir, preemption, resumption
 from train.config import RESUMABLE_CHANGES, TrainConfig
 from train.data import Data, build_data, fingerprint, run_tokenizer
 from train.metrics import Metrics, peak_memory, perplexity
-from train.model import build_model, count_parameters, pretrained_config, quantize_weights
+from train.model import count_parameters, pretrained_config, run_model
 from train.optim import make_optimizer, make_scheduler, optimizer_state_bytes
 
 
@@ -230,22 +229,8 @@ def _build_data(cfg: TrainConfig, d: distributed.Dist) -> Data:
 
 
 def _build_model(cfg: TrainConfig, d: distributed.Dist, data: Data, config_path: str) -> nn.Module:
-    """The model as configured, from ``--init-from``'s weights where given (INT8 weights with
-    ``--weight-bits 8``, quantized from those), not yet wrapped."""
-    model = build_model(
-        config_path,
-        dtype=getattr(torch, cfg.torch_dtype_name),
-        device=d.device,
-        seed=cfg.seed,
-        vocab_needed=data.tokenizer.vocab_size,
-        seq_len=cfg.seq_len,
-        activation_checkpointing=cfg.activation_checkpointing,
-        loss_chunk_tokens=cfg.loss_chunk_tokens,
-        init_from=cfg.init_from,
-    )
-    if cfg.weight_bits == 8:
-        model = quantize_weights(model, parse_target_modules(cfg.target_modules))
-    return model
+    """The model as configured (:func:`train.model.run_model`), its vocabulary sized for the data."""
+    return run_model(cfg, d.device, data.tokenizer.vocab_size, config_path)
 
 
 def _build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

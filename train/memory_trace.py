@@ -42,7 +42,7 @@ from lowmem_optim.tools.memory_trace import CATEGORIES, StorageTrace, fake_tenso
 from train import distributed
 from train.config import TrainConfig
 from train.loop import _train_step, accumulation_steps, attach_layerwise
-from train.model import build_model, quantize_weights
+from train.model import run_model
 from train.optim import make_optimizer
 
 #: micro-batches per traced step: the first, a middle one and the last
@@ -109,18 +109,7 @@ def trace_training(cfg: TrainConfig, *, steps: int = 2, micro_batches: int = TRA
     _load_bitsandbytes()
     with fake_tensors():
         with _no_init_weights():
-            model = build_model(
-                cfg.model_config,
-                dtype=getattr(torch, cfg.torch_dtype_name),
-                device=one_process.device,
-                seed=cfg.seed,
-                vocab_needed=config["vocab_size"],
-                seq_len=cfg.seq_len,
-                activation_checkpointing=cfg.activation_checkpointing,
-                loss_chunk_tokens=cfg.loss_chunk_tokens,
-            )
-        if cfg.weight_bits == 8:
-            model = quantize_weights(model, parse_target_modules(cfg.target_modules))
+            model = run_model(cfg, one_process.device, config["vocab_size"])
         optimizer = make_optimizer(cfg, model)
         trace.watch(model)  # its gradient hooks run before the layer-wise ones, which free the gradient
         handle = attach_layerwise(cfg, optimizer, traced, one_process) if cfg.layerwise else None

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from lowmem_optim.groups import parse_target_modules
 from lowmem_optim.tools.llama_config import check_seq_len, load_llama_config
 from train.loss import CHUNK_TOKENS, chunked_causal_lm_loss
+
+if TYPE_CHECKING:
+    from train.config import TrainConfig
 
 
 @contextmanager
@@ -170,3 +175,23 @@ def quantize_weights(model: nn.Module, target_modules: str | list[str]) -> nn.Mo
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def run_model(cfg: TrainConfig, device: torch.device, vocab_needed: int, config_path: str | None = None) -> nn.Module:
+    """The model as ``python -m train`` builds it from ``cfg`` (from ``--init-from``'s weights where
+    given; INT8 weights with ``--weight-bits 8``, quantized from those), not yet wrapped.
+    ``config_path``: the config read (``--init-from``'s own where given; default ``--model-config``)."""
+    model = build_model(
+        config_path or cfg.model_config,
+        dtype=getattr(torch, cfg.torch_dtype_name),
+        device=device,
+        seed=cfg.seed,
+        vocab_needed=vocab_needed,
+        seq_len=cfg.seq_len,
+        activation_checkpointing=cfg.activation_checkpointing,
+        loss_chunk_tokens=cfg.loss_chunk_tokens,
+        init_from=cfg.init_from,
+    )
+    if cfg.weight_bits == 8:
+        model = quantize_weights(model, parse_target_modules(cfg.target_modules))
+    return model

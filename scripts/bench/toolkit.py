@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from lowmem_optim.groups import parse_target_modules
 from lowmem_optim.quant.int8_linear import quantize_linear_layers
 from lowmem_optim.tools.llama_config import load_llama_config
 from lowmem_optim.tools.memory import MemoryEstimate, estimate_memory
@@ -25,7 +24,7 @@ from train import distributed
 from train.config import TrainConfig
 from train.loop import accumulation_steps, attach_layerwise
 from train.memory_trace import training_setup
-from train.model import build_model, quantize_weights
+from train.model import run_model
 from train.optim import make_optimizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,18 +163,7 @@ def in_fresh_process(module: str, *args: str) -> Any:
 def recipe(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, int]:
     """The model, optimizer, layer-wise hooks (None without ``--layerwise``) and accumulation steps
     as ``python -m train`` builds them from ``cfg`` in one process, on ``device``."""
-    model = build_model(
-        cfg.model_config,
-        dtype=getattr(torch, cfg.torch_dtype_name),
-        device=device,
-        seed=cfg.seed,
-        vocab_needed=load_llama_config(cfg.model_config)["vocab_size"],
-        seq_len=cfg.seq_len,
-        activation_checkpointing=cfg.activation_checkpointing,
-        loss_chunk_tokens=cfg.loss_chunk_tokens,
-    )
-    if cfg.weight_bits == 8:
-        model = quantize_weights(model, parse_target_modules(cfg.target_modules))
+    model = run_model(cfg, device, load_llama_config(cfg.model_config)["vocab_size"])
     optimizer = make_optimizer(cfg, model)
     accum = accumulation_steps(cfg, 1)
     one_process = distributed.Dist(rank=0, world=1, local_rank=0, device=device, owns_group=False)

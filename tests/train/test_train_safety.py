@@ -25,7 +25,7 @@ def _poison_loss_at(monkeypatch, steps: set[int], accum: int = 1) -> None:
     """The training loss is NaN in the forward passes of ``steps`` (counted in optimizer steps)."""
     import train.loop
 
-    real = train.loop.build_model
+    real = train.loop.run_model
     calls = {"n": 0}
 
     def build(*args, **kwargs):
@@ -42,7 +42,7 @@ def _poison_loss_at(monkeypatch, steps: set[int], accum: int = 1) -> None:
         model.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(train.loop, "build_model", build)
+    monkeypatch.setattr(train.loop, "run_model", build)
 
 
 def _all_finite(path: Path) -> bool:
