@@ -26,7 +26,7 @@ from train.config import RESUMABLE_CHANGES, TrainConfig
 from train.data import Data, build_data, fingerprint, run_tokenizer
 from train.metrics import Metrics, peak_memory, perplexity
 from train.model import count_parameters, pretrained_config, run_model
-from train.optim import make_optimizer, make_scheduler, optimizer_state_bytes
+from train.optim import make_optimizer, make_scheduler, matrix_weights, optimizer_state_bytes, state_bytes
 
 
 def accumulation_steps(cfg: TrainConfig, world: int) -> int:
@@ -156,6 +156,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
     data = _build_data(cfg, d)
     model = _build_model(cfg, d, data, config_path)
     n_params = count_parameters(model)
+    matrices = matrix_weights(model, cfg)
     # layer-wise steps run inside backward, before DDP would all-reduce: their hooks average
     # each gradient over the ranks themselves, so the model is not wrapped in DDP
     model = model if cfg.layerwise else distributed.wrap(model, cfg.parallel, d)
@@ -174,6 +175,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
         "world_size": d.world,
         "accumulation_steps": accum,
         "n_params": n_params,
+        "matrix_params": sum(p.numel() for p in matrices),
         "tokenizer": data.tokenizer.name,
         "model": _model_config(model),
         "history": resumption.history(out, start, changed) if cfg.resume and d.is_main else [],
@@ -200,6 +202,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
         progress=_progress_bar(cfg, start, enabled=d.is_main),
         model_config=model_config,
         data_fingerprint=data_fingerprint,
+        matrices=matrices,
     )
     layerwise = attach_layerwise(cfg, optimizer, accum, d) if cfg.layerwise else None
     try:
@@ -276,6 +279,7 @@ class Wiring:
     progress: Any  # a tqdm bar
     model_config: dict[str, Any]  # saved with each checkpoint, checked on --resume
     data_fingerprint: str
+    matrices: list[torch.Tensor]  # the weights --target-modules selects (train.optim.matrix_weights)
 
 
 def _loop(w: Wiring, start: int, last_good: Path | None) -> None:
@@ -323,6 +327,7 @@ def _loop(w: Wiring, start: int, last_good: Path | None) -> None:
                 "tokens_per_s": steps_timed * tokens_per_step / elapsed,
                 **{k: distributed.max_over_ranks(v, d.device) for k, v in peak_memory(d.device).items()},
                 "opt_state_bytes": optimizer_state_bytes(w.optimizer),
+                "matrix_state_bytes": state_bytes(w.optimizer, w.matrices),
             }
             if skip:
                 record["skipped_steps"], skipped = skipped, 0

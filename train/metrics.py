@@ -5,7 +5,9 @@ step's micro-batches and ranks), ``lr`` (the one used by that step), ``tokens_pe
 of all ranks since the previous line over the training time in between, evaluation and saving
 excluded), ``peak_mem_bytes`` (CUDA: ``max_memory_allocated``, plus ``peak_mem_reserved_bytes``;
 CPU: the process's peak RSS; the maximum over ranks), ``opt_state_bytes`` (optimizer state held
-by one process) and, on evaluation steps, ``val_loss`` and ``val_ppl``. Under
+by one process), ``matrix_state_bytes`` (the part of it that belongs to the weight matrices
+``--target-modules`` selects, whose count is ``matrix_params`` in ``config.json``) and, on
+evaluation steps, ``val_loss`` and ``val_ppl``. Under
 ``--on-nonfinite skip``, ``skipped_steps`` counts the steps skipped since the previous line.
 ``layer_stats.jsonl`` gets the optimizer's per-layer subspace statistics on evaluation steps.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from lowmem_optim.registry import (
     check_int8_capable,
     get_optimizer_class,
 )
+from lowmem_optim.selection import selected_modules
 from train.config import TrainConfig
 from train.peers import PEERS, build_peer
 
@@ -99,10 +100,13 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
-def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
-    """Every tensor reachable from ``optimizer.state``, each once: values, nested containers,
-    tensors held as attributes of objects (galore-torch and apollo-torch keep projectors so), the
-    inner tensors of tensor subclasses (torchao's codes and scales; a DTensor's local shard)."""
+def state_tensors(
+    optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None
+) -> Iterator[torch.Tensor]:
+    """Every tensor reachable from ``optimizer.state`` (of ``params`` only, when given), each once:
+    values, nested containers, tensors held as attributes of objects (galore-torch and
+    apollo-torch keep projectors so), the inner tensors of tensor subclasses (torchao's codes and
+    scales; a DTensor's local shard)."""
     seen: set[int] = set()
 
     def walk(value: Any) -> Iterator[torch.Tensor]:
@@ -124,13 +128,22 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
             for v in vars(value).values():
                 yield from walk(v)
 
-    for state in optimizer.state.values():
+    states = optimizer.state.values() if params is None else (optimizer.state.get(p, {}) for p in params)
+    for state in states:
         yield from walk(state)
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """numel x element size of every state tensor (on this rank)."""
-    return sum(t.numel() * t.element_size() for t in state_tensors(optimizer))
+def state_bytes(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None) -> int:
+    """numel x element size of every state tensor (of ``params`` only, when given; on this rank)."""
+    return sum(t.numel() * t.element_size() for t in state_tensors(optimizer, params))
+
+
+def matrix_weights(model: nn.Module, cfg: TrainConfig) -> list[torch.Tensor]:
+    """The weight matrices ``--target-modules`` selects, whatever the optimizer: the parameters
+    whose state the low-rank and matrix optimizers shrink, so a comparison can count bytes per
+    matrix parameter for every optimizer alike."""
+    modules = selected_modules(model, parse_target_modules(cfg.target_modules))
+    return [m.weight for _, m in modules]
 
 
 def retained_bytes(optimizer: torch.optim.Optimizer) -> int:

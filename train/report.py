@@ -15,8 +15,10 @@ hyperparameter columns are lr, rank and every other flag that differs between th
 is on the Pareto front when no other run has both less optimizer state and a lower final
 validation loss.
 
-Writes ``report.md``, ``report.csv``, ``loss_vs_step.png`` (the best run of each optimizer)
-and ``memory_vs_loss.png`` (final validation loss against optimizer-state and peak memory).
+Writes ``report.md``, ``report.csv``, ``loss_vs_step.png`` (the best run of each optimizer),
+``memory_vs_loss.png`` (final validation loss against optimizer-state and peak memory) and
+``tuned.md`` / ``tuned.json`` (each setting at its best learning rate over seeds:
+:mod:`train.tuned`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS
 from train.optim import LOWRANK_FLAGS
+from train.tuned import tuned_json, tuned_markdown, tuned_rows
 
 #: flags that name where or how a run logs, not what it trains: never hyperparameter columns
 NOT_HYPERPARAMETERS = frozenset(
@@ -125,6 +128,7 @@ def summarize(run: Run) -> dict[str, Any]:
         "refreshes": sum(layer["refreshes"] for layer in projected) if projected else None,
         "largest_gap": max((layer["gap"] for layer in projected if layer["gap"] is not None), default=None),
         "tokens_per_s": statistics.median(speed[1:] or speed) if speed else None,
+        "matrix_state_bytes": max(_values(m, "matrix_state_bytes"), default=None),
     }
 
 
@@ -158,6 +162,7 @@ def build_table(runs: list[Run]) -> tuple[list[str], list[dict[str, Any]]]:
                 "run": run.name,
                 "optimizer": config.get("optimizer"),
                 **{k: config.get(k) for k in hparams},
+                **{k: config.get(k) for k in ("seed", "n_params", "matrix_params")},
                 **summarize(run),
             }
         )
@@ -271,6 +276,10 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, Path]:
         writer.writeheader()
         writer.writerows(rows)
     hparams = columns[2 : -len(FIGURES)]
+    tuned = tuned_rows(rows, hparams)
+    paths["tuned"] = out / "tuned.md"
+    paths["tuned"].write_text(tuned_markdown(tuned, str(root)))
+    (out / "tuned.json").write_text(tuned_json(tuned))
     _plot_losses({r.name: r for r in runs}, rows, hparams, paths["loss_plot"])
     _plot_pareto(rows, paths["pareto_plot"])
     return paths

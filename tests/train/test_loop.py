@@ -18,7 +18,7 @@ from train import checkpoint
 from train.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
-STEP_KEYS = {"step", "loss", "lr", "tokens_per_s", "peak_mem_bytes", "opt_state_bytes"}
+STEP_KEYS = {"step", "loss", "lr", "tokens_per_s", "peak_mem_bytes", "opt_state_bytes", "matrix_state_bytes"}
 
 
 @pytest.mark.parametrize("optimizer", available_optimizers())
@@ -49,6 +49,10 @@ def test_adamw_state_bytes_are_its_two_moments_and_step_counters(run_tiny, tmp_p
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     n_tensors = 2 + 1 + config["model"]["num_hidden_layers"] * 9  # embed, head, norm; 7 linears + 2 norms a layer
     assert records[-1]["opt_state_bytes"] == 8 * config["n_params"] + 4 * n_tensors
+    # the selected matrices: 7 linear layers a decoder layer, their moments and step counters
+    n_matrices = config["model"]["num_hidden_layers"] * 7
+    assert config["matrix_params"] < config["n_params"]
+    assert records[-1]["matrix_state_bytes"] == 8 * config["matrix_params"] + 4 * n_matrices
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ EXPECTED_TRIALS = {
     "tiny.yaml": 2,
     "cpu_small.yaml": 1,
     "peers.yaml": 1,
+    "quality.yaml": 1,
     "llama60m_baselines.yaml": 2 * 3,
     "llama60m_lowrank.yaml": 4 * 3 * 2,
     "llama60m_dct.yaml": 3 * 2,
