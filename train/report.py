@@ -17,7 +17,7 @@ validation loss.
 
 Writes ``report.md``, ``report.csv``, ``loss_vs_step.png`` (the best run of each optimizer),
 ``memory_vs_loss.png`` (final validation loss against optimizer-state and peak memory) and
-``tuned.md`` / ``tuned.json`` (each setting at its best learning rate over seeds:
+``tuned.md``, ``tuned.json`` and ``tuned_vs_state.png`` (each setting at its best learning rate over seeds:
 :mod:`train.tuned`).
 """
 
@@ -33,7 +33,7 @@ from typing import Any
 
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS
 from train.optim import LOWRANK_FLAGS
-from train.tuned import tuned_json, tuned_markdown, tuned_rows
+from train.tuned import plot_tuned, tuned_json, tuned_markdown, tuned_rows
 
 #: flags that name where or how a run logs, not what it trains: never hyperparameter columns
 NOT_HYPERPARAMETERS = frozenset(
@@ -280,6 +280,8 @@ def write_report(root: str | Path, out: str | Path) -> dict[str, Path]:
     paths["tuned"] = out / "tuned.md"
     paths["tuned"].write_text(tuned_markdown(tuned, str(root)))
     (out / "tuned.json").write_text(tuned_json(tuned))
+    paths["tuned_plot"] = out / "tuned_vs_state.png"
+    plot_tuned(tuned, paths["tuned_plot"])
     _plot_losses({r.name: r for r in runs}, rows, hparams, paths["loss_plot"])
     _plot_pareto(rows, paths["pareto_plot"])
     return paths

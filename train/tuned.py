@@ -16,13 +16,14 @@ report's hyperparameter columns, :func:`train.report.hyperparameter_columns`). F
   (``scripts.bench.peers``);
 - loss against the best full-rank ``muon`` setting's mean, in percent.
 
-Written as ``tuned.md`` beside the report by :func:`train.report.write_report`.
+Written as ``tuned.md``, ``tuned.json`` and ``tuned_vs_state.png`` beside the report by :func:`train.report.write_report`.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 from typing import Any
 
 #: a setting's hyperparameters never include these: they are what the table tunes or averages over
@@ -101,6 +102,30 @@ def tuned_markdown(rows: list[dict[str, Any]], source: str) -> str:
             f"{_fmt(r['time_vs_adamw'], '.2f')} | {_fmt(r['vs_muon_pct'], '+.1f')}% |".replace("| -% |", "| - |")
         )
     return "\n".join(lines) + "\n"
+
+
+def plot_tuned(rows: list[dict[str, Any]], path: Path) -> None:
+    """Mean final validation loss (bars: the seeds' spread) against state bytes per matrix parameter."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in (r for r in rows if r["bytes_per_matrix_param"] is not None):
+        ax.errorbar(r["bytes_per_matrix_param"], r["mean"], yerr=r["std"] or 0, fmt="o", capsize=3)
+        ax.annotate(
+            r["setting"],
+            (r["bytes_per_matrix_param"], r["mean"]),
+            fontsize=7,
+            xytext=(4, 2),
+            textcoords="offset points",
+        )
+    ax.set(
+        xlabel="optimizer state, bytes per matrix parameter",
+        ylabel="final validation loss (mean over seeds)",
+        title="Each optimizer at its best learning rate",
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def tuned_json(rows: list[dict[str, Any]]) -> str:
