@@ -16,7 +16,8 @@ report's hyperparameter columns, :func:`train.report.hyperparameter_columns`). F
   (``scripts.bench.peers``);
 - loss against the best full-rank ``muon`` setting's mean, in percent.
 
-Written as ``tuned.md``, ``tuned.json`` and ``tuned_vs_state.png`` beside the report by :func:`train.report.write_report`.
+Written as ``tuned.md``, ``tuned.json`` and ``tuned_vs_state.png`` beside the report by
+:func:`train.report.write_report`.
 """
 
 from __future__ import annotations
