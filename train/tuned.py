@@ -4,7 +4,8 @@ A *setting* is an optimizer with its hyperparameters but the learning rate and t
 report's hyperparameter columns, :func:`train.report.hyperparameter_columns`). For each setting:
 
 - the lr grid: the final validation loss of each lr at the lowest seed run;
-- the best lr: the lowest of that grid;
+- the best lr: the lowest of that grid (marked "edge" when it is the grid's smallest or largest
+  lr: the optimum may lie outside the grid);
 - at the best lr, over every seed run: mean and sample standard deviation of the final
   validation loss (n seeds);
 - optimizer-state bytes per matrix parameter (``matrix_state_bytes`` over ``matrix_params``:
@@ -57,6 +58,7 @@ def tuned_rows(rows: list[dict[str, Any]], hparams: list[str]) -> list[dict[str,
                 "optimizer": runs[0]["optimizer"],
                 "grid": dict(sorted(grid.items())),
                 "best_lr": best_lr,
+                "best_at_edge": len(grid) > 1 and best_lr in (min(grid), max(grid)),
                 "mean": statistics.fmean(losses),
                 "std": statistics.stdev(losses) if len(losses) > 1 else None,
                 "seeds": len(losses),
@@ -98,7 +100,7 @@ def tuned_markdown(rows: list[dict[str, Any]], source: str) -> str:
     for r in rows:
         grid = ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in r["grid"].items())
         lines.append(
-            f"| {r['setting']} | {grid} | {r['best_lr']:g} | {r['mean']:.4f} | {_fmt(r['std'], '.4f')} | "
+            f"| {r['setting']} | {grid} | {r['best_lr']:g}{' (edge)' if r['best_at_edge'] else ''} | {r['mean']:.4f} | {_fmt(r['std'], '.4f')} | "
             f"{r['seeds']} | {_fmt(r['bytes_per_matrix_param'], '.2f')} | {_fmt(r['bytes_per_param'], '.2f')} | "
             f"{_fmt(r['time_vs_adamw'], '.2f')} | {_fmt(r['vs_muon_pct'], '+.1f')}% |".replace("| -% |", "| - |")
         )

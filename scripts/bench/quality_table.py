@@ -29,8 +29,8 @@ FULL_RANK = {"rank": "null"}
 
 #: setting name -> (``--set`` values besides the lr, lr grid around the recipe's lr)
 SETTINGS: dict[str, tuple[dict[str, str], list[float]]] = {
-    "adamw": ({"optimizer": "adamw"}, [1e-3, 2e-3, 4e-3, 8e-3]),
-    "adamw8bit": ({"optimizer": "adamw8bit"}, [1e-3, 2e-3, 4e-3, 8e-3]),
+    "adamw": ({"optimizer": "adamw"}, [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3]),
+    "adamw8bit": ({"optimizer": "adamw8bit"}, [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3]),
     "galore_adamw": ({"optimizer": "galore_adamw"}, [5e-3, 1e-2, 2e-2, 4e-2]),
     "galore_adamw8bit": ({"optimizer": "galore_adamw8bit"}, [5e-3, 1e-2, 2e-2]),
     "galore_adafactor": ({"optimizer": "galore_adafactor"}, [5e-3, 1e-2, 2e-2]),
