@@ -99,8 +99,9 @@ def tuned_markdown(rows: list[dict[str, Any]], source: str) -> str:
     ]
     for r in rows:
         grid = ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in r["grid"].items())
+        best = f"{r['best_lr']:g}{' (edge)' if r['best_at_edge'] else ''}"
         lines.append(
-            f"| {r['setting']} | {grid} | {r['best_lr']:g}{' (edge)' if r['best_at_edge'] else ''} | {r['mean']:.4f} | {_fmt(r['std'], '.4f')} | "
+            f"| {r['setting']} | {grid} | {best} | {r['mean']:.4f} | {_fmt(r['std'], '.4f')} | "
             f"{r['seeds']} | {_fmt(r['bytes_per_matrix_param'], '.2f')} | {_fmt(r['bytes_per_param'], '.2f')} | "
             f"{_fmt(r['time_vs_adamw'], '.2f')} | {_fmt(r['vs_muon_pct'], '+.1f')}% |".replace("| -% |", "| - |")
         )
