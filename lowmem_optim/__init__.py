@@ -15,6 +15,8 @@ from lowmem_optim.optimizers import (
     HybridAuON,
     Muon,
     QGaLoreAdamW8bit,
+    SCALE,
+    SinkGD,
 )
 from lowmem_optim.registry import available_optimizers, build_optimizer, get_optimizer_class
 
@@ -30,6 +32,8 @@ __all__ = [
     "AuON",
     "HybridAuON",
     "Muon",
+    "SinkGD",
+    "SCALE",
     "lowrank_param_groups",
     "normalized_param_groups",
     "available_optimizers",
