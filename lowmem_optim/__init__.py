@@ -7,6 +7,7 @@ state in a low-rank subspace of each weight matrix's gradient.
 from lowmem_optim.engine import ComposedOptimizer
 from lowmem_optim.groups import lowrank_param_groups, normalized_param_groups
 from lowmem_optim.optimizers import (
+    SCALE,
     AuON,
     DCTAdamW,
     GaLoreAdafactor,
@@ -15,7 +16,6 @@ from lowmem_optim.optimizers import (
     HybridAuON,
     Muon,
     QGaLoreAdamW8bit,
-    SCALE,
     SinkGD,
 )
 from lowmem_optim.registry import available_optimizers, build_optimizer, get_optimizer_class
