@@ -43,7 +43,7 @@ import torch
 from lowmem_optim.parts import HParam, integer
 from lowmem_optim.rules.base import LR, WEIGHT_DECAY
 from lowmem_optim.rules.normalized import ADJUST_LR_FN, MOMENTUM, NormalizedMomentumRule, lr_adjustment
-from lowmem_optim.sharding import RowShard, global_mean
+from lowmem_optim.sharding import RowShard, global_numel
 
 SINKHORN_ITERATIONS = HParam(
     "sinkhorn_iterations", 5, integer(1, 99), "SR-Sinkhorn rounds L (a row then a column normalization each)"
@@ -66,22 +66,35 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     return scaled.div_(rms.clamp_min_(_floor(x)))
 
 
+def _divide_rows_by_rms_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`normalize_rows` in place, unscaled: for entries whose squares cannot overflow."""
+    return x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).div_(math.sqrt(x.size(1))).clamp_min_(_floor(x)))
+
+
+def row_normalization_workspace_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """The peak of :func:`normalize_rows` of a ``shape`` tensor: the scaled copy (normalized in
+    place, then the update), its row norms and the 0-D int32 exponent of the scaling."""
+    return (math.prod(shape) + shape[0]) * dtype.itemsize + 4
+
+
 def normalize_columns_(x: torch.Tensor, shard: RowShard | None = None) -> torch.Tensor:
     """Each column of the 2-D ``x`` divided by its RMS over all rows (with ``shard``, ``x`` is
-    this rank's rows and the squares are summed over the ranks), in place. The entries must be
-    at most ~1e18 in float32 (true after :func:`normalize_rows`: at most sqrt(n))."""
-    if x.numel() == 0:
-        return x
-    rms = global_mean(x.square(), 0, shard, keepdim=True).sqrt_()
-    return x.div_(rms.clamp_min_(_floor(x)))
+    this rank's rows, possibly none, and the squares are summed over the ranks), in place. The
+    entries must be at most ~1e18 in float32 (true after :func:`normalize_rows`: at most sqrt(n))."""
+    squares = torch.linalg.vector_norm(x, dim=0, keepdim=True).square_()
+    if shard is not None:
+        shard.all_reduce_(squares)
+    rows = x.size(0) if shard is None else shard.rows
+    return x.div_(squares.div_(max(rows, 1)).sqrt_().clamp_min_(_floor(x)))
 
 
 def sinkhorn_normalize(g: torch.Tensor, iterations: int, shard: RowShard | None = None) -> torch.Tensor:
     """SR-Sinkhorn: ``iterations`` rounds of row then column normalization to unit RMS of the
-    2-D ``g`` (a new tensor; ``g`` is left as it was)."""
-    x = g
-    for _ in range(iterations):
-        x = normalize_columns_(normalize_rows(x), shard)
+    2-D ``g`` (a new tensor; ``g`` is left as it was). After the first round every entry is at
+    most sqrt(m), so the later rounds work in place on the one copy, unscaled."""
+    x = normalize_columns_(normalize_rows(g), shard)
+    for _ in range(iterations - 1):
+        x = normalize_columns_(_divide_rows_by_rms_(x), shard)
     return x
 
 
@@ -100,8 +113,9 @@ class SinkhornRule(NormalizedMomentumRule):
         return 0
 
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
-        # the iterate X, a row's or column's squares, and the update the engine receives
-        return 3 * 4 * math.prod(shape)
+        # the one iterate X (normalized in place, then the update), then its row or column norms
+        rows = row_normalization_workspace_bytes(shape, dtype) - math.prod(shape) * dtype.itemsize
+        return math.prod(shape) * dtype.itemsize + max(rows, math.prod(shape[1:]) * dtype.itemsize)
 
     def update(
         self,
@@ -111,7 +125,7 @@ class SinkhornRule(NormalizedMomentumRule):
         param: torch.Tensor,
         shard: RowShard | None = None,
     ) -> tuple[torch.Tensor, float]:
-        if g.numel() == 0:  # a zero-size weight has nothing to normalize, nor anything to move
+        if global_numel(g, shard) == 0:  # a zero-size weight has nothing to normalize, nor anything to move
             return torch.zeros_like(g), group["lr"]
         x = sinkhorn_normalize(g.reshape(g.shape[0], -1), group["sinkhorn_iterations"], shard)
         return x.mul_(_step_size(group, param)).reshape(g.shape), group["lr"]
@@ -132,8 +146,7 @@ class ChannelNormalizedRule(NormalizedMomentumRule):
         return math.prod(shape) * dtype.itemsize if group["momentum"] > 0 else 0
 
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
-        # the scaled copy (normalized in place), a row's squares, the update the engine receives
-        return 3 * 4 * math.prod(shape)
+        return row_normalization_workspace_bytes(shape, dtype)
 
     def update(
         self,
