@@ -7,6 +7,7 @@ state in a low-rank subspace of each weight matrix's gradient.
 from lowmem_optim.engine import ComposedOptimizer
 from lowmem_optim.groups import lowrank_param_groups, normalized_param_groups
 from lowmem_optim.optimizers import (
+    SCALE,
     AuON,
     DCTAdamW,
     GaLoreAdafactor,
@@ -15,6 +16,7 @@ from lowmem_optim.optimizers import (
     HybridAuON,
     Muon,
     QGaLoreAdamW8bit,
+    SinkGD,
 )
 from lowmem_optim.registry import available_optimizers, build_optimizer, get_optimizer_class
 
@@ -30,6 +32,8 @@ __all__ = [
     "AuON",
     "HybridAuON",
     "Muon",
+    "SinkGD",
+    "SCALE",
     "lowrank_param_groups",
     "normalized_param_groups",
     "available_optimizers",

@@ -180,11 +180,11 @@ class GaLoreAdafactor(NamedOptimizer):
 
 
 class NormalizedMomentumOptimizer(NamedOptimizer):
-    """Base of AuON, HybridAuON and Muon: weight matrices get a normalized-momentum rule, every
-    other parameter an AdamW rule, in one optimizer (the ``rule`` key of each param group, as
+    """Base of AuON, HybridAuON, Muon, SinkGD and SCALE: weight matrices get a normalized rule,
+    every other parameter an AdamW rule, in one optimizer (the ``rule`` key of each param group, as
     Muon implementations do with a ``use_muon`` flag).
 
-    Keyword options shared by the three classes: ``adamw_lr`` (1e-3), ``adamw_betas``
+    Keyword options shared by these classes: ``adamw_lr`` (1e-3), ``adamw_betas``
     ((0.9, 0.999)), ``adamw_eps`` (1e-8), ``adamw_weight_decay`` (1e-2) fill every group that
     names ``rule="adam"`` (a group's own keys win). Build the groups from a model with
     :func:`lowmem_optim.normalized_param_groups`. A matrix group with ``rank`` runs its rule
@@ -265,3 +265,45 @@ class Muon(NormalizedMomentumOptimizer):
 
     registry_name = "muon"
     part_choices = {"rule": ("muon", "adam")}
+
+
+class SinkGD(NormalizedMomentumOptimizer):
+    """SinkGD (Scetbon et al., arXiv 2502.06742) on weight matrices, AdamW on the other parameters.
+
+    Stateless: with X_0 = G viewed as m x n and Q(X), R(X) the diagonals of its row and column
+    l2 norms, ``sinkhorn_iterations`` = L (5) rounds of SR-Sinkhorn
+    X <- sqrt(n) Q(X)^-1 X;  X <- sqrt(m) X R(X)^-1  give U = X_L, whose rows and columns
+    approach unit RMS;  W <- W (1 - lr wd) - lr s U (``adjust_lr_fn``, default ``"none"``: s = 1).
+    Cost O(L m n). Defaults: lr 1e-3 (U has unit RMS per entry, as Adam's update roughly does;
+    tune it), no weight decay, as the paper's method has none. The embeddings and output head
+    get AdamW here, as in the paper's benchmark setup (GaLore's). ``options``: see
+    :class:`NormalizedMomentumOptimizer`; ``momentum`` and ``nesterov`` do not apply.
+    """
+
+    registry_name = "sinkgd"
+    part_choices = {"rule": ("sinkhorn", "adam")}
+    leading = ("lr", "weight_decay")
+
+
+class SCALE(NormalizedMomentumOptimizer):
+    """SCALE (Glentis et al., arXiv 2506.16659): channel-normalized SGD on weight matrices, AdamW
+    on the other parameters.
+
+    Each output channel (row i of the (out, in) weight; a column of the paper's d_in x d_out W)
+    of G, or of M = beta M + (1 - beta) G when ``momentum`` = beta > 0, divided by its RMS:
+    U_i = M_i / rms(M_i);  W <- W (1 - lr wd) - lr s U (s = 1 by default, ``adjust_lr_fn``).
+    Defaults from the authors' scripts: lr 1e-3, no weight decay, and no momentum on the hidden
+    matrices (stateless).
+
+    Difference from the paper: SCALE normalizes the embedding and output head too and keeps
+    momentum (beta 0.9) on the head alone; here, as for Muon, the embedding and head go to the
+    AdamW rule (:func:`lowmem_optim.normalized_param_groups`), whose first moment (beta1 0.9)
+    is that last-layer momentum, plus a second moment: the head costs 8 bytes per parameter
+    instead of 4. The paper's exact form is a group of the head with
+    ``rule="channel_normalized", momentum=0.9``. ``options``: see
+    :class:`NormalizedMomentumOptimizer`; ``nesterov`` does not apply.
+    """
+
+    registry_name = "scale_sgd"
+    part_choices = {"rule": ("channel_normalized", "adam")}
+    leading = ("lr", "weight_decay", "momentum")

@@ -27,6 +27,8 @@ OPTIMIZERS: dict[str, str] = {
     "auon": "lowmem_optim.optimizers:AuON",
     "hybrid_auon": "lowmem_optim.optimizers:HybridAuON",
     "muon": "lowmem_optim.optimizers:Muon",
+    "sinkgd": "lowmem_optim.optimizers:SinkGD",
+    "scale_sgd": "lowmem_optim.optimizers:SCALE",
 }
 
 #: registry names of the optimizers that take low-rank param groups (``rank`` etc.)
@@ -34,9 +36,9 @@ LOWRANK_OPTIMIZERS: frozenset[str] = frozenset(
     {"galore_adamw", "galore_adafactor", "galore_adamw8bit", "dct_adamw", "q_galore_adamw8bit"}
 )
 
-#: registry names of the optimizers whose matrix group gets a normalized-momentum rule and whose
-#: other parameters get AdamW (groups from :func:`lowmem_optim.normalized_param_groups`)
-MATRIX_OPTIMIZERS: frozenset[str] = frozenset({"auon", "hybrid_auon", "muon"})
+#: registry names of the optimizers whose matrix group gets a normalized rule and whose other
+#: parameters get AdamW (groups from :func:`lowmem_optim.normalized_param_groups`)
+MATRIX_OPTIMIZERS: frozenset[str] = frozenset({"auon", "hybrid_auon", "muon", "sinkgd", "scale_sgd"})
 
 
 def available_optimizers() -> list[str]:

@@ -76,7 +76,7 @@ LOW = {"rank": 4, "scale": 1.0, "update_proj_gap": 1, "seed": 3}
 GROWING = {"queue_size": 2, "cos_threshold": 0.0}
 FIXED = ("fixed", {"refresh": "fixed"}, (1, 12))
 ADAPTIVE = ("adaptive", {"refresh": "adaptive", **GROWING}, (4, 6))
-MATRIX_LR = {"muon": {"lr": 0.02}}
+MATRIX_LR = {"muon": {"lr": 0.02}, "sinkgd": {"lr": 0.01}, "scale_sgd": {"lr": 0.01}}
 
 
 def _lowrank(
@@ -126,6 +126,14 @@ CASES: list[Case] = [
         Case(name, {**MATRIX_LR.get(name, {}), "rank": 3, "update_proj_gap": 2}, "rank3", (2, 6))
         for name in sorted(MATRIX_OPTIMIZERS)
     ],
+    # SCALE's channel normalization with a momentum (the paper's output-head setting)
+    Case("scale_sgd", {**MATRIX_LR["scale_sgd"], "momentum": 0.9}, "momentum"),
+    Case(
+        "scale_sgd",
+        {**MATRIX_LR["scale_sgd"], "momentum": 0.9, "rank": 3, "update_proj_gap": 2},
+        "momentum-rank3",
+        (2, 6),
+    ),
 ]
 OUR_CASES = [case for case in CASES if case.name in OURS]
 
@@ -259,6 +267,8 @@ def test_step_param_of_each_parameter_equals_step(case):
 
 ADAM_NAMES = ("galore_adamw", "galore_adamw8bit", "q_galore_adamw8bit", "dct_adamw")
 NEWTON_SCHULZ = ("hybrid_auon", "muon")
+#: the matrix optimizers whose rule has a momentum (SCALE's without ``nesterov``)
+MOMENTUM_NAMES = ("auon", "hybrid_auon", "muon", "scale_sgd")
 #: (names, hyperparameters, what the ValueError must name)
 BAD: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
     (tuple(OURS), {"lr": -1.0}, "lr"),
@@ -285,9 +295,12 @@ BAD: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
             ({"refresh": "sometimes"}, "refresh"),
         ]
     ],
-    (tuple(sorted(MATRIX_OPTIMIZERS)), {"momentum": 1.0}, "momentum"),
-    (tuple(sorted(MATRIX_OPTIMIZERS)), {"momentum": -0.5}, "momentum"),
-    (tuple(sorted(MATRIX_OPTIMIZERS)), {"nesterov": 1}, "nesterov"),
+    (MOMENTUM_NAMES, {"momentum": 1.0}, "momentum"),
+    (MOMENTUM_NAMES, {"momentum": -0.5}, "momentum"),
+    (MOMENTUM_NAMES, {"nesterov": 1}, "nesterov"),
+    (("sinkgd",), {"momentum": 0.9}, "momentum"),
+    (("sinkgd",), {"sinkhorn_iterations": 0}, "sinkhorn_iterations"),
+    (("sinkgd",), {"sinkhorn_iterations": 2.0}, "sinkhorn_iterations"),
     (tuple(sorted(MATRIX_OPTIMIZERS)), {"adjust_lr_fn": "sqrt"}, "adjust_lr_fn"),
     (tuple(sorted(MATRIX_OPTIMIZERS)), {"adamw_lr": -1e-3}, "adamw_lr"),
     (tuple(sorted(MATRIX_OPTIMIZERS)), {"adamw_betas": (1.0, 0.9)}, "beta"),

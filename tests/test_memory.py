@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowmem_optim import build_optimizer
+from lowmem_optim import SCALE, SinkGD, build_optimizer
 from lowmem_optim.quant.int8_linear import Int8Weight, quantize_linear_layers
-from lowmem_optim.tools.memory import TrainingSetup, estimate_memory
+from lowmem_optim.tools.memory import TrainingSetup, estimate_memory, optimizer_memory
+from lowmem_optim.tools.op_count import OpCounter
 from tests.helpers.scripts import script_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -94,6 +95,9 @@ def measured_bytes(setup: TrainingSetup, steps: int) -> dict[str, int]:
             seq_len=16,
             optimizer_kwargs=(("error_feedback", "4bit"),),
         ),
+        # stateless on the hidden matrices (AdamW on the rest), and SCALE's channel momentum
+        TrainingSetup("sinkgd", weight_bits=32, batch_size=2, seq_len=16),
+        TrainingSetup("scale_sgd", weight_bits=16, batch_size=2, seq_len=16, optimizer_kwargs=(("momentum", 0.9),)),
     ],
     ids=lambda s: f"{s.optimizer}-w{s.weight_bits}-p{s.proj_bits}-{dict(s.optimizer_kwargs).get('error_feedback')}",
 )
@@ -223,3 +227,22 @@ def test_layerwise_accumulation_buffers_and_held_gradients_match_real_tensor_byt
     assert all(p.grad is None for p in model.parameters())
     assert predicted.accumulation_buffers_bytes == handle.buffer_bytes()
     assert (handle.buffer_bytes() > 0) == (buffer != "full")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64), (8, 3, 3, 3)])
+@pytest.mark.parametrize(
+    ("name", "cls", "kwargs"),
+    [("sinkgd", SinkGD, {}), ("scale_sgd", SCALE, {}), ("scale_sgd", SCALE, {"momentum": 0.9})],
+    ids=["sinkgd", "scale_sgd", "scale_sgd-momentum"],
+)
+def test_workspace_of_the_stateless_normalized_rules_is_the_measured_peak(name, cls, kwargs, shape, dtype):
+    """SinkGD and SCALE normalize one copy of the gradient in place: the model's workspace is the
+    peak of the allocations of a step (tall, wide and conv weights)."""
+    p = torch.nn.Parameter(torch.randn(shape, dtype=dtype))
+    opt = cls([p], **kwargs)
+    for _ in range(2):  # the second step: any momentum exists, the step allocates its temporaries only
+        p.grad = torch.randn_like(p)
+        with OpCounter() as counter:
+            opt.step()
+    assert counter.peak_bytes == optimizer_memory(name, opt)["workspace"]

@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lowmem_optim import sharding
-from lowmem_optim.registry import get_optimizer_class
+from lowmem_optim.registry import MATRIX_OPTIMIZERS, get_optimizer_class
 
 STEPS = 4  # with update_proj_gap=2: refreshes at steps 1 and 3
 SAVED = 2  # the step after which checkpoints are saved: resuming crosses the refresh at step 3
@@ -104,6 +104,10 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
     "hybrid_auon": ("hybrid_auon", {}, {"ns_dtype": "float32"}, {}),
     "muon": ("muon", {}, {"ns_dtype": "float32"}, {}),
     "muon bf16": ("muon", {}, {}, {}),
+    # SinkGD's column norms are summed over the ranks; SCALE's row norms are each rank's own
+    "sinkgd": ("sinkgd", {}, {}, {}),
+    "sinkgd low-rank": ("sinkgd", LOWRANK, {}, {}),
+    "scale_sgd momentum": ("scale_sgd", {}, {"momentum": 0.9}, {}),
 }
 
 
@@ -141,7 +145,7 @@ def _optimizer(case: str, model: nn.Module):
     rest_group = {"params": [params[n] for n in rest], "param_names": rest}
     matrix_group = {"params": [params[n] for n in matrices], "param_names": matrices, **group_keys}
     cls = get_optimizer_class(name)
-    if name in ("auon", "hybrid_auon", "muon"):
+    if name in MATRIX_OPTIMIZERS:
         rest_group["rule"] = "adam"
     return cls([rest_group, matrix_group], **{"lr": 1e-2, **ctor} if name != "galore_adafactor" else ctor)
 
@@ -422,6 +426,7 @@ SHARDED_ENTRIES = {
     "galore_adamw error feedback": {"wide": {"exp_avg", "exp_avg_sq", "proj_left", "ef"}},
     "dct_adamw 4-bit error feedback left": {"tall": {"exp_avg", "exp_avg_sq", "ef_codes", "ef_scale", "ef_zero"}},
     "muon": {name: {"momentum_buffer"} for name in ("tall", "wide", "odd")},
+    "scale_sgd momentum": {name: {"momentum_buffer"} for name in ("tall", "wide", "odd")},
 }
 
 

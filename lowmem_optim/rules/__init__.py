@@ -3,6 +3,7 @@
 from lowmem_optim.rules.adafactor import AdafactorRule
 from lowmem_optim.rules.adam import AdamRule
 from lowmem_optim.rules.adam8bit import Adam8bitRule
+from lowmem_optim.rules.multinorm import ChannelNormalizedRule, SinkhornRule
 from lowmem_optim.rules.normalized import AuONRule, HybridAuONRule, MuonRule
 
 RULES: dict[str, type] = {
@@ -12,6 +13,18 @@ RULES: dict[str, type] = {
     "auon": AuONRule,
     "hybrid_auon": HybridAuONRule,
     "muon": MuonRule,
+    "sinkhorn": SinkhornRule,
+    "channel_normalized": ChannelNormalizedRule,
 }
 
-__all__ = ["AdamRule", "AdafactorRule", "Adam8bitRule", "AuONRule", "HybridAuONRule", "MuonRule", "RULES"]
+__all__ = [
+    "AdamRule",
+    "AdafactorRule",
+    "Adam8bitRule",
+    "AuONRule",
+    "ChannelNormalizedRule",
+    "HybridAuONRule",
+    "MuonRule",
+    "RULES",
+    "SinkhornRule",
+]

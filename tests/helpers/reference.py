@@ -80,3 +80,26 @@ def step_side_by_side(ours, ref, opt, ref_opt, steps, gen):
             c.grad = a.grad.clone()
         opt.step()
         ref_opt.step()
+
+
+def sinkhorn_ref(g: torch.Tensor, iterations: int) -> torch.Tensor:
+    """SinkGD's SR-Sinkhorn in float64 (Scetbon et al., Algorithm SR-Sinkhorn): ``iterations``
+    times, every row scaled to norm sqrt(n), then every column to norm sqrt(m); row by row and
+    column by column."""
+    x = g.double().clone()
+    m, n = x.shape
+    for _ in range(iterations):
+        for i in range(m):
+            x[i] = math.sqrt(n) * x[i] / x[i].norm()
+        for j in range(n):
+            x[:, j] = math.sqrt(m) * x[:, j] / x[:, j].norm()
+    return x
+
+
+def channel_normalized_ref(g: torch.Tensor) -> torch.Tensor:
+    """SCALE's normalization in float64: each output channel (row of the (out, in) matrix)
+    divided by its RMS, sqrt(mean of its squares)."""
+    x = g.double().clone()
+    for i in range(x.shape[0]):
+        x[i] = x[i] / torch.sqrt(torch.mean(x[i] ** 2))
+    return x
