@@ -31,6 +31,8 @@ CHUNK = 1 << 20
 #: counters, float32 draws, int32 neighbours, their map values and gap, the chosen codes), as
 #: measured by following every storage (lowmem_optim.tools.op_count.OpCounter): 36 (bfloat16: 26)
 ROUNDING_BYTES = 36
+#: the same of :func:`round_bfloat16` writing into a given ``out`` (without one, 2 more: the result)
+BFLOAT16_ROUNDING_BYTES = 24
 
 
 def _uniform(start: int, stop: int, keys: tuple[int, int], device: torch.device) -> torch.Tensor:

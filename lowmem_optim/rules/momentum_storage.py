@@ -34,7 +34,13 @@ import torch
 
 from lowmem_optim.quant.blockwise import BLOCKSIZE, dequantize_blockwise, quantize_blockwise
 from lowmem_optim.quant.groupwise import round_keys
-from lowmem_optim.quant.stochastic import CHUNK, ROUNDING_BYTES, quantize_blockwise_stochastic, round_bfloat16
+from lowmem_optim.quant.stochastic import (
+    BFLOAT16_ROUNDING_BYTES,
+    CHUNK,
+    ROUNDING_BYTES,
+    quantize_blockwise_stochastic,
+    round_bfloat16,
+)
 from lowmem_optim.rules.base import reindex_along
 from lowmem_optim.sharding import RowShard, StateLayout
 
@@ -68,10 +74,12 @@ def momentum_bytes(numel: int, dtype: torch.dtype, kind: str) -> int:
     return numel * {"auto": dtype.itemsize, "float32": 4, "bfloat16": 2}[kind]
 
 
-def rounding_workspace_bytes(numel: int, dtype: torch.dtype) -> int:
-    """Transient bytes of a rounded form's step beyond the direction's: the float32 M, the
-    gradient in float32 (unless it is), and the rounding's per-pass temporaries."""
-    return 4 * numel + (0 if dtype == torch.float32 else 4 * numel) + ROUNDING_BYTES * min(numel, CHUNK)
+def rounding_workspace_bytes(numel: int, dtype: torch.dtype, kind: str) -> int:
+    """Transient bytes of a rounded form's step besides the direction D: the float32 M, the
+    gradient in float32 (unless it is), and the rounding's per-pass temporaries (written into
+    the stored tensors: no new result)."""
+    per_value = BFLOAT16_ROUNDING_BYTES if kind == "bfloat16" else ROUNDING_BYTES
+    return 4 * numel + (0 if dtype == torch.float32 else 4 * numel) + per_value * min(numel, CHUNK)
 
 
 def compute_dtype(g: torch.Tensor) -> torch.dtype:
