@@ -47,8 +47,8 @@ from typing import Any
 
 import torch
 
+import lowmem_optim.rules.momentum_storage as momentum_storage
 from lowmem_optim.parts import BOOLEAN, HParam, Part, SubspaceChange, integer, number, one_of, sequence
-from lowmem_optim.rules import momentum_storage
 from lowmem_optim.rules.base import LR, WEIGHT_DECAY
 from lowmem_optim.sharding import RowShard, StateLayout, global_norm, global_numel, scaled_norm
 
