@@ -9,7 +9,9 @@ Stochastic rounding rounds up with probability equal to the distance to the lowe
 (Gupta et al., 2015), so a sum of k rounded additions is unbiased and its error grows like
 sqrt(k) steps, not k. The draws come from the counter-based generator of
 :mod:`lowmem_optim.quant.groupwise` (value i of a tensor gets a hash of (keys, i)): no generator
-object, and the same keys give the same result on every device, rank and resume.
+object, and the same keys give the same result on every device, rank and resume. Users: the
+low-rank accumulation buffers (:mod:`lowmem_optim.layerwise`) and the normalized rules'
+momentum, a running average (:mod:`lowmem_optim.rules.momentum_storage`).
 
 * bfloat16: add 16 random bits below the float32 value's upper 16, then truncate.
 * 8 bits: bitsandbytes' blockwise dynamic map (:mod:`lowmem_optim.quant.blockwise`: per block
