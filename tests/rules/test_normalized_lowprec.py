@@ -20,13 +20,18 @@ from lowmem_optim.rules import momentum_storage
 from lowmem_optim.rules.normalized import AuONRule
 from lowmem_optim.tools.memory import optimizer_memory
 from lowmem_optim.tools.op_count import OpCounter
-from tests.rules.test_normalized import gaussians, ns_ref
+from tests.helpers.reference import ns_ref
 
 BETA = 0.95
 STEPS = 20
 #: |mean relative bias| a stored momentum may show (sampling noise: about 0.002 for bfloat16 and
 #: 0.006 for 8 bits); rounding to nearest shows -0.29 (bfloat16) and -1 (8 bits: a stall)
 BIAS_TOLERANCE = 0.03
+
+
+def gaussians(*shape: int, count: int, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=gen) for _ in range(count)]
 
 
 def _drifting_momentum() -> tuple[torch.Tensor, torch.Tensor]:
