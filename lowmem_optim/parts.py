@@ -245,10 +245,16 @@ class Rule(Protocol):
         group: dict[str, Any],
         param: torch.Tensor,
         shard: RowShard | None = None,
+        seed: int = 0,
     ) -> tuple[torch.Tensor, float | torch.Tensor]:
         """Advance the rule's state with ``g`` (``state['step']`` already incremented). With
         ``shard``, ``g`` is this rank's rows (its state entries in :meth:`Part.sharded_layout`
-        too) and every reduction over rows is summed over the ranks."""
+        too) and every reduction over rows is summed over the ranks. ``seed`` seeds any random
+        draw of the rule (stochastic rounding of its state): the engine derives it from the
+        group's ``seed``, the parameter and the step, so it is the same on every rank, in every
+        hook order and after a resume; a rule without draws ignores it. With ``shard``, value i
+        of this rank's rows should draw as value ``shard.start * (values per row) + i`` of the
+        whole tensor, so the draws do not depend on the sharding."""
 
     def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int, shard: RowShard | None = None) -> None:
         """Carry the rule's moments into a new subspace (``dim``: the projected dimension; with

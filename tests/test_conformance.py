@@ -134,6 +134,21 @@ CASES: list[Case] = [
         "momentum-rank3",
         (2, 6),
     ),
+    # the momentum stored with stochastic rounding: full-rank, and in a subspace (DCT's moves it)
+    Case("muon", {**MATRIX_LR["muon"], "momentum_dtype": "bfloat16"}, "momentum-bfloat16"),
+    Case("muon", {**MATRIX_LR["muon"], "momentum_dtype": "8bit"}, "momentum-8bit"),
+    Case(
+        "hybrid_auon",
+        {"momentum_dtype": "bfloat16", "rank": 3, "update_proj_gap": 2},
+        "rank3-momentum-bfloat16",
+        (2, 6),
+    ),
+    Case(
+        "auon",
+        {"momentum_dtype": "8bit", "rank": 3, "update_proj_gap": 2, "proj_method": "dct"},
+        "rank3-dct-momentum-8bit",
+        (2, 6),
+    ),
 ]
 OUR_CASES = [case for case in CASES if case.name in OURS]
 
@@ -311,6 +326,7 @@ BAD: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
     (NEWTON_SCHULZ, {"ns_steps": True}, "ns_steps"),
     (NEWTON_SCHULZ, {"ns_coefficients": (1.0, 2.0)}, "ns_coefficients"),
     (NEWTON_SCHULZ, {"ns_dtype": "float16"}, "ns_dtype"),
+    (tuple(sorted(MATRIX_OPTIMIZERS)), {"momentum_dtype": "int8"}, "momentum_dtype"),
 ]
 SUBSPACE_KEYS = {"rank", "update_proj_gap", "scale", "proj_type"}
 

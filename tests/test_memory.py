@@ -98,8 +98,15 @@ def measured_bytes(setup: TrainingSetup, steps: int) -> dict[str, int]:
         # stateless on the hidden matrices (AdamW on the rest), and SCALE's channel momentum
         TrainingSetup("sinkgd", weight_bits=32, batch_size=2, seq_len=16),
         TrainingSetup("scale_sgd", weight_bits=16, batch_size=2, seq_len=16, optimizer_kwargs=(("momentum", 0.9),)),
+        # Muon's momentum in 8-bit codes (uint8 + a float32 absmax per 256) and in bfloat16
+        TrainingSetup("muon", weight_bits=32, batch_size=2, seq_len=16, optimizer_kwargs=(("momentum_dtype", "8bit"),)),
+        TrainingSetup(
+            "muon", weight_bits=16, batch_size=2, seq_len=16, optimizer_kwargs=(("momentum_dtype", "bfloat16"),)
+        ),
     ],
-    ids=lambda s: f"{s.optimizer}-w{s.weight_bits}-p{s.proj_bits}-{dict(s.optimizer_kwargs).get('error_feedback')}",
+    ids=lambda s: (
+        f"{s.optimizer}-w{s.weight_bits}-p{s.proj_bits}-" + "-".join(map(str, dict(s.optimizer_kwargs).values()))
+    ),
 )
 def test_weights_gradients_states_and_projections_match_real_tensor_bytes(setup):
     predicted = estimate_memory(tiny_config(), setup).as_dict()

@@ -33,7 +33,15 @@ SAVED = 2  # the step after which checkpoints are saved: resuming crosses the re
 TOLERANCE = 1e-5  # max |sharded - unsharded| / max |unsharded|, per parameter
 EF_TOLERANCE = 5e-2  # a quantized feedback buffer whose blocks straddle two ranks (4-bit on odd: 3e-2)
 #: state of block statistics cut per rank: what a load on another world size may refuse, by name
-BLOCK_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax", "ef_absmax", "ef_scale", "ef_zero", "ef_nf4_absmax")
+BLOCK_KEYS = (
+    "exp_avg_absmax",
+    "exp_avg_sq_absmax",
+    "ef_absmax",
+    "ef_scale",
+    "ef_zero",
+    "ef_nf4_absmax",
+    "momentum_absmax",
+)
 
 #: (shape, in the low-rank / matrix group): tall (right projection, each rank's rank-4 moments
 #: one 256-value block), wide (left projection), odd rows (uneven split), and full-rank ones
@@ -108,6 +116,11 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
     "sinkgd": ("sinkgd", {}, {}, {}),
     "sinkgd low-rank": ("sinkgd", LOWRANK, {}, {}),
     "scale_sgd momentum": ("scale_sgd", {}, {"momentum": 0.9}, {}),
+    # the momentum stochastically rounded: each value draws as in the whole tensor; 8-bit blocks are
+    # cut on each rank's rows, the whole tensor's where they fill whole blocks (tall, wide; not odd)
+    "muon momentum bfloat16": ("muon", {"momentum_dtype": "bfloat16"}, {"ns_dtype": "float32"}, {}),
+    "muon momentum 8bit": ("muon", {"momentum_dtype": "8bit"}, {"ns_dtype": "float32"}, {"odd": 2e-2}),
+    "auon low-rank momentum 8bit": ("auon", {**LOWRANK, "momentum_dtype": "8bit"}, {}, {"odd": 2e-2}),
 }
 
 
@@ -427,6 +440,7 @@ SHARDED_ENTRIES = {
     "dct_adamw 4-bit error feedback left": {"tall": {"exp_avg", "exp_avg_sq", "ef_codes", "ef_scale", "ef_zero"}},
     "muon": {name: {"momentum_buffer"} for name in ("tall", "wide", "odd")},
     "scale_sgd momentum": {name: {"momentum_buffer"} for name in ("tall", "wide", "odd")},
+    "muon momentum 8bit": {name: {"momentum_codes", "momentum_absmax"} for name in ("tall", "wide", "odd")},
 }
 
 

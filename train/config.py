@@ -19,6 +19,7 @@ from lowmem_optim.groups import TARGET_MODULES_HELP, parse_target_modules
 from lowmem_optim.layerwise import ACCUMULATION_BUFFERS
 from lowmem_optim.parts import invalid
 from lowmem_optim.rules.adam import BETAS, EPS
+from lowmem_optim.rules.normalized import MOMENTUM_DTYPE
 from train.loss import CHUNK_TOKENS
 from train.peers import PEERS
 
@@ -115,6 +116,11 @@ class TrainConfig(LowRankFlags):
         None,
         f"Adam's eps: {EPS.doc} (allowed: {EPS.check.allowed}; unset: the optimizer's, "
         "e.g. 1e-8; galore-torch's GaLoreAdamW used 1e-6)",
+    )
+    momentum_dtype: str | None = _opt(
+        None,
+        f"Muon's, AuON's and Hybrid-AuON's momentum storage: {MOMENTUM_DTYPE.doc} "
+        f"(allowed: {MOMENTUM_DTYPE.check.allowed}; unset: the optimizer's, {MOMENTUM_DTYPE.default})",
     )
     grad_clip: float = _opt(0.0, "clip the global gradient norm to this value (0: no clipping)")
     target_modules: str = _opt("all-linear", f"low-rank linear layers: {TARGET_MODULES_HELP}")
@@ -213,6 +219,8 @@ class TrainConfig(LowRankFlags):
             BETAS.validate(self.adam_betas, "--betas" if self.betas is not None else "--beta1/--beta2")
         if self.eps is not None:
             EPS.validate(self.eps, "--eps")
+        if self.momentum_dtype is not None:
+            MOMENTUM_DTYPE.validate(self.momentum_dtype, "--momentum-dtype")
         positive = ["max_steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every", "keep_checkpoints"]
         for name in positive + ["total_batch_size"]:
             value = getattr(self, name)

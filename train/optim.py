@@ -50,6 +50,13 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         hparams["betas"] = cfg.adam_betas
     if cfg.eps is not None:
         hparams["eps"] = cfg.eps
+    if cfg.momentum_dtype is not None:
+        if name not in MATRIX_OPTIMIZERS:
+            raise ValueError(
+                f"--momentum-dtype {cfg.momentum_dtype} with --optimizer {name}, which keeps no normalized momentum "
+                f"(allowed: --optimizer {', '.join(sorted(MATRIX_OPTIMIZERS))})"
+            )
+        hparams["momentum_dtype"] = cfg.momentum_dtype
     if issubclass(cls, ComposedOptimizer):
         hparams["seed"] = cfg.seed
     lowrank = {flag: getattr(cfg, flag) for flag in LOWRANK_FLAGS if getattr(cfg, flag) is not None}

@@ -27,6 +27,20 @@ def refresh_seed(seed: int, index: int, step: int) -> int:
     return ((seed * 1_000_003 + index) * 1_000_033 + step) % (2**63 - 1)
 
 
+#: mixes a stream number into a step's seed (the 64-bit golden ratio: odd, so two streams never
+#: give one seed)
+_STREAM_MIX = 0x9E37_79B9_7F4A_7C15
+#: the stream of a rule's own draws (stochastic rounding of its state), apart from stream 0 (the
+#: refresh's and an INT8 weight's rounding) and 1, 2, ... (low-rank accumulation's micro-batches)
+RULE_STREAM = -1
+
+
+def stream_seed(seed: int, index: int, step: int, stream: int) -> int:
+    """:func:`refresh_seed` of one stream of draws, so draws of one step that serve different
+    ends are independent (the same counters of one seed would give them the same values)."""
+    return refresh_seed(seed, index, step) ^ (stream * _STREAM_MIX % 2**63)
+
+
 def back_projection_dtype(param: torch.Tensor, update: torch.Tensor) -> torch.dtype:
     """The dtype of P N: the weight's for bfloat16 weights (and INT8 weights that compute in
     bfloat16), so the m x n product runs on bf16 tensor cores and no float32 m x n update exists
@@ -52,6 +66,10 @@ class ParamStep:
     rule_shard: RowShard | None  # the rows the rule sees: the weight's (G Q), a block of R's (P^T G), or None
     projected: bool
     left: bool  # projected from the left (P^T G)
+
+    def rule_seed(self) -> int:
+        """The seed of the rule's draws at this step (:data:`RULE_STREAM`)."""
+        return stream_seed(self.group["seed"], self.index, self.step, RULE_STREAM)
 
     def matrix(self, grad: torch.Tensor) -> torch.Tensor:
         """This rank's gradient as the projected matrix (m x n)."""
@@ -107,10 +125,12 @@ def refresh_if_due(s: ParamStep, g: torch.Tensor) -> None:
 def finish_projected(s: ParamStep, low: torch.Tensor) -> None:
     """N = rule(R); W <- W (1 - lr_t wd) - scale * back_project(N)."""
     if s.rule_shard is s.shard or s.rule_shard is None:
-        update, lr_t = s.parts.rule.update(low, s.view, s.group, s.param, s.rule_shard)
+        update, lr_t = s.parts.rule.update(low, s.view, s.group, s.param, s.rule_shard, seed=s.rule_seed())
     else:  # this rank's block of the rows of R = P^T G, the update gathered whole
         rows = s.rule_shard
-        update, lr_t = s.parts.rule.update(low[rows.start : rows.stop], s.view, s.group, s.param, rows)
+        update, lr_t = s.parts.rule.update(
+            low[rows.start : rows.stop], s.view, s.group, s.param, rows, seed=s.rule_seed()
+        )
         update = rows.gather_rows(update)
     full = s.parts.projector.back_project(update.to(back_projection_dtype(s.param, update)), s.view, s.shard)
     store(s.state, s.view, *s.placed)
@@ -120,7 +140,7 @@ def finish_projected(s: ParamStep, low: torch.Tensor) -> None:
 def finish_full_rank(s: ParamStep, grad: torch.Tensor) -> None:
     """N = rule(G); W <- W (1 - lr_t wd) - N."""
     local_grad = grad if s.shard is None else grad.to_local()
-    update, lr_t = s.parts.rule.update(local_grad, s.view, s.group, s.param, s.shard)
+    update, lr_t = s.parts.rule.update(local_grad, s.view, s.group, s.param, s.shard, seed=s.rule_seed())
     store(s.state, s.view, *s.placed)
     apply_update(s.target, update, 1.0, s.group, lr_t, s.index, s.step)
 

@@ -12,12 +12,9 @@ from __future__ import annotations
 import torch
 
 from lowmem_optim.engine.index import ParamEntry
-from lowmem_optim.engine.param_step import finish_projected, next_step, open_step, refresh_if_due, refresh_seed
+from lowmem_optim.engine.param_step import finish_projected, next_step, open_step, refresh_if_due, stream_seed
 from lowmem_optim.engine.validation import param_label
 from lowmem_optim.sharding import store
-
-#: mixes a stream number into a step's seed (the 64-bit golden ratio, so streams never align)
-_STREAM_MIX = 0x9E37_79B9_7F4A_7C15
 
 
 class SplitStep:
@@ -70,7 +67,7 @@ class SplitStep:
         hook order, on every rank and after a resume."""
         entry = self._entry(param, "draw_seed")
         step = next_step(self.state.get(param, {})) - 1
-        return refresh_seed(entry.group["seed"], entry.index, step) ^ (stream * _STREAM_MIX % 2**63)
+        return stream_seed(entry.group["seed"], entry.index, step, stream)
 
     def _split_entry(self, param: torch.Tensor, caller: str) -> ParamEntry:
         """``param``'s entry, or ValueError naming ``caller`` if its step cannot be split."""

@@ -9,7 +9,9 @@ Stochastic rounding rounds up with probability equal to the distance to the lowe
 (Gupta et al., 2015), so a sum of k rounded additions is unbiased and its error grows like
 sqrt(k) steps, not k. The draws come from the counter-based generator of
 :mod:`lowmem_optim.quant.groupwise` (value i of a tensor gets a hash of (keys, i)): no generator
-object, and the same keys give the same result on every device, rank and resume.
+object, and the same keys give the same result on every device, rank and resume. Users: the
+low-rank accumulation buffers (:mod:`lowmem_optim.layerwise`) and the normalized rules'
+momentum, a running average (:mod:`lowmem_optim.rules.momentum_storage`).
 
 * bfloat16: add 16 random bits below the float32 value's upper 16, then truncate.
 * 8 bits: bitsandbytes' blockwise dynamic map (:mod:`lowmem_optim.quant.blockwise`: per block
@@ -31,33 +33,40 @@ CHUNK = 1 << 20
 #: counters, float32 draws, int32 neighbours, their map values and gap, the chosen codes), as
 #: measured by following every storage (lowmem_optim.tools.op_count.OpCounter): 36 (bfloat16: 26)
 ROUNDING_BYTES = 36
+#: the same of :func:`round_bfloat16` writing into a given ``out`` (without one, 2 more: the result)
+BFLOAT16_ROUNDING_BYTES = 24
 
 
 def _uniform(start: int, stop: int, keys: tuple[int, int], device: torch.device) -> torch.Tensor:
     return counter_uniform(torch.arange(start, stop, dtype=torch.int64, device=device), keys)
 
 
-def round_bfloat16(x: torch.Tensor, keys: tuple[int, int]) -> torch.Tensor:
+def round_bfloat16(
+    x: torch.Tensor, keys: tuple[int, int], offset: int = 0, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x`` (float32) stochastically rounded to bfloat16 with the draws of ``keys`` (value i
-    gets draw i), in passes of :data:`CHUNK` values."""
+    gets draw ``offset + i``: a block of rows of a larger tensor draws as in the whole), in
+    passes of :data:`CHUNK` values; written into ``out`` (bfloat16, contiguous) when given."""
     bits = x.float().contiguous().view(-1).view(torch.int32)
-    out = torch.empty(bits.shape, dtype=torch.bfloat16, device=x.device)
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    flat = out.view(-1)
     for start in range(0, bits.numel(), CHUNK):
         stop = min(start + CHUNK, bits.numel())
-        noise = (_uniform(start, stop, keys, x.device) * 65536).to(torch.int32)
+        noise = (_uniform(offset + start, offset + stop, keys, x.device) * 65536).to(torch.int32)
         # float32 -> bfloat16 keeps the upper 16 bits; adding noise to the lower 16 first carries
         # into them with probability (lower bits) / 2^16
-        out[start:stop] = (bits[start:stop] + noise).bitwise_and_(-65536).view(torch.float32)
-    return out.view(x.shape)
+        flat[start:stop] = (bits[start:stop] + noise).bitwise_and_(-65536).view(torch.float32)
+    return out
 
 
 def quantize_blockwise_stochastic(
-    x: torch.Tensor, keys: tuple[int, int], out: tuple[torch.Tensor, torch.Tensor]
+    x: torch.Tensor, keys: tuple[int, int], out: tuple[torch.Tensor, torch.Tensor], offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` as signed blockwise 8-bit, written into ``out``: codes (uint8, x's shape) and a
     float32 scale per block of 256 (:func:`~lowmem_optim.quant.blockwise.dequantize_blockwise`
     takes it as its absmax), each value stochastically rounded to a neighbour in the dynamic
-    map (value i gets draw i), in passes of :data:`CHUNK` values."""
+    map (value i gets draw ``offset + i``), in passes of :data:`CHUNK` values."""
     flat = x.detach().float().reshape(-1)
     codes, scales = out[0].view(-1), out[1]
     numel = flat.numel()
@@ -75,5 +84,7 @@ def quantize_blockwise_stochastic(
         hi = torch.searchsorted(code, y, out_int32=True).clamp_(1, code.numel() - 1)
         lo = hi - 1
         up = y.sub_(code[lo]).div_(code[hi] - code[lo]).clamp_(0, 1)
-        codes[start:stop] = torch.where(_uniform(start, stop, keys, x.device) < up, hi, lo).to(torch.uint8)
+        codes[start:stop] = torch.where(_uniform(offset + start, offset + stop, keys, x.device) < up, hi, lo).to(
+            torch.uint8
+        )
     return out

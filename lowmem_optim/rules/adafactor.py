@@ -107,6 +107,7 @@ class AdafactorRule(Part):
         group: dict[str, Any],
         param: torch.Tensor,
         shard: RowShard | None = None,
+        seed: int = 0,
     ) -> tuple[torch.Tensor, float | torch.Tensor]:
         g = g.float()
         factored = g.dim() >= 2

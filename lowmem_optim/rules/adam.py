@@ -147,6 +147,7 @@ class AdamRule(Part):
         group: dict[str, Any],
         param: torch.Tensor,
         shard: RowShard | None = None,
+        seed: int = 0,
     ) -> tuple[torch.Tensor, float]:
         if "exp_avg" not in state:
             dtype = moment_dtype(g.dtype)

@@ -205,6 +205,7 @@ class Adam8bitRule(Part):
         group: dict[str, Any],
         param: torch.Tensor,
         shard: RowShard | None = None,
+        seed: int = 0,
     ) -> tuple[torch.Tensor, float]:
         self._init(g, state, group, shard)
         if "exp_avg" in state:  # float32 moments, updated in place

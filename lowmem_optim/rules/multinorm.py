@@ -124,6 +124,7 @@ class SinkhornRule(NormalizedMomentumRule):
         group: dict[str, Any],
         param: torch.Tensor,
         shard: RowShard | None = None,
+        seed: int = 0,
     ) -> tuple[torch.Tensor, float]:
         if global_numel(g, shard) == 0:  # a zero-size weight has nothing to normalize, nor anything to move
             return torch.zeros_like(g), group["lr"]
@@ -155,6 +156,7 @@ class ChannelNormalizedRule(NormalizedMomentumRule):
         group: dict[str, Any],
         param: torch.Tensor,
         shard: RowShard | None = None,
+        seed: int = 0,
     ) -> tuple[torch.Tensor, float]:
         beta = group["momentum"]
         if beta > 0:

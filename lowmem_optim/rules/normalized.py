@@ -31,8 +31,12 @@ Why AuON is cheap and what it amounts to: for any realistically sized matrix r =
 Frobenius-normalized Nesterov SGD; its cost is linear in N, against O(m n min(m, n)) for
 Newton-Schulz.
 
-State: ``momentum_buffer`` (the shape of the tensor the rule sees: the full gradient, or the
-projected r x n / m x r one inside a low-rank group), in the gradient's dtype.
+State: the momentum M, of the shape of the tensor the rule sees (the full gradient, or the
+projected r x n / m x r one inside a low-rank group), stored as ``momentum_dtype`` asks
+(:mod:`lowmem_optim.rules.momentum_storage`): ``momentum_buffer`` in the gradient's dtype
+("auto"), float32, or with stochastic rounding in bfloat16 (2 bytes per value) or in 8-bit
+blockwise codes (1 + 4/256 bytes). The rounded forms advance M in float32 from the stored value
+and compute D from that float32 M; only what is carried to the next step is rounded.
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ from typing import Any
 
 import torch
 
+import lowmem_optim.rules.momentum_storage as momentum_storage
 from lowmem_optim.parts import BOOLEAN, HParam, Part, SubspaceChange, integer, number, one_of, sequence
-from lowmem_optim.rules.base import LR, WEIGHT_DECAY, reindex_along
+from lowmem_optim.rules.base import LR, WEIGHT_DECAY
 from lowmem_optim.sharding import RowShard, StateLayout, global_norm, global_numel, scaled_norm
 
 NORM_EPS = 1e-7  # in X = D / (||D||_F + eps): Muon's and the AuON paper's
@@ -59,6 +64,13 @@ ADJUST_LR_FN = HParam(
     "adjust_lr_fn", "original", one_of(*ADJUST_LR_FNS), "shape factor s: sqrt(max(1, m/n)), 0.2 sqrt(max(m, n)), or 1"
 )
 GAMMA = HParam("gamma", 1.0, number(0, low_open=True), "AuON's cosh scale r = sqrt(mean(cosh(gamma X)^2))")
+MOMENTUM_DTYPE = HParam(
+    "momentum_dtype",
+    "auto",
+    one_of(*momentum_storage.MOMENTUM_DTYPES),
+    "how M is stored: auto (the gradient's dtype), float32, or stochastically rounded bfloat16 or 8bit "
+    "(blockwise dynamic-map codes)",
+)
 NS_STEPS = HParam("ns_steps", 5, integer(1, 99), "Newton-Schulz iterations")
 NS_COEFFICIENTS = HParam(
     "ns_coefficients",
@@ -121,6 +133,7 @@ def _with_defaults(lr: float, weight_decay: float) -> tuple[HParam, ...]:
         MOMENTUM,
         NESTEROV,
         ADJUST_LR_FN,
+        MOMENTUM_DTYPE,
     )
 
 
@@ -137,11 +150,21 @@ class NormalizedMomentumRule(Part):
                     "group with rule='adam' (lowmem_optim.normalized_param_groups does this)"
                 )
 
+    def fixed_dtype_keys(self, param_dtype: torch.dtype) -> frozenset[str]:
+        return momentum_storage.FIXED_DTYPE_KEYS
+
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
-        return math.prod(shape) * dtype.itemsize  # the momentum buffer
+        return momentum_storage.momentum_bytes(math.prod(shape), dtype, group["momentum_dtype"])
 
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
-        return 3 * 4 * math.prod(shape)  # the direction D, its normalized or orthogonalized image, the update
+        numel = math.prod(shape)
+        direction = 3 * 4 * numel  # the direction D, its normalized or orthogonalized image, the update
+        if not momentum_storage.rounds(group["momentum_dtype"]):
+            return direction
+        # while M is rounded: the float M, the gradient in float32, D and the rounding's temporaries
+        return max(
+            direction, 4 * numel + momentum_storage.rounding_workspace_bytes(numel, dtype, group["momentum_dtype"])
+        )
 
     def scaled_direction(
         self, d: torch.Tensor, group: dict[str, Any], step_size: float, shard: RowShard | None = None
@@ -151,8 +174,8 @@ class NormalizedMomentumRule(Part):
         raise NotImplementedError
 
     def sharded_layout(self, dim: int) -> StateLayout:
-        """The momentum has the rows of g."""
-        return StateLayout(rows=frozenset({"momentum_buffer"}))
+        """The momentum has the rows of g (its 8-bit absmax: blocks of this rank's rows)."""
+        return momentum_storage.SHARDED_LAYOUT
 
     def update(
         self,
@@ -161,20 +184,26 @@ class NormalizedMomentumRule(Part):
         group: dict[str, Any],
         param: torch.Tensor,
         shard: RowShard | None = None,
+        seed: int = 0,
     ) -> tuple[torch.Tensor, float]:
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+        kind = group["momentum_dtype"]
+        m = momentum_storage.load(state, kind, g)
         if g.numel() == 0:  # a zero-size weight has no direction to normalize, nor anything to move
+            if momentum_storage.rounds(kind):
+                momentum_storage.store(state, m, kind, seed, shard)
             return torch.zeros_like(g), group["lr"]
-        d = nesterov_direction(g, state["momentum_buffer"], group["momentum"], group["nesterov"])
+        d = nesterov_direction(g.to(m.dtype), m, group["momentum"], group["nesterov"])
+        if momentum_storage.rounds(kind):
+            momentum_storage.store(state, m, kind, seed, shard)
+        del m  # a rounded form's float M: stored, no longer needed
         # The shape factor belongs to the weight, also when the rule sees a projected gradient.
         m = param.shape[0]
         step_size = group["lr"] * lr_adjustment(m, param.numel() // m, group["adjust_lr_fn"])
         return self.scaled_direction(d.reshape(g.shape[0], -1), group, step_size, shard).reshape(g.shape), group["lr"]
 
     def carry(self, state: dict[str, Any], change: SubspaceChange, dim: int, shard: RowShard | None = None) -> None:
-        if change.kept is not None and "momentum_buffer" in state:
-            state["momentum_buffer"] = reindex_along(state["momentum_buffer"], change.kept, dim, shard)
+        if change.kept is not None:
+            momentum_storage.carry(state, change.kept, dim, shard)
 
 
 def newton_schulz_dtype(name: str, device: torch.device) -> torch.dtype:

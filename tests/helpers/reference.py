@@ -72,6 +72,22 @@ def galore_ref(
     return w
 
 
+#: Muon's quintic Newton-Schulz coefficients (a, b, c) (Jordan et al., 2024)
+MUON_ABC = (3.4445, -4.7750, 2.0315)
+
+
+def ns_ref(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """Float64 quintic Newton-Schulz of an already normalized X, on the wide orientation."""
+    a, b, c = MUON_ABC
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
 def step_side_by_side(ours, ref, opt, ref_opt, steps, gen):
     """Give both parameter lists the same random gradients and step both optimizers."""
     for _ in range(steps):

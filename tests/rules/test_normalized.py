@@ -11,19 +11,9 @@ from torch.optim._muon import _zeropower_via_newtonschulz
 
 import lowmem_optim
 from lowmem_optim.rules.normalized import MUON_COEFFICIENTS, cosh_rms, newton_schulz, newton_schulz_dtype
+from tests.helpers.reference import ns_ref
 
 A, B, C = MUON_COEFFICIENTS
-
-
-def ns_ref(x: torch.Tensor, steps: int) -> torch.Tensor:
-    """Float64 quintic Newton-Schulz of an already normalized X, on the wide orientation."""
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.T
-    for _ in range(steps):
-        gram = x @ x.T
-        x = A * x + (B * gram + C * gram @ gram) @ x
-    return x.T if tall else x
 
 
 def normalized_momentum_ref(

@@ -1,6 +1,7 @@
 """The run's optimizer (:mod:`train.optim`) from the CLI's Adam flags: ``--betas beta1,beta2`` (or
 ``--beta1``/``--beta2``) and ``--eps`` reach every Adam group, checked by the Adam rule's
-declarations; an optimizer whose eps is not Adam's refuses ``--eps`` by name."""
+declarations; an optimizer whose eps is not Adam's refuses ``--eps`` by name. ``--momentum-dtype``
+reaches the matrix groups of Muon, AuON and Hybrid-AuON and is refused elsewhere."""
 
 from __future__ import annotations
 
@@ -63,3 +64,18 @@ def test_bad_adam_flags_name_the_flag_and_what_is_allowed(flags, message):
 def test_eps_for_adafactor_whose_eps_is_a_pair_is_refused_by_name():
     with pytest.raises(ValueError, match=r"Invalid eps: 1e-06 \(allowed: a pair"):
         optimizer("--optimizer=galore_adafactor", "--rank=8", "--eps=1e-6")
+
+
+@pytest.mark.parametrize("name", ["muon", "auon", "hybrid_auon"])
+def test_momentum_dtype_reaches_the_matrix_groups(name):
+    opt = optimizer(f"--optimizer={name}", "--momentum-dtype=8bit")
+    assert [g["momentum_dtype"] for g in opt.param_groups if g["rule"] == name] == ["8bit"]
+
+
+def test_momentum_dtype_is_refused_by_name_where_it_means_nothing_or_is_not_a_storage():
+    with pytest.raises(ValueError, match=r"--momentum-dtype 8bit with --optimizer adamw.*allowed: --optimizer auon"):
+        optimizer("--optimizer=adamw", "--momentum-dtype=8bit")
+    with pytest.raises(
+        ValueError, match=r"Invalid --momentum-dtype: 'int8' \(allowed: auto, float32, bfloat16, 8bit\)"
+    ):
+        parse_args([f"--model-config={TINY}", "--momentum-dtype=int8"])
