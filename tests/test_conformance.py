@@ -104,6 +104,9 @@ CASES: list[Case] = [
     Case("adamw8bit", {**ADAM, **EIGHT_BIT}),
     *[_lowrank("galore_adamw", ADAM, p, s) for p in ("svd", "randomized_svd", "dct") for s in (FIXED, ADAPTIVE)],
     _lowrank("galore_adamw", ADAM, "svd", ADAPTIVE, 4),
+    # a random P: an adaptive schedule gets no similarity, so its gap never grows
+    _lowrank("galore_adamw", ADAM, "random", FIXED),
+    _lowrank("galore_adamw", ADAM, "random", ("adaptive", ADAPTIVE[1], (1, 12))),
     _lowrank("galore_adamw", ADAM, "randomized_svd", FIXED, 8),
     *[
         _lowrank(name, base, p, ADAPTIVE, bits)

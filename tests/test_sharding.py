@@ -54,6 +54,8 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
     # about sign(R), so eps keeps rounding-level entries from each deciding a whole +-lr step
     "galore_adamw svd full": ("galore_adamw", {**LOWRANK, "proj_type": "full"}, {"eps": 1e-2}, {}),
     "galore_adamw randomized_svd": ("galore_adamw", {**LOWRANK, "proj_method": "randomized_svd"}, {}, {}),
+    # a Gaussian P regenerated from the seed: each rank draws it whole and keeps its rows (wide)
+    "galore_adamw random": ("galore_adamw", {**LOWRANK, "proj_method": "random"}, {}, {}),
     "galore_adamw svd int4": ("galore_adamw", {**LOWRANK, "proj_bits": 4, "proj_group_size": 32}, {}, {}),
     "galore_adamw svd int8": ("galore_adamw", {**LOWRANK, "proj_bits": 8, "proj_group_size": 32}, {}, {}),
     "galore_adamw adaptive": (

@@ -18,8 +18,9 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
   1 + 4/256 in 8 bits, 1/2 + 8/256 in 4 bits).
 * projections: what the projector reports: its stored bases (m x r or r x n in the gradient's
   dtype, or INT8/INT4 codes with float32 scale and zero per ``proj_group_size`` and 32 bytes of
-  metadata) or the DCT's r int64 indices, plus the caches it shares between parameters, each
-  counted once (:meth:`~lowmem_optim.parts.Part.shared_bytes`: the DCT's d x d basis).
+  metadata), the DCT's r int64 indices or nothing (the random projector keeps a seed), plus
+  the caches it shares between parameters, each counted once
+  (:meth:`~lowmem_optim.parts.Part.shared_bytes`: the DCT's d x d basis).
 * activations: what LlamaForCausalLM (HF transformers, SDPA attention with the flash or
   memory-efficient kernel) keeps for backward, per token and layer, with s the dtype size,
   h hidden, f intermediate, a heads, kv key/value heads, V vocabulary:
@@ -45,7 +46,8 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
 * workspace: the transient memory of one parameter's update (the largest over parameters), or
   of one call over the full-rank parameters a rule steps together (torch's foreach AdamW: one
   denominator per parameter, alive together; :meth:`~lowmem_optim.parts.Part.step_in_place`):
-  the back-projected update (m x n), the rule's temporaries as it reports them
+  the back-projected update (m x n), a basis the projector regenerates on use (the random
+  projector's P or Q: a float32 draw and its cast), the rule's temporaries as it reports them
   (:meth:`~lowmem_optim.parts.Part.workspace_bytes`: 8-bit Adam's float32 update of a projected
   gradient and its moments dequantized chunk by chunk, a full-rank weight's chunks only, as
   they are applied in place; Adam's denominator and update), and the INT8 weight's float32
@@ -360,6 +362,8 @@ def optimizer_memory(
                 states += parts.schedule.state_bytes(matrix, p.dtype, group)
                 shape = projected_shape(matrix, group)
                 workspace += grad  # the back-projected update
+                # a basis the projector regenerates on use (the random projector's P), never state
+                workspace += parts.projector.workspace_bytes(matrix, p.dtype, group)
                 if buffered:
                     low = math.prod(shape)
                     out["accumulation_buffers"] += buffer_bytes(accumulation, low, p.dtype)
