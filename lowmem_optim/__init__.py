@@ -7,6 +7,8 @@ state in a low-rank subspace of each weight matrix's gradient.
 from lowmem_optim.engine import ComposedOptimizer
 from lowmem_optim.groups import lowrank_param_groups, normalized_param_groups
 from lowmem_optim.optimizers import (
+    APOLLO,
+    APOLLOMini,
     AuON,
     DCTAdamW,
     GaLoreAdafactor,
@@ -27,6 +29,8 @@ __all__ = [
     "GaLoreAdafactor",
     "QGaLoreAdamW8bit",
     "DCTAdamW",
+    "APOLLO",
+    "APOLLOMini",
     "AuON",
     "HybridAuON",
     "Muon",

@@ -122,6 +122,10 @@ CASES: list[Case] = [
     _lowrank("dct_adamw", ADAM, None, ADAPTIVE, error_feedback="4bit"),
     _lowrank("galore_adamw8bit", {**ADAM, **EIGHT_BIT}, "svd", FIXED, error_feedback="8bit"),
     _lowrank("galore_adafactor", ADAFACTOR, "randomized_svd", ADAPTIVE, 4, error_feedback="4bit"),
+    # APOLLO's channel-scaled gradient from a random subspace, and APOLLO-Mini at its own rank 1 and scale
+    _lowrank("apollo", ADAM, None, FIXED),
+    _lowrank("apollo", ADAM, "svd", FIXED),
+    Case("apollo_mini", {**ADAM, "update_proj_gap": 2, "seed": 3}, "rank1", (2, 6)),
     # the class defaults, but Muon's lr is Keller Jordan's 0.02 (torch's default 1e-3 barely moves in a dozen steps)
     *[Case(name, MATRIX_LR.get(name, {})) for name in sorted(MATRIX_OPTIMIZERS)],
     # the rule in a rank-3 subspace of each matrix (the 4 x 12 conv weight too), refreshed every 2 steps
