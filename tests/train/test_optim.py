@@ -63,3 +63,8 @@ def test_bad_adam_flags_name_the_flag_and_what_is_allowed(flags, message):
 def test_eps_for_adafactor_whose_eps_is_a_pair_is_refused_by_name():
     with pytest.raises(ValueError, match=r"Invalid eps: 1e-06 \(allowed: a pair"):
         optimizer("--optimizer=galore_adafactor", "--rank=8", "--eps=1e-6")
+
+
+def test_apollo_mini_needs_no_rank_flag_its_low_rank_group_is_rank_1():
+    assert [g.get("rank") for g in optimizer("--optimizer=apollo_mini").param_groups] == [None, 1]
+    assert [g.get("rank") for g in optimizer("--optimizer=apollo_mini", "--rank=4").param_groups] == [None, 4]
