@@ -9,6 +9,7 @@ from lowmem_optim.groups import lowrank_param_groups, normalized_param_groups
 from lowmem_optim.optimizers import (
     AuON,
     DCTAdamW,
+    Fira,
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
@@ -27,6 +28,7 @@ __all__ = [
     "GaLoreAdafactor",
     "QGaLoreAdamW8bit",
     "DCTAdamW",
+    "Fira",
     "AuON",
     "HybridAuON",
     "Muon",

@@ -24,6 +24,7 @@ OPTIMIZERS: dict[str, str] = {
     "galore_adamw8bit": "lowmem_optim.optimizers:GaLoreAdamW8bit",
     "q_galore_adamw8bit": "lowmem_optim.optimizers:QGaLoreAdamW8bit",
     "dct_adamw": "lowmem_optim.optimizers:DCTAdamW",
+    "fira": "lowmem_optim.optimizers:Fira",
     "auon": "lowmem_optim.optimizers:AuON",
     "hybrid_auon": "lowmem_optim.optimizers:HybridAuON",
     "muon": "lowmem_optim.optimizers:Muon",
@@ -31,7 +32,7 @@ OPTIMIZERS: dict[str, str] = {
 
 #: registry names of the optimizers that take low-rank param groups (``rank`` etc.)
 LOWRANK_OPTIMIZERS: frozenset[str] = frozenset(
-    {"galore_adamw", "galore_adafactor", "galore_adamw8bit", "dct_adamw", "q_galore_adamw8bit"}
+    {"galore_adamw", "galore_adafactor", "galore_adamw8bit", "dct_adamw", "q_galore_adamw8bit", "fira"}
 )
 
 #: registry names of the optimizers whose matrix group gets a normalized-momentum rule and whose
