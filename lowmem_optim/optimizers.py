@@ -157,6 +157,32 @@ class APOLLOMini(AdamWFamily):
     lowrank_defaults = {"rank": 1}
 
 
+class Fira(AdamWFamily):
+    """Fira: GaLore's subspace plus the scaled rest of the gradient (Chen et al., 2024, arXiv 2410.01623).
+
+    For a low-rank group, with P the subspace of any projector (SVD by default; randomized SVD,
+    DCT, INT4/INT8 storage) refreshed every ``update_proj_gap`` steps, and channels j the columns
+    of R for a left projection (its rows for a right one):
+
+        R = P^T G;  N = Adam(R);  phi_j = ||N_j|| / ||R_j||  (0 where ||R_j|| = 0);
+        S = phi ⊙ (G - P R);  if ||S_t|| > gamma ||S_{t-1}||: S_t <- S_t gamma ||S_{t-1}|| / ||S_t||;
+        W <- W (1 - lr wd) - scale (P N + S).
+
+    The residual G - P R, which GaLore discards, is trained too, each channel scaled as Adam
+    scaled that channel in the subspace ("norm-based scaling"); the norm-growth limiter
+    (``norm_growth_limit`` gamma = 1.01, the paper's) damps sudden growth of that term, measured
+    without the step size (S / lr_t) so a learning-rate warm-up is not clipped. State: GaLore's
+    (Adam's moments of R and the basis) plus one float32 number. ``scale`` 0.25 as in the
+    paper's pre-training runs, where it multiplies P N and S alike here. The update form is
+    :class:`lowmem_optim.update_forms.ResidualForm`; any optimizer of the Adam family takes it as
+    ``update_form="residual"`` (e.g. DCT: ``DCTAdamW(update_form="residual", error_feedback=None)``).
+    """
+
+    registry_name = "fira"
+    part_choices = {"rule": ("adam",), "update_form": ("residual",)}
+    named_defaults = {"scale": 0.25, "norm_growth_limit": 1.01}
+
+
 class GaLoreAdamW8bit(AdamWFamily):
     """GaLore with 8-bit AdamW in the subspace: Adam's moments stored blockwise-quantized
     (uint8 codes + one float32 absmax per 256 values, bitsandbytes' dynamic map). CPU and CUDA.

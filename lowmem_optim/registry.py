@@ -27,6 +27,7 @@ OPTIMIZERS: dict[str, str] = {
     "dct_adamw": "lowmem_optim.optimizers:DCTAdamW",
     "apollo": "lowmem_optim.optimizers:APOLLO",
     "apollo_mini": "lowmem_optim.optimizers:APOLLOMini",
+    "fira": "lowmem_optim.optimizers:Fira",
     "auon": "lowmem_optim.optimizers:AuON",
     "hybrid_auon": "lowmem_optim.optimizers:HybridAuON",
     "muon": "lowmem_optim.optimizers:Muon",
@@ -34,7 +35,16 @@ OPTIMIZERS: dict[str, str] = {
 
 #: registry names of the optimizers that take low-rank param groups (``rank`` etc.)
 LOWRANK_OPTIMIZERS: frozenset[str] = frozenset(
-    {"galore_adamw", "galore_adafactor", "galore_adamw8bit", "dct_adamw", "q_galore_adamw8bit", "apollo", "apollo_mini"}
+    {
+        "galore_adamw",
+        "galore_adafactor",
+        "galore_adamw8bit",
+        "dct_adamw",
+        "q_galore_adamw8bit",
+        "fira",
+        "apollo",
+        "apollo_mini",
+    }
 )
 
 #: registry names of the optimizers whose matrix group gets a normalized-momentum rule and whose

@@ -100,7 +100,6 @@ def test_apollo_mini_groups_built_for_it_are_rank_1_unless_told_otherwise():
 
 
 def test_low_rank_gradient_accumulation_is_refused_for_apollo():
-    model = nn.Sequential(nn.Linear(24, 16))
-    attach(build_optimizer("apollo", model, rank=4), accumulation_steps=2, accumulation_buffer="float32")
-    with pytest.raises(ValueError, match="update_form='channel', which scales the step's whole gradient"):
-        model(torch.randn(3, 24)).square().sum().backward()
+    opt = build_optimizer("apollo", nn.Sequential(nn.Linear(24, 16)), rank=4)
+    with pytest.raises(ValueError, match="Invalid accumulation_buffer with update_form='channel'"):
+        attach(opt, accumulation_steps=2, accumulation_buffer="float32")
