@@ -56,6 +56,10 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
     "galore_adamw randomized_svd": ("galore_adamw", {**LOWRANK, "proj_method": "randomized_svd"}, {}, {}),
     # a Gaussian P regenerated from the seed: each rank draws it whole and keeps its rows (wide)
     "galore_adamw random": ("galore_adamw", {**LOWRANK, "proj_method": "random"}, {}, {}),
+    # the gradient scaled per channel (columns of a left projection, the weight's rows of a right one)
+    # and per tensor (norms summed over the ranks), with the norm-growth limiter
+    "apollo": ("apollo", LOWRANK, {}, {}),
+    "apollo_mini": ("apollo_mini", {**LOWRANK, "rank": 1}, {}, {}),
     "galore_adamw svd int4": ("galore_adamw", {**LOWRANK, "proj_bits": 4, "proj_group_size": 32}, {}, {}),
     "galore_adamw svd int8": ("galore_adamw", {**LOWRANK, "proj_bits": 8, "proj_group_size": 32}, {}, {}),
     "galore_adamw adaptive": (
