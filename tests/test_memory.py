@@ -16,7 +16,9 @@ from tests.helpers.scripts import script_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY = CONFIGS / "llama_tiny.json"
-LOWRANK = {"galore_adamw", "galore_adamw8bit", "q_galore_adamw8bit"}
+LOWRANK = {"galore_adamw", "galore_adamw8bit", "q_galore_adamw8bit", "apollo", "apollo_mini"}
+#: low-rank optimizers that store no basis (a random projection regenerated from a seed)
+BASIS_FREE = {"apollo", "apollo_mini"}
 
 
 def tiny_config() -> dict:
@@ -94,6 +96,10 @@ def measured_bytes(setup: TrainingSetup, steps: int) -> dict[str, int]:
             seq_len=16,
             optimizer_kwargs=(("error_feedback", "4bit"),),
         ),
+        # APOLLO: Adam moments of a random projection and the limiter's number, no basis; APOLLO-Mini at
+        # its default rank 1, INT8 weights
+        TrainingSetup("apollo", rank=8, weight_bits=16, batch_size=2, seq_len=16),
+        TrainingSetup("apollo_mini", weight_bits=8, batch_size=2, seq_len=16),
     ],
     ids=lambda s: f"{s.optimizer}-w{s.weight_bits}-p{s.proj_bits}-{dict(s.optimizer_kwargs).get('error_feedback')}",
 )
@@ -101,7 +107,9 @@ def test_weights_gradients_states_and_projections_match_real_tensor_bytes(setup)
     predicted = estimate_memory(tiny_config(), setup).as_dict()
     measured = measured_bytes(setup, steps=2)
     assert {k: predicted[k] for k in measured} == measured
-    assert measured["projections_bytes"] > 0 if setup.rank else measured["projections_bytes"] == 0
+    stores_basis = setup.rank is not None and setup.optimizer not in BASIS_FREE
+    assert measured["projections_bytes"] > 0 if stores_basis else measured["projections_bytes"] == 0
+    assert measured["optimizer_states_bytes"] > 0
 
 
 def test_layerwise_keeps_one_gradient_and_activation_checkpointing_shrinks_activations():
