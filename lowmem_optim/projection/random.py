@@ -44,7 +44,7 @@ LEFT, RIGHT = 1, 2
 
 
 def _draw(
-    gen: torch.Generator, sizes: tuple[int, ...], rank: int, device: torch.device, dtype: torch.dtype
+    gen: torch.Generator | None, sizes: tuple[int, ...], rank: int, device: torch.device, dtype: torch.dtype
 ) -> list[torch.Tensor]:
     """One ``size x rank`` N(0, 1/rank) matrix per size, in order, from ``gen`` (float32 draws)."""
     std = 1.0 / math.sqrt(rank)
@@ -83,7 +83,9 @@ class RandomProjector(Part):
         ``shard``, P's rows are this rank's."""
         sides = state["proj_sides"]
         sizes = [state[key] for key, side in (("proj_rows", LEFT), ("proj_cols", RIGHT)) if sides & side]
-        gen = torch.Generator(device=like.device).manual_seed(int(state["proj_seed"]))
+        # the meta device runs shapes only (the memory trace, the sync counter): no numbers to seed
+        meta = like.device.type == "meta"
+        gen = None if meta else torch.Generator(device=like.device).manual_seed(int(state["proj_seed"]))
         drawn = iter(_draw(gen, tuple(sizes), state["proj_rank"], like.device, like.dtype))
         left = next(drawn) if sides & LEFT else None
         right = next(drawn) if sides & RIGHT else None
