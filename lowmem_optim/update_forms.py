@@ -164,8 +164,7 @@ class ResidualForm(ScaledGradientForm):
     """``"residual"`` (Fira): U = P N + phi ⊙ (G - P R), phi_j = ||N_j|| / ||R_j||, limited."""
 
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
-        # the residual G - P R beside P N (m x n), and three float32 vectors over the channels
-        return math.prod(shape) * dtype.itemsize + 12 * max(shape)
+        return math.prod(shape) * dtype.itemsize  # the residual G - P R, alive beside P N
 
     def scaled_term(self, step: LowRankStep, back_project: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         residual = back_project(step.low).to(step.dtype).neg_().add_(step.grad)
@@ -186,7 +185,9 @@ class ChannelForm(ScaledGradientForm):
     """``"channel"`` (APOLLO): U = G ⊙ s, s_j = ||N_j|| / ||R_j||, limited."""
 
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
-        return 12 * max(shape)  # S takes the place of P N; three float32 vectors over the channels
+        # S takes the place of P N; beside it the float32 factors (at most max(m, n) channels: a
+        # std projection's) and their copy in a weight's lower precision
+        return max(shape) * (4 + (0 if dtype == torch.float32 else dtype.itemsize))
 
     def scaled_term(self, step: LowRankStep, back_project: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         ratio = channel_ratio(step.update, step.low, step.channel_dim)

@@ -1,7 +1,7 @@
 """FSDP2-sharded parameters (``Shard(0)`` DTensors on a 1-D mesh) on 2 gloo processes: every
 optimizer of the package, every projector, both projection sides, INT4/INT8 projections, the
-fixed and adaptive schedules, the 8-bit rule and error feedback give the unsharded optimizer's
-parameters on the same gradients; sharded state is smaller per rank; DCP checkpoints resume
+fixed and adaptive schedules, the 8-bit rule, error feedback and the update forms give the
+unsharded optimizer's parameters on the same gradients; sharded state is smaller per rank; DCP checkpoints resume
 exactly and load across world sizes 2 -> 1 and 1 -> 2; other placements are refused by name.
 Two cases also run on 4 processes.
 
@@ -105,6 +105,12 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
         {},
         {"odd": EF_TOLERANCE},
     ),
+    # full-size updates from low-rank state: the per-channel norms are local (a left projection's R
+    # and N are whole on every rank, a right one's rows the weight's); ||S|| is summed over the ranks
+    "fira svd": ("fira", LOWRANK, {}, {}),
+    "fira dct": ("fira", {**LOWRANK, "proj_method": "dct"}, {}, {}),
+    "galore_adamw channel": ("galore_adamw", {**LOWRANK, "update_form": "channel"}, {}, {}),
+    "galore_adamw tensor": ("galore_adamw", {**LOWRANK, "update_form": "tensor"}, {}, {}),
     "auon": ("auon", {}, {}, {}),
     "auon low-rank": ("auon", LOWRANK, {}, {}),
     "hybrid_auon": ("hybrid_auon", {}, {"ns_dtype": "float32"}, {}),
