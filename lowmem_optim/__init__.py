@@ -7,9 +7,12 @@ state in a low-rank subspace of each weight matrix's gradient.
 from lowmem_optim.engine import ComposedOptimizer
 from lowmem_optim.groups import lowrank_param_groups, normalized_param_groups
 from lowmem_optim.optimizers import (
+    APOLLO,
     SCALE,
+    APOLLOMini,
     AuON,
     DCTAdamW,
+    Fira,
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
@@ -29,6 +32,9 @@ __all__ = [
     "GaLoreAdafactor",
     "QGaLoreAdamW8bit",
     "DCTAdamW",
+    "APOLLO",
+    "APOLLOMini",
+    "Fira",
     "AuON",
     "HybridAuON",
     "Muon",

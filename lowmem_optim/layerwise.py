@@ -56,7 +56,8 @@ Gradient accumulation (``accumulation_steps=k``), as ``accumulation_buffer`` cho
   parameter, step and micro-batch). The buffers live in the handle (``handle.buffers``), not in
   the optimizer state: they are allocated on a parameter's first micro-batch and reused, and hold
   nothing between steps, where checkpoints are taken. Refused (ValueError): groups with
-  ``error_feedback`` (the feedback needs the step's full gradient) and FSDP2-sharded parameters.
+  ``error_feedback`` or an ``update_form`` other than "projected" (both need the step's full
+  gradient) and FSDP2-sharded parameters.
   With ``max_grad_norm`` a projected parameter's sum R is clipped by its own norm (the full
   gradient's norm is never known). With ``process_group``, the sum R is averaged over the ranks
   at the k-th micro-batch, and on a refresh step G_1 is averaged first, so every rank chooses
@@ -384,7 +385,7 @@ def attach(
 
 def _check_lowrank_accumulation(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
     """ValueError unless low-rank accumulation can serve ``params``: an optimizer that steps in
-    parts (``ComposedOptimizer``), no error feedback, no sharded parameter."""
+    parts (``ComposedOptimizer``), no error feedback, the "projected" update form, no sharded parameter."""
     if not hasattr(optimizer, "finish_step"):
         raise ValueError(
             f"Invalid accumulation_buffer for {type(optimizer).__name__}: low-rank accumulation needs an "
@@ -401,6 +402,12 @@ def _check_lowrank_accumulation(optimizer: torch.optim.Optimizer, params: list[t
                     f"Invalid accumulation_buffer with error_feedback={group['error_feedback']!r}: the error "
                     "feedback needs each step's full gradient, which low-rank accumulation never holds "
                     "(allowed: accumulation_buffer='full', or a group with error_feedback=None)"
+                )
+            if group.get("update_form", "projected") != "projected":
+                raise ValueError(
+                    f"Invalid accumulation_buffer with update_form={group['update_form']!r}: the update form "
+                    "scales each step's full gradient, which low-rank accumulation never holds "
+                    "(allowed: accumulation_buffer='full', or a group with update_form='projected')"
                 )
             if is_dtensor(p):
                 raise ValueError(

@@ -16,6 +16,7 @@ galore-torch's GaLoreAdamW defaulted to ``weight_decay=0`` and ``eps=1e-6``; our
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -32,6 +33,9 @@ class NamedOptimizer(ComposedOptimizer):
 
     #: the hyperparameters taken by position after ``params``
     leading: ClassVar[tuple[str, ...]] = ()
+    #: keys of the low-rank group that :func:`lowmem_optim.build_optimizer` fills where the
+    #: caller gives none (APOLLO-Mini's rank 1)
+    lowrank_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -101,6 +105,82 @@ class DCTAdamW(AdamWFamily):
     registry_name = "dct_adamw"
     part_choices = {"rule": ("adam",), "proj_method": ("dct",)}
     named_defaults = {"update_proj_gap": 1, "scale": 1.0, "error_feedback": "nf4"}
+
+
+class APOLLO(AdamWFamily):
+    """APOLLO (Zhu et al., MLSys 2025, arXiv 2412.05270): AdamW's element-wise scaling
+    coarsened to one factor per channel, estimated in a random subspace.
+
+    For a low-rank group, with P (m x r, entries N(0, 1/r)) regenerated from a seed refreshed
+    every ``update_proj_gap`` steps and never stored (:mod:`lowmem_optim.projection.random`):
+    R = P^T G;  N = Adam(R) (its moments only, r x n);  s_j = ||N_j|| / ||R_j|| per channel j
+    (a column of R and of G; a row for a right projection);  S = G diag(s), limited as
+    S <- S gamma ||S_{t-1}|| / ||S|| when ||S|| > gamma ||S_{t-1}|| (``norm_growth_limit``
+    gamma = 1.01);  W <- W (1 - lr wd) - scale * S (:mod:`lowmem_optim.update_forms`). The
+    update is full-rank while the state is Adam's at rank r. Defaults are the paper's: scale
+    (alpha) 1, a new projection every 200 steps, gamma 1.01; its pretraining runs follow
+    GaLore's setup (rank a quarter of the hidden size). ``proj_method`` may name another
+    projector for the paper's ablation (APOLLO with SVD). Low-rank gradient accumulation is
+    refused (the update needs G).
+    """
+
+    registry_name = "apollo"
+    part_choices = {
+        "rule": ("adam",),
+        "proj_method": ("random", "svd", "randomized_svd", "dct"),
+        "update_form": ("channel",),
+    }
+    named_defaults = {"scale": 1.0, "update_proj_gap": 200, "norm_growth_limit": 1.01}
+
+
+class APOLLOMini(AdamWFamily):
+    """APOLLO-Mini (same paper): APOLLO's update with one factor for the whole tensor, from a
+    rank-1 random subspace: SGD's memory (Adam moments of 1 x n).
+
+    R = P^T G (P: m x 1, N(0, 1) entries, regenerated from a seed);  N = Adam(R);
+    S = G ||N||_F / ||R||_F, limited by ``norm_growth_limit`` (1.01) as APOLLO's;
+    W <- W (1 - lr wd) - scale * S, with the paper's scale alpha = sqrt(128) (apollo-torch's
+    ``scale=128``, whose square root it applies) making up for the smaller norm ratio a rank-1
+    estimate gives. The low-rank group's ``rank`` defaults to 1 when
+    :func:`lowmem_optim.build_optimizer` (and so the training CLI) builds the groups
+    (``lowrank_defaults``); groups given by hand name their ``rank``, as for every low-rank
+    optimizer here.
+    """
+
+    registry_name = "apollo_mini"
+    part_choices = {
+        "rule": ("adam",),
+        "proj_method": ("random", "svd", "randomized_svd", "dct"),
+        "update_form": ("tensor",),
+    }
+    named_defaults = {"scale": math.sqrt(128), "update_proj_gap": 200, "norm_growth_limit": 1.01}
+    lowrank_defaults = {"rank": 1}
+
+
+class Fira(AdamWFamily):
+    """Fira: GaLore's subspace plus the scaled rest of the gradient (Chen et al., 2024, arXiv 2410.01623).
+
+    For a low-rank group, with P the subspace of any projector (SVD by default; randomized SVD,
+    DCT, INT4/INT8 storage) refreshed every ``update_proj_gap`` steps, and channels j the columns
+    of R for a left projection (its rows for a right one):
+
+        R = P^T G;  N = Adam(R);  phi_j = ||N_j|| / ||R_j||  (0 where ||R_j|| = 0);
+        S = phi ⊙ (G - P R);  if ||S_t|| > gamma ||S_{t-1}||: S_t <- S_t gamma ||S_{t-1}|| / ||S_t||;
+        W <- W (1 - lr wd) - scale (P N + S).
+
+    The residual G - P R, which GaLore discards, is trained too, each channel scaled as Adam
+    scaled that channel in the subspace ("norm-based scaling"); the norm-growth limiter
+    (``norm_growth_limit`` gamma = 1.01, the paper's) damps sudden growth of that term, measured
+    without the step size (S / lr_t) so a learning-rate warm-up is not clipped. State: GaLore's
+    (Adam's moments of R and the basis) plus one float32 number. ``scale`` 0.25 as in the
+    paper's pre-training runs, where it multiplies P N and S alike here. The update form is
+    :class:`lowmem_optim.update_forms.ResidualForm`; any optimizer of the Adam family takes it as
+    ``update_form="residual"`` (e.g. DCT: ``DCTAdamW(update_form="residual", error_feedback=None)``).
+    """
+
+    registry_name = "fira"
+    part_choices = {"rule": ("adam",), "update_form": ("residual",)}
+    named_defaults = {"scale": 0.25, "norm_growth_limit": 1.01}
 
 
 class GaLoreAdamW8bit(AdamWFamily):

@@ -1,12 +1,14 @@
 """The parts an optimizer is composed of, and how each declares its hyperparameters.
 
 An optimizer of this package (:class:`lowmem_optim.engine.ComposedOptimizer`) runs, per param
-group, four kinds of parts, each chosen by a group key:
+group, five kinds of parts, each chosen by a group key:
 
 * a :class:`Rule` (``rule``: Adam, Adafactor, 8-bit Adam, normalized momentum),
 * a :class:`Projector` (``proj_method``: SVD, randomized SVD, DCT), used when the group has a ``rank``,
   with its basis :class:`Storage` (dense projectors: as is, or INT8/INT4),
-* a :class:`RefreshSchedule` (``refresh``: fixed or adaptive gap).
+* a :class:`RefreshSchedule` (``refresh``: fixed or adaptive gap),
+* an update form (``update_form``: the full-size update made from the low-rank one,
+  :mod:`lowmem_optim.update_forms`).
 
 Each part declares the group keys it reads, once, as :class:`HParam` entries of its ``hparams``:
 name, default, check, one-line doc. Everything else is derived from those declarations: the
@@ -16,7 +18,7 @@ docstring, the registry's routing of keys to the low-rank group and the training
 Adding a hyperparameter: add an ``HParam`` to the ``hparams`` of the part that reads it (and
 read ``group[name]`` there). Adding a part: subclass :class:`Part`, declare its ``hparams``,
 implement its protocol below, and register the class in its kind's registry
-(``RULES``, ``PROJECTORS``, ``SCHEDULES``).
+(``RULES``, ``PROJECTORS``, ``SCHEDULES``, ``UPDATE_FORMS``).
 """
 
 from __future__ import annotations
@@ -180,7 +182,8 @@ class Part:
 
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         """Bytes this part keeps in the state of a parameter whose update it sees as ``shape``
-        (a rule: the projected shape; a projector and its storage: the matrix shape) in ``dtype``."""
+        (a rule: the projected shape; a projector, its storage and an update form: the matrix shape)
+        in ``dtype``."""
         return 0
 
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:

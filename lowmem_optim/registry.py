@@ -15,6 +15,7 @@ from torch import nn
 
 from lowmem_optim.engine import ComposedOptimizer, lowrank_hparams
 from lowmem_optim.groups import lowrank_param_groups, normalized_param_groups
+from lowmem_optim.optimizers import NamedOptimizer
 
 OPTIMIZERS: dict[str, str] = {
     "adamw": "torch.optim:AdamW",
@@ -24,6 +25,9 @@ OPTIMIZERS: dict[str, str] = {
     "galore_adamw8bit": "lowmem_optim.optimizers:GaLoreAdamW8bit",
     "q_galore_adamw8bit": "lowmem_optim.optimizers:QGaLoreAdamW8bit",
     "dct_adamw": "lowmem_optim.optimizers:DCTAdamW",
+    "apollo": "lowmem_optim.optimizers:APOLLO",
+    "apollo_mini": "lowmem_optim.optimizers:APOLLOMini",
+    "fira": "lowmem_optim.optimizers:Fira",
     "auon": "lowmem_optim.optimizers:AuON",
     "hybrid_auon": "lowmem_optim.optimizers:HybridAuON",
     "muon": "lowmem_optim.optimizers:Muon",
@@ -33,7 +37,16 @@ OPTIMIZERS: dict[str, str] = {
 
 #: registry names of the optimizers that take low-rank param groups (``rank`` etc.)
 LOWRANK_OPTIMIZERS: frozenset[str] = frozenset(
-    {"galore_adamw", "galore_adafactor", "galore_adamw8bit", "dct_adamw", "q_galore_adamw8bit"}
+    {
+        "galore_adamw",
+        "galore_adafactor",
+        "galore_adamw8bit",
+        "dct_adamw",
+        "q_galore_adamw8bit",
+        "fira",
+        "apollo",
+        "apollo_mini",
+    }
 )
 
 #: registry names of the optimizers whose matrix group gets a normalized rule and whose other
@@ -53,6 +66,13 @@ def get_optimizer_class(name: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
+def lowrank_defaults(name: str) -> dict[str, Any]:
+    """The low-rank group keys optimizer ``name`` fills where the caller gives none (APOLLO-Mini's
+    ``rank``: 1); empty for most."""
+    cls = get_optimizer_class(name)
+    return dict(cls.lowrank_defaults) if issubclass(cls, NamedOptimizer) else {}
+
+
 def check_int8_capable(name: str) -> None:
     """ValueError unless optimizer ``name`` can train INT8 weights (:mod:`lowmem_optim.quant.int8_linear`):
     only this package's optimizers apply their updates through ``apply_update``."""
@@ -68,7 +88,8 @@ def build_optimizer(
 ) -> Any:
     """The optimizer ``name`` over ``model``'s parameters, with its param groups built.
 
-    For low-rank optimizers the keys of a low-rank setup (``rank``, required, and every key a
+    For low-rank optimizers the keys of a low-rank setup (``rank``, required unless the class
+    defaults it, as APOLLO-Mini's 1 in ``lowrank_defaults``, and every key a
     projector, basis storage or refresh schedule declares: :func:`lowmem_optim.engine.lowrank_hparams`)
     go to the group of the linear layers selected by ``target_modules``; every other
     hyperparameter goes to the constructor. For :data:`MATRIX_OPTIMIZERS` the selected linear and conv weights
@@ -79,7 +100,7 @@ def build_optimizer(
     hparams = {k: v for k, v in hparams.items() if v is not None}
     lowrank_keys = lowrank_hparams()
     if name in LOWRANK_OPTIMIZERS or name in MATRIX_OPTIMIZERS:
-        lowrank = {k: hparams.pop(k) for k in lowrank_keys if k in hparams}
+        lowrank = {**lowrank_defaults(name), **{k: hparams.pop(k) for k in lowrank_keys if k in hparams}}
         make_groups = normalized_param_groups if name in MATRIX_OPTIMIZERS else lowrank_param_groups
         return cls(make_groups(model, target_modules, **lowrank), **hparams)
     unused = [k for k in lowrank_keys if k in hparams]

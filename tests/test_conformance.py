@@ -86,6 +86,7 @@ def _lowrank(
     schedule: tuple,
     proj_bits: int | None = None,
     error_feedback: str | None = None,
+    update_form: str | None = None,
 ) -> Case:
     label, refresh, expected = schedule
     kwargs = {**base, **LOW, **refresh}
@@ -95,7 +96,15 @@ def _lowrank(
         kwargs["proj_bits"] = proj_bits
     if error_feedback is not None:
         kwargs["error_feedback"] = error_feedback
-    parts = [proj_method, label, proj_bits and f"int{proj_bits}", error_feedback and f"ef-{error_feedback}"]
+    if update_form is not None:
+        kwargs["update_form"] = update_form
+    parts = [
+        proj_method,
+        label,
+        proj_bits and f"int{proj_bits}",
+        error_feedback and f"ef-{error_feedback}",
+        update_form and f"form-{update_form}",
+    ]
     return Case(name, kwargs, "-".join(filter(None, parts)), expected)
 
 
@@ -104,6 +113,9 @@ CASES: list[Case] = [
     Case("adamw8bit", {**ADAM, **EIGHT_BIT}),
     *[_lowrank("galore_adamw", ADAM, p, s) for p in ("svd", "randomized_svd", "dct") for s in (FIXED, ADAPTIVE)],
     _lowrank("galore_adamw", ADAM, "svd", ADAPTIVE, 4),
+    # a random P: an adaptive schedule gets no similarity, so its gap never grows
+    _lowrank("galore_adamw", ADAM, "random", FIXED),
+    _lowrank("galore_adamw", ADAM, "random", ("adaptive", ADAPTIVE[1], (1, 12))),
     _lowrank("galore_adamw", ADAM, "randomized_svd", FIXED, 8),
     *[
         _lowrank(name, base, p, ADAPTIVE, bits)
@@ -119,6 +131,17 @@ CASES: list[Case] = [
     _lowrank("dct_adamw", ADAM, None, ADAPTIVE, error_feedback="4bit"),
     _lowrank("galore_adamw8bit", {**ADAM, **EIGHT_BIT}, "svd", FIXED, error_feedback="8bit"),
     _lowrank("galore_adafactor", ADAFACTOR, "randomized_svd", ADAPTIVE, 4, error_feedback="4bit"),
+    # APOLLO's channel-scaled gradient from a random subspace, and APOLLO-Mini at its own rank 1 and scale
+    _lowrank("apollo", ADAM, None, FIXED),
+    _lowrank("apollo", ADAM, "svd", FIXED),
+    Case("apollo_mini", {**ADAM, "update_proj_gap": 2, "seed": 3}, "rank1", (2, 6)),
+    # full-rank updates from low-rank state (lowmem_optim.update_forms): Fira on each projector and INT4 bases,
+    # APOLLO's channel and tensor scaling
+    _lowrank("fira", ADAM, "svd", FIXED),
+    _lowrank("fira", ADAM, "dct", ADAPTIVE),
+    _lowrank("fira", ADAM, "randomized_svd", FIXED, 4),
+    _lowrank("galore_adamw", ADAM, "svd", ADAPTIVE, update_form="channel"),
+    _lowrank("galore_adamw", ADAM, "randomized_svd", FIXED, update_form="tensor"),
     # the class defaults, but Muon's lr is Keller Jordan's 0.02 (torch's default 1e-3 barely moves in a dozen steps)
     *[Case(name, MATRIX_LR.get(name, {})) for name in sorted(MATRIX_OPTIMIZERS)],
     # the rule in a rank-3 subspace of each matrix (the 4 x 12 conv weight too), refreshed every 2 steps
@@ -280,7 +303,7 @@ def test_step_param_of_each_parameter_equals_step(case):
     assert_same_state(opt_by_param.state_dict(), opt.state_dict())
 
 
-ADAM_NAMES = ("galore_adamw", "galore_adamw8bit", "q_galore_adamw8bit", "dct_adamw")
+ADAM_NAMES = ("galore_adamw", "galore_adamw8bit", "q_galore_adamw8bit", "dct_adamw", "fira")
 NEWTON_SCHULZ = ("hybrid_auon", "muon")
 #: the matrix optimizers whose rule has a momentum (SCALE's without ``nesterov``)
 MOMENTUM_NAMES = ("auon", "hybrid_auon", "muon", "scale_sgd")
@@ -316,6 +339,12 @@ BAD: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
     (("sinkgd",), {"momentum": 0.9}, "momentum"),
     (("sinkgd",), {"sinkhorn_iterations": 0}, "sinkhorn_iterations"),
     (("sinkgd",), {"sinkhorn_iterations": 2.0}, "sinkhorn_iterations"),
+    (("fira",), {"norm_growth_limit": 1.0}, "norm_growth_limit"),
+    (("fira",), {"norm_growth_limit": math.inf}, "norm_growth_limit"),
+    (("fira",), {"update_form": "projected"}, "update_form"),
+    (("fira",), {"error_feedback": "float32"}, "error_feedback=.*update_form"),
+    (("galore_adamw",), {"update_form": "sideways"}, "update_form"),
+    (("galore_adamw",), {"update_form": "channel", "proj_type": "full"}, "proj_type='full' with update_form"),
     (tuple(sorted(MATRIX_OPTIMIZERS)), {"adjust_lr_fn": "sqrt"}, "adjust_lr_fn"),
     (tuple(sorted(MATRIX_OPTIMIZERS)), {"adamw_lr": -1e-3}, "adamw_lr"),
     (tuple(sorted(MATRIX_OPTIMIZERS)), {"adamw_betas": (1.0, 0.9)}, "beta"),

@@ -282,13 +282,14 @@ def test_readme_optimizer_table_lists_every_registry_name():
 
 def test_readme_state_bytes_per_parameter_match_the_optimizers():
     from lowmem_optim import build_optimizer
-    from lowmem_optim.registry import LOWRANK_OPTIMIZERS
+    from lowmem_optim.registry import LOWRANK_OPTIMIZERS, lowrank_defaults
 
     measured = {}
     for name in readme_optimizer_table():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(512, 512, bias=False))
-        optimizer = build_optimizer(name, model, **({"rank": 128} if name in LOWRANK_OPTIMIZERS else {}))
+        rank = {"rank": 128} if name in LOWRANK_OPTIMIZERS and "rank" not in lowrank_defaults(name) else {}
+        optimizer = build_optimizer(name, model, **rank)
         weight = model[0].weight
         weight.grad = torch.randn_like(weight)
         optimizer.step()

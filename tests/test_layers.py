@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("lowmem_optim.registry", "lowmem_optim.integrations"),
     ("lowmem_optim.optimizers", "lowmem_optim.groups", "lowmem_optim.layerwise"),
     ("lowmem_optim.engine",),
-    ("lowmem_optim.projection", "lowmem_optim.rules", "lowmem_optim.schedules"),
+    ("lowmem_optim.projection", "lowmem_optim.rules", "lowmem_optim.schedules", "lowmem_optim.update_forms"),
     (
         "lowmem_optim.parts",
         "lowmem_optim.sharding",

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lowmem_optim import GaLoreAdamW, GaLoreAdamW8bit, build_optimizer, layerwise, lowrank_param_groups
+from lowmem_optim import Fira, GaLoreAdamW, GaLoreAdamW8bit, build_optimizer, layerwise, lowrank_param_groups
 from lowmem_optim.quant.int8_linear import quantize_linear_layers
 from tests.helpers.models import batches, loss_of, tiny_model
 
@@ -43,7 +43,7 @@ def assert_same_params(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(pa, pb), name
 
 
-@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit, Fira])
 def test_layerwise_equals_ordinary_stepping_after_n_steps(cls):
     ref, lw = tiny_model(), tiny_model()
     data = batches(5)

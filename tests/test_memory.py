@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowmem_optim import SCALE, SinkGD, build_optimizer
+from lowmem_optim import SCALE, GaLoreAdamW, SinkGD, build_optimizer
 from lowmem_optim.quant.int8_linear import Int8Weight, quantize_linear_layers
 from lowmem_optim.tools.memory import TrainingSetup, estimate_memory, optimizer_memory
 from lowmem_optim.tools.op_count import OpCounter
@@ -17,7 +17,9 @@ from tests.helpers.scripts import script_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY = CONFIGS / "llama_tiny.json"
-LOWRANK = {"galore_adamw", "galore_adamw8bit", "q_galore_adamw8bit"}
+LOWRANK = {"galore_adamw", "galore_adamw8bit", "q_galore_adamw8bit", "fira", "apollo", "apollo_mini"}
+#: low-rank optimizers that store no basis (a random projection regenerated from a seed)
+BASIS_FREE = {"apollo", "apollo_mini"}
 
 
 def tiny_config() -> dict:
@@ -103,16 +105,32 @@ def measured_bytes(setup: TrainingSetup, steps: int) -> dict[str, int]:
         TrainingSetup(
             "muon", weight_bits=16, batch_size=2, seq_len=16, optimizer_kwargs=(("momentum_dtype", "bfloat16"),)
         ),
+        # the norm-growth limiter's float32 number per projected weight; APOLLO-Mini's form without it
+        TrainingSetup("fira", rank=8, weight_bits=16, batch_size=2, seq_len=16),
+        TrainingSetup(
+            "galore_adamw",
+            rank=8,
+            weight_bits=32,
+            batch_size=2,
+            seq_len=16,
+            optimizer_kwargs=(("update_form", "tensor"), ("norm_growth_limit", None)),
+        ),
+        # APOLLO: Adam moments of a random projection and the limiter's number, no basis; APOLLO-Mini at
+        # its default rank 1, INT8 weights
+        TrainingSetup("apollo", rank=8, weight_bits=16, batch_size=2, seq_len=16),
+        TrainingSetup("apollo_mini", weight_bits=8, batch_size=2, seq_len=16),
     ],
-    ids=lambda s: (
-        f"{s.optimizer}-w{s.weight_bits}-p{s.proj_bits}-" + "-".join(map(str, dict(s.optimizer_kwargs).values()))
+    ids=lambda s: "-".join(
+        [f"{s.optimizer}-w{s.weight_bits}-p{s.proj_bits}", *(f"{k}={v}" for k, v in s.optimizer_kwargs)]
     ),
 )
 def test_weights_gradients_states_and_projections_match_real_tensor_bytes(setup):
     predicted = estimate_memory(tiny_config(), setup).as_dict()
     measured = measured_bytes(setup, steps=2)
     assert {k: predicted[k] for k in measured} == measured
-    assert measured["projections_bytes"] > 0 if setup.rank else measured["projections_bytes"] == 0
+    stores_basis = setup.rank is not None and setup.optimizer not in BASIS_FREE
+    assert measured["projections_bytes"] > 0 if stores_basis else measured["projections_bytes"] == 0
+    assert measured["optimizer_states_bytes"] > 0
 
 
 def test_layerwise_keeps_one_gradient_and_activation_checkpointing_shrinks_activations():
@@ -253,3 +271,29 @@ def test_workspace_of_the_stateless_normalized_rules_is_the_measured_peak(name, 
         with OpCounter() as counter:
             opt.step()
     assert counter.peak_bytes == optimizer_memory(name, opt)["workspace"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(256, 64), (64, 256)], ids=["right", "left"])
+def test_update_forms_add_the_measured_temporaries_to_the_workspace(shape, dtype):
+    """What each form adds to a projected step's temporaries (Fira's m x n residual; APOLLO's
+    per-channel factors, its S taking P N's place), predicted against the peak the step's
+    allocations reach (a step without a refresh), relative to the "projected" form."""
+
+    def peaks(form: str) -> tuple[int, int]:
+        p = torch.nn.Parameter(torch.randn(shape).to(dtype))
+        opt = GaLoreAdamW([{"params": [p], "rank": 8, "update_form": form}], weight_decay=0.1)
+        for _ in range(2):
+            p.grad = torch.randn_like(p)
+            with OpCounter() as counter:
+                opt.step()
+        return counter.peak_bytes, optimizer_memory("galore_adamw", opt)["workspace"]
+
+    measured_base, predicted_base = peaks("projected")
+    for form in ("residual", "channel", "tensor"):
+        measured, predicted = peaks(form)
+        extra = measured - measured_base
+        if form == "tensor":  # two 0-D norms and the factor
+            assert predicted == predicted_base and 0 < extra <= 64
+        else:
+            assert predicted - predicted_base == extra > 0, form

@@ -1,7 +1,7 @@
 """FSDP2-sharded parameters (``Shard(0)`` DTensors on a 1-D mesh) on 2 gloo processes: every
 optimizer of the package, every projector, both projection sides, INT4/INT8 projections, the
-fixed and adaptive schedules, the 8-bit rule and error feedback give the unsharded optimizer's
-parameters on the same gradients; sharded state is smaller per rank; DCP checkpoints resume
+fixed and adaptive schedules, the 8-bit rule, error feedback and the update forms give the
+unsharded optimizer's parameters on the same gradients; sharded state is smaller per rank; DCP checkpoints resume
 exactly and load across world sizes 2 -> 1 and 1 -> 2; other placements are refused by name.
 Two cases also run on 4 processes.
 
@@ -62,6 +62,12 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
     # about sign(R), so eps keeps rounding-level entries from each deciding a whole +-lr step
     "galore_adamw svd full": ("galore_adamw", {**LOWRANK, "proj_type": "full"}, {"eps": 1e-2}, {}),
     "galore_adamw randomized_svd": ("galore_adamw", {**LOWRANK, "proj_method": "randomized_svd"}, {}, {}),
+    # a Gaussian P regenerated from the seed: each rank draws it whole and keeps its rows (wide)
+    "galore_adamw random": ("galore_adamw", {**LOWRANK, "proj_method": "random"}, {}, {}),
+    # the gradient scaled per channel (columns of a left projection, the weight's rows of a right one)
+    # and per tensor (norms summed over the ranks), with the norm-growth limiter
+    "apollo": ("apollo", LOWRANK, {}, {}),
+    "apollo_mini": ("apollo_mini", {**LOWRANK, "rank": 1}, {}, {}),
     "galore_adamw svd int4": ("galore_adamw", {**LOWRANK, "proj_bits": 4, "proj_group_size": 32}, {}, {}),
     "galore_adamw svd int8": ("galore_adamw", {**LOWRANK, "proj_bits": 8, "proj_group_size": 32}, {}, {}),
     "galore_adamw adaptive": (
@@ -107,6 +113,12 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
         {},
         {"odd": EF_TOLERANCE},
     ),
+    # full-size updates from low-rank state: the per-channel norms are local (a left projection's R
+    # and N are whole on every rank, a right one's rows the weight's); ||S|| is summed over the ranks
+    "fira svd": ("fira", LOWRANK, {}, {}),
+    "fira dct": ("fira", {**LOWRANK, "proj_method": "dct"}, {}, {}),
+    "galore_adamw channel": ("galore_adamw", {**LOWRANK, "update_form": "channel"}, {}, {}),
+    "galore_adamw tensor": ("galore_adamw", {**LOWRANK, "update_form": "tensor"}, {}, {}),
     "auon": ("auon", {}, {}, {}),
     "auon low-rank": ("auon", LOWRANK, {}, {}),
     "hybrid_auon": ("hybrid_auon", {}, {"ns_dtype": "float32"}, {}),

@@ -26,8 +26,8 @@ BASELINES = frozenset({"adamw", "adamw8bit"})
 
 def _cases() -> list:
     """Every optimizer of the registry: the low-rank ones (DCT-AdamW also with each error
-    feedback), the matrix ones full-rank and in a subspace, the baselines; INT8 weights for every
-    optimizer that can update them."""
+    feedback, GaLore-AdamW also with APOLLO's update forms), the matrix ones full-rank and in a
+    subspace, the baselines; INT8 weights for every optimizer that can update them."""
     cases = []
     for name in sorted(OPTIMIZERS):
         lowrank = {"rank": 8, "update_proj_gap": 10**6}
@@ -35,6 +35,8 @@ def _cases() -> list:
             setups = [("", lowrank)]
             if name == "dct_adamw":
                 setups += [(f"ef={ef}", {**lowrank, "error_feedback": ef}) for ef in ERROR_FEEDBACK if ef]
+            if name == "galore_adamw":
+                setups += [(f"form={form}", {**lowrank, "update_form": form}) for form in ("channel", "tensor")]
         elif name in MATRIX_OPTIMIZERS:
             setups = [("full-rank", {}), ("lowrank", lowrank)]
         else:

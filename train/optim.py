@@ -24,6 +24,7 @@ from lowmem_optim.registry import (
     build_optimizer,
     check_int8_capable,
     get_optimizer_class,
+    lowrank_defaults,
 )
 from lowmem_optim.selection import selected_modules
 from train.config import TrainConfig
@@ -60,7 +61,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if issubclass(cls, ComposedOptimizer):
         hparams["seed"] = cfg.seed
     lowrank = {flag: getattr(cfg, flag) for flag in LOWRANK_FLAGS if getattr(cfg, flag) is not None}
-    if name in LOWRANK_OPTIMIZERS and cfg.rank is None:
+    if name in LOWRANK_OPTIMIZERS and cfg.rank is None and "rank" not in lowrank_defaults(name):
         raise ValueError(f"--rank is required for --optimizer {name} (a low-rank optimizer)")
     if name in LOWRANK_OPTIMIZERS or name in MATRIX_OPTIMIZERS:  # the registry builds their groups
         if cfg.rank is not None:

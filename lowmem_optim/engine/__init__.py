@@ -7,16 +7,19 @@ matrix (m x n; N-D weights as (shape[0], -1)), at step t:
                   schedule.record(...), rule.carry(...) (how moments enter the new subspace)
     2. projector: R = project(G)                  (r x n, m x r or r x r)
     3. rule:      N, lr_t = update(R)             (Adam, Adafactor, 8-bit Adam, ...)
-    4. engine:    W <- W (1 - lr_t wd);  W <- W - scale * back_project(N)
-                  (N in the weight's dtype first for bfloat16 weights: :func:`.param_step.back_projection_dtype`)
+    4. form:      U = back_project(N) by default; Fira's and APOLLO's forms add or use G scaled by
+                  statistics of N and R (:mod:`lowmem_optim.update_forms`)
+                  (U in the weight's dtype for bfloat16 weights: :func:`.param_step.back_projection_dtype`)
+    5. engine:    W <- W (1 - lr_t wd);  W <- W - scale * U
 
 With ``error_feedback`` (:mod:`lowmem_optim.projection.feedback`), steps 1 and 2 see
 A = G + E instead of G, and E <- A - back_project(R) is kept for the next step.
 
-Groups without ``rank`` skip 1, 2 and the back-projection: the rule on the full gradient (for
+Groups without ``rank`` skip 1, 2 and 4: the rule on the full gradient (for
 the Adam rule, exactly ``torch.optim.AdamW``). Which parts a group uses is named by its
-``rule``, ``proj_method`` and ``refresh`` keys, looked up in the registries of
-:mod:`lowmem_optim.rules`, :mod:`lowmem_optim.projection` and :mod:`lowmem_optim.schedules`.
+``rule``, ``proj_method``, ``refresh`` and ``update_form`` keys, looked up in the registries of
+:mod:`lowmem_optim.rules`, :mod:`lowmem_optim.projection`, :mod:`lowmem_optim.schedules` and
+:mod:`lowmem_optim.update_forms`.
 Every other key is declared by the part that reads it (:mod:`lowmem_optim.parts`), and the
 engine validates a group and fills its defaults from those declarations; the named
 optimizers in :mod:`lowmem_optim.optimizers` only choose parts and defaults.

@@ -197,7 +197,7 @@ class ComposedOptimizer(SplitStep, torch.optim.Optimizer):
         low = s.parts.projector.project(g, s.view, s.shard)
         if feedback is not None:
             store_error(s.view, accumulated - s.parts.projector.back_project(low, s.view, s.shard), feedback)
-        finish_projected(s, low)
+        finish_projected(s, low, g)
 
     def _advance(self, entry: ParamEntry) -> ParamStep:
         """The parameter's step counter advanced, and its step opened."""
@@ -240,7 +240,7 @@ class ComposedOptimizer(SplitStep, torch.optim.Optimizer):
         A state dict of another optimizer or layout is refused (ValueError naming the group and
         key) before anything is loaded: the group count, and per group the keys that choose the
         algorithm and the state's layout must match: ``rule``, ``proj_method``, ``refresh``,
-        ``rank`` and every key the group's projector, basis storage and schedule declare. The
+        ``rank`` and every key the group's projector, basis storage, schedule and update form declare. The
         rule's keys (lr, betas, eps, weight decay, ...) and ``scale`` follow the state dict,
         as in torch. So is a parameter's state of another shape (:mod:`lowmem_optim.engine.state_fit`)."""
         check_same_layout(self, state_dict)

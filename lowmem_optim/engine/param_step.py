@@ -15,6 +15,7 @@ from lowmem_optim.projection.base import projection_sides
 from lowmem_optim.projection.feedback import SHARDED_LAYOUT
 from lowmem_optim.shapes import matrix_shape
 from lowmem_optim.sharding import Placed, RowShard, local_view, row_shard, store
+from lowmem_optim.update_forms import LowRankStep
 
 
 def next_step(state: dict[str, Any]) -> int:
@@ -65,7 +66,11 @@ class ParamStep:
     placed: tuple[Placed, ...]  # which state entries have which rows (lowmem_optim.sharding)
     rule_shard: RowShard | None  # the rows the rule sees: the weight's (G Q), a block of R's (P^T G), or None
     projected: bool
-    left: bool  # projected from the left (P^T G)
+    sides: tuple[bool, bool]  # projected from the left (P^T G), from the right (G Q)
+
+    @property
+    def left(self) -> bool:
+        return self.sides[0]
 
     def rule_seed(self) -> int:
         """The seed of the rule's draws at this step (:data:`RULE_STREAM`)."""
@@ -85,7 +90,8 @@ def open_step(state: dict[str, Any], entry: ParamEntry) -> ParamStep:
     shard = row_shard(p, f"parameter {entry.index}")
     target = p if shard is None else p.to_local()
     projected = entry.projected
-    left = projected and projection_sides(matrix_shape(p), group["proj_type"])[0]
+    sides = projection_sides(matrix_shape(p), group["proj_type"]) if projected else (False, False)
+    left = sides[0]
     # the feedback buffer E and P have the rows of G; the rule's state the rows it sees
     rule_shard = rule_rows(shard, parts.rule, group, matrix_shape(p), p.dtype, left)
     placed = ((rule_shard, parts.rule.sharded_layout(2 if projected else p.dim())),)
@@ -105,7 +111,7 @@ def open_step(state: dict[str, Any], entry: ParamEntry) -> ParamStep:
         placed,
         rule_shard,
         projected,
-        left,
+        sides,
     )
 
 
@@ -122,8 +128,10 @@ def refresh_if_due(s: ParamStep, g: torch.Tensor) -> None:
     s.parts.rule.carry(s.view, change, 0 if s.left else 1, s.rule_shard)
 
 
-def finish_projected(s: ParamStep, low: torch.Tensor) -> None:
-    """N = rule(R); W <- W (1 - lr_t wd) - scale * back_project(N)."""
+def finish_projected(s: ParamStep, low: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+    """N = rule(R); U = the group's update form of N (``back_project(N)`` by default; ``grad``, the
+    matrix G, for the forms that scale it: :mod:`lowmem_optim.update_forms`);
+    W <- W (1 - lr_t wd) - scale * U."""
     if s.rule_shard is s.shard or s.rule_shard is None:
         update, lr_t = s.parts.rule.update(low, s.view, s.group, s.param, s.rule_shard, seed=s.rule_seed())
     else:  # this rank's block of the rows of R = P^T G, the update gathered whole
@@ -132,7 +140,8 @@ def finish_projected(s: ParamStep, low: torch.Tensor) -> None:
             low[rows.start : rows.stop], s.view, s.group, s.param, rows, seed=s.rule_seed()
         )
         update = rows.gather_rows(update)
-    full = s.parts.projector.back_project(update.to(back_projection_dtype(s.param, update)), s.view, s.shard)
+    step = LowRankStep(grad, low, update, lr_t, s.sides, s.shard, back_projection_dtype(s.param, update))
+    full = s.parts.form.update(step, lambda t: s.parts.projector.back_project(t, s.view, s.shard), s.view, s.group)
     store(s.state, s.view, *s.placed)
     apply_update(s.target, full.view(s.target.shape), s.group["scale"], s.group, lr_t, s.index, s.step)
 

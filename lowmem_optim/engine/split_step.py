@@ -84,4 +84,10 @@ class SplitStep:
                 f"error_feedback={group['error_feedback']!r}, which needs the step's whole gradient; a step "
                 "split into projected micro-batches never holds it (allowed: error_feedback=None)"
             )
+        if entry.parts.form.needs_gradient:
+            raise ValueError(
+                f"{caller}: {param_label(group, entry.position, param)} sits in a group with "
+                f"update_form={group['update_form']!r}, which scales the step's whole gradient; a step split into "
+                "projected micro-batches never holds it (allowed: update_form='projected')"
+            )
         return entry

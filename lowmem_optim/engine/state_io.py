@@ -15,7 +15,7 @@ from lowmem_optim.projection.feedback import FEEDBACK_KEYS
 
 def check_same_layout(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
     """ValueError naming the group and key unless ``state_dict`` has ``optimizer``'s groups and,
-    per group, the same part choices, ``rank`` and projector, storage and schedule keys."""
+    per group, the same part choices, ``rank`` and projector, storage, schedule and update form keys."""
     saved_groups = state_dict.get("param_groups", [])
     where = f"{type(optimizer).__name__}.load_state_dict"
     if len(saved_groups) != len(optimizer.param_groups):
@@ -31,7 +31,7 @@ def check_same_layout(optimizer: torch.optim.Optimizer, state_dict: dict[str, An
             )
         parts = group_parts(ours)
         declarations = parts.hparams()
-        for key in (*SELECTORS, "rank", *declared(parts.all()[1:])):  # projector, storage, schedule
+        for key in (*SELECTORS, "rank", *declared(parts.all()[1:])):  # projector, storage, schedule, form
             theirs = saved.get(key, declarations[key].default)
             if _comparable(theirs) != _comparable(ours[key]):
                 raise ValueError(

@@ -13,13 +13,15 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
   (:meth:`lowmem_optim.parts.Part.state_bytes`): the inner rule's state on the projected shape
   (m x r or r x n) for low-rank parameters (Adam: 2 x numel; 8-bit Adam: 2 bytes per value +
   float32 absmax per 256, float32 below ``min_8bit_size``; Adafactor: row + column statistics;
-  normalized momentum: one buffer), the schedule's (the adaptive similarity queue), and the
-  error-feedback buffer of a group with ``error_feedback`` (m x n: 4 bytes per weight in float32,
-  1 + 4/256 in 8 bits, 1/2 + 8/256 in 4 bits).
+  normalized momentum: one buffer), the schedule's (the adaptive similarity queue), the update
+  form's (the norm-growth limiter's float32 norm), and the error-feedback buffer of a group
+  with ``error_feedback`` (m x n: 4 bytes per weight in float32, 1 + 4/256 in 8 bits, 1/2 +
+  8/256 in 4 bits).
 * projections: what the projector reports: its stored bases (m x r or r x n in the gradient's
   dtype, or INT8/INT4 codes with float32 scale and zero per ``proj_group_size`` and 32 bytes of
-  metadata) or the DCT's r int64 indices, plus the caches it shares between parameters, each
-  counted once (:meth:`~lowmem_optim.parts.Part.shared_bytes`: the DCT's d x d basis).
+  metadata), the DCT's r int64 indices or nothing (the random projector keeps a seed), plus
+  the caches it shares between parameters, each counted once
+  (:meth:`~lowmem_optim.parts.Part.shared_bytes`: the DCT's d x d basis).
 * activations: what LlamaForCausalLM (HF transformers, SDPA attention with the flash or
   memory-efficient kernel) keeps for backward, per token and layer, with s the dtype size,
   h hidden, f intermediate, a heads, kv key/value heads, V vocabulary:
@@ -45,12 +47,15 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
 * workspace: the transient memory of one parameter's update (the largest over parameters), or
   of one call over the full-rank parameters a rule steps together (torch's foreach AdamW: one
   denominator per parameter, alive together; :meth:`~lowmem_optim.parts.Part.step_in_place`):
-  the back-projected update (m x n), the rule's temporaries as it reports them
+  the back-projected update (m x n), a basis the projector regenerates on use (the random
+  projector's P or Q: a float32 draw and its cast), the rule's temporaries as it reports them
   (:meth:`~lowmem_optim.parts.Part.workspace_bytes`: 8-bit Adam's float32 update of a projected
   gradient and its moments dequantized chunk by chunk, a full-rank weight's chunks only, as
-  they are applied in place; Adam's denominator and update), and the INT8 weight's float32
-  re-quantization chunk (for a projected parameter the rule's temporaries are freed before its
-  float32 low-rank update is back-projected and applied: the larger of the two sets counts).
+  they are applied in place; Adam's denominator and update), the INT8 weight's float32
+  re-quantization chunk, and an update form's temporaries (Fira's m x n residual beside the
+  back-projected update; :mod:`lowmem_optim.update_forms`) (for a projected parameter the
+  rule's temporaries are freed before its float32 low-rank update is back-projected and
+  applied: the larger of the two sets counts).
   On CUDA bitsandbytes' fused 8-bit kernel allocates no chunk: there the 8-bit terms are an
   upper bound. Each chunk's bytes per value are those measured by following every storage
   (:class:`lowmem_optim.tools.op_count.OpCounter`).
@@ -360,12 +365,16 @@ def optimizer_memory(
                 states += parts.schedule.state_bytes(matrix, p.dtype, group)
                 shape = projected_shape(matrix, group)
                 workspace += grad  # the back-projected update
+                # a basis the projector regenerates on use (the random projector's P), never state
+                workspace += parts.projector.workspace_bytes(matrix, p.dtype, group)
                 if buffered:
                     low = math.prod(shape)
                     out["accumulation_buffers"] += buffer_bytes(accumulation, low, p.dtype)
                     if id(p) in layer_params:
                         write = grad + accumulation_workspace_bytes(accumulation, low, p.dtype)
                         out["layer_write_peak"] = max(out["layer_write_peak"], write)
+                states += parts.form.state_bytes(matrix, p.dtype, group)
+                form_workspace = parts.form.workspace_bytes(matrix, p.dtype, group)
                 if group["error_feedback"] is not None:
                     states += feedback_bytes(group["error_feedback"], matrix, p.dtype)
                     # A = G + E and its back-projected part, in float32 (or float64)
@@ -378,7 +387,9 @@ def optimizer_memory(
                 # the rule's temporaries are freed before its low-rank update (float32) is
                 # back-projected and applied (measured: lowmem_optim.tools.op_count.OpCounter)
                 low_rank_update = 4 * math.prod(shape)
-                workspace = max(parts.rule.workspace_bytes(shape, p.dtype, group), workspace + low_rank_update)
+                workspace = max(
+                    parts.rule.workspace_bytes(shape, p.dtype, group), workspace + low_rank_update + form_workspace
+                )
             else:
                 workspace += parts.rule.workspace_bytes(shape, p.dtype, group)
             out["optimizer_states"] += states

@@ -119,3 +119,55 @@ def channel_normalized_ref(g: torch.Tensor) -> torch.Tensor:
     for i in range(x.shape[0]):
         x[i] = x[i] / torch.sqrt(torch.mean(x[i] ** 2))
     return x
+
+
+def update_form_ref(
+    w0: torch.Tensor,
+    grads: list[torch.Tensor],
+    lrs: list[float],
+    *,
+    rank: int,
+    gap: int,
+    scale: float,
+    side: str,
+    weight_decay: float,
+    form: str,
+    gamma: float | None,
+) -> tuple[torch.Tensor, int]:
+    """GaLore's SVD subspace and Adam, with the full-size update U of Fira (``"residual"``), APOLLO
+    (``"channel"``), APOLLO-Mini (``"tensor"``) or GaLore (``"projected"``), and the norm-growth
+    limiter on the step-size-free scaled term S / lr. (final weights, steps the limiter clipped)."""
+    w = w0.double().clone()
+    state: dict = {}
+    previous, clipped = None, 0
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        g = g.double()
+        if (t - 1) % gap == 0:
+            basis = svd_basis(g, rank, side)
+        left = side == "left"
+        r = basis.T @ g if left else g @ basis
+        n = adam_ref(state, r, t, lr)
+        pn = basis @ n if left else n @ basis.T
+        if form == "projected":
+            u = pn
+        else:
+            if form == "tensor":
+                factor = n.norm() / r.norm()
+            else:  # per channel: the columns of R for a left projection, its rows for a right one
+                channels = r.shape[1] if left else r.shape[0]
+                factor = torch.zeros(channels, dtype=torch.float64)
+                for j in range(channels):
+                    r_j, n_j = (r[:, j], n[:, j]) if left else (r[j], n[j])
+                    factor[j] = n_j.norm() / r_j.norm() if r_j.norm() > 0 else 0.0
+                factor = factor[None, :] if left else factor[:, None]
+            rest = g - (basis @ r if left else r @ basis.T) if form == "residual" else g
+            s = factor * rest
+            if gamma is not None:
+                free = float(s.norm()) / lr
+                if previous and free > gamma * previous:
+                    s = s * gamma * previous / free
+                    free, clipped = gamma * previous, clipped + 1
+                previous = free
+            u = pn + s if form == "residual" else s
+        w = w * (1 - lr * weight_decay) - scale * u
+    return w, clipped

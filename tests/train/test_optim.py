@@ -79,3 +79,8 @@ def test_momentum_dtype_is_refused_by_name_where_it_means_nothing_or_is_not_a_st
         ValueError, match=r"Invalid --momentum-dtype: 'int8' \(allowed: auto, float32, bfloat16, 8bit\)"
     ):
         parse_args([f"--model-config={TINY}", "--momentum-dtype=int8"])
+
+
+def test_apollo_mini_needs_no_rank_flag_its_low_rank_group_is_rank_1():
+    assert [g.get("rank") for g in optimizer("--optimizer=apollo_mini").param_groups] == [None, 1]
+    assert [g.get("rank") for g in optimizer("--optimizer=apollo_mini", "--rank=4").param_groups] == [None, 4]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -41,6 +42,8 @@ EXPECTED_TRIALS = {
     "llama60m_baselines.yaml": 2 * 3,
     "llama60m_lowrank.yaml": 4 * 3 * 2,
     "llama60m_dct.yaml": 3 * 2,
+    "llama60m_apollo.yaml": 3 * 2,
+    "llama60m_apollo_mini.yaml": 3,
     "llama60m_normalized.yaml": 3 * 5,
     "llama60m_stateless.yaml": 2 * 4,
     "llama60m_galore_random.yaml": 16,
@@ -143,6 +146,8 @@ SWEEP_GAP_SCALE_FEEDBACK = {
         "q_galore_adamw8bit": (200, 0.25, None),
     },
     "llama60m_dct.yaml": {"dct_adamw": (1, 1.0, "nf4")},
+    "llama60m_apollo.yaml": {"apollo": (200, 1.0, None)},
+    "llama60m_apollo_mini.yaml": {"apollo_mini": (200, math.sqrt(128), None)},
 }
 
 
