@@ -49,11 +49,8 @@ SETTINGS: dict[str, tuple[dict[str, str], list[float]]] = {
     "apollo": ({"optimizer": "apollo"}, [2.5e-3, 5e-3, 1e-2, 2e-2]),
     "apollo_mini": ({"optimizer": "apollo_mini", "rank": "1"}, [2.5e-3, 5e-3, 1e-2, 2e-2]),
     "fira": ({"optimizer": "fira"}, [2.5e-3, 5e-3, 1e-2, 2e-2]),
-    # DCT's columns with Fira's residual instead of its error feedback
-    "dct_residual": (
-        {"optimizer": "dct_adamw", "update-form": "residual", "error-feedback": "null"},
-        [1.25e-3, 2.5e-3, 5e-3],
-    ),
+    # DCT's columns, chosen again every step as DCTAdamW does, with Fira's residual
+    "fira_dct": ({"optimizer": "fira", "proj-method": "dct", "update-proj-gap": "1"}, [2.5e-3, 5e-3, 1e-2, 2e-2]),
 }
 
 
