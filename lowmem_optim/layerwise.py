@@ -210,7 +210,7 @@ class LayerwiseHandle:
 
     def _hook_params(self, params: list[torch.Tensor]) -> None:
         if self.lowrank:
-            _check_lowrank_accumulation(self.optimizer, params)
+            check_lowrank_accumulation(self.optimizer, params)
         self._hooks += [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
 
     def _add_and_hook(self, param_group: dict[str, Any]) -> None:
@@ -383,7 +383,7 @@ def attach(
     return LayerwiseHandle(optimizer, accumulation_steps, max_grad_norm, process_group, accumulation_buffer)
 
 
-def _check_lowrank_accumulation(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+def check_lowrank_accumulation(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
     """ValueError unless low-rank accumulation can serve ``params``: an optimizer that steps in
     parts (``ComposedOptimizer``), no error feedback, the "projected" update form, no sharded parameter."""
     if not hasattr(optimizer, "finish_step"):

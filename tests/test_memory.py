@@ -3,6 +3,7 @@ the bytes of a real tiny LLaMA's tensors after a step (CPU), and the 7B recipe's
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -297,3 +298,16 @@ def test_update_forms_add_the_measured_temporaries_to_the_workspace(shape, dtype
             assert predicted == predicted_base and 0 < extra <= 64
         else:
             assert predicted - predicted_base == extra > 0, form
+
+
+@pytest.mark.parametrize(("optimizer", "key"), [("apollo", "update_form='channel'"), ("dct_adamw", "error_feedback")])
+def test_a_low_rank_accumulation_the_training_loop_refuses_has_no_estimate(optimizer, key):
+    """Layer-wise accumulation into low-rank buffers cannot serve an update form that scales the
+    whole gradient, nor error feedback: the model refuses what the loop refuses, with its words."""
+    setup = TrainingSetup(optimizer, rank=8, batch_size=2, total_batch_size=4, seq_len=16, layerwise=True)
+    with pytest.raises(
+        ValueError, match=rf"Invalid accumulation_buffer with {key}.*allowed: accumulation_buffer='full'"
+    ):
+        estimate_memory(tiny_config(), setup)
+    full = estimate_memory(tiny_config(), dataclasses.replace(setup, accumulation_buffer="full")).as_dict()
+    assert full["accumulation_buffers_bytes"] == 0 and full["total_bytes"] > 0

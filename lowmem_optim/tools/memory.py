@@ -91,7 +91,12 @@ import torch
 from torch import nn
 
 from lowmem_optim.engine import ComposedOptimizer, group_parts, matrix_shape, uses_projection
-from lowmem_optim.layerwise import ACCUMULATION_BUFFERS, accumulation_workspace_bytes, buffer_bytes
+from lowmem_optim.layerwise import (
+    ACCUMULATION_BUFFERS,
+    accumulation_workspace_bytes,
+    buffer_bytes,
+    check_lowrank_accumulation,
+)
 from lowmem_optim.projection.base import projected_shape
 from lowmem_optim.projection.feedback import error_dtype, feedback_bytes
 from lowmem_optim.quant.int8_linear import UPDATE_CHUNK, Int8Weight, quantize_linear_layers
@@ -334,6 +339,9 @@ def optimizer_memory(
         "accumulation_buffers": 0,
         "layer_write_peak": 0,
     }
+    if accumulation not in (None, "full") and isinstance(optimizer, ComposedOptimizer):
+        # a setup the training loop refuses (error feedback, a scaled update form) has no estimate
+        check_lowrank_accumulation(optimizer, [p for group in optimizer.param_groups for p in group["params"]])
     shared: dict[Any, int] = {}  # caches shared between parameters (the DCT basis), counted once
     together: dict[int, tuple[Any, dict[str, Any], list[Any]]] = {}  # per group, its parameters stepped in one call
     for group in optimizer.param_groups:
