@@ -40,6 +40,7 @@ import itertools
 import platform
 import time
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
@@ -47,6 +48,7 @@ from torch import nn
 from lowmem_optim.quant import groupwise, int8_linear
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer, get_optimizer_class
 from lowmem_optim.rules import adam8bit
+from lowmem_optim.tools.llama_config import load_llama_config
 from lowmem_optim.tools.op_count import OpCounter, as_one_op
 from scripts.bench.toolkit import OneMatrix, markdown_table, median_seconds, set_gradients, write_json
 
@@ -109,19 +111,15 @@ def dispatch_figures(name: str, shape: tuple[int, int], rank: int, dtype: torch.
 def fused_figures(name: str, shape: tuple[int, int], rank: int, dtype: torch.dtype) -> dict[str, Any]:
     """ops and temporaries of a step without a refresh with INT8 weights as CUDA runs it: each
     fused pass of :mod:`lowmem_optim.quant.groupwise` counted as one op (meta device)."""
-    fusable, compiled = int8_linear._fusable, dict(groupwise._COMPILED)
-    int8_linear._fusable = lambda codes, group_size: codes.numel() % group_size == 0
-    for fn in (groupwise.dequantize_rows, groupwise.requantize_rows_):
-        groupwise._COMPILED[fn] = as_one_op(fn, f"fused {fn.__name__}")
-    try:
+    fused = {
+        fn: as_one_op(fn, f"fused {fn.__name__}") for fn in (groupwise.dequantize_rows, groupwise.requantize_rows_)
+    }
+    fusable = lambda codes, group_size: codes.numel() % group_size == 0  # noqa: E731
+    with mock.patch.object(int8_linear, "_fusable", fusable), mock.patch.dict(groupwise._COMPILED, fused):
         model = OneMatrix(shape, dtype, "meta", True)
         optimizer = _optimizer(name, model, rank)
         _counted_step(model, optimizer, 1)
         steady = _counted_step(model, optimizer, 2)
-    finally:
-        int8_linear._fusable = fusable
-        groupwise._COMPILED.clear()
-        groupwise._COMPILED.update(compiled)
     return {"fused_ops": steady.ops, "fused_alloc_bytes": steady.allocated_bytes, "fused_peak_bytes": steady.peak_bytes}
 
 
@@ -198,52 +196,54 @@ def full_rank_figures(
     row.update(ops=counter.ops, device_ops=counter.ops - counter.host_ops, syncs=counter.syncs)
     row.update(alloc_bytes=counter.allocated_bytes, peak_bytes=counter.peak_bytes)
     if "8bit" in way:  # as CUDA runs it: bitsandbytes' fused kernel, one op per parameter
-        fuses, kernel = adam8bit.fuses, adam8bit.fused_adam8bit_
-        adam8bit.fuses, adam8bit.fused_adam8bit_ = (lambda *args: True), as_one_op(kernel, "fused 8-bit Adam")
-        try:
+        kernel = as_one_op(adam8bit.fused_adam8bit_, "fused 8-bit Adam")
+        with (
+            mock.patch.object(adam8bit, "fuses", lambda *args: True),
+            mock.patch.object(adam8bit, "fused_adam8bit_", kernel),
+        ):
             fused = _meta_step(way, config, dtype)
-        finally:
-            adam8bit.fuses, adam8bit.fused_adam8bit_ = fuses, kernel
         row.update(fused_device_ops=fused.ops - fused.host_ops, fused_peak_bytes=fused.peak_bytes)
     if timed:
         params = torch.nn.ParameterList(_full_rank_params(config, cpu_dtype, "cpu"))
         seeds = itertools.count()
         before = lambda: set_gradients(params, next(seeds))  # noqa: E731
-        row["cpu_s"] = median_seconds(
-            _full_rank_step(way, list(params)), steps, "cpu", before=before, clock=time.process_time
-        )
+        step = _full_rank_step(way, list(params))
+        row["cpu_s"] = median_seconds(step, steps, "cpu", before=before, clock=time.process_time)
     return row
 
 
-def full_rank_main(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from lowmem_optim.tools.llama_config import load_llama_config
-
-    config = load_llama_config(args.full_rank, "--full-rank")
-    dtype, cpu_dtype = getattr(torch, args.dtype), getattr(torch, args.cpu_dtype)
-    count = 2 * config["num_hidden_layers"] + 3
-    print(
-        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "
-        f"{args.full_rank}: {count} full-rank parameters, counts in {args.dtype} on meta, CPU time in {args.cpu_dtype}"
-    )
-    columns = (("ops", "ops", "d"), ("device ops", "device_ops", "d"), ("syncs", "syncs", "d"))
-    columns += (("alloc MiB", "alloc_bytes", "MiB"),)
-    columns += (("peak MiB", "peak_bytes", "MiB"), ("fused device ops", "fused_device_ops", "d"))
-    columns += (("fused peak MiB", "fused_peak_bytes", "MiB"), ("CPU ms", "cpu_s", "ms"))
-    rows = [full_rank_figures(way, config, dtype, cpu_dtype, args.steps, not args.no_time) for way in FULL_RANK_WAYS]
-    print(_table(("optimizer",), columns, rows))
-    return rows
+#: (table title, row key): a key ending in ``_bytes`` is shown in MiB, one ending in ``_s`` in ms
+DISPATCH_COLUMNS = (
+    ("ops", "ops"),
+    ("syncs", "syncs"),
+    ("syncs/load", "syncs_after_load"),
+    ("refresh ops", "refresh_ops"),
+)
+DISPATCH_COLUMNS += (("refresh syncs", "refresh_syncs"), ("alloc MiB", "alloc_bytes"), ("peak MiB", "peak_bytes"))
+DISPATCH_COLUMNS += (("fused ops", "fused_ops"), ("fused alloc MiB", "fused_alloc_bytes"))
+DISPATCH_COLUMNS += (("fused peak MiB", "fused_peak_bytes"), ("CPU ms", "cpu_s"), ("CPU ops", "cpu_ops"))
+DISPATCH_COLUMNS += (("CPU alloc MiB", "cpu_alloc_bytes"), ("CPU peak MiB", "cpu_peak_bytes"))
+FULL_RANK_COLUMNS = (("ops", "ops"), ("device ops", "device_ops"), ("syncs", "syncs"), ("alloc MiB", "alloc_bytes"))
+FULL_RANK_COLUMNS += (("peak MiB", "peak_bytes"), ("fused device ops", "fused_device_ops"))
+FULL_RANK_COLUMNS += (("fused peak MiB", "fused_peak_bytes"), ("CPU ms", "cpu_s"))
 
 
-def _cell(value: float | None, unit: str) -> str:
+def _cell(key: str, value: float | None) -> str:
     if value is None:
         return "-"
-    return {"d": f"{value}", "MiB": f"{value / 2**20:.1f}", "ms": f"{1000 * value:.0f}"}[unit]
+    return (
+        f"{value / 2**20:.1f}"
+        if key.endswith("_bytes")
+        else f"{1000 * value:.0f}"
+        if key.endswith("_s")
+        else f"{value}"
+    )
 
 
-def _table(first: tuple[str, ...], columns: tuple[tuple[str, str, str], ...], rows: list[dict[str, Any]]) -> str:
-    """A markdown table: ``first`` columns (row keys), then one per ``(title, key, unit)``."""
-    cells = [[row[key] for key in first] + [_cell(row.get(key), unit) for _, key, unit in columns] for row in rows]
-    return markdown_table([*first, *(title for title, _, _ in columns)], cells)
+def _table(first: tuple[str, ...], columns: tuple[tuple[str, str], ...], rows: list[dict[str, Any]]) -> str:
+    """A markdown table: ``first`` columns (row keys), then one per ``(title, key)`` of ``columns``."""
+    cells = [[row[key] for key in first] + [_cell(key, row.get(key)) for _, key in columns] for row in rows]
+    return markdown_table([*first, *(title for title, _ in columns)], cells)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -260,22 +260,25 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--full-rank", metavar="CONFIG", help="the full-rank parameters of this LLaMA config instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    shape, dtype, cpu_dtype = tuple(args.shape), getattr(torch, args.dtype), getattr(torch, args.cpu_dtype)
+    machine = f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}"
     if args.full_rank:
-        rows = full_rank_main(args)
+        config = load_llama_config(args.full_rank, "--full-rank")
+        count = 2 * config["num_hidden_layers"] + 3
+        print(
+            f"# {machine}, {args.full_rank}: {count} full-rank parameters, counts in {args.dtype} on meta, "
+            f"CPU time in {args.cpu_dtype}"
+        )
+        rows = [
+            full_rank_figures(way, config, dtype, cpu_dtype, args.steps, not args.no_time) for way in FULL_RANK_WAYS
+        ]
+        print(_table(("optimizer",), FULL_RANK_COLUMNS, rows))
         write_json(args.json, {"args": vars(args), "rows": rows})
         return rows
-    shape, dtype, cpu_dtype = tuple(args.shape), getattr(torch, args.dtype), getattr(torch, args.cpu_dtype)
     print(
-        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "
-        f"shape {shape[0]} x {shape[1]}, rank {args.rank}, dispatch figures in {args.dtype} on meta, "
+        f"# {machine}, shape {shape[0]} x {shape[1]}, rank {args.rank}, dispatch figures in {args.dtype} on meta, "
         f"CPU time in {args.cpu_dtype}"
     )
-    columns = (("ops", "ops", "d"), ("syncs", "syncs", "d"), ("syncs/load", "syncs_after_load", "d"))
-    columns += (("refresh ops", "refresh_ops", "d"), ("refresh syncs", "refresh_syncs", "d"))
-    columns += (("alloc MiB", "alloc_bytes", "MiB"), ("peak MiB", "peak_bytes", "MiB"), ("fused ops", "fused_ops", "d"))
-    columns += (("fused alloc MiB", "fused_alloc_bytes", "MiB"), ("fused peak MiB", "fused_peak_bytes", "MiB"))
-    columns += (("CPU ms", "cpu_s", "ms"), ("CPU ops", "cpu_ops", "d"), ("CPU alloc MiB", "cpu_alloc_bytes", "MiB"))
-    columns += (("CPU peak MiB", "cpu_peak_bytes", "MiB"),)
     rows = []
     for name in args.optimizers.split(","):
         for int8 in (False, True):
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if not args.no_time:
                 row.update(cpu_figures(name, shape, args.rank, cpu_dtype, int8, args.steps))
             rows.append(row)
-    print(_table(("optimizer", "int8"), columns, rows))
+    print(_table(("optimizer", "int8"), DISPATCH_COLUMNS, rows))
     write_json(args.json, {"args": vars(args), "rows": rows})
     return rows
 
