@@ -89,7 +89,9 @@ fi
 if [ -n "${MICRO_BATCHES:-}" ]; then total=$((batch * MICRO_BATCHES)); fi
 
 entry=(-m train)
-if [ -n "${ENTRY:-}" ]; then entry=("$ENTRY"); fi
+if [ -n "${ENTRY:-}" ]; then  # a file run as a script imports the repository's packages from the root
+    entry=("$ENTRY") && export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 exec "$PYTHON" "${entry[@]}" \
     --model-config="$model" --optimizer="${OPTIMIZER:-q_galore_adamw8bit}" \
     --weight-bits="$weight_bits" --proj-bits=4 --layerwise --activation-checkpointing --dtype=bfloat16 \

@@ -21,6 +21,7 @@ The run behind docs/benchmarks.md (the CPU benchmark's model and data, AdamW at 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from lowmem_optim.projection.dct import dct_spectrum, select_indices
 from train import checkpoint
 from train.config import TrainConfig
 from train.data import build_data
-from train.model import build_model
+from train.model import run_model
 
 #: column -> (DCT type, score); "svd" is the top singular vectors
 KINDS = {"SVD": None, "DCT-II L1": (2, "l1"), "DCT-II L2": (2, "l2"), "DCT-III L1": (3, "l1")}
@@ -50,14 +51,8 @@ def gradient_at(cfg: TrainConfig, payload: dict | None) -> torch.nn.Module:
         val_fraction=cfg.val_fraction,
         eval_batches=cfg.eval_batches,
     )
-    model = build_model(
-        cfg.model_config,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        seed=cfg.seed,
-        vocab_needed=data.tokenizer.vocab_size,
-        seq_len=cfg.seq_len,
-    )
+    as_run = dataclasses.replace(cfg, dtype="float32", weight_bits=16, init_from=None)
+    model = run_model(as_run, torch.device("cpu"), data.tokenizer.vocab_size)
     if payload is not None:
         model.load_state_dict(payload["model"])
         data.train.load_state_dict(payload["data"])
@@ -96,8 +91,8 @@ def main() -> None:
     payloads = {s: checkpoint.load(saved[s]) if s else None for s in steps}
     if not any(payloads.values()):
         raise ValueError(f"Invalid --steps: {args.steps} (allowed: at least one saved step, to read the run's config)")
-    config = next(p["config"] for p in payloads.values() if p is not None)
-    cfg = TrainConfig(**config)
+    config = next(p["config"] for p in payloads.values() if p is not None)  # the flags and the run's world size
+    cfg = TrainConfig(**{f.name: config[f.name] for f in dataclasses.fields(TrainConfig)})
     print(f"{Path(args.run)}: {cfg.model_config}, rank {cfg.rank}, gradient of the batch after each step")
     print("| step | " + " | ".join(KINDS) + " |\n" + "|---" * (len(KINDS) + 1) + "|")
     for step in steps:

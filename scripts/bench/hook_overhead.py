@@ -8,13 +8,15 @@ Protocol (one process, CPU, one thread):
 - Optimizer: ``GaLoreAdamW`` over ``lowrank_param_groups(model, rank=--rank)`` with
   ``update_proj_gap`` larger than the run (one refresh, in the warm-up step), attached with
   ``layerwise.attach(accumulation_steps=4, accumulation_buffer="float32")``.
-- Timed: ``--steps`` training steps of 4 micro-batches after one warm-up step; per step, this
-  process's CPU time (``time.process_time``: less disturbed than wall time by other processes
-  on the machine) over its 4 ``loss.backward()`` calls (the hooks run inside them: the first
-  micro-batch begins the step, the last finishes it). The baseline is the same backward with no
-  optimizer attached (gradients dropped after each backward). Reported: the median over steps,
-  divided by 4 (per micro-batch), of each, and their difference (the hooks' cost per micro-batch).
-- Forward and loss are outside the timed region; random tokens, seeded.
+- Timed (:func:`scripts.bench.toolkit.median_seconds`): ``--steps`` training steps of 4
+  micro-batches after one warm-up step; per step, this process's CPU time (``time.process_time``:
+  less disturbed than wall time by other processes on the machine) over its 4
+  ``loss.backward()`` calls (the hooks run inside them: the first micro-batch begins the step,
+  the last finishes it). The baseline is the same backward with no optimizer attached (gradients
+  dropped after each backward). Reported: the median over steps, divided by 4 (per
+  micro-batch), of each, and their difference (the hooks' cost per micro-batch).
+- Forward and loss are outside the timed region (the step's 4 forwards run ahead of its 4
+  backwards); random tokens, seeded.
 
 Usage: python -m scripts.bench.hook_overhead [--steps 10] [--width 16] [--rank 4]
 """
@@ -22,14 +24,13 @@ Usage: python -m scripts.bench.hook_overhead [--steps 10] [--width 16] [--rank 4
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 from torch import nn
 
 from lowmem_optim import GaLoreAdamW, layerwise, lowrank_param_groups
-from scripts.bench.toolkit import LLAMA_7B, llama
+from scripts.bench.toolkit import LLAMA_7B, llama, median_seconds
 
 ACCUMULATION_STEPS = 4
 VOCAB = 64
@@ -39,19 +40,19 @@ TOKENS = 8
 def backward_seconds(model: nn.Module, steps: int, handle: layerwise.LayerwiseHandle | None) -> float:
     """Median over the timed steps (after one warm-up step) of a step's backward CPU time, per micro-batch."""
     generator = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(steps + 1):
-        total = 0.0
-        for _ in range(ACCUMULATION_STEPS):
-            tokens = torch.randint(VOCAB, (1, TOKENS), generator=generator)
-            loss = model(input_ids=tokens, labels=tokens).loss / ACCUMULATION_STEPS
-            start = time.process_time()
+    losses: list[torch.Tensor] = []
+
+    def forwards() -> None:  # untimed: the step's micro-batches, each loss with its graph
+        tokens = [torch.randint(VOCAB, (1, TOKENS), generator=generator) for _ in range(ACCUMULATION_STEPS)]
+        losses[:] = [model(input_ids=t, labels=t).loss / ACCUMULATION_STEPS for t in tokens]
+
+    def backwards() -> None:
+        for loss in losses:
             loss.backward()
-            total += time.process_time() - start
             if handle is None:
                 model.zero_grad(set_to_none=True)
-        times.append(total / ACCUMULATION_STEPS)
-    return statistics.median(times[1:])
+
+    return median_seconds(backwards, steps, "cpu", before=forwards, clock=time.process_time) / ACCUMULATION_STEPS
 
 
 def main() -> None:

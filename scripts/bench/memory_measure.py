@@ -44,13 +44,22 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from lowmem_optim.tools.llama_config import load_llama_config
 from lowmem_optim.tools.op_count import OpCounter
-from scripts.bench.toolkit import peak_memory, peak_rss_above, predicted_memory, recipe, reset_peak_memory
+from scripts.bench.toolkit import (
+    median_seconds,
+    peak_memory,
+    peak_rss_above,
+    predicted_memory,
+    recipe,
+    reset_peak_memory,
+)
 from train.config import TrainConfig, build_parser
 
 
@@ -63,15 +72,9 @@ def _training_step(model, opt, handle, tokens: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def _cuda_peak(model, opt, handle, tokens: torch.Tensor, steps: int) -> dict:
+def _cuda_peak(step: Callable[[], None], tokens: torch.Tensor, steps: int) -> dict:
     reset_peak_memory(tokens.device)
-    times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        _training_step(model, opt, handle, tokens)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times = [median_seconds(step, 1, tokens.device, warmup=0) for _ in range(steps)]
     steady, peaks = times[1:] or times, peak_memory(tokens.device)
     return {
         "device": torch.cuda.get_device_name(),
@@ -82,31 +85,24 @@ def _cuda_peak(model, opt, handle, tokens: torch.Tensor, steps: int) -> dict:
     }
 
 
-def _cpu_peak(model, opt, handle, tokens: torch.Tensor, steps: int) -> dict:
+def _memtracker_peak(step: Callable[[], None], model, opt) -> dict:
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    for _ in range(steps - 1):
-        _training_step(model, opt, handle, tokens)
     tracker = MemTracker()
     tracker.track_external(model, opt)
     with tracker:
-        _training_step(model, opt, handle, tokens)
+        step()
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
-    return {
-        "device": "cpu (MemTracker)",
-        "max_memory_allocated": peak["Total"],
-        "tracker_peak": {str(k).split(".")[-1]: v for k, v in peak.items()},
-    }
+    tracker_peak = {str(k).split(".")[-1]: v for k, v in peak.items()}
+    return {"device": "cpu (MemTracker)", "max_memory_allocated": peak["Total"], "tracker_peak": tracker_peak}
 
 
-def _cpu_step_peak(model, opt, handle, tokens: torch.Tensor, steps: int) -> dict:
-    for _ in range(steps - 1):
-        _training_step(model, opt, handle, tokens)
+def _counted_peak(step: Callable[[], None]) -> dict:
     counter = OpCounter()
 
     def counted_step() -> None:
         with counter:
-            _training_step(model, opt, handle, tokens)
+            step()
 
     start = time.perf_counter()
     peak_rss = peak_rss_above(counted_step)
@@ -123,22 +119,22 @@ def measure(cfg: TrainConfig, device: torch.device, steps: int, cpu_peak: str = 
     predicted = predicted_memory(cfg).as_dict()
     model, opt, handle, _ = recipe(cfg, device)
     model.train()
-    vocab = model.config.vocab_size
-    tokens = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device=device)
-    peak_of = _cuda_peak if device.type == "cuda" else _cpu_peak if cpu_peak == "memtracker" else _cpu_step_peak
-    peak = peak_of(model, opt, handle, tokens, steps)
-    states = proj = 0
-    for state in opt.state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                nbytes = value.numel() * value.element_size()
-                proj, states = (proj + nbytes, states) if key.startswith("proj_") else (proj, states + nbytes)
+    tokens = torch.randint(0, model.config.vocab_size, (cfg.batch_size, cfg.seq_len), device=device)
+    step = partial(_training_step, model, opt, handle, tokens)
+    if device.type == "cuda":
+        peak = _cuda_peak(step, tokens, steps)
+    else:  # the steps before the last untracked
+        for _ in range(steps - 1):
+            step()
+        peak = _memtracker_peak(step, model, opt) if cpu_peak == "memtracker" else _counted_peak(step)
+    tensors = [(key, value) for state in opt.state.values() for key, value in state.items() if torch.is_tensor(value)]
+    proj = sum(value.numel() * value.element_size() for key, value in tensors if key.startswith("proj_"))
     result = {
         "config": cfg.to_dict(),
         "steps": steps,
         "torch": torch.__version__,
         **peak,
-        "measured_optimizer_states_bytes": states,
+        "measured_optimizer_states_bytes": sum(value.numel() * value.element_size() for _, value in tensors) - proj,
         "measured_projections_bytes": proj,
         "predicted": predicted,
     }

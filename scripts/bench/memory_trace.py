@@ -22,15 +22,12 @@ Usage (the 7B recipes, their flags unchanged; minutes on two cores):
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from train.config import parse_args  # noqa: E402
-from train.memory_trace import trace_training  # noqa: E402
+from train.config import parse_args
+from train.memory_trace import trace_training
 
 GIB = 2.0**30
 

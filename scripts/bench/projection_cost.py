@@ -16,7 +16,9 @@ the exact SVD's time over each method's).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -33,24 +35,23 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="intra-op threads (1: on a shared machine more threads mostly wait on each other)",
+        "--threads", type=int, default=1, help="intra-op threads (on a shared machine more mostly wait on each other)"
     )
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
-    svd, rsvd, dct = SVDProjector(), RandomizedSVDProjector(), DCTProjector()
-    group = {"rank": args.rank, "proj_type": "std"}
-    svd_group, rsvd_group = ({**defaults(part, part.storage), **group} for part in (svd, rsvd))
-    dct_group = {**defaults(dct), **group}
+
+    def refresh_by(projector: Any, **extra: Any) -> Callable[[torch.Tensor, dict], Any]:
+        parts = [part for part in (projector, projector.storage) if part is not None]
+        group = {**defaults(*parts), "rank": args.rank, "proj_type": "std", **extra}
+        return lambda grad, state: projector.refresh(grad, state, group, 0)
+
     methods = {
-        "exact SVD": lambda g, s: svd.refresh(g, s, svd_group, 0),
-        "randomized SVD": lambda g, s: rsvd.refresh(g, s, rsvd_group, 0),
-        "DCT matmul": lambda g, s: dct.refresh(g, s, {**dct_group, "dct_fft_threshold": 10**9}, 0),
-        "DCT FFT": lambda g, s: dct.refresh(g, s, {**dct_group, "dct_fft_threshold": 1}, 0),
+        "exact SVD": refresh_by(SVDProjector()),
+        "randomized SVD": refresh_by(RandomizedSVDProjector()),
+        "DCT matmul": refresh_by(DCTProjector(), dct_fft_threshold=10**9),
+        "DCT FFT": refresh_by(DCTProjector(), dct_fft_threshold=1),
     }
     methods["exact SVD"](torch.randn(256, 256, device=device, dtype=dtype), {})
     print(

@@ -25,12 +25,14 @@ Usage (the 7B recipe, its flags unchanged):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -41,7 +43,7 @@ from lowmem_optim.rules import RULES
 from lowmem_optim.tools.llama_config import load_llama_config
 from scripts.bench.toolkit import peak_memory, predicted_memory, recipe, reset_peak_memory, sync
 from train.config import TrainConfig, parse_args
-from train.model import build_model
+from train.model import run_model
 
 
 class PartTimer:
@@ -72,7 +74,7 @@ class PartTimer:
             with self.part(name):
                 return original(*args, **kwargs)
 
-        return _patched(owner, attr, timed)
+        return mock.patch.object(owner, attr, timed)
 
     def seconds(self) -> dict[str, float]:
         if self.device.type == "cuda":
@@ -82,16 +84,6 @@ class PartTimer:
 
     def clear(self) -> None:
         self._marks.clear()
-
-
-@contextlib.contextmanager
-def _patched(owner: type, attr: str, value: Callable) -> Iterator[None]:
-    original = owner.__dict__[attr]
-    setattr(owner, attr, value)
-    try:
-        yield
-    finally:
-        setattr(owner, attr, original)
 
 
 def _run_steps(
@@ -127,16 +119,7 @@ def _tokens(cfg: TrainConfig, vocab: int, device: torch.device) -> torch.Tensor:
 def floor(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     """Forward and backward of the same model and micro-batch in bfloat16, gradients dropped."""
     vocab = load_llama_config(cfg.model_config)["vocab_size"]
-    model = build_model(
-        cfg.model_config,
-        dtype=torch.bfloat16,
-        device=device,
-        seed=cfg.seed,
-        vocab_needed=vocab,
-        seq_len=cfg.seq_len,
-        activation_checkpointing=cfg.activation_checkpointing,
-        loss_chunk_tokens=cfg.loss_chunk_tokens,
-    )
+    model = run_model(dataclasses.replace(cfg, dtype="bfloat16", weight_bits=16, init_from=None), device, vocab)
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     tokens = _tokens(cfg, vocab, device)
@@ -149,8 +132,7 @@ def floor(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
             loss.backward()
 
     reset_peak_memory(device)
-    out = _run_steps(step, cfg.max_steps, cfg.batch_size * cfg.seq_len, device, timer)
-    return out
+    return _run_steps(step, cfg.max_steps, cfg.batch_size * cfg.seq_len, device, timer)
 
 
 def ours(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
@@ -213,23 +195,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("floor", "ours"):
         r = result[name]
         peak = (
-            ""
-            if r["peak_allocated_bytes"] is None
-            else (
-                f", peak allocated {r['peak_allocated_bytes'] / gib:.2f} GiB, "
-                f"reserved {r['peak_reserved_bytes'] / gib:.2f} GiB"
-            )
+            "" if r["peak_allocated_bytes"] is None else f", peak allocated {r['peak_allocated_bytes'] / gib:.2f} GiB"
         )
-        print(
-            f"{name}: {r['tokens_per_s']:.0f} tokens/s, step {r['step_s']:.3f} s "
-            f"(first {r['first_step_s']:.2f} s){peak}"
-        )
+        peak += "" if r["peak_reserved_bytes"] is None else f", reserved {r['peak_reserved_bytes'] / gib:.2f} GiB"
+        first = f"first {r['first_step_s']:.2f} s"
+        print(f"{name}: {r['tokens_per_s']:.0f} tokens/s, step {r['step_s']:.3f} s ({first}){peak}")
         for part, seconds in r["parts_s_per_step"].items():
             print(f"    {part:<24} {seconds:.4f} s/step")
-    print(
-        f"ours / floor: {result['tokens_per_s_vs_floor']:.3f}; memory model's peak for ours: "
-        f"{result['predicted_peak_bytes'] / gib:.3f} GiB"
-    )
+    predicted = result["predicted_peak_bytes"] / gib
+    print(f"ours / floor: {result['tokens_per_s_vs_floor']:.3f}; memory model's peak for ours: {predicted:.3f} GiB")
     return result
 
 

@@ -36,10 +36,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import platform
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
@@ -47,104 +50,12 @@ from torch import nn
 from lowmem_optim.quant import groupwise, int8_linear
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer, get_optimizer_class
 from lowmem_optim.rules import adam8bit
+from lowmem_optim.tools.llama_config import load_llama_config
 from lowmem_optim.tools.op_count import OpCounter, as_one_op
 from scripts.bench.toolkit import OneMatrix, markdown_table, median_seconds, set_gradients, write_json
 
 NO_REFRESH_GAP = 10**6
 SVD_BASED = ("galore_adamw", "galore_adafactor", "galore_adamw8bit", "q_galore_adamw8bit")
-
-
-def _optimizer(name: str, model: nn.Module, rank: int, **extra: Any) -> torch.optim.Optimizer:
-    return build_optimizer(name, model, rank=rank, update_proj_gap=NO_REFRESH_GAP, **extra)
-
-
-def _counted_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, step: int, counter: OpCounter | None = None
-) -> OpCounter:
-    counter = counter or OpCounter()
-    set_gradients(model, step)
-    with counter:
-        optimizer.step()
-    model.proj.weight.grad = None
-    return counter
-
-
-def dispatch_figures(name: str, shape: tuple[int, int], rank: int, dtype: torch.dtype, int8: bool) -> dict[str, Any]:
-    """ops, syncs and temporaries on the meta device (module docstring); {} where a step cannot
-    run there (an op with no meta kernel)."""
-    model = OneMatrix(shape, dtype, "meta", int8)
-    optimizer = _optimizer(name, model, rank)
-    try:
-        refresh = _counted_step(model, optimizer, 1)
-    except (RuntimeError, NotImplementedError) as err:
-        print(f"# {name} int8={int8}: no step on the meta device ({str(err).splitlines()[0]})")
-        return {}
-    steady = _counted_step(model, optimizer, 2)
-    resumed = _optimizer(name, model, rank)
-    resumed.load_state_dict(optimizer.state_dict())
-    after_load = OpCounter()
-    try:
-        _counted_step(model, resumed, 3, after_load)
-        load_failure = None
-    except RuntimeError as err:  # a host read of a value the load left on the device, where meta has none
-        load_failure = str(err).splitlines()[0]
-        print(
-            f"# {name} int8={int8}: the step after load_state_dict failed after {after_load.syncs} syncs "
-            f"({load_failure})"
-        )
-    return {
-        "ops": steady.ops,
-        "syncs": steady.syncs,
-        "syncs_after_load": after_load.syncs,
-        "after_load_failure": load_failure,
-        "refresh_ops": refresh.ops,
-        "refresh_syncs": refresh.syncs,
-        "alloc_bytes": steady.allocated_bytes,
-        "peak_bytes": steady.peak_bytes,
-        "top_ops": dict(steady.by_op.most_common(8)),
-        "sync_ops_after_load": dict(after_load.sync_ops),
-    }
-
-
-def fused_figures(name: str, shape: tuple[int, int], rank: int, dtype: torch.dtype) -> dict[str, Any]:
-    """ops and temporaries of a step without a refresh with INT8 weights as CUDA runs it: each
-    fused pass of :mod:`lowmem_optim.quant.groupwise` counted as one op (meta device)."""
-    fusable, compiled = int8_linear._fusable, dict(groupwise._COMPILED)
-    int8_linear._fusable = lambda codes, group_size: codes.numel() % group_size == 0
-    for fn in (groupwise.dequantize_rows, groupwise.requantize_rows_):
-        groupwise._COMPILED[fn] = as_one_op(fn, f"fused {fn.__name__}")
-    try:
-        model = OneMatrix(shape, dtype, "meta", True)
-        optimizer = _optimizer(name, model, rank)
-        _counted_step(model, optimizer, 1)
-        steady = _counted_step(model, optimizer, 2)
-    finally:
-        int8_linear._fusable = fusable
-        groupwise._COMPILED.clear()
-        groupwise._COMPILED.update(compiled)
-    return {"fused_ops": steady.ops, "fused_alloc_bytes": steady.allocated_bytes, "fused_peak_bytes": steady.peak_bytes}
-
-
-def cpu_figures(
-    name: str, shape: tuple[int, int], rank: int, dtype: torch.dtype, int8: bool, steps: int
-) -> dict[str, Any]:
-    """Median CPU seconds of a step without a refresh (module docstring), and the ops and
-    temporaries of one more such step, counted on the CPU."""
-    model = OneMatrix(shape, dtype, "cpu", int8)
-    extra = {"proj_method": "randomized_svd", "power_iters": 0} if name in SVD_BASED else {}
-    optimizer = _optimizer(name, model, rank, **extra)
-    seeds = itertools.count(1)
-    before = lambda: set_gradients(model, next(seeds))  # noqa: E731
-    cpu_s = median_seconds(optimizer.step, steps, "cpu", before=before, clock=time.process_time)
-    counted = _counted_step(model, optimizer, steps + 2)
-    return {
-        "cpu_s": cpu_s,
-        "cpu_ops": counted.ops,
-        "cpu_alloc_bytes": counted.allocated_bytes,
-        "cpu_peak_bytes": counted.peak_bytes,
-    }
-
-
 FULL_RANK_WAYS = (
     "galore_adamw step",
     "galore_adamw step_param",
@@ -154,96 +65,157 @@ FULL_RANK_WAYS = (
 )
 
 
-def _full_rank_params(config: dict[str, Any], dtype: torch.dtype, device: str) -> list[nn.Parameter]:
+def counted(model: nn.Module, step: Callable[[], Any], seed: int, counter: OpCounter | None = None) -> OpCounter:
+    """The counts of one ``step`` on seeded gradients of ``model``'s parameters."""
+    counter = counter or OpCounter()
+    set_gradients(model, seed)
+    with counter:
+        step()
+    model.zero_grad(set_to_none=True)
+    return counter
+
+
+def cpu_seconds(model: nn.Module, step: Callable[[], Any], steps: int) -> float:
+    """Median ``time.process_time()`` of ``steps`` steps after one, each on fresh seeded gradients."""
+    seeds = itertools.count(1)
+    before = lambda: set_gradients(model, next(seeds))  # noqa: E731
+    return median_seconds(step, steps, "cpu", before=before, clock=time.process_time)
+
+
+def figures(counter: OpCounter, prefix: str = "") -> dict[str, Any]:
+    return {
+        f"{prefix}ops": counter.ops,
+        f"{prefix}alloc_bytes": counter.allocated_bytes,
+        f"{prefix}peak_bytes": counter.peak_bytes,
+    }
+
+
+@contextlib.contextmanager
+def fused_int8_passes() -> Iterator[None]:
+    """INT8 weights as CUDA runs them: each compiled pass of :mod:`lowmem_optim.quant.groupwise` one op."""
+    fused = {
+        fn: as_one_op(fn, f"fused {fn.__name__}") for fn in (groupwise.dequantize_rows, groupwise.requantize_rows_)
+    }
+    fusable = lambda codes, group_size: codes.numel() % group_size == 0  # noqa: E731
+    with mock.patch.object(int8_linear, "_fusable", fusable), mock.patch.dict(groupwise._COMPILED, fused):
+        yield
+
+
+@contextlib.contextmanager
+def fused_adam8bit() -> Iterator[None]:
+    """8-bit moments as CUDA runs them: bitsandbytes' fused kernel, one op per parameter."""
+    kernel = as_one_op(adam8bit.fused_adam8bit_, "fused 8-bit Adam")
+    with (
+        mock.patch.object(adam8bit, "fuses", lambda *args: True),
+        mock.patch.object(adam8bit, "fused_adam8bit_", kernel),
+    ):
+        yield
+
+
+def lowrank_figures(name: str, args: argparse.Namespace, int8: bool) -> dict[str, Any]:
+    """The figures of the module docstring for one optimizer, INT8 weights off or on."""
+    shape, rank, dtype = tuple(args.shape), args.rank, getattr(torch, args.dtype)
+    build = lambda model, **extra: build_optimizer(name, model, rank=rank, update_proj_gap=NO_REFRESH_GAP, **extra)  # noqa: E731
+    model = OneMatrix(shape, dtype, "meta", int8)
+    optimizer = build(model)
+    row: dict[str, Any] = {"optimizer": name, "int8": "on" if int8 else "off"}
+    try:
+        refresh = counted(model, optimizer.step, 1)
+    except (RuntimeError, NotImplementedError) as err:  # an op with no meta kernel
+        print(f"# {name} int8={int8}: no step on the meta device ({str(err).splitlines()[0]})")
+        return row
+    steady = counted(model, optimizer.step, 2)
+    resumed = build(model)
+    resumed.load_state_dict(optimizer.state_dict())
+    after_load = counted(model, resumed.step, 3)
+    row.update(figures(steady), syncs=steady.syncs, syncs_after_load=after_load.syncs)
+    row.update(refresh_ops=refresh.ops, refresh_syncs=refresh.syncs, top_ops=dict(steady.by_op.most_common(8)))
+    if int8:
+        with fused_int8_passes():
+            model = OneMatrix(shape, dtype, "meta", True)
+            optimizer = build(model)
+            counted(model, optimizer.step, 1)
+            row.update(figures(counted(model, optimizer.step, 2), "fused_"))
+    if not args.no_time:  # step 1 by randomized SVD: an exact SVD at 7B width takes minutes
+        model = OneMatrix(shape, getattr(torch, args.cpu_dtype), "cpu", int8)
+        extra = {"proj_method": "randomized_svd", "power_iters": 0} if name in SVD_BASED else {}
+        optimizer = build(model, **extra)
+        row["cpu_s"] = cpu_seconds(model, optimizer.step, args.steps)
+        row.update(figures(counted(model, optimizer.step, args.steps + 2), "cpu_"))
+    return row
+
+
+def full_rank_model(config: dict[str, Any], dtype: torch.dtype, device: str) -> nn.ParameterList:
+    """The embedding, the head and the 2 L + 1 RMSNorm weights of a LLaMA config, drawn N(0, 0.02^2)."""
     vocab, hidden, layers = config["vocab_size"], config["hidden_size"], config["num_hidden_layers"]
     shapes = [(vocab, hidden), (vocab, hidden)] + [(hidden,)] * (2 * layers + 1)
     gen = torch.Generator().manual_seed(0)
-    make = (
-        (lambda shape: torch.empty(shape, dtype=dtype, device="meta"))
-        if device == "meta"
-        else (lambda shape: torch.randn(shape, generator=gen).mul_(0.02).to(dtype))
-    )
-    return [nn.Parameter(make(shape)) for shape in shapes]
+    if device == "meta":
+        return nn.ParameterList(torch.empty(shape, dtype=dtype, device="meta") for shape in shapes)
+    return nn.ParameterList(torch.randn(shape, generator=gen).mul_(0.02).to(dtype) for shape in shapes)
 
 
-def _full_rank_step(way: str, params: list[nn.Parameter]) -> Any:
+def full_rank_step(way: str, params: nn.ParameterList) -> Callable[[], Any]:
     """One step of ``way`` (:data:`FULL_RANK_WAYS`) over ``params``, as a function of nothing."""
     if way.startswith("adamw"):
-        optimizer = torch.optim.AdamW(params, foreach=way == "adamw foreach")
-        return optimizer.step
+        return torch.optim.AdamW(params, foreach=way == "adamw foreach").step
     optimizer = get_optimizer_class(way.split()[0])(params)  # one group without a rank
     if way.endswith("step_param"):
         return lambda: [optimizer.step_param(p) for p in params]
     return optimizer.step
 
 
-def _meta_step(way: str, config: dict[str, Any], dtype: torch.dtype) -> OpCounter:
-    """The counts of ``way``'s second step over the full-rank parameters on the meta device."""
-    params = _full_rank_params(config, dtype, "meta")
-    step = _full_rank_step(way, params)
-    for p in params:
-        p.grad = torch.empty_like(p)
-    step()
-    with OpCounter() as counter:
-        step()
-    return counter
-
-
-def full_rank_figures(
-    way: str, config: dict[str, Any], dtype: torch.dtype, cpu_dtype: torch.dtype, steps: int, timed: bool
-) -> dict[str, Any]:
-    """ops and temporaries on meta and the median CPU seconds of a step after the first."""
+def full_rank_figures(way: str, config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """ops and temporaries of step 2 on meta and the median CPU seconds of a step after the first."""
     row: dict[str, Any] = {"optimizer": way}
-    counter = _meta_step(way, config, dtype)
-    row.update(ops=counter.ops, device_ops=counter.ops - counter.host_ops, syncs=counter.syncs)
-    row.update(alloc_bytes=counter.allocated_bytes, peak_bytes=counter.peak_bytes)
-    if "8bit" in way:  # as CUDA runs it: bitsandbytes' fused kernel, one op per parameter
-        fuses, kernel = adam8bit.fuses, adam8bit.fused_adam8bit_
-        adam8bit.fuses, adam8bit.fused_adam8bit_ = (lambda *args: True), as_one_op(kernel, "fused 8-bit Adam")
-        try:
-            fused = _meta_step(way, config, dtype)
-        finally:
-            adam8bit.fuses, adam8bit.fused_adam8bit_ = fuses, kernel
-        row.update(fused_device_ops=fused.ops - fused.host_ops, fused_peak_bytes=fused.peak_bytes)
-    if timed:
-        params = torch.nn.ParameterList(_full_rank_params(config, cpu_dtype, "cpu"))
-        seeds = itertools.count()
-        before = lambda: set_gradients(params, next(seeds))  # noqa: E731
-        row["cpu_s"] = median_seconds(
-            _full_rank_step(way, list(params)), steps, "cpu", before=before, clock=time.process_time
-        )
+    for fused in (False, True) if "8bit" in way else (False,):
+        with fused_adam8bit() if fused else contextlib.nullcontext():
+            params = full_rank_model(config, getattr(torch, args.dtype), "meta")
+            step = full_rank_step(way, params)
+            counted(params, step, 1)
+            counter = counted(params, step, 2)
+        prefix = "fused_" if fused else ""
+        row.update({f"{prefix}device_ops": counter.ops - counter.host_ops, f"{prefix}peak_bytes": counter.peak_bytes})
+        if not fused:
+            row.update(figures(counter), syncs=counter.syncs)
+    if not args.no_time:
+        params = full_rank_model(config, getattr(torch, args.cpu_dtype), "cpu")
+        row["cpu_s"] = cpu_seconds(params, full_rank_step(way, params), args.steps)
     return row
 
 
-def full_rank_main(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from lowmem_optim.tools.llama_config import load_llama_config
-
-    config = load_llama_config(args.full_rank, "--full-rank")
-    dtype, cpu_dtype = getattr(torch, args.dtype), getattr(torch, args.cpu_dtype)
-    count = 2 * config["num_hidden_layers"] + 3
-    print(
-        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "
-        f"{args.full_rank}: {count} full-rank parameters, counts in {args.dtype} on meta, CPU time in {args.cpu_dtype}"
-    )
-    columns = (("ops", "ops", "d"), ("device ops", "device_ops", "d"), ("syncs", "syncs", "d"))
-    columns += (("alloc MiB", "alloc_bytes", "MiB"),)
-    columns += (("peak MiB", "peak_bytes", "MiB"), ("fused device ops", "fused_device_ops", "d"))
-    columns += (("fused peak MiB", "fused_peak_bytes", "MiB"), ("CPU ms", "cpu_s", "ms"))
-    rows = [full_rank_figures(way, config, dtype, cpu_dtype, args.steps, not args.no_time) for way in FULL_RANK_WAYS]
-    print(_table(("optimizer",), columns, rows))
-    return rows
+#: (table title, row key): a key ending in ``_bytes`` is shown in MiB, one ending in ``_s`` in ms
+DISPATCH_COLUMNS = (
+    ("ops", "ops"),
+    ("syncs", "syncs"),
+    ("syncs/load", "syncs_after_load"),
+    ("refresh ops", "refresh_ops"),
+)
+DISPATCH_COLUMNS += (("refresh syncs", "refresh_syncs"), ("alloc MiB", "alloc_bytes"), ("peak MiB", "peak_bytes"))
+DISPATCH_COLUMNS += (("fused ops", "fused_ops"), ("fused alloc MiB", "fused_alloc_bytes"))
+DISPATCH_COLUMNS += (("fused peak MiB", "fused_peak_bytes"), ("CPU ms", "cpu_s"), ("CPU ops", "cpu_ops"))
+DISPATCH_COLUMNS += (("CPU alloc MiB", "cpu_alloc_bytes"), ("CPU peak MiB", "cpu_peak_bytes"))
+FULL_RANK_COLUMNS = (("ops", "ops"), ("device ops", "device_ops"), ("syncs", "syncs"), ("alloc MiB", "alloc_bytes"))
+FULL_RANK_COLUMNS += (("peak MiB", "peak_bytes"), ("fused device ops", "fused_device_ops"))
+FULL_RANK_COLUMNS += (("fused peak MiB", "fused_peak_bytes"), ("CPU ms", "cpu_s"))
 
 
-def _cell(value: float | None, unit: str) -> str:
+def _cell(key: str, value: float | None) -> str:
     if value is None:
         return "-"
-    return {"d": f"{value}", "MiB": f"{value / 2**20:.1f}", "ms": f"{1000 * value:.0f}"}[unit]
+    return (
+        f"{value / 2**20:.1f}"
+        if key.endswith("_bytes")
+        else f"{1000 * value:.0f}"
+        if key.endswith("_s")
+        else f"{value}"
+    )
 
 
-def _table(first: tuple[str, ...], columns: tuple[tuple[str, str, str], ...], rows: list[dict[str, Any]]) -> str:
-    """A markdown table: ``first`` columns (row keys), then one per ``(title, key, unit)``."""
-    cells = [[row[key] for key in first] + [_cell(row.get(key), unit) for _, key, unit in columns] for row in rows]
-    return markdown_table([*first, *(title for title, _, _ in columns)], cells)
+def _table(first: tuple[str, ...], columns: tuple[tuple[str, str], ...], rows: list[dict[str, Any]]) -> str:
+    """A markdown table: ``first`` columns (row keys), then one per ``(title, key)`` of ``columns``."""
+    cells = [[row[key] for key in first] + [_cell(key, row.get(key)) for _, key in columns] for row in rows]
+    return markdown_table([*first, *(title for title, _ in columns)], cells)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -260,33 +232,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--full-rank", metavar="CONFIG", help="the full-rank parameters of this LLaMA config instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    machine = f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}"
+    where = f"in {args.dtype} on meta, CPU time in {args.cpu_dtype}"
     if args.full_rank:
-        rows = full_rank_main(args)
-        write_json(args.json, {"args": vars(args), "rows": rows})
-        return rows
-    shape, dtype, cpu_dtype = tuple(args.shape), getattr(torch, args.dtype), getattr(torch, args.cpu_dtype)
-    print(
-        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "
-        f"shape {shape[0]} x {shape[1]}, rank {args.rank}, dispatch figures in {args.dtype} on meta, "
-        f"CPU time in {args.cpu_dtype}"
-    )
-    columns = (("ops", "ops", "d"), ("syncs", "syncs", "d"), ("syncs/load", "syncs_after_load", "d"))
-    columns += (("refresh ops", "refresh_ops", "d"), ("refresh syncs", "refresh_syncs", "d"))
-    columns += (("alloc MiB", "alloc_bytes", "MiB"), ("peak MiB", "peak_bytes", "MiB"), ("fused ops", "fused_ops", "d"))
-    columns += (("fused alloc MiB", "fused_alloc_bytes", "MiB"), ("fused peak MiB", "fused_peak_bytes", "MiB"))
-    columns += (("CPU ms", "cpu_s", "ms"), ("CPU ops", "cpu_ops", "d"), ("CPU alloc MiB", "cpu_alloc_bytes", "MiB"))
-    columns += (("CPU peak MiB", "cpu_peak_bytes", "MiB"),)
-    rows = []
-    for name in args.optimizers.split(","):
-        for int8 in (False, True):
-            row = {"optimizer": name, "int8": "on" if int8 else "off"}
-            row.update(dispatch_figures(name, shape, args.rank, dtype, int8))
-            if int8:
-                row.update(fused_figures(name, shape, args.rank, dtype))
-            if not args.no_time:
-                row.update(cpu_figures(name, shape, args.rank, cpu_dtype, int8, args.steps))
-            rows.append(row)
-    print(_table(("optimizer", "int8"), columns, rows))
+        config = load_llama_config(args.full_rank, "--full-rank")
+        count = 2 * config["num_hidden_layers"] + 3
+        print(f"{machine}, {args.full_rank}: {count} full-rank parameters, counts {where}")
+        rows = [full_rank_figures(way, config, args) for way in FULL_RANK_WAYS]
+        first, columns = ("optimizer",), FULL_RANK_COLUMNS
+    else:
+        shape = f"shape {args.shape[0]} x {args.shape[1]}, rank {args.rank}"
+        print(f"{machine}, {shape}, dispatch figures {where}")
+        rows = [lowrank_figures(name, args, int8) for name in args.optimizers.split(",") for int8 in (False, True)]
+        first, columns = ("optimizer", "int8"), DISPATCH_COLUMNS
+    print(_table(first, columns, rows))
     write_json(args.json, {"args": vars(args), "rows": rows})
     return rows
 

@@ -1,0 +1,34 @@
+"""The bytes a rank sends through the optimizers' collectives, predicted from shapes
+(lowmem_optim/tools/traffic.py), against counts worked out by hand for one 16 x 32 weight on 2
+ranks (ring algorithms: an all-reduce of B bytes sends B, an all-gather B / 2)."""
+
+from __future__ import annotations
+
+import torch
+
+from lowmem_optim.registry import build_optimizer
+from lowmem_optim.tools.traffic import gather_every_gradient_bytes, left_split, predicted_bytes
+
+
+class _OneWeight(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 16, bias=False)
+
+
+def test_a_left_projection_reduces_r_gathers_the_split_update_and_gathers_the_gradient_to_refresh():
+    model = _OneWeight()
+    galore = build_optimizer("galore_adamw", model, rank=4)
+    # R = P^T G is 4 x 32 (512 bytes): all-reduced (512) and the update of each rank's rows gathered (256);
+    # a refresh adds the all-zero check (4) and the whole gradient gathered (2048 / 2)
+    assert predicted_bytes(galore, 2) == (768, 768 + 4 + 1024)
+    # the DCT reads R from the gathered spectrum: the all-reduce of R is saved on a refresh step
+    assert predicted_bytes(build_optimizer("dct_adamw", model, rank=4), 2) == (768, 768 + 4 + 1024 - 512)
+    # Adam's two moments of R: 1024 bytes whole, half of them with R's rows split over 2 ranks
+    assert left_split(galore, 2) == {"split_state": 512, "replicated_state": 1024, "gather_bytes": 256, "split": True}
+
+
+def test_muon_gathers_its_whole_update_every_step_as_gathering_every_gradient_would():
+    model = _OneWeight()
+    assert predicted_bytes(build_optimizer("muon", model), 2) == (1024, 1024)
+    assert gather_every_gradient_bytes(model, 2) == 1024
