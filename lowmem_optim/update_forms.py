@@ -116,6 +116,8 @@ class ScaledGradientForm(UpdateForm):
     )
     #: whether R must keep a channel whole (a projection on both sides keeps none)
     per_channel = True
+    #: whether U is P N + S (Fira) rather than S alone (APOLLO)
+    adds_projected = False
 
     def validate(self, group: dict[str, Any]) -> None:
         form = group["update_form"]
@@ -157,11 +159,13 @@ class ScaledGradientForm(UpdateForm):
         term = self.scaled_term(step, back_project)
         if group["norm_growth_limit"] is not None:
             limit_growth(term, step.lr, state, group["norm_growth_limit"], step.shard)
-        return term
+        return term.add_(back_project(step.update.to(step.dtype))) if self.adds_projected else term
 
 
 class ResidualForm(ScaledGradientForm):
     """``"residual"`` (Fira): U = P N + phi ⊙ (G - P R), phi_j = ||N_j|| / ||R_j||, limited."""
+
+    adds_projected = True
 
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         return math.prod(shape) * dtype.itemsize  # the residual G - P R, alive beside P N
@@ -169,16 +173,6 @@ class ResidualForm(ScaledGradientForm):
     def scaled_term(self, step: LowRankStep, back_project: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         residual = back_project(step.low).to(step.dtype).neg_().add_(step.grad)
         return residual.mul_(_per_channel(channel_ratio(step.update, step.low, step.channel_dim), step))
-
-    def update(
-        self,
-        step: LowRankStep,
-        back_project: Callable[[torch.Tensor], torch.Tensor],
-        state: dict[str, Any],
-        group: dict[str, Any],
-    ) -> torch.Tensor:
-        term = super().update(step, back_project, state, group)
-        return term.add_(back_project(step.update.to(step.dtype)))
 
 
 class ChannelForm(ScaledGradientForm):
