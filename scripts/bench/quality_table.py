@@ -33,7 +33,7 @@ SETTINGS: dict[str, tuple[dict[str, str], list[float]]] = {
     "adamw8bit": ({"optimizer": "adamw8bit"}, [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3]),
     "galore_adamw": ({"optimizer": "galore_adamw"}, [1.25e-3, 2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2]),
     "galore_adamw8bit": ({"optimizer": "galore_adamw8bit"}, [2.5e-3, 5e-3, 1e-2]),
-    "galore_adafactor": ({"optimizer": "galore_adafactor"}, [2.5e-3, 5e-3, 1e-2]),
+    "galore_adafactor": ({"optimizer": "galore_adafactor"}, [2.5e-3, 5e-3, 1e-2, 2e-2]),
     "q_galore_adamw8bit": ({"optimizer": "q_galore_adamw8bit"}, [2.5e-3, 5e-3, 1e-2]),
     "dct_adamw": ({"optimizer": "dct_adamw"}, [1.25e-3, 2.5e-3, 5e-3]),
     "muon": ({"optimizer": "muon", **FULL_RANK}, [5e-3, 1e-2, 2e-2, 4e-2]),
