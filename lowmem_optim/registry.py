@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from lowmem_optim.engine import ComposedOptimizer, lowrank_hparams
+from lowmem_optim.engine import ComposedOptimizer, declared_defaults, lowrank_hparams
 from lowmem_optim.groups import lowrank_param_groups, normalized_param_groups
 from lowmem_optim.optimizers import NamedOptimizer
 
@@ -71,6 +71,12 @@ def lowrank_defaults(name: str) -> dict[str, Any]:
     ``rank``: 1); empty for most."""
     cls = get_optimizer_class(name)
     return dict(cls.lowrank_defaults) if issubclass(cls, NamedOptimizer) else {}
+
+
+def momentum_dtype_optimizers() -> list[str]:
+    """The registry names whose matrix rule stores a momentum in ``momentum_dtype`` (Muon, AuON,
+    Hybrid-AuON; not the stateless SinkGD, nor SCALE)."""
+    return sorted(n for n in MATRIX_OPTIMIZERS if "momentum_dtype" in declared_defaults(get_optimizer_class(n)))
 
 
 def check_int8_capable(name: str) -> None:

@@ -25,6 +25,7 @@ from lowmem_optim.registry import (
     check_int8_capable,
     get_optimizer_class,
     lowrank_defaults,
+    momentum_dtype_optimizers,
 )
 from lowmem_optim.selection import selected_modules
 from train.config import TrainConfig
@@ -52,10 +53,10 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.eps is not None:
         hparams["eps"] = cfg.eps
     if cfg.momentum_dtype is not None:
-        if name not in MATRIX_OPTIMIZERS:
+        if name not in momentum_dtype_optimizers():
             raise ValueError(
                 f"--momentum-dtype {cfg.momentum_dtype} with --optimizer {name}, which keeps no normalized momentum "
-                f"(allowed: --optimizer {', '.join(sorted(MATRIX_OPTIMIZERS))})"
+                f"(allowed: --optimizer {', '.join(momentum_dtype_optimizers())})"
             )
         hparams["momentum_dtype"] = cfg.momentum_dtype
     if issubclass(cls, ComposedOptimizer):

@@ -26,7 +26,14 @@ import torch
 
 from lowmem_optim.groups import TARGET_MODULES_HELP, check_some_matrix_projected, parse_target_modules
 from lowmem_optim.layerwise import ACCUMULATION_BUFFERS
-from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, available_optimizers, check_int8_capable
+from lowmem_optim.registry import (
+    LOWRANK_OPTIMIZERS,
+    MATRIX_OPTIMIZERS,
+    available_optimizers,
+    check_int8_capable,
+    momentum_dtype_optimizers,
+)
+from lowmem_optim.rules.momentum_storage import MOMENTUM_DTYPES
 from lowmem_optim.tools.llama_config import check_seq_len, load_llama_config
 from lowmem_optim.tools.memory import (
     COMPONENTS,
@@ -94,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
         help="tokens per chunk of the loss (0: unchunked; default: the training loop's)",
     )
     _flag(memory, "target-modules", default="all-linear", help=f"low-rank/INT8 linear layers: {TARGET_MODULES_HELP}")
+    _flag(
+        memory,
+        "momentum-dtype",
+        default=None,
+        choices=MOMENTUM_DTYPES,
+        help="how Muon, AuON and Hybrid-AuON store their momentum (the training CLI's)",
+    )
     _flag(memory, "json", action="store_true", help="print one JSON object")
     fit = commands.add_parser("fit", help="the low-memory training setup that fits a card of a given memory")
     _flag(fit, "model-config", required=True, help="LLaMA config JSON (HF LlamaConfig fields)")
@@ -114,6 +128,14 @@ def memory_command(args: argparse.Namespace) -> dict[str, int]:
         check_int8_capable(args.optimizer)
     if args.rank is not None and args.optimizer in LOWRANK_OPTIMIZERS | MATRIX_OPTIMIZERS:
         check_some_matrix_projected(llama_skeleton(LlamaShape.from_config(config), torch.float32), targets, args.rank)
+    kwargs = ()
+    if args.momentum_dtype is not None:
+        if args.optimizer not in momentum_dtype_optimizers():
+            raise ValueError(
+                f"--momentum-dtype {args.momentum_dtype} with --optimizer {args.optimizer}, which keeps no "
+                f"normalized momentum (allowed: --optimizer {', '.join(momentum_dtype_optimizers())})"
+            )
+        kwargs = (("momentum_dtype", args.momentum_dtype),)
     setup = TrainingSetup(
         optimizer=args.optimizer,
         rank=args.rank,
@@ -128,6 +150,7 @@ def memory_command(args: argparse.Namespace) -> dict[str, int]:
         accumulation_buffer=args.accumulation_buffer,
         loss_chunk_tokens=args.loss_chunk_tokens,
         target_modules=targets,
+        optimizer_kwargs=kwargs,
     )
     return estimate_memory(config, setup).as_dict()
 

@@ -75,6 +75,8 @@ def test_momentum_dtype_reaches_the_matrix_groups(name):
 def test_momentum_dtype_is_refused_by_name_where_it_means_nothing_or_is_not_a_storage():
     with pytest.raises(ValueError, match=r"--momentum-dtype 8bit with --optimizer adamw.*allowed: --optimizer auon"):
         optimizer("--optimizer=adamw", "--momentum-dtype=8bit")
+    with pytest.raises(ValueError, match=r"--momentum-dtype bfloat16 with --optimizer sinkgd.*allowed: .*muon\)"):
+        optimizer("--optimizer=sinkgd", "--momentum-dtype=bfloat16")
     with pytest.raises(
         ValueError, match=r"Invalid --momentum-dtype: 'int8' \(allowed: auto, float32, bfloat16, 8bit\)"
     ):
