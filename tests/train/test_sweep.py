@@ -228,7 +228,15 @@ def test_tiny_sweep_trains_every_trial_through_the_cli_records_a_failure_and_rep
         assert lines[-1]["step"] == 6 and lines[-1]["val_loss"] > 0
         assert any((root / trial["name"] / "wandb").glob("offline-run-*"))  # wandb ran offline
     report = root / "report"
-    assert {p.name for p in report.iterdir()} == {"report.md", "report.csv", "loss_vs_step.png", "memory_vs_loss.png"}
+    assert {p.name for p in report.iterdir()} == {
+        "report.md",
+        "report.csv",
+        "loss_vs_step.png",
+        "memory_vs_loss.png",
+        "tuned.md",
+        "tuned.json",
+        "tuned_vs_state.png",
+    }
     rows = (report / "report.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[-1].split(",")[1] == "no_such_optimizer"
 
