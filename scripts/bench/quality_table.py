@@ -48,7 +48,7 @@ SETTINGS: dict[str, tuple[dict[str, str], list[float]]] = {
     "sinkgd": ({"optimizer": "sinkgd", **FULL_RANK}, [3e-4, 1e-3, 3e-3]),
     "scale_sgd": ({"optimizer": "scale_sgd", **FULL_RANK}, [3e-4, 1e-3, 3e-3]),
     "apollo": ({"optimizer": "apollo"}, [2.5e-3, 5e-3, 1e-2, 2e-2]),
-    "apollo_mini": ({"optimizer": "apollo_mini", "rank": "1"}, [2.5e-3, 5e-3, 1e-2, 2e-2]),
+    "apollo_mini": ({"optimizer": "apollo_mini", "rank": "1"}, [2.5e-3, 5e-3, 1e-2, 2e-2, 1.25e-3]),
     "fira": ({"optimizer": "fira"}, [2.5e-3, 5e-3, 1e-2, 2e-2]),
     # DCT's columns, chosen again every step as DCTAdamW does, with Fira's residual
     "fira_dct": ({"optimizer": "fira", "proj-method": "dct", "update-proj-gap": "1"}, [2.5e-3, 5e-3, 1e-2, 2e-2]),
