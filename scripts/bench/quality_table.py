@@ -51,7 +51,10 @@ SETTINGS: dict[str, tuple[dict[str, str], list[float]]] = {
     "apollo_mini": ({"optimizer": "apollo_mini", "rank": "1"}, [2.5e-3, 5e-3, 1e-2, 2e-2, 1.25e-3]),
     "fira": ({"optimizer": "fira"}, [2.5e-3, 5e-3, 1e-2, 2e-2]),
     # DCT's columns, chosen again every step as DCTAdamW does, with Fira's residual
-    "fira_dct": ({"optimizer": "fira", "proj-method": "dct", "update-proj-gap": "1"}, [2.5e-3, 5e-3, 1e-2, 2e-2]),
+    "fira_dct": (
+        {"optimizer": "fira", "proj-method": "dct", "update-proj-gap": "1"},
+        [2.5e-3, 5e-3, 1e-2, 2e-2, 1.25e-3],
+    ),
 }
 
 
