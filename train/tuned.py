@@ -11,11 +11,11 @@ report's hyperparameter columns, :func:`train.report.hyperparameter_columns`). F
 - optimizer-state bytes per matrix parameter (``matrix_state_bytes`` over ``matrix_params``:
   the weight matrices ``--target-modules`` selects, the same for every optimizer) and per model
   parameter (``opt_state_bytes`` over ``n_params``);
-- step time relative to ``adamw`` (the median tokens/s of the adamw setting over this
-  setting's, both at their best lr): runs of one sweep share the machine, so on a loaded one
-  this ratio is rough; the optimizers' own step times are a benchmark of their own
-  (``scripts.bench.peers``);
-- loss against the best full-rank ``muon`` setting's mean, in percent.
+- training-step time relative to ``adamw`` (the median tokens/s of the adamw setting over this
+  setting's, both at their best lr): the runs share the machine with each other, so on a loaded
+  one this ratio is rough; the optimizers' own step times, timed in one process, are a
+  benchmark of their own (``scripts.bench.peers``);
+- loss against the mean of the ``muon`` setting (full rank, its defaults), in percent.
 
 Written as ``tuned.md``, ``tuned.json`` and ``tuned_vs_state.png`` beside the report by
 :func:`train.report.write_report`.
@@ -71,7 +71,7 @@ def tuned_rows(rows: list[dict[str, Any]], hparams: list[str]) -> list[dict[str,
         )
     out.sort(key=lambda r: r["mean"])
     adamw = next((r for r in out if r["setting"] == "adamw"), None)
-    muon = next((r for r in out if r["optimizer"] == "muon" and "rank=" not in r["setting"]), None)
+    muon = next((r for r in out if r["setting"] == "muon"), None)
     for r in out:
         r["time_vs_adamw"] = (
             adamw["tokens_per_s"] / r["tokens_per_s"] if adamw and adamw["tokens_per_s"] and r["tokens_per_s"] else None
@@ -90,11 +90,11 @@ def tuned_markdown(rows: list[dict[str, Any]], source: str) -> str:
         "",
         "Each setting at its best lr (lowest final val loss at the first seed); mean and sample std of "
         "the final val loss over the seeds run at that lr; state bytes per matrix parameter (the "
-        "selected weight matrices) and per model parameter; step time against adamw from tokens/s; "
-        "loss against the best full-rank muon setting.",
+        "selected weight matrices) and per model parameter; training-step time against adamw from "
+        "the runs' tokens/s (rough on a shared machine); loss against the muon setting's mean.",
         "",
         "| setting | lr grid: val loss | best lr | val loss mean | std | seeds | state B / matrix param "
-        "| state B / param | step time / adamw | vs muon |",
+        "| state B / param | train step / adamw (tokens/s) | vs muon |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
