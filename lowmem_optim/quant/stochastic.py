@@ -64,7 +64,7 @@ def round_bfloat16(
     return out
 
 
-def _round_to_levels(
+def round_blocks_to_levels(
     flat: torch.Tensor,
     levels: torch.Tensor,
     blocksize: int,
@@ -108,7 +108,7 @@ def quantize_blockwise_stochastic(
         codes[start:stop] = chosen.to(torch.uint8)
 
     flat = x.detach().float().reshape(-1)
-    _round_to_levels(flat, dynamic_map(True, x.device), BLOCKSIZE, keys, out[1], offset, write)
+    round_blocks_to_levels(flat, dynamic_map(True, x.device), BLOCKSIZE, keys, out[1], offset, write)
     return out
 
 
@@ -133,5 +133,5 @@ def quantize_nf4_stochastic(
     def write(start: int, stop: int, chosen: torch.Tensor) -> None:
         packed[start // 2 : stop // 2] = pack_int4(chosen.to(torch.uint8))  # passes start at even values
 
-    _round_to_levels(flat, normal_float_map(x.device), blocksize, keys, out[1], offset, write)
+    round_blocks_to_levels(flat, normal_float_map(x.device), blocksize, keys, out[1], offset, write)
     return out

@@ -16,10 +16,11 @@
   (:func:`lowmem_optim.quant.blockwise.normal_float_map`): they span [-1, 1] (so the block's
   absmax is its scale and no value is clipped), hold an exact zero (a zero momentum, and the
   padding, stay exactly zero), and are denser near zero, where most of a momentum's values lie.
-  Rounding Gaussian and Student-t(3) blocks with each set of 16 levels, NF4's relative error
-  was the smallest (Gaussian 0.130, t(3) 0.178 at blocks of 64; evenly spaced levels 0.142 and
-  0.258, bitsandbytes' 4-bit signed dynamic map 0.192 and 0.219); blocks of 256 raised t(3)'s
-  to 0.262 for 0.047 bytes less per value, hence blocks of 64 (QLoRA's NF4 block size).
+  Rounding Gaussian and Student-t(3) momenta with each set of 16 levels
+  (``scripts/bench/four_bit_levels.py``), NF4's relative error was the smallest (0.130 and 0.170
+  at blocks of 64; evenly spaced levels 0.142 and 0.236, bitsandbytes' 4-bit signed dynamic map
+  0.192 and 0.228); blocks of 256 raised t(3)'s to 0.240 for 0.047 bytes less per value, hence
+  blocks of 64 (QLoRA's NF4 block size).
 
 ``"bfloat16"``, ``"8bit"`` and ``"4bit"`` dequantize M to float32 at each step, advance it there, and store
 it with stochastic rounding (:mod:`lowmem_optim.quant.stochastic`): the stored value is one of
