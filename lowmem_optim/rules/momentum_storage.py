@@ -22,19 +22,20 @@
   0.192 and 0.228); blocks of 256 raised t(3)'s to 0.240 for 0.047 bytes less per value, hence
   blocks of 64 (QLoRA's NF4 block size).
 
-``"bfloat16"``, ``"8bit"`` and ``"4bit"`` dequantize M to float32 at each step, advance it there, and store
-it with stochastic rounding (:mod:`lowmem_optim.quant.stochastic`): the stored value is one of
-its two neighbours in the format, the upper with probability equal to the distance from the
-lower, so E[stored M] = the float32 M and small changes survive in expectation; the rounding
-errors of successive steps are independent, and the momentum's decay beta shrinks each one, so
-their sum stays of the order of one rounding step. The draws are a counter-based function of the
-rule's seed (:meth:`lowmem_optim.parts.Rule.update`) and of the value's index in the whole
-tensor: the same on every rank, in every hook order and after a resume.
+``"bfloat16"``, ``"8bit"`` and ``"4bit"`` dequantize M to float32 at each step, advance it
+there, and store it with stochastic rounding (:mod:`lowmem_optim.quant.stochastic`): the stored
+value is one of its two neighbours in the format, the upper with probability equal to the
+distance from the lower, so E[stored M] = the float32 M and small changes survive in
+expectation; the rounding errors of successive steps are independent, and the momentum's decay
+beta shrinks each one, so their sum stays of the order of one rounding step. The draws are a
+counter-based function of the rule's seed (:meth:`lowmem_optim.parts.Rule.update`) and of the
+value's index in the whole tensor (4 bits: in its padded rows): the same on every rank, in every
+hook order and after a resume.
 
 A momentum stored in one form and read with another ``momentum_dtype`` (a run resumed with a
 different setting) is converted at that step. When an index-based projector (DCT) moves the
-momentum to new positions (:func:`carry`), 8- and 4-bit codes are dequantized, moved and re-quantized
-to nearest: one rounding per refresh, not per step.
+momentum to new positions (:func:`carry`), 8- and 4-bit codes are dequantized, moved and
+re-quantized to nearest: one rounding per refresh, not per step.
 """
 
 from __future__ import annotations
