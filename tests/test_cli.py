@@ -137,9 +137,9 @@ def test_cli_refuses_an_absurd_model_size_at_once_naming_the_key(tmp_path, capsy
 def test_momentum_dtype_shrinks_muons_predicted_state_and_is_refused_where_no_momentum_is_stored(capsys):
     argv = ["memory", "--model-config", str(TINY), "--batch-size", "2", "--seq-len", "8", "--json"]
     states = {}
-    for dtype in ("auto", "bfloat16", "8bit"):
+    for dtype in ("auto", "bfloat16", "8bit", "4bit"):
         assert main([*argv, "--optimizer", "muon", "--weight-bits", "32", "--momentum-dtype", dtype]) == 0
         states[dtype] = json.loads(capsys.readouterr().out)["optimizer_states_bytes"]
-    assert states["auto"] > states["bfloat16"] > states["8bit"] > 0
+    assert states["auto"] > states["bfloat16"] > states["8bit"] > states["4bit"] > 0
     assert main([*argv, "--optimizer", "sinkgd", "--momentum-dtype", "8bit"]) == 2
     assert "--momentum-dtype 8bit with --optimizer sinkgd" in capsys.readouterr().err

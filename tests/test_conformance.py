@@ -160,6 +160,7 @@ CASES: list[Case] = [
     # the momentum stored with stochastic rounding: full-rank, and in a subspace (DCT's moves it)
     Case("muon", {**MATRIX_LR["muon"], "momentum_dtype": "bfloat16"}, "momentum-bfloat16"),
     Case("muon", {**MATRIX_LR["muon"], "momentum_dtype": "8bit"}, "momentum-8bit"),
+    Case("muon", {**MATRIX_LR["muon"], "momentum_dtype": "4bit"}, "momentum-4bit"),
     Case(
         "hybrid_auon",
         {"momentum_dtype": "bfloat16", "rank": 3, "update_proj_gap": 2},
@@ -170,6 +171,12 @@ CASES: list[Case] = [
         "auon",
         {"momentum_dtype": "8bit", "rank": 3, "update_proj_gap": 2, "proj_method": "dct"},
         "rank3-dct-momentum-8bit",
+        (2, 6),
+    ),
+    Case(
+        "auon",
+        {"momentum_dtype": "4bit", "rank": 3, "update_proj_gap": 2, "proj_method": "dct"},
+        "rank3-dct-momentum-4bit",
         (2, 6),
     ),
 ]

@@ -106,6 +106,9 @@ def measured_bytes(setup: TrainingSetup, steps: int) -> dict[str, int]:
         TrainingSetup(
             "muon", weight_bits=16, batch_size=2, seq_len=16, optimizer_kwargs=(("momentum_dtype", "bfloat16"),)
         ),
+        # and in 4-bit NF4 codes (two per byte + a float32 absmax per 64)
+        TrainingSetup("muon", weight_bits=16, batch_size=2, seq_len=16, optimizer_kwargs=(("momentum_dtype", "4bit"),)),
+        TrainingSetup("auon", weight_bits=32, batch_size=2, seq_len=16, optimizer_kwargs=(("momentum_dtype", "4bit"),)),
         # the norm-growth limiter's float32 number per projected weight; APOLLO-Mini's form without it
         TrainingSetup("fira", rank=8, weight_bits=16, batch_size=2, seq_len=16),
         TrainingSetup(

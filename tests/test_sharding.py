@@ -41,6 +41,7 @@ BLOCK_KEYS = (
     "ef_zero",
     "ef_nf4_absmax",
     "momentum_absmax",
+    "momentum_nf4_absmax",
 )
 
 #: (shape, in the low-rank / matrix group): tall (right projection, each rank's rank-4 moments
@@ -133,6 +134,9 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
     "muon momentum bfloat16": ("muon", {"momentum_dtype": "bfloat16"}, {"ns_dtype": "float32"}, {}),
     "muon momentum 8bit": ("muon", {"momentum_dtype": "8bit"}, {"ns_dtype": "float32"}, {"odd": 2e-2}),
     "auon low-rank momentum 8bit": ("auon", {**LOWRANK, "momentum_dtype": "8bit"}, {}, {"odd": 2e-2}),
+    # 4-bit codes: blocks of 64 values of each rank's rows (tall's and wide's 1536: whole blocks; odd's
+    # straddling blocks move its weight by up to 2.4% of its largest value)
+    "muon momentum 4bit": ("muon", {"momentum_dtype": "4bit"}, {"ns_dtype": "float32"}, {"odd": EF_TOLERANCE}),
 }
 
 
@@ -453,6 +457,7 @@ SHARDED_ENTRIES = {
     "muon": {name: {"momentum_buffer"} for name in ("tall", "wide", "odd")},
     "scale_sgd momentum": {name: {"momentum_buffer"} for name in ("tall", "wide", "odd")},
     "muon momentum 8bit": {name: {"momentum_codes", "momentum_absmax"} for name in ("tall", "wide", "odd")},
+    "muon momentum 4bit": {name: {"momentum_nf4_codes", "momentum_nf4_absmax"} for name in ("tall", "wide", "odd")},
 }
 
 

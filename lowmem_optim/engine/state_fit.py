@@ -7,7 +7,8 @@ of each parameter's saved state are checked against the parameter before anythin
 a tensor with as many dimensions as the parameter (a moment, its 8-bit codes, an error-feedback
 buffer) must have the parameter's shape, or, for a parameter projected at rank r, a matrix with
 the rows (m or r) or the columns (n or r) of a projected shape of its m x n matrix view (m x r,
-r x n, r x r; the projection matrices share them too; a packed buffer halves the other side).
+r x n, r x r; the projection matrices share them too; a packed buffer halves the other side), or
+4-bit codes packed two per byte along the rows of the matrix view (m x ceil(n / 2)).
 Statistics of one dimension (factored second moments, quantization scales, subspace indices)
 and plain numbers depend on choices of the parts, not only on the shape: they pass.
 FSDP2-sharded parameters are left to torch.distributed.checkpoint, which checks the shapes of
@@ -37,6 +38,8 @@ def misfit(param: torch.Tensor, state: dict[str, Any], rank: int | None) -> str 
             continue
         matrix = rank is not None and value.dim() == 2
         if matrix and (value.shape[0] in (view[0], rank) or value.shape[1] in (view[1], rank)):
+            continue
+        if tuple(value.shape) == (view[0], -(-view[1] // 2)):  # 4-bit codes of the matrix view, two per byte
             continue
         if matrix or value.dim() == param.dim():
             return f"{key} of shape {tuple(value.shape)}"

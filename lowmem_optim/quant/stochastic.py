@@ -1,4 +1,4 @@
-"""Stochastic rounding to bfloat16 and to blockwise 8-bit codes, for sums kept in low precision.
+"""Stochastic rounding to bfloat16 and to blockwise 8- and 4-bit codes, for sums kept in low precision.
 
 A running sum S <- round(S + x) in a low-precision format loses, with round-to-nearest, every
 increment smaller than half a step of S's magnitude, and the loss is systematic (the sum stalls).
@@ -18,14 +18,18 @@ momentum, a running average (:mod:`lowmem_optim.rules.momentum_storage`).
   of 256 values a float32 scale, and per value an index into the 256-entry signed map);
   the value y = x / scale is rounded to one of its two neighbours in the map. Decoding is
   :func:`lowmem_optim.quant.blockwise.dequantize_blockwise`.
+* 4 bits: the same with the 16 NormalFloat levels (:func:`lowmem_optim.quant.blockwise.
+  normal_float_map`, in [-1, 1] with an exact zero) and a per-block absmax, two codes per byte.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from lowmem_optim.quant.blockwise import BLOCKSIZE, dynamic_map
-from lowmem_optim.quant.groupwise import counter_uniform
+from lowmem_optim.quant.blockwise import BLOCKSIZE, dynamic_map, normal_float_map
+from lowmem_optim.quant.groupwise import counter_uniform, pack_int4
 
 #: values rounded per pass: the draws and indices of a pass are temporaries
 CHUNK = 1 << 20
@@ -60,6 +64,37 @@ def round_bfloat16(
     return out
 
 
+def round_blocks_to_levels(
+    flat: torch.Tensor,
+    levels: torch.Tensor,
+    blocksize: int,
+    keys: tuple[int, int],
+    scales: torch.Tensor,
+    offset: int,
+    write: Callable[[int, int, torch.Tensor], None],
+) -> None:
+    """The blockwise stochastic rounding both code widths share: per block of ``blocksize``
+    values of the float32 ``flat`` a scale (written into ``scales``), and per value the index of
+    one of its two neighbours among ``levels`` (ascending, in [-1, 1]), handed to ``write(start,
+    stop, codes)`` pass by pass (int32 codes of values start to stop; value i draws ``offset + i``)."""
+    numel = flat.numel()
+    # the block's scale maps its largest magnitude to the levels' nearer end, so no value lies
+    # outside the levels and none is clipped (which would bias)
+    reach = torch.minimum(levels[0].abs(), levels[-1])
+    for start in range(0, numel, CHUNK):  # CHUNK is a multiple of the block sizes: whole blocks per pass
+        stop = min(start + CHUNK, numel)
+        part = flat[start:stop]
+        blocks = -(-part.numel() // blocksize)
+        padded = torch.nn.functional.pad(part, (0, blocks * blocksize - part.numel())).view(blocks, blocksize)
+        scale = padded.abs().amax(dim=1).div_(reach)
+        scales[start // blocksize : start // blocksize + blocks] = scale
+        y = padded.div_(scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).view(-1)[: part.numel()]
+        hi = torch.searchsorted(levels, y, out_int32=True).clamp_(1, levels.numel() - 1)
+        lo = hi - 1
+        up = y.sub_(levels[lo]).div_(levels[hi] - levels[lo]).clamp_(0, 1)
+        write(start, stop, torch.where(_uniform(offset + start, offset + stop, keys, flat.device) < up, hi, lo))
+
+
 def quantize_blockwise_stochastic(
     x: torch.Tensor, keys: tuple[int, int], out: tuple[torch.Tensor, torch.Tensor], offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,24 +102,36 @@ def quantize_blockwise_stochastic(
     float32 scale per block of 256 (:func:`~lowmem_optim.quant.blockwise.dequantize_blockwise`
     takes it as its absmax), each value stochastically rounded to a neighbour in the dynamic
     map (value i gets draw ``offset + i``), in passes of :data:`CHUNK` values."""
+    codes = out[0].view(-1)
+
+    def write(start: int, stop: int, chosen: torch.Tensor) -> None:
+        codes[start:stop] = chosen.to(torch.uint8)
+
     flat = x.detach().float().reshape(-1)
-    codes, scales = out[0].view(-1), out[1]
-    numel = flat.numel()
-    code = dynamic_map(True, x.device)
-    for start in range(0, numel, CHUNK):  # CHUNK is a multiple of BLOCKSIZE: whole blocks per pass
-        stop = min(start + CHUNK, numel)
-        part = flat[start:stop]
-        blocks = -(-part.numel() // BLOCKSIZE)
-        padded = torch.nn.functional.pad(part, (0, blocks * BLOCKSIZE - part.numel())).view(blocks, BLOCKSIZE)
-        # the signed map spans [-0.993, 1]: the block's scale maps its largest magnitude to the
-        # map's smaller end, so no value lies outside the map and none is clipped (which would bias)
-        scale = padded.abs().amax(dim=1).div_(code[0].abs())
-        scales[start // BLOCKSIZE : start // BLOCKSIZE + blocks] = scale
-        y = padded.div_(scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).view(-1)[: part.numel()]
-        hi = torch.searchsorted(code, y, out_int32=True).clamp_(1, code.numel() - 1)
-        lo = hi - 1
-        up = y.sub_(code[lo]).div_(code[hi] - code[lo]).clamp_(0, 1)
-        codes[start:stop] = torch.where(_uniform(offset + start, offset + stop, keys, x.device) < up, hi, lo).to(
-            torch.uint8
-        )
+    round_blocks_to_levels(flat, dynamic_map(True, x.device), BLOCKSIZE, keys, out[1], offset, write)
+    return out
+
+
+def quantize_nf4_stochastic(
+    x: torch.Tensor,
+    keys: tuple[int, int],
+    out: tuple[torch.Tensor, torch.Tensor],
+    offset: int = 0,
+    blocksize: int = BLOCKSIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (an even number of values) as NF4 codes packed two per byte, written into ``out``:
+    codes (uint8, half as many as x's values, any shape; value 2k in byte k's low nibble, 2k + 1
+    in its high one) and a float32 absmax per block of ``blocksize`` values; each value
+    stochastically rounded to one of its two neighbouring NF4 levels (value i gets draw
+    ``offset + i``), in passes of :data:`CHUNK` values. Decoding: :func:`~lowmem_optim.quant.
+    groupwise.unpack_int4` then :func:`~lowmem_optim.quant.blockwise.dequantize_nf4`."""
+    flat = x.detach().float().reshape(-1)
+    if flat.numel() % 2:
+        raise ValueError(f"quantize_nf4_stochastic packs pairs of values: got {flat.numel()} values, an odd count")
+    packed = out[0].view(-1)
+
+    def write(start: int, stop: int, chosen: torch.Tensor) -> None:
+        packed[start // 2 : stop // 2] = pack_int4(chosen.to(torch.uint8))  # passes start at even values
+
+    round_blocks_to_levels(flat, normal_float_map(x.device), blocksize, keys, out[1], offset, write)
     return out

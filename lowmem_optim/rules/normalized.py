@@ -34,9 +34,10 @@ Newton-Schulz.
 State: the momentum M, of the shape of the tensor the rule sees (the full gradient, or the
 projected r x n / m x r one inside a low-rank group), stored as ``momentum_dtype`` asks
 (:mod:`lowmem_optim.rules.momentum_storage`): ``momentum_buffer`` in the gradient's dtype
-("auto"), float32, or with stochastic rounding in bfloat16 (2 bytes per value) or in 8-bit
-blockwise codes (1 + 4/256 bytes). The rounded forms advance M in float32 from the stored value
-and compute D from that float32 M; only what is carried to the next step is rounded.
+("auto"), float32, or with stochastic rounding in bfloat16 (2 bytes per value), in 8-bit
+blockwise codes (1 + 4/256 bytes) or in 4-bit NF4 codes (1/2 + 4/64 bytes). The rounded forms
+advance M in float32 from the stored value and compute D from that float32 M; only what is
+carried to the next step is rounded.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ MOMENTUM_DTYPE = HParam(
     "momentum_dtype",
     "auto",
     one_of(*momentum_storage.MOMENTUM_DTYPES),
-    "how M is stored: auto (the gradient's dtype), float32, or stochastically rounded bfloat16 or 8bit "
-    "(blockwise dynamic-map codes)",
+    "how M is stored: auto (the gradient's dtype), float32, or stochastically rounded bfloat16, 8bit "
+    "(blockwise dynamic-map codes) or 4bit (NF4 codes, blocks of 64)",
 )
 NS_STEPS = HParam("ns_steps", 5, integer(1, 99), "Newton-Schulz iterations")
 NS_COEFFICIENTS = HParam(
@@ -154,7 +155,7 @@ class NormalizedMomentumRule(Part):
         return momentum_storage.FIXED_DTYPE_KEYS
 
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
-        return momentum_storage.momentum_bytes(math.prod(shape), dtype, group["momentum_dtype"])
+        return momentum_storage.momentum_bytes(shape, dtype, group["momentum_dtype"])
 
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         numel = math.prod(shape)
@@ -163,7 +164,7 @@ class NormalizedMomentumRule(Part):
             return direction
         # while M is rounded: the float M, the gradient in float32, D and the rounding's temporaries
         return max(
-            direction, 4 * numel + momentum_storage.rounding_workspace_bytes(numel, dtype, group["momentum_dtype"])
+            direction, 4 * numel + momentum_storage.rounding_workspace_bytes(shape, dtype, group["momentum_dtype"])
         )
 
     def scaled_direction(

@@ -66,10 +66,11 @@ def test_eps_for_adafactor_whose_eps_is_a_pair_is_refused_by_name():
         optimizer("--optimizer=galore_adafactor", "--rank=8", "--eps=1e-6")
 
 
+@pytest.mark.parametrize("kind", ["8bit", "4bit"])
 @pytest.mark.parametrize("name", ["muon", "auon", "hybrid_auon"])
-def test_momentum_dtype_reaches_the_matrix_groups(name):
-    opt = optimizer(f"--optimizer={name}", "--momentum-dtype=8bit")
-    assert [g["momentum_dtype"] for g in opt.param_groups if g["rule"] == name] == ["8bit"]
+def test_momentum_dtype_reaches_the_matrix_groups(name, kind):
+    opt = optimizer(f"--optimizer={name}", f"--momentum-dtype={kind}")
+    assert [g["momentum_dtype"] for g in opt.param_groups if g["rule"] == name] == [kind]
 
 
 def test_momentum_dtype_is_refused_by_name_where_it_means_nothing_or_is_not_a_storage():
@@ -78,7 +79,7 @@ def test_momentum_dtype_is_refused_by_name_where_it_means_nothing_or_is_not_a_st
     with pytest.raises(ValueError, match=r"--momentum-dtype bfloat16 with --optimizer sinkgd.*allowed: .*muon\)"):
         optimizer("--optimizer=sinkgd", "--momentum-dtype=bfloat16")
     with pytest.raises(
-        ValueError, match=r"Invalid --momentum-dtype: 'int8' \(allowed: auto, float32, bfloat16, 8bit\)"
+        ValueError, match=r"Invalid --momentum-dtype: 'int8' \(allowed: auto, float32, bfloat16, 8bit, 4bit\)"
     ):
         parse_args([f"--model-config={TINY}", "--momentum-dtype=int8"])
 
