@@ -39,10 +39,11 @@ SETTINGS: dict[str, tuple[dict[str, str], list[float]]] = {
     "muon": ({"optimizer": "muon", **FULL_RANK}, [5e-3, 1e-2, 2e-2, 4e-2]),
     "auon": ({"optimizer": "auon", **FULL_RANK}, [0.05, 0.1, 0.2, 0.4]),
     "hybrid_auon": ({"optimizer": "hybrid_auon", **FULL_RANK}, [0.02, 0.05, 0.1]),
-    # Muon's momentum stored in 2 bytes and in 1 byte (stochastic rounding)
+    # Muon's momentum stored in 2 bytes, 1 byte and half a byte (stochastic rounding)
     # (variants of Muon: at its best lr, 2e-2, and the 8-bit one also at its neighbours)
     "muon_bf16": ({"optimizer": "muon", **FULL_RANK, "momentum-dtype": "bfloat16"}, [2e-2]),
     "muon_8bit": ({"optimizer": "muon", **FULL_RANK, "momentum-dtype": "8bit"}, [1e-2, 2e-2, 4e-2]),
+    "muon_4bit": ({"optimizer": "muon", **FULL_RANK, "momentum-dtype": "4bit"}, [2e-2]),
     # Muon inside the rank-64 subspace, with Fira's scaled residual giving back the rest of G
     "muon_rank64_residual": ({"optimizer": "muon", "update-form": "residual"}, [5e-3, 1e-2, 2e-2]),
     "sinkgd": ({"optimizer": "sinkgd", **FULL_RANK}, [3e-4, 1e-3, 3e-3]),
