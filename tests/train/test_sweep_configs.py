@@ -44,6 +44,7 @@ EXPECTED_TRIALS = {
     "llama60m_dct.yaml": 3 * 2,
     "llama60m_apollo.yaml": 3 * 2,
     "llama60m_apollo_mini.yaml": 3,
+    "llama60m_fira.yaml": 3 * 2,
     "llama60m_normalized.yaml": 3 * 5,
     "llama60m_stateless.yaml": 2 * 4,
     "llama60m_galore_random.yaml": 16,
