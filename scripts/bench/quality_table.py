@@ -35,10 +35,10 @@ SETTINGS: dict[str, tuple[dict[str, str], list[float]]] = {
     "galore_adamw8bit": ({"optimizer": "galore_adamw8bit"}, [2.5e-3, 5e-3, 1e-2]),
     "galore_adafactor": ({"optimizer": "galore_adafactor"}, [2.5e-3, 5e-3, 1e-2, 2e-2]),
     "q_galore_adamw8bit": ({"optimizer": "q_galore_adamw8bit"}, [2.5e-3, 5e-3, 1e-2]),
-    "dct_adamw": ({"optimizer": "dct_adamw"}, [1.25e-3, 2.5e-3, 5e-3]),
+    "dct_adamw": ({"optimizer": "dct_adamw"}, [1.25e-3, 2.5e-3, 5e-3, 6.25e-4]),
     "muon": ({"optimizer": "muon", **FULL_RANK}, [5e-3, 1e-2, 2e-2, 4e-2]),
-    "auon": ({"optimizer": "auon", **FULL_RANK}, [0.05, 0.1, 0.2, 0.4]),
-    "hybrid_auon": ({"optimizer": "hybrid_auon", **FULL_RANK}, [0.02, 0.05, 0.1]),
+    "auon": ({"optimizer": "auon", **FULL_RANK}, [0.05, 0.1, 0.2, 0.4, 0.025, 0.0125]),
+    "hybrid_auon": ({"optimizer": "hybrid_auon", **FULL_RANK}, [0.02, 0.05, 0.1, 0.01, 0.005]),
     # Muon's momentum stored in 2 bytes, 1 byte and half a byte (stochastic rounding)
     # (variants of Muon: at its best lr, 2e-2, and the 8-bit one also at its neighbours)
     "muon_bf16": ({"optimizer": "muon", **FULL_RANK, "momentum-dtype": "bfloat16"}, [2e-2]),
