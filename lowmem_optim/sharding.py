@@ -198,6 +198,12 @@ def global_numel(t: torch.Tensor, shard: RowShard | None) -> int:
     return t.numel() if shard is None else shard.rows * math.prod(t.shape[1:])
 
 
+def norm_exponent(t: torch.Tensor) -> torch.Tensor:
+    """The exponent e (0-D int) with max|t| 2^-e in [0.5, 1): the scaling that keeps every square
+    of t finite, clamped to float32's normal range."""
+    return torch.frexp(torch.linalg.vector_norm(t, ord=math.inf)).exponent.clamp_(-126, 126)
+
+
 def scaled_norm(t: torch.Tensor) -> torch.Tensor:
     """||t||_F (0-D, in t's dtype) with no square overflowing or underflowing: t is scaled by the
     power of two that brings max|t| into [0.5, 1) (as LAPACK's nrm2 scales), so the norm of
@@ -205,8 +211,7 @@ def scaled_norm(t: torch.Tensor) -> torch.Tensor:
     plain ``t.norm()`` is finite and normal, this is the same number, bit for bit."""
     if t.numel() == 0:
         return t.new_zeros(())
-    exponent = torch.frexp(torch.linalg.vector_norm(t, ord=math.inf)).exponent.clamp_(-126, 126)
-    scale = torch.ldexp(torch.ones((), dtype=t.dtype, device=t.device), -exponent)
+    scale = torch.ldexp(torch.ones((), dtype=t.dtype, device=t.device), -norm_exponent(t))
     return torch.mul(t, scale).norm().div_(scale)
 
 

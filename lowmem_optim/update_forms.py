@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from lowmem_optim.parts import HParam, Part, number, optional
-from lowmem_optim.sharding import RowShard, global_norm, global_sum
+from lowmem_optim.sharding import RowShard, global_norm, global_sum, norm_exponent
 
 #: the state key of the limiter's history: ||S_{t-1} / lr_{t-1}||
 LIMITER_KEY = "update_norm"
@@ -215,7 +215,7 @@ def channel_ratio(update: torch.Tensor, low: torch.Tensor, dim: int) -> torch.Te
 def _scaled_norms(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(||t_j 2^-e|| along ``dim`` in float32, e): e brings max|t| into [0.5, 1)."""
     t = t.float()
-    exponent = torch.frexp(torch.linalg.vector_norm(t, ord=math.inf)).exponent.clamp_(-126, 126)
+    exponent = norm_exponent(t)
     return torch.linalg.vector_norm(torch.ldexp(t, -exponent), dim=dim), exponent
 
 

@@ -81,7 +81,10 @@ def tuned_rows(rows: list[dict[str, Any]], hparams: list[str]) -> list[dict[str,
 
 
 def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    """``value`` formatted by ``spec`` (a trailing "%" is printed after the number), "-" for None."""
+    if value is None:
+        return "-"
+    return format(value, spec[:-1]) + "%" if spec.endswith("%") else format(value, spec)
 
 
 def tuned_markdown(rows: list[dict[str, Any]], source: str) -> str:
@@ -103,7 +106,7 @@ def tuned_markdown(rows: list[dict[str, Any]], source: str) -> str:
         lines.append(
             f"| {r['setting']} | {grid} | {best} | {r['mean']:.4f} | {_fmt(r['std'], '.4f')} | "
             f"{r['seeds']} | {_fmt(r['bytes_per_matrix_param'], '.2f')} | {_fmt(r['bytes_per_param'], '.2f')} | "
-            f"{_fmt(r['time_vs_adamw'], '.2f')} | {_fmt(r['vs_muon_pct'], '+.1f')}% |".replace("| -% |", "| - |")
+            f"{_fmt(r['time_vs_adamw'], '.2f')} | {_fmt(r['vs_muon_pct'], '+.1f%')} |"
         )
     return "\n".join(lines) + "\n"
 
