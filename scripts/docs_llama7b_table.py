@@ -5,7 +5,7 @@
     python scripts/docs_llama7b_table.py --record RUN/memory_trace.json [--gpu-memory 16]
 
 Rows are the recorded traces (docs/llama7b_traces.json: one per recipe and micro-batch, each
-written by ``--record`` from the output of scripts/bench/memory_trace.py, with the command that
+written by ``--record`` from the output of python -m train.memory_trace, with the command that
 made it). For each row the page gives the memory model's prediction for the same flags, computed
 now (:func:`lowmem_optim.tools.memory.estimate_memory`), the traced peak and its split, and the peak
 measured on a GPU where a run recorded one (``gpu`` in the row). Every 7B memory figure the
@@ -30,9 +30,7 @@ PAGE = REPO / "docs" / "llama7b_memory.md"
 TRACES = REPO / "docs" / "llama7b_traces.json"
 CONFIG = "configs/llama_7b.json"
 GIB = 2**30
-TRACE_COMMAND = (
-    "ENTRY=scripts/bench/memory_trace.py GPU_MEMORY={card} BATCH_SIZE={batch} bash scripts/pretrain_llama7b.sh"
-)
+TRACE_COMMAND = "ENTRY=train.memory_trace GPU_MEMORY={card} BATCH_SIZE={batch} bash scripts/pretrain_llama7b.sh"
 
 
 def gib(value: int) -> str:
@@ -72,7 +70,7 @@ def page(rows: list[dict]) -> str:
         "`scripts/pretrain_llama7b.sh` (`GPU_MEMORY` 12, 16, 24; 512 sequences of 256 tokens per",
         "update). *Predicted*: the memory model (`lowmem-optim memory`, [memory.md](memory.md)).",
         "*Traced*: the recipe's own training step at full shapes on valueless tensors, every live",
-        "storage counted (`scripts/bench/memory_trace.py`, [memory.md](memory.md#a-traced-7b-step));",
+        "storage counted (`python -m train.memory_trace`, [memory.md](memory.md#a-traced-7b-step));",
         "its peak is what `torch.cuda.max_memory_allocated` would count before allocator rounding",
         "(the CUDA context, 0.3-0.5 GiB, comes on top). *GPU*: measured by",
         "`scripts/bench/gpu_session.sh` where a run recorded it. The budget of a card is what",
@@ -112,7 +110,7 @@ def page(rows: list[dict]) -> str:
 
 
 def record(path: Path, card: int) -> None:
-    """Add (or replace) the row of a trace written by scripts/bench/memory_trace.py."""
+    """Add (or replace) the row of a trace written by python -m train.memory_trace."""
     from train.config import TrainConfig
     from train.memory_trace import training_setup
 

@@ -15,7 +15,7 @@
 #   ~10x cheaper per matrix) shortens that, as scripts/bench/gpu_session.sh does. Projecting the
 #   MLP matrices on their other side (--proj-type=reverse_std) would shrink moments and buffers
 #   (r x 4096 instead of 11008 x r) but trained 6.1% worse on the CPU benchmark (galore_svd_reverse
-#   in scripts/bench/dct_ablations.py), so the recipe keeps GaLore's side.
+#   in docs/benchmarks.md), so the recipe keeps GaLore's side.
 #
 # Usage:  bash scripts/pretrain_llama7b.sh [extra train flags, which override the recipe's]
 #   GPU_MEMORY (12, 16 or 24; default: from the GPU's total memory, the largest recipe it holds)
@@ -23,15 +23,15 @@
 #   MICRO_BATCHES: micro-batches per update instead of TOTAL_BATCH_SIZE / BATCH_SIZE (a short check)
 #   DATA (c4; builtin runs offline)
 #   OPTIMIZER (q_galore_adamw8bit)  PYTHON (python)
-#   ENTRY: a script that takes the recipe's flags instead of `python -m train` (scripts/bench/step_split.py;
-#     scripts/bench/memory_trace.py, which traces the recipe on the CPU: give GPU_MEMORY)
+#   ENTRY: a module run instead of `python -m train` with the recipe's flags (train.memory_trace,
+#     which traces the recipe on the CPU: give GPU_MEMORY; scripts.bench.step_split)
 #   SMOKE=1: the same recipe on llama_tiny for 3 steps, on CPU or GPU (checks the wiring, not memory)
 # Without a CUDA GPU (and without SMOKE=1 or ENTRY) it stops with a message.
 #
 # One recipe per card (`lowmem-optim fit` answers the same question for any model and card).
 # Every recipe: 512 sequences of 256 tokens per update, layer-wise updates, activation
 # checkpointing, bf16, 8-bit accumulation buffers, INT4 projections. Predicted and traced peaks
-# (scripts/bench/memory_trace.py) are in docs/llama7b_memory.md:
+# (train.memory_trace) are in docs/llama7b_memory.md:
 #   16: INT8 weights, rank 1024, micro-batches of 4 (of 8 it traces at 14.15 GiB, over its 14).
 #   12: INT8 weights, rank 256, micro-batches of 8.
 #   24: bf16 weights (no INT8 dequantization in forward, recomputation and backward, no
@@ -88,11 +88,7 @@ else
 fi
 if [ -n "${MICRO_BATCHES:-}" ]; then total=$((batch * MICRO_BATCHES)); fi
 
-entry=(-m train)
-if [ -n "${ENTRY:-}" ]; then  # a file run as a script imports the repository's packages from the root
-    entry=("$ENTRY") && export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-exec "$PYTHON" "${entry[@]}" \
+exec "$PYTHON" -m "${ENTRY:-train}" \
     --model-config="$model" --optimizer="${OPTIMIZER:-q_galore_adamw8bit}" \
     --weight-bits="$weight_bits" --proj-bits=4 --layerwise --activation-checkpointing --dtype=bfloat16 \
     --rank="$rank" --update-proj-gap=500 --stagger --scale=0.25 --lr=0.004 --weight-decay=0 \

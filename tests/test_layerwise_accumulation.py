@@ -267,3 +267,27 @@ def test_clipping_scales_a_projected_parameters_summed_projection_by_its_own_nor
         accumulated_steps(ours, chunk)
     for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12, msg=name)
+
+
+def test_micro_batches_find_their_parameters_without_rebuilding_the_index(monkeypatch):
+    """The hot path is O(1) per parameter: once attached, micro-batches and updates (refresh
+    steps included) look parameters up in the index built with the groups, which also holds
+    each group's parts; neither is rebuilt per call."""
+    from lowmem_optim.engine import optimizer as optimizer_module
+
+    model = tiny_model()
+    opt = galore(model, gap=2)
+    layerwise.attach(opt, accumulation_steps=K, accumulation_buffer="float32")
+    builds = []
+
+    class CountedIndex(optimizer_module.ParamIndex):
+        def __init__(self, param_groups):
+            builds.append(len(param_groups))
+            super().__init__(param_groups)
+
+    monkeypatch.setattr(optimizer_module, "ParamIndex", CountedIndex)
+    before = [p.detach().clone() for p in model.parameters()]
+    accumulated_steps(model, batches(3 * K))  # steps 1-3: two of them refresh
+    assert all(int(opt.state[p]["step"]) == 3 for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert builds == []

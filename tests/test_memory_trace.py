@@ -4,6 +4,7 @@ model held to the trace of each 7B recipe's settings at small shapes (train.memo
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -76,3 +77,15 @@ def test_memory_model_is_within_5_percent_of_the_trace_for_each_7b_recipe_at_sma
     predicted = result["predicted"]["total_bytes"]
     assert abs(predicted / result["peak_bytes"] - 1) <= 0.05, result
     assert result["peak_split"]["optimizer_states"] > 0 and result["peak_split"]["accumulation_buffers"] > 0
+
+
+def test_the_module_traces_the_run_its_training_flags_describe_and_writes_the_json(tmp_path, capsys):
+    from train.memory_trace import main
+
+    flags = ["--model-config", "configs/llama_tiny.json", "--optimizer", "galore_adamw", "--rank", "8", "--layerwise"]
+    flags += ["--batch-size", "2", "--total-batch-size", "8", "--seq-len", "16", "--output-dir", str(tmp_path)]
+    result = main(flags)
+    written = json.loads((tmp_path / "memory_trace.json").read_text())
+    assert written["peak_bytes"] == result["peak_bytes"] > 0 and written["micro_batches"] == 3
+    assert written["config"]["layerwise"] and written["config"]["rank"] == 8
+    assert f"traced peak {result['peak_bytes'] / 2**30:.3f} GiB" in capsys.readouterr().out

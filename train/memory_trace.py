@@ -26,10 +26,20 @@ Where CUDA differs (the trace runs torch's CPU kernels on fake CPU tensors):
 * the trace counts storages' bytes, as ``torch.cuda.max_memory_allocated`` counts blocks: the
   caching allocator rounds each block up (to 512 bytes; 2 MiB segments) and the CUDA context
   (0.3-0.5 GiB) is outside both, so the card needs more than the traced peak.
+
+``python -m train.memory_trace`` takes the flags of ``python -m train``, traces that run and
+writes ``<--output-dir>/memory_trace.json`` (no data, no checkpoint). The 7B recipes, their
+flags unchanged (minutes on two cores; the figures are in docs/llama7b_memory.md):
+
+    ENTRY=train.memory_trace GPU_MEMORY=16 bash scripts/pretrain_llama7b.sh
+    SMOKE=1 ENTRY=train.memory_trace bash scripts/pretrain_llama7b.sh   # tiny, seconds
 """
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -40,7 +50,7 @@ from lowmem_optim.tools.llama_config import load_llama_config
 from lowmem_optim.tools.memory import TrainingSetup, estimate_memory
 from lowmem_optim.tools.memory_trace import CATEGORIES, StorageTrace, fake_tensors
 from train import distributed
-from train.config import TrainConfig
+from train.config import TrainConfig, parse_args
 from train.loop import _train_step, accumulation_steps, attach_layerwise
 from train.model import run_model
 from train.optim import make_optimizer
@@ -137,3 +147,29 @@ def trace_training(cfg: TrainConfig, *, steps: int = 2, micro_batches: int = TRA
         "predicted": estimate_memory(config, training_setup(cfg)).as_dict(),
         "host_reads": dict(trace.host_reads),
     }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Trace the run the training CLI's flags describe; write and print the per-phase peaks."""
+    cfg = parse_args(argv)
+    begin = time.perf_counter()
+    result = {**trace_training(cfg), "config": cfg.to_dict()}
+    result["seconds"] = time.perf_counter() - begin
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.output_dir) / "memory_trace.json").write_text(json.dumps(result, indent=1))
+    gib, names = 2.0**30, result["categories"]
+    print(f"{'phase':<22}{'peak GiB':>10}" + "".join(f"{n[:12]:>13}" for n in names))
+    for phase, peak in result["phases"].items():
+        print(f"{phase:<22}{peak['bytes'] / gib:>10.3f}" + "".join(f"{peak['split'][n] / gib:>13.3f}" for n in names))
+    predicted = result["predicted"]["total_bytes"]
+    print(
+        f"traced peak {result['peak_bytes'] / gib:.3f} GiB ({result['peak_phase']}); memory model "
+        f"{predicted / gib:.3f} GiB ({predicted / result['peak_bytes'] - 1:+.1%}); "
+        f"{result['micro_batches']} micro-batches per step traced; host reads answered by stand-ins: "
+        f"{sum(result['host_reads'].values())}; {result['seconds']:.0f} s"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()

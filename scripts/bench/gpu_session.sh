@@ -71,7 +71,7 @@ print('torch', torch.__version__, 'bitsandbytes', bitsandbytes.__version__, 'cod
 assert codes.device.type == '$device' and error < 0.02
 "
 for card in 16 12 24; do
-    step "1. the ${card} GB 7B recipe vs the floor" 100 "${recipe[@]}" ENTRY=scripts/bench/step_split.py GPU_MEMORY="$card" \
+    step "1. the ${card} GB 7B recipe vs the floor" 100 "${recipe[@]}" ENTRY=scripts.bench.step_split GPU_MEMORY="$card" \
         STEPS=2 MICRO_BATCHES=4 DATA=builtin OUTPUT_DIR="$out/split$card" PYTHON="$PY" \
         bash scripts/pretrain_llama7b.sh --proj-method=randomized_svd
 done

@@ -18,8 +18,8 @@ Protocol (one process, the recipe's own flags: those of ``python -m train``):
 - Written to ``<--output-dir>/step_split.json`` and printed. No checkpoint, no data set.
 
 Usage (the 7B recipe, its flags unchanged):
-  ENTRY=scripts/bench/step_split.py STEPS=4 bash scripts/pretrain_llama7b.sh --proj-method=randomized_svd
-  SMOKE=1 ENTRY=scripts/bench/step_split.py bash scripts/pretrain_llama7b.sh   # tiny, on CPU
+  ENTRY=scripts.bench.step_split STEPS=4 bash scripts/pretrain_llama7b.sh --proj-method=randomized_svd
+  SMOKE=1 ENTRY=scripts.bench.step_split bash scripts/pretrain_llama7b.sh   # tiny, on CPU
 """
 
 from __future__ import annotations

@@ -62,17 +62,13 @@ def median_seconds(
     return statistics.median(times)
 
 
-def llama(
-    config: str | Path = LLAMA_60M, seed: int = 0, device: torch.device | str = "cpu", **overrides: Any
-) -> torch.nn.Module:
+def llama(config: str | Path = LLAMA_60M, seed: int = 0, device: torch.device | str = "cpu") -> torch.nn.Module:
     """HF ``LlamaForCausalLM`` from a config JSON (default ``configs/llama_60m.json``, GaLore's
     60M: hidden 512, MLP 1376, 8 layers, vocab 32000, untied head), float32, its weights drawn
-    after ``manual_seed(seed)`` on ``device`` (``"meta"``: shapes only); ``overrides`` replace
-    entries of the config (e.g. a toy width with the same layout)."""
+    after ``manual_seed(seed)`` on ``device`` (``"meta"``: shapes only)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     settings = LlamaConfig.from_json_file(config)
-    settings.update(overrides)
     torch.manual_seed(seed)
     with torch.device(device):
         return LlamaForCausalLM(settings)
