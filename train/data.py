@@ -40,9 +40,12 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from train.config import TrainConfig
 
 #: stdlib folders that hold tests, GUIs or vendored code rather than documentation
 _STDLIB_SKIP = frozenset(
@@ -489,6 +492,22 @@ def build_data(
     if device is not None:
         data.train = Prefetched(data.train, device)
     return data
+
+
+def run_data(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device | str | None = None) -> Data:
+    """The data as ``python -m train`` builds it from ``cfg`` for ``rank`` of ``world`` (:func:`build_data`)."""
+    return build_data(
+        cfg.data,
+        run_tokenizer(cfg.to_dict()),
+        cfg.seq_len,
+        cfg.batch_size,
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        eval_batches=cfg.eval_batches,
+        rank=rank,
+        world=world,
+        device=device,
+    )
 
 
 def _build_data(

@@ -23,7 +23,7 @@ from torch import nn
 from lowmem_optim.tools.llama_config import SIZING_KEYS, load_llama_config
 from train import RunStopped, checkpoint, distributed, outdir, preemption, resumption
 from train.config import RESUMABLE_CHANGES, TrainConfig
-from train.data import Data, build_data, fingerprint, run_tokenizer
+from train.data import Data, fingerprint, run_data
 from train.metrics import Metrics, peak_memory, perplexity
 from train.model import count_parameters, pretrained_config, run_model
 from train.optim import make_optimizer, make_scheduler, matrix_weights, optimizer_state_bytes, state_bytes
@@ -153,7 +153,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
         changed = resumption.check(resumed["config"], cfg.to_dict(), d.world, allowed=cfg.allow_resume_changes)
 
     # ---- data, model, optimizer, schedule ----
-    data = _build_data(cfg, d)
+    data = run_data(cfg, d.rank, d.world, d.device)
     model = _build_model(cfg, d, data, config_path)
     n_params = count_parameters(model)
     matrices = matrix_weights(model, cfg)
@@ -214,21 +214,6 @@ def _run(cfg: TrainConfig, d: distributed.Dist, out: Path, accum: int) -> Traine
         wiring.progress.close()
         metrics.close()
     return Trained(metrics.records, model, optimizer)
-
-
-def _build_data(cfg: TrainConfig, d: distributed.Dist) -> Data:
-    return build_data(
-        cfg.data,
-        run_tokenizer(cfg.to_dict()),
-        cfg.seq_len,
-        cfg.batch_size,
-        seed=cfg.seed,
-        val_fraction=cfg.val_fraction,
-        eval_batches=cfg.eval_batches,
-        rank=d.rank,
-        world=d.world,
-        device=d.device,
-    )
 
 
 def _build_model(cfg: TrainConfig, d: distributed.Dist, data: Data, config_path: str) -> nn.Module:

@@ -33,7 +33,7 @@ from lowmem_optim.projection.base import projection_sides
 from lowmem_optim.projection.dct import dct_spectrum, select_indices
 from train import checkpoint
 from train.config import TrainConfig
-from train.data import build_data
+from train.data import run_data
 from train.model import run_model
 
 #: column -> (DCT type, score); "svd" is the top singular vectors
@@ -42,15 +42,7 @@ KINDS = {"SVD": None, "DCT-II L1": (2, "l1"), "DCT-II L2": (2, "l2"), "DCT-III L
 
 def gradient_at(cfg: TrainConfig, payload: dict | None) -> torch.nn.Module:
     """The model with the gradient of the first batch after ``payload``'s step (None: step 0)."""
-    data = build_data(
-        cfg.data,
-        cfg.tokenizer,
-        cfg.seq_len,
-        cfg.batch_size,
-        seed=cfg.seed,
-        val_fraction=cfg.val_fraction,
-        eval_batches=cfg.eval_batches,
-    )
+    data = run_data(cfg)
     as_run = dataclasses.replace(cfg, dtype="float32", weight_bits=16, init_from=None)
     model = run_model(as_run, torch.device("cpu"), data.tokenizer.vocab_size)
     if payload is not None:

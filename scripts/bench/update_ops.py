@@ -1,4 +1,4 @@
-"""What one optimizer update of a 7B-width matrix costs: aten ops, host-device syncs, temporaries, CPU time.
+"""What one optimizer update at 7B width costs: aten ops, host-device syncs, temporaries (and CPU time).
 
 Protocol (figures in the docs come from this script, as printed):
 - One weight of LLaMA-7B's ``down_proj`` shape (4096 x 11008, ``--shape``) alone in a model, in
@@ -13,23 +13,20 @@ Protocol (figures in the docs come from this script, as printed):
   syncs`` of step 1; ``alloc MiB`` (every new storage of step 2) and ``peak MiB`` (the most of
   them alive at once). ``fused ...``: INT8 step 2 as CUDA runs it, each compiled pass of
   :mod:`lowmem_optim.quant.groupwise` one op (:func:`lowmem_optim.tools.op_count.as_one_op`).
-- CPU time in ``--cpu-dtype`` (float32: bf16 matmuls are emulated on these CPUs), ``--threads``
-  threads: step 1 by randomized SVD without power iteration for the SVD-based optimizers (an
-  exact SVD of 4096 x 11008 takes minutes; the timed steps do not depend on it), then the median
-  ``time.process_time()`` of ``--steps`` steps; ``CPU ops`` / ``CPU alloc MiB`` / ``CPU peak
-  MiB`` count one more step there ("-" on meta where a step cannot run there). ``--no-time``
-  skips this part.
+  Their CPU time: ``python -m scripts.bench.peers --matrix 4096x11008 --rank 1024``.
 
 ``--full-rank CONFIG``: the full-rank parameters of a LLaMA config instead (embedding, head, the
 2 L + 1 RMSNorm weights: the 7B recipe's full-rank group) in one group without a rank, stepped
 by ``galore_adamw``'s ``step()`` and its ``step_param`` per parameter (layer-wise), torch's
 AdamW with and without ``foreach``, and ``q_galore_adamw8bit``'s ``step()`` (eager 8-bit
 moments): counts of step 2 on meta (``device ops`` leaves out ops on CPU tensors only, the step
-counters) and its CPU time; ``fused device ops`` / ``fused peak MiB``: the 8-bit step with
-bitsandbytes' fused kernel one op per parameter, as CUDA runs it.
+counters); ``fused device ops`` / ``fused peak MiB``: the 8-bit step with bitsandbytes' fused
+kernel one op per parameter, as CUDA runs it; ``CPU ms``: the median ``time.process_time()`` of
+``--steps`` steps after the first, in ``--cpu-dtype`` (float32: bf16 matmuls are emulated on
+these CPUs) with ``--threads`` threads (``--no-time``: skipped).
 
 Usage:
-  OMP_NUM_THREADS=1 python -m scripts.bench.update_ops [--rank 1024] [--steps 3] [--json out.json]
+  OMP_NUM_THREADS=1 python -m scripts.bench.update_ops [--rank 1024] [--json out.json]
   OMP_NUM_THREADS=1 python -m scripts.bench.update_ops --full-rank configs/llama_7b.json --no-time
 """
 
@@ -55,7 +52,6 @@ from lowmem_optim.tools.op_count import OpCounter, as_one_op
 from scripts.bench.toolkit import OneMatrix, markdown_table, median_seconds, set_gradients, write_json
 
 NO_REFRESH_GAP = 10**6
-SVD_BASED = ("galore_adamw", "galore_adafactor", "galore_adamw8bit", "q_galore_adamw8bit")
 FULL_RANK_WAYS = (
     "galore_adamw step",
     "galore_adamw step_param",
@@ -136,12 +132,6 @@ def lowrank_figures(name: str, args: argparse.Namespace, int8: bool) -> dict[str
             optimizer = build(model)
             counted(model, optimizer.step, 1)
             row.update(figures(counted(model, optimizer.step, 2), "fused_"))
-    if not args.no_time:  # step 1 by randomized SVD: an exact SVD at 7B width takes minutes
-        model = OneMatrix(shape, getattr(torch, args.cpu_dtype), "cpu", int8)
-        extra = {"proj_method": "randomized_svd", "power_iters": 0} if name in SVD_BASED else {}
-        optimizer = build(model, **extra)
-        row["cpu_s"] = cpu_seconds(model, optimizer.step, args.steps)
-        row.update(figures(counted(model, optimizer.step, args.steps + 2), "cpu_"))
     return row
 
 
@@ -193,8 +183,7 @@ DISPATCH_COLUMNS = (
 )
 DISPATCH_COLUMNS += (("refresh syncs", "refresh_syncs"), ("alloc MiB", "alloc_bytes"), ("peak MiB", "peak_bytes"))
 DISPATCH_COLUMNS += (("fused ops", "fused_ops"), ("fused alloc MiB", "fused_alloc_bytes"))
-DISPATCH_COLUMNS += (("fused peak MiB", "fused_peak_bytes"), ("CPU ms", "cpu_s"), ("CPU ops", "cpu_ops"))
-DISPATCH_COLUMNS += (("CPU alloc MiB", "cpu_alloc_bytes"), ("CPU peak MiB", "cpu_peak_bytes"))
+DISPATCH_COLUMNS += (("fused peak MiB", "fused_peak_bytes"),)
 FULL_RANK_COLUMNS = (("ops", "ops"), ("device ops", "device_ops"), ("syncs", "syncs"), ("alloc MiB", "alloc_bytes"))
 FULL_RANK_COLUMNS += (("peak MiB", "peak_bytes"), ("fused device ops", "fused_device_ops"))
 FULL_RANK_COLUMNS += (("fused peak MiB", "fused_peak_bytes"), ("CPU ms", "cpu_s"))
@@ -203,13 +192,9 @@ FULL_RANK_COLUMNS += (("fused peak MiB", "fused_peak_bytes"), ("CPU ms", "cpu_s"
 def _cell(key: str, value: float | None) -> str:
     if value is None:
         return "-"
-    return (
-        f"{value / 2**20:.1f}"
-        if key.endswith("_bytes")
-        else f"{1000 * value:.0f}"
-        if key.endswith("_s")
-        else f"{value}"
-    )
+    if key.endswith("_bytes"):
+        return f"{value / 2**20:.1f}"
+    return f"{1000 * value:.0f}" if key.endswith("_s") else f"{value}"
 
 
 def _table(first: tuple[str, ...], columns: tuple[tuple[str, str], ...], rows: list[dict[str, Any]]) -> str:
@@ -227,7 +212,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--optimizers", default=",".join(sorted(LOWRANK_OPTIMIZERS)))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-time", action="store_true", help="skip the CPU timing")
+    parser.add_argument("--no-time", action="store_true", help="--full-rank: skip the CPU timing")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--full-rank", metavar="CONFIG", help="the full-rank parameters of this LLaMA config instead")
     args = parser.parse_args(argv)
