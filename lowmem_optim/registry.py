@@ -100,10 +100,14 @@ def build_optimizer(
     go to the group of the linear layers selected by ``target_modules``; every other
     hyperparameter goes to the constructor. For :data:`MATRIX_OPTIMIZERS` the selected linear and conv weights
     form the matrix group (with the low-rank keys, if given: the rule then runs in a subspace)
-    and the rest gets AdamW. Keys whose value is None are dropped (the class default applies).
+    and the rest gets AdamW. A key whose value is None is dropped (the class default applies),
+    unless the class's default is another value: there None is a choice of its own
+    (``error_feedback=None`` turns DCTAdamW's NF4 feedback off; ``norm_growth_limit=None`` turns
+    APOLLO's and Fira's limiter off; ``proj_bits=None`` keeps Q-GaLore's projections unquantized).
     """
     cls = get_optimizer_class(name)
-    hparams = {k: v for k, v in hparams.items() if v is not None}
+    chosen = declared_defaults(cls) if issubclass(cls, ComposedOptimizer) else {}
+    hparams = {k: v for k, v in hparams.items() if v is not None or chosen.get(k) is not None}
     lowrank_keys = lowrank_hparams()
     if name in LOWRANK_OPTIMIZERS or name in MATRIX_OPTIMIZERS:
         lowrank = {**lowrank_defaults(name), **{k: hparams.pop(k) for k in lowrank_keys if k in hparams}}

@@ -159,8 +159,11 @@ def test_llama7b_recipe_of_each_card_is_the_one_fit_chooses_and_is_predicted_wit
     assert (cfg.total_batch_size, cfg.accumulation_buffer, cfg.seq_len) == (512, "8bit", 256)
     config = json.loads((CONFIGS / "llama_7b.json").read_text())
     fit = fitting(config, card, 256, 512)
-    assert fit is not None and training_setup(cfg) == fit.setup
-    estimate = estimate_memory(config, training_setup(cfg))
+    setup = training_setup(cfg)  # with the recipe's flags that change no byte (gap, stagger, scale)
+    assert dict(setup.optimizer_kwargs) == {"update_proj_gap": 500, "stagger": True, "scale": 0.25}
+    assert fit is not None and dataclasses.replace(setup, optimizer_kwargs=()) == fit.setup
+    estimate = estimate_memory(config, setup)
+    assert estimate == fit.estimate
     assert estimate.total_bytes <= budget_bytes(card)
     if cfg.weight_bits == 8:
         assert 6.5 * 2**30 < estimate.weights_bytes < 7 * 2**30  # 6.5B INT8 linear weights + bf16 embeddings

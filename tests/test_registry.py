@@ -39,3 +39,15 @@ def test_each_class_of_the_package_carries_the_name_the_registry_lists_it_under(
 
     ours = {name: get_optimizer_class(name) for name, path in OPTIMIZERS.items() if path.startswith("lowmem_optim.")}
     assert ours and {name: cls.registry_name for name, cls in ours.items()} == {name: name for name in ours}
+
+
+def test_none_is_a_choice_where_the_class_defaults_to_another_value_and_unset_elsewhere():
+    model = tiny_llama()
+    lowrank = lambda opt: opt.param_groups[1]  # noqa: E731
+    assert lowrank(build_optimizer("dct_adamw", model, rank=4))["error_feedback"] == "nf4"
+    assert lowrank(build_optimizer("dct_adamw", model, rank=4, error_feedback=None))["error_feedback"] is None
+    assert lowrank(build_optimizer("fira", model, rank=4, norm_growth_limit=None))["norm_growth_limit"] is None
+    assert lowrank(build_optimizer("q_galore_adamw8bit", model, rank=4, proj_bits=None))["proj_bits"] is None
+    # None where the class's default is None: dropped, as before (APOLLO-Mini's rank 1 stays)
+    assert lowrank(build_optimizer("apollo_mini", model, rank=None))["rank"] == 1
+    assert lowrank(build_optimizer("galore_adamw", model, rank=4, proj_bits=None))["proj_bits"] is None

@@ -62,16 +62,25 @@ def _opt(default: Any, help: str, **more: Any) -> Any:
 
 
 #: the low-rank setup's flags, one per key a part declares (lowmem_optim.engine.lowrank_hparams);
-#: None leaves the optimizer's default
+#: unset (None) leaves the optimizer's default
 LOWRANK_HPARAMS = lowrank_hparams()
+#: given on the command line for a low-rank flag whose None is a choice (error feedback off, no
+#: norm-growth limiter, unquantized projections), this value chooses None even where the
+#: optimizer's default is another (DCTAdamW's NF4 feedback); ``--rank`` None is always unset
+EXPLICIT_NONE = "none"
+NONE_CHOOSABLE = tuple(name for name, hp in LOWRANK_HPARAMS.items() if hp.check(None) and name != "rank")
+
+
+def _lowrank_help(name: str) -> str:
+    hp = LOWRANK_HPARAMS[name]
+    chosen = f"; {EXPLICIT_NONE}: None, whatever the optimizer's default" if name in NONE_CHOOSABLE else ""
+    return f"{hp.doc} (allowed: {hp.check.allowed}; unset: the optimizer's default{chosen})"
+
+
 LowRankFlags = dataclasses.make_dataclass(
     "LowRankFlags",
     [
-        (
-            name,
-            f"{hp.check.type.__name__} | None",
-            _opt(None, f"{hp.doc} (allowed: {hp.check.allowed}; unset: the optimizer's default)"),
-        )
+        (name, f"{hp.check.type.__name__} | None", _opt(None, _lowrank_help(name)))
         for name, hp in LOWRANK_HPARAMS.items()
     ],
 )
@@ -210,9 +219,8 @@ class TrainConfig(LowRankFlags):
                 raise ValueError(
                     f"Invalid --{_kebab(f.name)}: {getattr(self, f.name)!r} (allowed: {', '.join(map(str, choices))})"
                 )
-        for name, hp in LOWRANK_HPARAMS.items():
-            if getattr(self, name) is not None:
-                hp.validate(getattr(self, name), f"--{_kebab(name)}")
+        for name, value in self.lowrank_flags().items():
+            LOWRANK_HPARAMS[name].validate(value, f"--{_kebab(name)}")
         if self.betas is not None and (self.beta1 is not None or self.beta2 is not None):
             raise ValueError(f"--betas {self.betas!r} and --beta1/--beta2 both given (allowed: one of the two forms)")
         if self.adam_betas is not None:
@@ -275,6 +283,13 @@ class TrainConfig(LowRankFlags):
     def torch_dtype_name(self) -> str:
         return DTYPES[self.dtype]
 
+    def lowrank_flags(self) -> dict[str, Any]:
+        """The low-rank flags given, by group key (:data:`EXPLICIT_NONE` read as None); unset ones left out."""
+        given = {name: getattr(self, name) for name in LOWRANK_HPARAMS if getattr(self, name) is not None}
+        return {
+            name: None if value == EXPLICIT_NONE and name in NONE_CHOOSABLE else value for name, value in given.items()
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -296,6 +311,17 @@ def parse_bool(text: str) -> bool:
 def _optional(convert: type):
     def parse(text: str) -> Any:
         return None if text.strip().lower() in ("none", "null", "") else convert(text)
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+def _none_choosable(convert: type):
+    """As :func:`_optional`, but ``none`` / ``null`` given is kept as :data:`EXPLICIT_NONE`."""
+
+    def parse(text: str) -> Any:
+        lowered = text.strip().lower()
+        return EXPLICIT_NONE if lowered in ("none", "null") else None if not lowered else convert(text)
 
     parse.__name__ = convert.__name__
     return parse
@@ -329,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
         if base is bool:
             # "--flag" alone means True; "--flag=False" / "--flag False" as wandb's agent writes them
             kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
+        elif f.name in NONE_CHOOSABLE:
+            kwargs["type"] = _none_choosable(base)
         else:
             kwargs["type"] = _optional(base) if optional else base
         parser.add_argument(*names, **kwargs)

@@ -85,7 +85,7 @@ def attach_layerwise(cfg: TrainConfig, optimizer: torch.optim.Optimizer, accum: 
     from lowmem_optim import layerwise
 
     buffer = cfg.accumulation_buffer if hasattr(optimizer, "finish_step") else "full"
-    if accum > 1 and buffer != "full" and cfg.error_feedback is not None:
+    if accum > 1 and buffer != "full" and cfg.lowrank_flags().get("error_feedback") is not None:
         raise ValueError(
             f"--error-feedback {cfg.error_feedback} with --layerwise and {accum} micro-batches per step needs "
             f"--accumulation-buffer full: the feedback needs each step's whole gradient, which --accumulation-buffer "

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from lowmem_optim.groups import parse_target_modules
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS
 from lowmem_optim.tools.llama_config import load_llama_config
 from lowmem_optim.tools.memory import TrainingSetup, estimate_memory
 from lowmem_optim.tools.memory_trace import CATEGORIES, StorageTrace, fake_tensors
@@ -60,13 +61,20 @@ TRACED_MICRO_BATCHES = 3
 
 
 def training_setup(cfg: TrainConfig) -> TrainingSetup:
-    """The memory model's setup for a run's flags."""
+    """The memory model's setup for a run's flags: every low-rank flag given (an optimizer without
+    param groups ignores them, as the training CLI does) and ``--momentum-dtype``."""
+    flags = cfg.lowrank_flags() if cfg.optimizer in LOWRANK_OPTIMIZERS | MATRIX_OPTIMIZERS else {}
+    flags.pop("rank", None)
+    proj_bits = flags.pop("proj_bits") if flags.get("proj_bits") is not None else None  # None given: a choice
+    if cfg.momentum_dtype is not None:
+        flags["momentum_dtype"] = cfg.momentum_dtype
     return TrainingSetup(
         optimizer=cfg.optimizer,
         rank=cfg.rank,
         weight_bits=32 if cfg.torch_dtype_name == "float32" else cfg.weight_bits,  # the model's name for fp32
         dtype=cfg.torch_dtype_name,
-        proj_bits=cfg.proj_bits,
+        proj_bits=proj_bits,
+        optimizer_kwargs=tuple(flags.items()),
         batch_size=cfg.batch_size,
         seq_len=cfg.seq_len,
         activation_checkpointing=cfg.activation_checkpointing,

@@ -61,7 +61,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         hparams["momentum_dtype"] = cfg.momentum_dtype
     if issubclass(cls, ComposedOptimizer):
         hparams["seed"] = cfg.seed
-    lowrank = {flag: getattr(cfg, flag) for flag in LOWRANK_FLAGS if getattr(cfg, flag) is not None}
+    lowrank = cfg.lowrank_flags()
     if name in LOWRANK_OPTIMIZERS and cfg.rank is None and "rank" not in lowrank_defaults(name):
         raise ValueError(f"--rank is required for --optimizer {name} (a low-rank optimizer)")
     if name in LOWRANK_OPTIMIZERS or name in MATRIX_OPTIMIZERS:  # the registry builds their groups

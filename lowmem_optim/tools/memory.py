@@ -271,7 +271,7 @@ def build_setup_model(config: dict[str, Any], setup: TrainingSetup) -> tuple[nn.
         quantize_linear_layers(model, setup.target_modules, group_size=setup.group_size)
     kwargs = dict(setup.optimizer_kwargs)
     if setup.optimizer in LOWRANK_OPTIMIZERS | MATRIX_OPTIMIZERS:
-        kwargs.update(rank=setup.rank, proj_bits=setup.proj_bits)
+        kwargs.update((k, v) for k, v in (("rank", setup.rank), ("proj_bits", setup.proj_bits)) if v is not None)
     elif setup.rank is not None or setup.proj_bits is not None:
         raise ValueError(
             f"Invalid optimizer: {setup.optimizer!r} takes no rank or proj_bits (allowed with them: "

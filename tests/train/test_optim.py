@@ -17,10 +17,12 @@ from train.optim import make_optimizer
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "llama_tiny.json")
 
 
+def tiny() -> torch.nn.Module:
+    return build_model(TINY, dtype=torch.float32, device=torch.device("cpu"), seed=0, vocab_needed=256, seq_len=32)
+
+
 def optimizer(*flags: str) -> torch.optim.Optimizer:
-    cfg = parse_args([f"--model-config={TINY}", *flags])
-    model = build_model(TINY, dtype=torch.float32, device=torch.device("cpu"), seed=0, vocab_needed=256, seq_len=32)
-    return make_optimizer(cfg, model)
+    return make_optimizer(parse_args([f"--model-config={TINY}", *flags]), tiny())
 
 
 @pytest.mark.parametrize("name", ["adamw", "galore_adamw", "galore_adamw8bit", "q_galore_adamw8bit", "dct_adamw"])
@@ -87,3 +89,42 @@ def test_momentum_dtype_is_refused_by_name_where_it_means_nothing_or_is_not_a_st
 def test_apollo_mini_needs_no_rank_flag_its_low_rank_group_is_rank_1():
     assert [g.get("rank") for g in optimizer("--optimizer=apollo_mini").param_groups] == [None, 1]
     assert [g.get("rank") for g in optimizer("--optimizer=apollo_mini", "--rank=4").param_groups] == [None, 4]
+
+
+@pytest.mark.parametrize(
+    ("name", "flag", "key", "default"),
+    [
+        ("dct_adamw", "error-feedback", "error_feedback", "nf4"),
+        ("fira", "norm-growth-limit", "norm_growth_limit", 1.01),
+        ("apollo", "norm-growth-limit", "norm_growth_limit", 1.01),
+        ("q_galore_adamw8bit", "proj-bits", "proj_bits", 4),
+    ],
+)
+def test_none_given_turns_off_what_the_optimizer_defaults_to_and_unset_keeps_it(name, flag, key, default):
+    """``--error-feedback none`` turns DCTAdamW's NF4 feedback off (as ``DCTAdamW(error_feedback=None)``),
+    where unset leaves it on; the same for the limiter of APOLLO and Fira and Q-GaLore's INT4 projections.
+    The memory model of the run follows the flag."""
+    from lowmem_optim.tools.llama_config import load_llama_config
+    from lowmem_optim.tools.memory import estimate_memory
+    from train.memory_trace import training_setup
+
+    def lowrank_value(*flags: str):
+        opt = optimizer(f"--optimizer={name}", "--rank=8", *flags)
+        return next(g[key] for g in opt.param_groups if g.get("rank") is not None)
+
+    assert lowrank_value() == default
+    assert lowrank_value(f"--{flag}=none") is None and lowrank_value(f"--{flag}", "None") is None
+    unset, off = (
+        parse_args([f"--model-config={TINY}", f"--optimizer={name}", "--rank=8", *f]) for f in ([], [f"--{flag}=none"])
+    )
+    assert off.lowrank_flags() == {"rank": 8, key: None} and unset.lowrank_flags() == {"rank": 8}
+    config = load_llama_config(TINY)
+    assert estimate_memory(config, training_setup(off)) != estimate_memory(config, training_setup(unset))
+
+
+def test_none_is_unset_for_rank_and_for_flags_whose_default_is_none():
+    cfg = parse_args([f"--model-config={TINY}", "--optimizer=muon", "--rank=None", "--error-feedback=none"])
+    assert cfg.rank is None and cfg.lowrank_flags() == {"error_feedback": None}
+    assert all(
+        g.get("rank") is None and g.get("error_feedback") is None for g in make_optimizer(cfg, tiny()).param_groups
+    )
