@@ -38,7 +38,8 @@ def gib(value: int) -> str:
 
 
 def predicted_bytes(row: dict) -> int:
-    return estimate_memory(load_llama_config(str(REPO / CONFIG)), TrainingSetup(**row["setup"])).total_bytes
+    setup = {**row["setup"], "optimizer_kwargs": tuple(row["setup"].get("optimizer_kwargs", {}).items())}
+    return estimate_memory(load_llama_config(str(REPO / CONFIG)), TrainingSetup(**setup)).total_bytes
 
 
 def recipe_batch(card: int) -> int:
@@ -119,7 +120,7 @@ def record(path: Path, card: int) -> None:
     setup = training_setup(cfg).__dict__
     row = {
         "card": card,
-        "setup": {k: v for k, v in setup.items() if k != "optimizer_kwargs"},
+        "setup": {**setup, "optimizer_kwargs": dict(setup["optimizer_kwargs"])},
         "traced_bytes": trace["peak_bytes"],
         "traced_phase": trace["peak_phase"],
         "traced_split": trace["peak_split"],
