@@ -1,37 +1,35 @@
 """A training recipe's step measured: peak memory against the memory model, time per part, and
 tokens/s against the floor.
 
-Protocol (one process; the flags are ``python -m train``'s, ``--dtype`` bfloat16 unless given,
-and ``--device``, ``--floor``, ``--cpu-peak``, ``--vocab-size``):
-- Ours: the model and optimizer as ``python -m train`` builds them from the flags
-  (:func:`scripts.bench.toolkit.recipe`: INT8 weights, optimizer groups, layer-wise hooks,
-  accumulation over ``--total-batch-size``). The floor (``--floor``): the same model and
-  micro-batch in bfloat16, no optimizer, every gradient dropped by a post-accumulate hook as it
-  arrives: what no optimizer of this kind can beat.
-- Both: random tokens (seeded; labels = inputs; the output held through backward), ``--max-steps``
-  steps. Step 1 (ours: optimizer state and every matrix's first subspace) is reported alone;
-  tokens/s and the split over the steps after it, from CUDA events (wall time on CPU) around
+Protocol (one process; the flags of ``python -m train``, ``--dtype`` bfloat16 unless given, and
+``--device``, ``--floor``, ``--cpu-peak``, ``--vocab-size``, which replaces the config's vocabulary):
+- Ours: model and optimizer as ``python -m train`` builds them (:func:`scripts.bench.toolkit.recipe`:
+  INT8 weights, optimizer groups, layer-wise hooks, accumulation over ``--total-batch-size``).
+  The floor (``--floor``): the same model and micro-batch in bfloat16, no optimizer, every gradient
+  dropped as it arrives (a post-accumulate hook): what no optimizer of this kind can beat.
+- Both: ``--max-steps`` steps on seeded random tokens (labels = inputs, the output held through
+  backward). Step 1 (ours: optimizer state, every matrix's first subspace) is reported alone;
+  tokens/s and the split over the steps after it, from CUDA events (CPU: wall time) around
   forward, backward (layer-wise updates run inside it), the per-parameter update and, within it,
   the projector's refresh / project / back-project, the inner rule, the INT8 dequantize and
   apply_update (nested parts are included in their parents).
 - CUDA: synchronized around each step; ``empty_cache()`` and ``reset_peak_memory_stats()`` after
-  building (the weights count, the building's transients do not); ``max_memory_allocated`` and
+  building (the weights count, the building's transients not); ``max_memory_allocated`` and
   ``max_memory_reserved`` over all steps.
-- CPU, ``--cpu-peak memtracker``: the last step untimed under torch's ``MemTracker`` (the bytes of
-  every live tensor storage; not the RSS: allocator caching and the Python heap are left out, as
-  CUDA's allocated figure leaves them out), its peak ``Total`` as the peak allocated. CPU
-  attention keeps the attention probabilities (batch x heads x seq^2 a layer) where the CUDA
-  kernels keep a logsumexp: use a short ``--seq-len``, and ``--loss-chunk-tokens 0`` when a
-  micro-batch holds more tokens than a chunk (MemTracker refuses a module called once per chunk).
+- CPU, ``--cpu-peak memtracker``: the last step, untimed, under torch's ``MemTracker`` (every live
+  tensor storage; not the RSS, as CUDA's allocated figure leaves the allocator's cache out): its
+  peak ``Total`` is the peak allocated. CPU attention keeps the attention probabilities (batch x
+  heads x seq^2 a layer) where CUDA kernels keep a logsumexp: use a short ``--seq-len``, and
+  ``--loss-chunk-tokens 0`` above one chunk a micro-batch (MemTracker refuses a module called
+  once per chunk).
 - CPU, ``--cpu-peak step``: the last step under :class:`lowmem_optim.tools.op_count.OpCounter`:
-  ``peak_tensor_bytes`` (the most bytes of the storages the step creates alive at once, not the
-  weights and state made before it), ``peak_rss_bytes`` (:func:`scripts.bench.toolkit.peak_rss_above`;
-  with ``MALLOC_MMAP_THRESHOLD_=65536`` the RSS follows the live tensors), ``counted_step_s``, and
-  the prediction for the step (the model's total less weights, states and projections).
-- Ours also: the optimizer-state and projection bytes in its state, and the estimate of
-  :func:`lowmem_optim.tools.memory.estimate_memory`. ``--vocab-size`` replaces the config's
-  vocabulary (a large one makes the logits dominate a small model).
-- One JSON line appended to ``<--output-dir>/recipe_step.jsonl``; a summary printed. No checkpoint.
+  ``peak_tensor_bytes`` (the most bytes of the storages the step creates alive at once),
+  ``peak_rss_bytes`` (:func:`scripts.bench.toolkit.peak_rss_above`; with
+  ``MALLOC_MMAP_THRESHOLD_=65536`` the RSS follows the live tensors), ``counted_step_s``; predicted:
+  the memory model's total less weights, states and projections.
+- Ours also: its optimizer-state and projection bytes, and
+  :func:`lowmem_optim.tools.memory.estimate_memory`'s estimate. One JSON line appended to
+  ``<--output-dir>/recipe_step.jsonl``, a summary printed; no checkpoint.
 
 Usage (ENTRY runs the 7B recipe's flags; SMOKE=1 on llama_tiny, on CPU):
   ENTRY=scripts.bench.recipe_step STEPS=4 bash scripts/pretrain_llama7b.sh --floor --proj-method=randomized_svd
@@ -107,21 +105,23 @@ class PartTimer:
                     owner = next((k for k in cls.__mro__ if attr in k.__dict__), None)
                     if owner is not None:
                         parts[owner, attr] = f"{kind} {attr}"
-        return [mock.patch.object(k, a, self._timed(getattr(k, a), name)) for (k, a), name in parts.items()]
 
-    def _timed(self, method: Callable, name: str) -> Callable:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            with self.part(name):
-                return method(*args, **kwargs)
+        def timed(method: Callable, name: str) -> Callable:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                with self.part(name):
+                    return method(*args, **kwargs)
 
-        return timed
+            return run
+
+        return [mock.patch.object(k, a, timed(getattr(k, a), name)) for (k, a), name in parts.items()]
 
 
-def _stepper(
-    model: torch.nn.Module, cfg: TrainConfig, device: torch.device, accum: int = 1, optimizer: Any = None
-) -> tuple[Callable[[], None], PartTimer]:
-    """One step on seeded random tokens: ``accum`` micro-batches forward and backward, the output
-    held through backward, then ``optimizer.step()`` where given; and the timer of its parts."""
+def _run(cfg: TrainConfig, device: torch.device, built: tuple, cpu_peak: str | None = None) -> dict[str, Any]:
+    """``--max-steps`` steps of ``built`` (model, optimizer, layer-wise hooks, accumulation steps, as
+    :func:`scripts.bench.toolkit.recipe` returns them) on seeded random tokens: step 1 alone,
+    tokens/s and the split over the others, and with ``cpu_peak`` the last step untimed under
+    MemTracker or OpCounter."""
+    model, optimizer, handle, accum = built
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.randint(0, model.config.vocab_size, (cfg.batch_size, cfg.seq_len), generator=gen).to(device)
     timer = PartTimer(device)
@@ -133,58 +133,33 @@ def _stepper(
             with timer.part("backward"):
                 (out.loss / accum).backward()
             del out
-        if optimizer is not None:
+        if optimizer is not None and handle is None:
             with timer.part("optimizer.step"):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    return step, timer
-
-
-def _run_steps(step: Callable[[], None], timer: PartTimer, steps: int, tokens: int, device: torch.device) -> dict:
-    """Step 1 alone, then tokens/s and the split over the others (None without others)."""
-    sync(device)
-    begin = time.perf_counter()
-    step()
-    sync(device)
-    first = time.perf_counter() - begin
-    timer.marks.clear()
-    begin = time.perf_counter()
-    for _ in range(steps - 1):
-        step()
-    sync(device)
-    elapsed, timed = time.perf_counter() - begin, steps - 1
-    return {
-        "first_step_s": first,
-        "step_s": elapsed / timed if timed else None,
-        "tokens_per_s": tokens * timed / elapsed if timed else None,
-        "parts_s_per_step": {k: v / timed for k, v in sorted(timer.seconds().items())},
-        **peak_memory(device),
-    }
-
-
-def floor(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
-    """Forward and backward of the same model and micro-batch in bfloat16, gradients dropped."""
-    vocab = load_llama_config(cfg.model_config)["vocab_size"]
-    model = run_model(dataclasses.replace(cfg, dtype="bfloat16", weight_bits=16, init_from=None), device, vocab)
-    for p in model.parameters():
-        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-    step, timer = _stepper(model, cfg, device)
-    reset_peak_memory(device)
-    return _run_steps(step, timer, cfg.max_steps, cfg.batch_size * cfg.seq_len, device)
-
-
-def ours(cfg: TrainConfig, device: torch.device, cpu_peak: str | None = None) -> dict[str, Any]:
-    """The recipe's model, optimizer and stepping, each part timed; with ``cpu_peak`` the last
-    step untimed under MemTracker ("memtracker") or OpCounter ("step")."""
-    model, optimizer, handle, accum = recipe(cfg, device)
-    step, timer = _stepper(model, cfg, device, accum, optimizer if handle is None else None)
     reset_peak_memory(device)
     with contextlib.ExitStack() as stack:
         for patch in timer.patches():
             stack.enter_context(patch)
-        steps = cfg.max_steps - (cpu_peak is not None)
-        out = _run_steps(step, timer, steps, cfg.batch_size * cfg.seq_len * accum, device)
+        sync(device)
+        begin = time.perf_counter()
+        step()
+        sync(device)
+        first, timed = time.perf_counter() - begin, cfg.max_steps - 1 - (cpu_peak is not None)
+        timer.marks.clear()
+        begin = time.perf_counter()
+        for _ in range(timed):
+            step()
+        sync(device)
+        elapsed = time.perf_counter() - begin
+    out = {
+        "first_step_s": first,
+        "step_s": elapsed / timed if timed else None,
+        "tokens_per_s": cfg.batch_size * cfg.seq_len * accum * timed / elapsed if timed else None,
+        "parts_s_per_step": {k: v / timed for k, v in sorted(timer.seconds().items())},
+        **peak_memory(device),
+    }
     if cpu_peak == "memtracker":
         tracker = MemTracker()
         tracker.track_external(model, optimizer)
@@ -203,6 +178,23 @@ def ours(cfg: TrainConfig, device: torch.device, cpu_peak: str | None = None) ->
 
         out.update(peak_rss_bytes=peak_rss_above(counted_step), peak_tensor_bytes=counter.peak_bytes)
         out["counted_step_s"] = time.perf_counter() - begin
+    return out
+
+
+def floor(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """Forward and backward of the same model and micro-batch in bfloat16, gradients dropped."""
+    vocab = load_llama_config(cfg.model_config)["vocab_size"]
+    model = run_model(dataclasses.replace(cfg, dtype="bfloat16", weight_bits=16, init_from=None), device, vocab)
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    return _run(cfg, device, (model, None, None, 1))
+
+
+def ours(cfg: TrainConfig, device: torch.device, cpu_peak: str | None = None) -> dict[str, Any]:
+    """The recipe's model, optimizer and stepping, each part timed, and the bytes of its state."""
+    built = recipe(cfg, device)
+    out = _run(cfg, device, built, cpu_peak)
+    _, optimizer, handle, accum = built
     if handle is not None:
         handle.remove()
     proj = sum(t.numel() * t.element_size() for s in optimizer.state.values() for k, t in s.items() if k[:5] == "proj_")
