@@ -10,25 +10,23 @@ Protocol (one process; the flags of ``python -m train``, ``--dtype`` bfloat16 un
 - Both: ``--max-steps`` steps on seeded random tokens (labels = inputs, the output held through
   backward). Step 1 (ours: optimizer state, every matrix's first subspace) is reported alone;
   tokens/s and the split over the steps after it, from CUDA events (CPU: wall time) around
-  forward, backward (layer-wise updates run inside it), the per-parameter update and, within it,
-  the projector's refresh / project / back-project, the inner rule, the INT8 dequantize and
-  apply_update (nested parts are included in their parents).
-- CUDA: synchronized around each step; ``empty_cache()`` and ``reset_peak_memory_stats()`` after
-  building (the weights count, the building's transients not); ``max_memory_allocated`` and
-  ``max_memory_reserved`` over all steps.
+  forward, backward (with the layer-wise updates), the per-parameter update and, within it, the
+  projector's refresh / project / back-project, the rule, the INT8 dequantize and apply_update
+  (a nested part counts in its parent too).
+- CUDA: synchronized around each step; ``max_memory_allocated`` and ``max_memory_reserved`` over
+  all steps, counted from ``empty_cache()`` and ``reset_peak_memory_stats()`` after building.
 - CPU, ``--cpu-peak memtracker``: the last step, untimed, under torch's ``MemTracker`` (every live
-  tensor storage; not the RSS, as CUDA's allocated figure leaves the allocator's cache out): its
-  peak ``Total`` is the peak allocated. CPU attention keeps the attention probabilities (batch x
-  heads x seq^2 a layer) where CUDA kernels keep a logsumexp: use a short ``--seq-len``, and
-  ``--loss-chunk-tokens 0`` above one chunk a micro-batch (MemTracker refuses a module called
-  once per chunk).
+  tensor storage, not the RSS: as CUDA's allocated figure): its peak ``Total`` as the peak
+  allocated. CPU attention keeps the probabilities (batch x heads x seq^2 a layer) where CUDA
+  keeps a logsumexp: use a short ``--seq-len``, and ``--loss-chunk-tokens 0`` above one chunk a
+  micro-batch (MemTracker refuses a module called once per chunk).
 - CPU, ``--cpu-peak step``: the last step under :class:`lowmem_optim.tools.op_count.OpCounter`:
   ``peak_tensor_bytes`` (the most bytes of the storages the step creates alive at once),
-  ``peak_rss_bytes`` (:func:`scripts.bench.toolkit.peak_rss_above`; with
-  ``MALLOC_MMAP_THRESHOLD_=65536`` the RSS follows the live tensors), ``counted_step_s``; predicted:
-  the memory model's total less weights, states and projections.
-- Ours also: its optimizer-state and projection bytes, and
-  :func:`lowmem_optim.tools.memory.estimate_memory`'s estimate. One JSON line appended to
+  ``peak_rss_bytes`` (:func:`scripts.bench.toolkit.peak_rss_above`; the RSS follows the live
+  tensors with ``MALLOC_MMAP_THRESHOLD_=65536``), ``counted_step_s``; the prediction: the memory
+  model's total less weights, states and projections.
+- Ours also: its optimizer-state and projection bytes, and the estimate of
+  :func:`lowmem_optim.tools.memory.estimate_memory`. One JSON line appended to
   ``<--output-dir>/recipe_step.jsonl``, a summary printed; no checkpoint.
 
 Usage (ENTRY runs the 7B recipe's flags; SMOKE=1 on llama_tiny, on CPU):
@@ -244,14 +242,10 @@ def _print_summary(result: dict[str, Any]) -> None:
             print(f"    {part:<24} {seconds:.4f} s/step")
     if "tokens_per_s_vs_floor" in result:
         print(f"ours / floor: {result['tokens_per_s_vs_floor']:.3f}")
-    alone = "step_bytes" in result["predicted"]
-    ratio = result.get("predicted_over_measured")
-    print(
-        f"memory model for ours{' (the step alone)' if alone else ''}: "
-        f"{_size(result['predicted']['step_bytes' if alone else 'total_bytes'])}"
-        + (" (not measured: CPU without --cpu-peak)" if ratio is None else f" (x{ratio:.3f} the measured)"),
-        flush=True,
-    )
+    predicted, ratio = result["predicted"], result.get("predicted_over_measured")
+    which = "step_bytes" if "step_bytes" in predicted else "total_bytes"
+    measured = "not measured: CPU without --cpu-peak" if ratio is None else f"x{ratio:.3f} the measured"
+    print(f"memory model for ours ({which}): {_size(predicted[which])} ({measured})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
