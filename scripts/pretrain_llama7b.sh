@@ -24,7 +24,8 @@
 #   DATA (c4; builtin runs offline)
 #   OPTIMIZER (q_galore_adamw8bit)  PYTHON (python)
 #   ENTRY: a module run instead of `python -m train` with the recipe's flags (train.memory_trace,
-#     which traces the recipe on the CPU: give GPU_MEMORY; scripts.bench.step_split)
+#     which traces the recipe on the CPU: give GPU_MEMORY; scripts.bench.recipe_step, which
+#     measures its step: add --floor to hold it to the floor)
 #   SMOKE=1: the same recipe on llama_tiny for 3 steps, on CPU or GPU (checks the wiring, not memory)
 # Without a CUDA GPU (and without SMOKE=1 or ENTRY) it stops with a message.
 #

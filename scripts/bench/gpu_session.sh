@@ -8,13 +8,14 @@
 #      but 4 micro-batches per update, first refresh by randomized SVD), two updates, against the
 #      floor (same model and micro-batch, bf16 weights, no optimizer, gradients dropped): peak
 #      allocated and reserved, the memory model's prediction, tokens/s ours / floor (the 16 GB
-#      recipe's is the one held to its floor), the per-part split (scripts/bench/step_split.py)
+#      recipe's is the one held to its floor), the per-part split (scripts/bench/recipe_step.py --floor)
 #   2. the CUDA-marked tests (every optimizer on CUDA vs CPU, INT8 layer and its fused passes)
-#   3. the memory model against torch.cuda.max_memory_allocated (llama_130m, Q-GaLore recipe)
+#   3. the memory model against torch.cuda.max_memory_allocated (llama_130m, Q-GaLore recipe;
+#      scripts/bench/recipe_step.py; on the dry run's CPU, MemTracker's peak)
 #   4. two steps of the 16 GB 7B recipe through the training CLI (data read ahead; no checkpoint)
 #   5. subspace refresh cost at LLaMA-7B shapes (exact SVD, randomized SVD, DCT)
 # Results in ${OUT:-runs/gpu_session} (8 files, one folder level): session.log (everything printed),
-# memory.jsonl, split{16,12,24}/step_split.json, recipe7b/{metrics.jsonl,config.json,layer_stats.jsonl}.
+# {memory,split16,split12,split24}/recipe_step.jsonl, recipe7b/{metrics.jsonl,config.json,layer_stats.jsonl}.
 # No checkpoint is written. The GPU image lacks bitsandbytes: carry its wheel and put it on
 # PYTHONPATH before calling this script.
 #   bash scripts/bench/gpu_session.sh            # on the GPU machine, from anywhere
@@ -51,7 +52,7 @@ step() {
 if [ "$dry" = 1 ]; then
     # a shared CPU runs the tiny steps several times slower than their GPU limits allow for
     slack=${DRY_RUN_SLACK:-4} values=$((1 << 16))
-    device=cpu recipe=(env SMOKE=1) tiny_memory=(--model-config configs/llama_tiny.json --rank 8 --batch-size 2 --seq-len 32)
+    device=cpu recipe=(env SMOKE=1) tiny_memory=(--cpu-peak memtracker --model-config configs/llama_tiny.json --rank 8 --batch-size 2 --seq-len 32)
     shapes=(--shapes 64x96 --rank 8 --threads 1)
 else
     slack=1 values=$((1 << 20))
@@ -71,18 +72,18 @@ print('torch', torch.__version__, 'bitsandbytes', bitsandbytes.__version__, 'cod
 assert codes.device.type == '$device' and error < 0.02
 "
 for card in 16 12 24; do
-    step "1. the ${card} GB 7B recipe vs the floor" 100 "${recipe[@]}" ENTRY=scripts.bench.step_split GPU_MEMORY="$card" \
+    step "1. the ${card} GB 7B recipe vs the floor" 100 "${recipe[@]}" ENTRY=scripts.bench.recipe_step GPU_MEMORY="$card" \
         STEPS=2 MICRO_BATCHES=4 DATA=builtin OUTPUT_DIR="$out/split$card" PYTHON="$PY" \
-        bash scripts/pretrain_llama7b.sh --proj-method=randomized_svd
+        bash scripts/pretrain_llama7b.sh --floor --proj-method=randomized_svd
 done
 step "2. CUDA tests" 100 "$PY" -m pytest -p no:cacheprovider -o addopts="" -q -m cuda $(grep -rl "mark.cuda" tests)
-step "3. memory model vs allocator" 60 "$PY" scripts/bench/memory_measure.py --device "$device" \
+step "3. memory model vs allocator" 60 "$PY" -m scripts.bench.recipe_step --device "$device" \
     --optimizer q_galore_adamw8bit --weight-bits 8 --proj-bits 4 --activation-checkpointing --layerwise \
-    --proj-method randomized_svd --steps 3 --out "$out/memory.jsonl" "${tiny_memory[@]}"
+    --proj-method randomized_svd --max-steps 3 --output-dir "$out/memory" "${tiny_memory[@]}"
 step "4. the 16 GB 7B recipe through the training CLI" 120 "${recipe[@]}" GPU_MEMORY=16 STEPS=2 DATA=builtin OUTPUT_DIR="$out/recipe7b" \
     PYTHON="$PY" bash scripts/pretrain_llama7b.sh --proj-method=randomized_svd --eval-batches=1 --save=False \
     --progress=False
 step "5. refresh cost at LLaMA-7B shapes" 45 "$PY" scripts/bench/projection_cost.py --device "$device" "${shapes[@]}"
 
-grep -E "^(== 1\.|floor:|ours)" "$log"
+grep -E "^(== [13]\.|floor:|ours|memory model)" "$log"
 echo "total ${SECONDS} s; results in $out"
