@@ -1,23 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one run of under 540 s on one H200, start-up included:
-# BUDGET_S (default 520) bounds the whole run; each step gets at most its own limit and what
-# is left of the budget, and a step that would get under 20 s is skipped and says so. Steps, in
-# order of importance:
-#   0. bitsandbytes: imported and one blockwise quantize run on CUDA (fails fast without its wheel)
-#   1. each 7B recipe (scripts/pretrain_llama7b.sh with GPU_MEMORY=16, 12, 24, its flags unchanged
-#      but 4 micro-batches per update, first refresh by randomized SVD), two updates, against the
-#      floor (same model and micro-batch, bf16 weights, no optimizer, gradients dropped): peak
-#      allocated and reserved, the memory model's prediction, tokens/s ours / floor (the 16 GB
-#      recipe's is the one held to its floor), the per-part split (scripts/bench/recipe_step.py --floor)
-#   2. the CUDA-marked tests (every optimizer on CUDA vs CPU, INT8 layer and its fused passes)
-#   3. the memory model against torch.cuda.max_memory_allocated (llama_130m, Q-GaLore recipe;
-#      scripts/bench/recipe_step.py; on the dry run's CPU, MemTracker's peak)
-#   4. two steps of the 16 GB 7B recipe through the training CLI (data read ahead; no checkpoint)
-#   5. subspace refresh cost at LLaMA-7B shapes (exact SVD, randomized SVD, DCT)
-# Results in ${OUT:-runs/gpu_session} (8 files, one folder level): session.log (everything printed),
-# {memory,split16,split12,split24}/recipe_step.jsonl, recipe7b/{metrics.jsonl,config.json,layer_stats.jsonl}.
-# No checkpoint is written. The GPU image lacks bitsandbytes: carry its wheel and put it on
-# PYTHONPATH before calling this script.
+# Every GPU check of the project in one run; the steps, in order of importance, and what each
+# writes under ${OUT:-runs/gpu_session} are listed in docs/gpu.md. BUDGET_S (default 520: under
+# 540 s on one H200, start-up included) bounds the whole run; each step gets at most its own limit
+# and what is left, and a step that would get under 20 s is skipped and says so. No checkpoint is
+# written. The GPU image lacks bitsandbytes: carry its wheel and put it on PYTHONPATH first.
 #   bash scripts/bench/gpu_session.sh            # on the GPU machine, from anywhere
 #   bash scripts/bench/gpu_session.sh --dry-run  # the same steps on the CPU, tiny configurations
 #                                                # (limits x DRY_RUN_SLACK, 4; set BUDGET_S to match)
