@@ -423,16 +423,22 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def main_exit_status(argv: list[str] | None = None) -> int:
-    """``python -m train.sweep``: a bad file or flag is one line and exit status 2; Ctrl-C one line and 130."""
+def exit_status(command: Callable[[list[str] | None], int], argv: list[str] | None, name: str) -> int:
+    """A sweep command's exit status: a bad file or flag is one line and 2; Ctrl-C one line and 130
+    (the trials done are kept: the same command resumes)."""
     try:
-        return main(argv)
+        return command(argv)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: sweep interrupted; run the same command again to resume it", file=sys.stderr)
+        print(f"error: {name} interrupted; run the same command again to resume it", file=sys.stderr)
         return 130
+
+
+def main_exit_status(argv: list[str] | None = None) -> int:
+    """``python -m train.sweep`` with :func:`exit_status`."""
+    return exit_status(main, argv, "sweep")
 
 
 if __name__ == "__main__":

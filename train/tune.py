@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from train.report import write_report
-from train.sweep import WANDB_MODES, SweepRunner, expand, load_sweep, with_parameters
+from train.sweep import WANDB_MODES, SweepRunner, exit_status, expand, load_sweep, with_parameters
 
 KEYS = ("sweep", "seeds", "settings")
 SETTING_KEYS = ("set", "lr")
@@ -66,13 +66,17 @@ def load_tuning(path: str | Path) -> dict[str, Any]:
     if not isinstance(settings, dict) or not settings:
         raise ValueError(f"Invalid settings: {settings!r} (allowed: a non-empty mapping of name -> set, lr)")
     for name, setting in settings.items():
-        _check_keys(f"setting {name!r}", setting, SETTING_KEYS)
-        if not isinstance(setting["set"], dict) or {"lr", "seed"} & set(setting["set"]):
-            raise ValueError(f"Invalid set of setting {name!r}: {setting['set']!r} (allowed: parameters but lr, seed)")
-        lrs = setting["lr"]
-        if not isinstance(lrs, list) or not lrs or not all(type(lr) in (int, float) and lr > 0 for lr in lrs):
-            raise ValueError(f"Invalid lr of setting {name!r}: {lrs!r} (allowed: a non-empty list of numbers > 0)")
+        _check_setting(name, setting)
     return {**tuning, "sweep": sweep}
+
+
+def _check_setting(name: str, setting: Any) -> None:
+    _check_keys(f"setting {name!r}", setting, SETTING_KEYS)
+    if not isinstance(setting["set"], dict) or {"lr", "seed"} & set(setting["set"]):
+        raise ValueError(f"Invalid set of setting {name!r}: {setting['set']!r} (allowed: parameters but lr, seed)")
+    lrs = setting["lr"]  # a number: YAML reads 1e-3 (no point) as a string
+    if not isinstance(lrs, list) or not lrs or not all(type(lr) in (int, float) and lr > 0 for lr in lrs):
+        raise ValueError(f"Invalid lr of setting {name!r}: {lrs!r} (allowed: a non-empty list of numbers > 0)")
 
 
 def best_lr(folder: Path) -> float:
@@ -80,7 +84,10 @@ def best_lr(folder: Path) -> float:
     path = folder / "report" / "tuned.json"
     rows = json.loads(path.read_text()) if path.exists() else []
     if len(rows) != 1:
-        raise ValueError(f"Invalid --stage seeds: {path} holds {len(rows)} settings (allowed: 1; run --stage grid)")
+        raise ValueError(
+            f"Invalid --stage seeds for {folder.name!r}: {path} holds {len(rows)} settings' results "
+            "(allowed: 1, from its --stage grid)"
+        )
     return float(rows[0]["best_lr"])
 
 
@@ -113,8 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.parallel < 1:
-        raise ValueError(f"Invalid --parallel: {args.parallel!r} (allowed: an int >= 1)")
     tuning = load_tuning(args.tuning)
     unknown = sorted(set(args.only or ()) - set(tuning["settings"]))
     if unknown:
@@ -136,15 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def main_exit_status(argv: list[str] | None = None) -> int:
-    """``python -m train.tune``: a bad file or flag is one line and exit status 2; Ctrl-C one line and 130."""
-    try:
-        return main(argv)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: tuning interrupted; run the same command again to resume it", file=sys.stderr)
-        return 130
+    """``python -m train.tune`` with :func:`train.sweep.exit_status`."""
+    return exit_status(main, argv, "tuning")
 
 
 if __name__ == "__main__":
