@@ -1,7 +1,7 @@
 """README.md and docs/ checked against the code, so that they cannot rot silently.
 
 - every ``--flag`` exists in the command line it is given to (``python -m train``, ``lowmem-optim
-  memory``, ``python -m train.sweep|report|quickstart``, a script under ``scripts/``); a flag
+  memory``, ``python -m train.sweep|tune|report|quickstart``, a script under ``scripts/``); a flag
   named outside a command must exist in at least one of the project's command lines;
 - every ``scripts/...``, ``configs/...``, ``tests/...``, ``docs/...``, ``lowmem_optim/...`` and
   ``train/...`` path exists (``{a,b}`` alternatives expanded), and every relative link and its
@@ -66,7 +66,7 @@ def cli_flags(cli: str) -> frozenset[str]:
         from train.quickstart import main
 
         return _help_flags(main, ["--help"]) | cli_flags("train")
-    if cli in ("sweep", "report"):
+    if cli in ("sweep", "tune", "report"):
         module = __import__(f"train.{cli}", fromlist=["main"])
         return _help_flags(module.main, ["--help"])
     if cli in ("export", "eval"):
@@ -95,14 +95,13 @@ def script_flags(path: str) -> frozenset[str]:
 
 def all_flags() -> frozenset[str]:
     scripts = [str(p.relative_to(REPO)) for p in (REPO / "scripts").rglob("*.py")]
-    return frozenset().union(
-        *(cli_flags(c) for c in ("train", "export", "eval", "memory", "quickstart", "sweep", "report", *scripts))
-    )
+    clis = ("train", "export", "eval", "memory", "quickstart", "sweep", "tune", "report", *scripts)
+    return frozenset().union(*(cli_flags(c) for c in clis))
 
 
 #: (pattern of a command, the command line its flags belong to: a name of cli_flags or the matched script)
 COMMANDS = [
-    (re.compile(r"-m train\.(sweep|report|quickstart)\b"), lambda m: m.group(1)),
+    (re.compile(r"-m train\.(sweep|tune|report|quickstart)\b"), lambda m: m.group(1)),
     (re.compile(r"-m train (export|eval)\b"), lambda m: m.group(1)),
     (re.compile(r"-m train(?![.\w])(?! (?:export|eval)\b)"), lambda m: "train"),
     (re.compile(r"(?:lowmem-optim|lowmem_optim\.cli) (memory|fit)\b"), lambda m: m.group(1)),

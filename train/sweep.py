@@ -195,20 +195,26 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     return config
 
 
+def with_parameters(config: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with each parameter of ``values`` replaced (or added): a list as its ``values``,
+    anything else as its ``value``."""
+    replaced = {key: {"values": v} if isinstance(v, list) else {"value": v} for key, v in values.items()}
+    return {**config, "parameters": {**config["parameters"], **replaced}}
+
+
 def override(config: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
     """``config`` with each ``KEY=VALUE`` of ``--set`` as its parameter KEY (see the module docstring)."""
     import yaml
 
-    parameters = dict(config["parameters"])
+    values: dict[str, Any] = {}
     for assignment in assignments:
         key, sep, text = assignment.partition("=")
         if not sep or not key:
             raise ValueError(f"Invalid --set: {assignment!r} (allowed: KEY=VALUE or KEY=[V1, V2, ...])")
-        value = yaml.safe_load(text)
-        if isinstance(value, list) and not value:
+        values[key] = yaml.safe_load(text)
+        if values[key] == []:
             raise ValueError(f"Invalid --set: {assignment!r} (allowed: KEY=VALUE or KEY=[V1, V2, ...])")
-        parameters[key] = {"values": value} if isinstance(value, list) else {"value": value}
-    return {**config, "parameters": parameters}
+    return with_parameters(config, values)
 
 
 def expand(config: dict[str, Any], count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
@@ -417,16 +423,22 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def main_exit_status(argv: list[str] | None = None) -> int:
-    """``python -m train.sweep``: a bad file or flag is one line and exit status 2; Ctrl-C one line and 130."""
+def exit_status(command: Callable[[list[str] | None], int], argv: list[str] | None, name: str) -> int:
+    """A sweep command's exit status: a bad file or flag is one line and 2; Ctrl-C one line and 130
+    (the trials done are kept: the same command resumes)."""
     try:
-        return main(argv)
+        return command(argv)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: sweep interrupted; run the same command again to resume it", file=sys.stderr)
+        print(f"error: {name} interrupted; run the same command again to resume it", file=sys.stderr)
         return 130
+
+
+def main_exit_status(argv: list[str] | None = None) -> int:
+    """``python -m train.sweep`` with :func:`exit_status`."""
+    return exit_status(main, argv, "sweep")
 
 
 if __name__ == "__main__":
