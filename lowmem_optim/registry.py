@@ -66,6 +66,11 @@ def get_optimizer_class(name: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
+def package_optimizer_classes() -> list[type]:
+    """The classes of this package's optimizers (not the torch and bitsandbytes baselines)."""
+    return [get_optimizer_class(name) for name, path in OPTIMIZERS.items() if path.startswith("lowmem_optim.")]
+
+
 def lowrank_defaults(name: str) -> dict[str, Any]:
     """The low-rank group keys optimizer ``name`` fills where the caller gives none (APOLLO-Mini's
     ``rank``: 1); empty for most."""

@@ -14,10 +14,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lowmem_optim.engine import lowrank_hparams
+from lowmem_optim.engine import declared_defaults, lowrank_hparams
 from lowmem_optim.groups import TARGET_MODULES_HELP, parse_target_modules
 from lowmem_optim.layerwise import ACCUMULATION_BUFFERS
 from lowmem_optim.parts import invalid
+from lowmem_optim.registry import package_optimizer_classes
 from lowmem_optim.rules.adam import BETAS, EPS
 from lowmem_optim.rules.normalized import MOMENTUM_DTYPE
 from train.loss import CHUNK_TOKENS
@@ -64,11 +65,15 @@ def _opt(default: Any, help: str, **more: Any) -> Any:
 #: the low-rank setup's flags, one per key a part declares (lowmem_optim.engine.lowrank_hparams);
 #: unset (None) leaves the optimizer's default
 LOWRANK_HPARAMS = lowrank_hparams()
-#: given on the command line for a low-rank flag whose None is a choice (error feedback off, no
-#: norm-growth limiter, unquantized projections), this value chooses None even where the
-#: optimizer's default is another (DCTAdamW's NF4 feedback); ``--rank`` None is always unset
+#: given on the command line for a low-rank flag whose None is a choice that some optimizer of
+#: the package defaults away from (DCTAdamW's NF4 error feedback, APOLLO's and Fira's norm-growth
+#: limiter, Q-GaLore's INT4 projections), this value chooses None; elsewhere None is unset
 EXPLICIT_NONE = "none"
-NONE_CHOOSABLE = tuple(name for name, hp in LOWRANK_HPARAMS.items() if hp.check(None) and name != "rank")
+NONE_CHOOSABLE = tuple(
+    name
+    for name, hp in LOWRANK_HPARAMS.items()
+    if hp.check(None) and any(declared_defaults(cls).get(name) is not None for cls in package_optimizer_classes())
+)
 
 
 def _lowrank_help(name: str) -> str:
