@@ -247,7 +247,8 @@ def _plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
         if front:
             ax.step(*zip(*front), where="post", color="black", linewidth=1, label="Pareto front")
         ax.set(xlabel=f"{title} (MiB)", ylabel="final validation loss", title=f"Final loss vs {title}")
-        ax.legend(fontsize=7)
+        if scored:  # no run measured this figure (peak memory on a CPU): an empty panel, no legend
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
