@@ -10,7 +10,7 @@ Protocol:
   (``Shard(0)``); unsharded copy: the same weights, whole, in the same process.
 - Optimizers: every optimizer of this package through ``build_optimizer`` (``all-linear``
   low-rank/matrix group, the rest full-rank AdamW or the optimizer's rule), rank 128 for the
-  low-rank ones, Newton-Schulz in float32, other hyperparameters at their defaults.
+  low-rank ones (APOLLO-Mini: its rank 1), Newton-Schulz in float32, other hyperparameters at their defaults.
 - Gradients: seeded standard-normal whole gradients, the same on every rank; the sharded copy
   receives each rank's rows (``distribute_tensor``), the unsharded copy the whole gradient.
   No forward/backward: only the optimizer is measured.
@@ -22,7 +22,8 @@ Protocol:
   shard), the largest over ranks, against the unsharded optimizer's.
 - Communication: bytes this rank sends through the optimizer's collectives under ring
   algorithms (an all-reduce of B bytes: 2 (w-1)/w B; an all-gather of B bytes: (w-1)/w B),
-  counted by :func:`lowmem_optim.sharding.count_traffic`, per plain step and per refresh step;
+  counted by :func:`lowmem_optim.sharding.count_traffic`, per plain step and per refresh step
+  (step 1: every subspace's first choice);
   next to the naive way, gathering every gradient each step ((w-1)/w of all gradient bytes).
   The same counts are predicted from the shapes alone (:mod:`lowmem_optim.tools.traffic`) for
   the 60M shape (checked against the count) and for LLaMA-7B (hidden 4096, intermediate 11008,
@@ -43,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from lowmem_optim import available_optimizers, sharding
-from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer, lowrank_defaults
 from lowmem_optim.tools.traffic import gather_every_gradient_bytes, left_split, predicted_bytes
 from scripts.bench.toolkit import LLAMA_7B, llama, markdown_table, write_json
 from train.optim import state_bytes
@@ -54,6 +55,8 @@ MIB = 2**20
 
 
 def built(name: str, model: torch.nn.Module, rank: int, gap: int) -> torch.optim.Optimizer:
+    # APOLLO-Mini keeps its own rank 1 (its tensor-wise scaling is defined at rank 1)
+    rank = lowrank_defaults(name).get("rank", rank)
     hp: dict[str, Any] = {"rank": rank, "update_proj_gap": gap} if name in LOWRANK_OPTIMIZERS else {}
     if name in ("hybrid_auon", "muon"):
         hp["ns_dtype"] = "float32"
@@ -63,7 +66,9 @@ def built(name: str, model: torch.nn.Module, rank: int, gap: int) -> torch.optim
 def predicted(name: str, optimizer: torch.optim.Optimizer, model: torch.nn.Module, world: int) -> dict[str, Any]:
     """What :mod:`lowmem_optim.tools.traffic` predicts of ``optimizer`` over ``world`` ranks."""
     row = {"optimizer": name, "naive_bytes": gather_every_gradient_bytes(model, world)}
-    row["predicted_step_bytes"], row["predicted_refresh_bytes"] = predicted_bytes(optimizer, world)
+    traffic = predicted_bytes(optimizer, world)
+    row["predicted_step_bytes"], row["predicted_refresh_bytes"] = traffic.step, traffic.refresh
+    row["predicted_later_refresh_bytes"] = traffic.later_refresh
     return {**row, "left_split": left_split(optimizer, world)}
 
 
@@ -135,10 +140,12 @@ def print_tables(rows: list[dict[str, Any]], big: list[dict[str, Any]], world: i
         cells.append((r["optimizer"], step, refresh, f"{r['naive_bytes'] / MIB:.1f}"))
     print(markdown_table(columns, cells))
     print("\nLLaMA-7B shape, rank 1024, predicted from shapes (MiB each rank sends)\n")
+    columns = ("optimizer", "plain step", "first refresh", "later refresh", "naive: gather every gradient")
     cells = []
     for r in big:
         step, refresh = f"{r['predicted_step_bytes'] / MIB:.1f}", f"{r['predicted_refresh_bytes'] / MIB:.0f}"
-        cells.append((r["optimizer"], step, refresh, f"{r['naive_bytes'] / MIB:.0f}"))
+        later = f"{r['predicted_later_refresh_bytes'] / MIB:.0f}"
+        cells.append((r["optimizer"], step, refresh, later, f"{r['naive_bytes'] / MIB:.0f}"))
     print(markdown_table(columns, cells))
     print(
         "\nLeft projections (R = P^T G, r x n): the rule's state of R per rank with R's rows split over the "
