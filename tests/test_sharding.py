@@ -90,6 +90,8 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
     ),
     "galore_adafactor": ("galore_adafactor", LOWRANK, {}, {}),
     "galore_adafactor beta1": ("galore_adafactor", LOWRANK, {"beta1": 0.9}, {}),
+    # R's rows split for the first moment: a later DCT refresh gathers it and the row statistic to move them
+    "galore_adafactor beta1 dct": ("galore_adafactor", {**LOWRANK, "proj_method": "dct"}, {"beta1": 0.9}, {}),
     "galore_adamw8bit": ("galore_adamw8bit", LOWRANK, {}, {}),
     "q_galore_adamw8bit": ("q_galore_adamw8bit", {**LOWRANK, "proj_group_size": 32}, {}, {}),
     # every moment in 8-bit codes: blocks cut per rank match the whole tensor's where each rank
@@ -125,6 +127,7 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
     "galore_adamw tensor": ("galore_adamw", {**LOWRANK, "update_form": "tensor"}, {}, {}),
     "auon": ("auon", {}, {}, {}),
     "auon low-rank": ("auon", LOWRANK, {}, {}),
+    "auon low-rank dct": ("auon", {**LOWRANK, "proj_method": "dct", "error_feedback": None}, {}, {}),
     "hybrid_auon": ("hybrid_auon", {}, {"ns_dtype": "float32"}, {}),
     "muon": ("muon", {}, {"ns_dtype": "float32"}, {}),
     "muon bf16": ("muon", {}, {}, {}),

@@ -4,7 +4,9 @@ ring algorithms: an all-reduce of B bytes sends 2 (w-1)/w B, an all-gather (w-1)
 result. :func:`lowmem_optim.sharding.count_traffic` counts the same bytes in a run.
 
 Every parameter is taken as FSDP2 shards it (``Shard(0)`` over ``world`` ranks), its gradient
-in the parameter's dtype. Three kinds of step send different bytes (:class:`PredictedTraffic`):
+in the parameter's dtype, and stepped by ``optimizer.step()`` (layer-wise ``step_param`` checks
+each refreshing gradient's finiteness on its own: one 4-byte all-reduce per parameter instead
+of one per step). Three kinds of step send different bytes (:class:`PredictedTraffic`):
 a plain step, a step at which every projected parameter chooses its first subspace, and one at
 which it chooses a later one (a later refresh compares the new subspace with the old and, for
 the DCT with ``dct_keep_moments``, moves the rule's state to the new indices). With
@@ -55,9 +57,12 @@ class _Projected:
     shape: tuple[int, int]
     low: tuple[int, int]
     left: bool
-    right: bool
     split: bool  # R = P^T G's rows split over the ranks, the rule's update gathered
-    itemsize: int  # of G and R
+    dtype: torch.dtype  # of G and R
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
 
     @property
     def rule_rows_sharded(self) -> bool:
@@ -67,9 +72,9 @@ class _Projected:
 
 def _projected(group: dict[str, Any], p: torch.Tensor, world: int) -> _Projected:
     shape = matrix_shape(p)
-    left, right = projection_sides(shape, group["proj_type"])
+    left, _ = projection_sides(shape, group["proj_type"])
     split = left and splits_projected_rows(RULES[group["rule"]](), group, shape, p.dtype, world)
-    return _Projected(shape, projected_shape(shape, group), left, right, split, p.dtype.itemsize)
+    return _Projected(shape, projected_shape(shape, group), left, split, p.dtype)
 
 
 def predicted_bytes(optimizer: torch.optim.Optimizer, world: int) -> PredictedTraffic:
@@ -80,7 +85,7 @@ def predicted_bytes(optimizer: torch.optim.Optimizer, world: int) -> PredictedTr
         for p in group["params"]:
             if not uses_projection(p, group):
                 shape = tuple(p.shape)
-                rule = _rule_bytes(group, shape, True, p.dtype.itemsize, world)
+                rule = _rule_bytes(group, shape, True, p.dtype, world)
                 plain, first, later = plain + rule, first + rule, later + rule
                 continue
             projected_any = True
@@ -98,9 +103,9 @@ def _projected_step_bytes(group: dict[str, Any], w: _Projected, world: int) -> f
     """A projected weight's step without a refresh: R = P^T G summed over the ranks (a left
     projection), the rule, the gather of a split R's update, the update form."""
     sent = _projection_bytes(w, world)
-    sent += _rule_bytes(group, w.low, w.rule_rows_sharded, w.itemsize, world)
+    sent += _rule_bytes(group, w.low, w.rule_rows_sharded, w.dtype, world)
     if w.split:  # finish_projected: each rank's rows of N gathered
-        sent += ring_bytes("all_gather", math.prod(w.low) * _update_itemsize(group, w.itemsize), world)
+        sent += ring_bytes("all_gather", math.prod(w.low) * _update_itemsize(group, w.dtype), world)
     return sent + _form_bytes(group, w, world)
 
 
@@ -109,9 +114,11 @@ def _projection_bytes(w: _Projected, world: int) -> float:
     return ring_bytes("all_reduce", math.prod(w.low) * w.itemsize, world) if w.left else 0.0
 
 
-def _rule_bytes(group: dict[str, Any], shape: tuple[int, ...], rows_sharded: bool, itemsize: int, world: int) -> float:
-    """The rule's reductions over a tensor of ``shape`` (the global shape of what it sees: the
-    weight, or R), its rows sharded over the ranks or whole on every rank."""
+def _rule_bytes(
+    group: dict[str, Any], shape: tuple[int, ...], rows_sharded: bool, dtype: torch.dtype, world: int
+) -> float:
+    """The rule's reductions over a tensor of ``shape`` and ``dtype`` (the global shape of what it
+    sees: the weight, or R), its rows sharded over the ranks or whole on every rank."""
     rule = group["rule"]
     if rule == "adafactor":
         return _adafactor_bytes(group, shape, rows_sharded, world)
@@ -121,9 +128,9 @@ def _rule_bytes(group: dict[str, Any], shape: tuple[int, ...], rows_sharded: boo
     if rule == "auon":  # ||D||_F and ||cosh(gamma X)||_F, float64 sums of squares
         return 2 * ring_bytes("all_reduce", FLOAT64, world)
     if rule in ("muon", "hybrid_auon"):  # the momentum D gathered whole for Newton-Schulz
-        return ring_bytes("all_gather", shape[0] * columns * _momentum_itemsize(group, itemsize), world)
+        return ring_bytes("all_gather", shape[0] * columns * _momentum_itemsize(group, dtype), world)
     if rule == "sinkhorn":  # the column sums of squares, once per round
-        return group["sinkhorn_iterations"] * ring_bytes("all_reduce", columns * itemsize, world)
+        return group["sinkhorn_iterations"] * ring_bytes("all_reduce", columns * dtype.itemsize, world)
     return 0.0  # adam, adam8bit, channel_normalized: elementwise or per row
 
 
@@ -151,26 +158,25 @@ def _form_bytes(group: dict[str, Any], w: _Projected, world: int) -> float:
     return sent
 
 
-def _update_itemsize(group: dict[str, Any], itemsize: int) -> int:
-    """The bytes of a value of the rule's update N."""
+def _update_itemsize(group: dict[str, Any], dtype: torch.dtype) -> int:
+    """The bytes of a value of the rule's update N of a tensor of ``dtype``."""
     rule = group["rule"]
-    if rule == "adam":
-        return moment_dtype(_dtype(itemsize)).itemsize
+    if rule == "adam":  # in its moments' dtype
+        return moment_dtype(dtype).itemsize
     if rule in ("adam8bit", "adafactor"):
         return FLOAT32
     if rule in ("auon", "hybrid_auon", "muon"):
-        return _momentum_itemsize(group, itemsize)
-    return itemsize  # sinkhorn, channel_normalized: the gradient's
+        return _momentum_itemsize(group, dtype)
+    return dtype.itemsize  # sinkhorn, channel_normalized: the gradient's
 
 
-def _momentum_itemsize(group: dict[str, Any], itemsize: int) -> int:
-    """The bytes of a value of the normalized rules' momentum D (momentum_storage.load)."""
-    kind = group.get("momentum_dtype", "auto")
-    return itemsize if kind == "auto" else FLOAT32 if kind == "float32" else max(itemsize, FLOAT32)
-
-
-def _dtype(itemsize: int) -> torch.dtype:
-    return {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}[itemsize]
+def _momentum_itemsize(group: dict[str, Any], dtype: torch.dtype) -> int:
+    """The bytes of a value of the normalized rules' momentum D (momentum_storage.load): the
+    gradient's dtype (``"auto"``), float32, or for the rounded forms float32 or wider."""
+    kind = group["momentum_dtype"]
+    if kind == "auto":
+        return dtype.itemsize
+    return FLOAT32 if kind == "float32" else max(dtype.itemsize, FLOAT32)
 
 
 # ---- refresh steps --------------------------------------------------------------------------------
@@ -242,7 +248,7 @@ def _carry_bytes(group: dict[str, Any], w: _Projected, world: int) -> float:
     rows, columns = w.low
     rule = group["rule"]
     if rule == "adam":  # exp_avg, exp_avg_sq
-        gathered = 2 * rows * columns * moment_dtype(_dtype(w.itemsize)).itemsize
+        gathered = 2 * rows * columns * moment_dtype(w.dtype).itemsize
     elif rule == "adam8bit":  # both moments, dequantized to float32
         gathered = 2 * rows * columns * FLOAT32
     elif rule == "adafactor":  # exp_avg (with beta1) and the row statistic
@@ -286,7 +292,7 @@ def left_split(optimizer: torch.optim.Optimizer, world: int) -> dict[str, Any]:
                 continue
             out["replicated_state"] += rule.state_bytes(w.low, p.dtype, group)
             out["split_state"] += rule.state_bytes((-(-w.low[0] // world), w.low[1]), p.dtype, group)
-            out["gather_bytes"] += ring_bytes("all_gather", 4 * math.prod(w.low), world)
+            out["gather_bytes"] += ring_bytes("all_gather", math.prod(w.low) * _update_itemsize(group, p.dtype), world)
             out["split"] = splits_projected_rows(rule, group, w.shape, p.dtype, world)
     return out
 
