@@ -1,5 +1,6 @@
 """The ``lowmem-optim`` console script (:mod:`lowmem_optim.tools.cli`): one JSON object with every
-component, bad input named by its flag, and no import of the training loop (not installed)."""
+component, bad input named by its flag, and no import of the training loop (not installed); the
+``traffic`` command's prediction for every optimizer that steps FSDP2-sharded parameters."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lowmem_optim.registry import available_optimizers
 from lowmem_optim.tools.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,3 +145,59 @@ def test_momentum_dtype_shrinks_muons_predicted_state_and_is_refused_where_no_mo
     assert states["auto"] > states["bfloat16"] > states["8bit"] > states["4bit"] > 0
     assert main([*argv, "--optimizer", "sinkgd", "--momentum-dtype", "8bit"]) == 2
     assert "--momentum-dtype 8bit with --optimizer sinkgd" in capsys.readouterr().err
+
+
+def _traffic(capsys, *flags: str) -> tuple[int, str, str]:
+    code = main(["traffic", "--model-config", str(TINY), *flags])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_traffic_predicts_every_sharding_optimizer_with_counts_worked_by_hand(capsys):
+    code, out, _ = _traffic(capsys, "--world", "2", "--rank", "8", "--json")
+    assert code == 0
+    result = json.loads(out)
+    expected = sorted(set(available_optimizers()) - {"adamw", "adamw8bit"})
+    assert sorted(result["optimizers"]) == expected
+    # the tiny config (hidden 64, MLP 176, 2 layers, vocab 512): 166208 float32 parameters, half of
+    # whose bytes a rank sends to gather them all; Muon gathers its momentum of the 14 linear
+    # weights (2 x (4 x 64 x 64 + 3 x 64 x 176) values)
+    assert result["naive_bytes"] == 4 * 166208 / 2
+    muon = result["optimizers"]["muon"]
+    assert muon["step_bytes"] == muon["refresh_bytes"] == muon["later_refresh_bytes"] == 4 * 2 * 50176 / 2
+    # GaLore at rank 8: only down_proj (64 x 176) is projected on the left: R (8 x 176) all-reduced
+    # (5632 bytes sent) and the update of each rank's 4 rows gathered (2816), in each of 2 layers
+    galore = result["optimizers"]["galore_adamw"]
+    assert galore["step_bytes"] == 2 * (5632 + 2816)
+    assert galore["left_split"]["split"] and galore["step_bytes"] < galore["refresh_bytes"]
+    dct = result["optimizers"]["dct_adamw"]  # a later refresh moves the split moments to the new indices
+    assert dct["later_refresh_bytes"] > dct["refresh_bytes"] > dct["step_bytes"]
+
+
+def test_traffic_prints_markdown_tables_of_the_chosen_optimizers(capsys):
+    code, out, _ = _traffic(capsys, "--world", "4", "--rank", "8", "--optimizer", "galore_adamw", "muon")
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith(("| galore_adamw |", "| muon |"))]
+    # the step table for both, the left-split table for GaLore (Muon projects nothing); on 4 ranks an
+    # all-reduce of B bytes sends 1.5 B, an all-gather 0.75 B: GaLore 2 x (1.5 + 0.75) x 5632 bytes,
+    # Muon 0.75 x 4 x 100352
+    assert len(rows) == 3 and "4 ranks" in out
+    assert rows[0].startswith("| galore_adamw | 24.8 KiB |") and rows[1].startswith("| muon | 294.0 KiB |")
+
+
+@pytest.mark.parametrize(
+    "flags, refusal",
+    [
+        (("--world", "1", "--rank", "8"), "--world 1"),
+        (("--world", "2", "--rank", "0"), "--rank 0"),
+        (("--world", "2", "--rank", "100"), "--rank"),
+    ],
+)
+def test_traffic_refuses_bad_input_naming_the_flag(capsys, flags, refusal):
+    code, _, err = _traffic(capsys, *flags)
+    assert code == 2 and refusal in err, err
+
+
+def test_traffic_refuses_optimizers_that_do_not_step_sharded_parameters():
+    with pytest.raises(SystemExit):
+        main(["traffic", "--model-config", str(TINY), "--world", "2", "--rank", "8", "--optimizer", "adamw"])

@@ -1,7 +1,7 @@
 """README.md and docs/ checked against the code, so that they cannot rot silently.
 
 - every ``--flag`` exists in the command line it is given to (``python -m train``, ``lowmem-optim
-  memory``, ``python -m train.sweep|tune|report|quickstart``, a script under ``scripts/``); a flag
+  memory|fit|traffic``, ``python -m train.sweep|tune|report|quickstart``, a script under ``scripts/``); a flag
   named outside a command must exist in at least one of the project's command lines;
 - every ``scripts/...``, ``configs/...``, ``tests/...``, ``docs/...``, ``lowmem_optim/...`` and
   ``train/...`` path exists (``{a,b}`` alternatives expanded), and every relative link and its
@@ -58,7 +58,7 @@ def cli_flags(cli: str) -> frozenset[str]:
         from train.config import build_parser
 
         return _help_flags(build_parser().parse_args, ["--help"])
-    if cli in ("memory", "fit"):
+    if cli in ("memory", "fit", "traffic"):
         from lowmem_optim.tools.cli import main
 
         return _help_flags(main, [cli, "--help"])
@@ -95,7 +95,7 @@ def script_flags(path: str) -> frozenset[str]:
 
 def all_flags() -> frozenset[str]:
     scripts = [str(p.relative_to(REPO)) for p in (REPO / "scripts").rglob("*.py")]
-    clis = ("train", "export", "eval", "memory", "quickstart", "sweep", "tune", "report", *scripts)
+    clis = ("train", "export", "eval", "memory", "fit", "traffic", "quickstart", "sweep", "tune", "report", *scripts)
     return frozenset().union(*(cli_flags(c) for c in clis))
 
 
@@ -104,7 +104,7 @@ COMMANDS = [
     (re.compile(r"-m train\.(sweep|tune|report|quickstart)\b"), lambda m: m.group(1)),
     (re.compile(r"-m train (export|eval)\b"), lambda m: m.group(1)),
     (re.compile(r"-m train(?![.\w])(?! (?:export|eval)\b)"), lambda m: "train"),
-    (re.compile(r"(?:lowmem-optim|lowmem_optim\.cli) (memory|fit)\b"), lambda m: m.group(1)),
+    (re.compile(r"(?:lowmem-optim|lowmem_optim\.cli) (memory|fit|traffic)\b"), lambda m: m.group(1)),
     (re.compile(r"\b(scripts/[\w/.-]+\.(?:py|sh))\b"), lambda m: m.group(1)),
     (re.compile(r"-m scripts\.bench\.(\w+)"), lambda m: f"scripts/bench/{m.group(1)}.py"),
 ]

@@ -1,7 +1,8 @@
 """FSDP2-sharded parameters (``Shard(0)`` DTensors on a 1-D mesh) on 2 gloo processes: every
 optimizer of the package, every projector, both projection sides, INT4/INT8 projections, the
 fixed and adaptive schedules, the 8-bit rule, error feedback and the update forms give the
-unsharded optimizer's parameters on the same gradients; sharded state is smaller per rank; DCP checkpoints resume
+unsharded optimizer's parameters on the same gradients; sharded state is smaller per rank; each rank sends, per
+step, the bytes lowmem_optim.tools.traffic predicts from the shapes and group keys; DCP checkpoints resume
 exactly and load across world sizes 2 -> 1 and 1 -> 2; other placements are refused by name.
 Two cases also run on 4 processes.
 
@@ -27,6 +28,8 @@ from torch import nn
 
 from lowmem_optim import sharding
 from lowmem_optim.registry import MATRIX_OPTIMIZERS, get_optimizer_class
+from lowmem_optim.shapes import uses_projection
+from lowmem_optim.tools.traffic import predicted_bytes
 
 STEPS = 4  # with update_proj_gap=2: refreshes at steps 1 and 3
 SAVED = 2  # the step after which checkpoints are saved: resuming crosses the refresh at step 3
@@ -87,6 +90,8 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
     ),
     "galore_adafactor": ("galore_adafactor", LOWRANK, {}, {}),
     "galore_adafactor beta1": ("galore_adafactor", LOWRANK, {"beta1": 0.9}, {}),
+    # R's rows split for the first moment: a later DCT refresh gathers it and the row statistic to move them
+    "galore_adafactor beta1 dct": ("galore_adafactor", {**LOWRANK, "proj_method": "dct"}, {"beta1": 0.9}, {}),
     "galore_adamw8bit": ("galore_adamw8bit", LOWRANK, {}, {}),
     "q_galore_adamw8bit": ("q_galore_adamw8bit", {**LOWRANK, "proj_group_size": 32}, {}, {}),
     # every moment in 8-bit codes: blocks cut per rank match the whole tensor's where each rank
@@ -122,6 +127,7 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
     "galore_adamw tensor": ("galore_adamw", {**LOWRANK, "update_form": "tensor"}, {}, {}),
     "auon": ("auon", {}, {}, {}),
     "auon low-rank": ("auon", LOWRANK, {}, {}),
+    "auon low-rank dct": ("auon", {**LOWRANK, "proj_method": "dct", "error_feedback": None}, {}, {}),
     "hybrid_auon": ("hybrid_auon", {}, {"ns_dtype": "float32"}, {}),
     "muon": ("muon", {}, {"ns_dtype": "float32"}, {}),
     "muon bf16": ("muon", {}, {}, {}),
@@ -247,6 +253,34 @@ def _resume_error(case: str, checkpoint: str, mesh, uninterrupted: nn.Module) ->
     return {"errors": _errors(model, uninterrupted)}
 
 
+def _refreshes(optimizer) -> list[int]:
+    """How many subspaces each projected parameter has chosen so far (its schedule's count)."""
+    return [
+        int(optimizer.state[p].get("refreshes", 0))
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if uses_projection(p, group)
+    ]
+
+
+def _step_kinds(refreshes: list[list[int]]) -> list[str]:
+    """Per step, which of :class:`~lowmem_optim.tools.traffic.PredictedTraffic`'s steps it was, from
+    the schedules' counts after each step: ``refresh`` where every projected parameter chose its
+    first subspace, ``later_refresh`` a later one, ``step`` where none chose; ``mixed`` otherwise
+    (the prediction assumes the parameters refresh together)."""
+    kinds, before = [], [0] * len(refreshes[0])
+    for after in refreshes:
+        chose = [a - b for a, b in zip(after, before)]
+        if not any(chose):
+            kinds.append("step")
+        elif all(c == 1 for c in chose):
+            kinds.append("refresh" if all(a == 1 for a in after) else "later_refresh")
+        else:
+            kinds.append("mixed")
+        before = after
+    return kinds
+
+
 def _run_case(case: str, mesh, workdir: Path) -> dict[str, Any]:
     """Sharded and unsharded side by side, saving the sharded one with DCP after step ``SAVED``; then
     that checkpoint resumed on the same world size, and a one-process checkpoint resumed sharded."""
@@ -257,12 +291,19 @@ def _run_case(case: str, mesh, workdir: Path) -> dict[str, Any]:
     model = _shard(Params(_weights()), mesh)
     optimizer = _optimizer(case, model)
     directory = workdir / case.replace(" ", "_")
+    sent, refreshes = [], []
     for step in range(1, STEPS + 1):
         _step(reference, reference_opt, step)
-        _step(model, optimizer, step, mesh)
+        with sharding.count_traffic() as traffic:
+            _step(model, optimizer, step, mesh)
+        sent.append(traffic.sent)
+        refreshes.append(_refreshes(optimizer))
         if step == SAVED:
             dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(directory / "sharded"))
     result = {
+        "sent": sent,
+        "step_kinds": _step_kinds(refreshes),
+        "predicted": predicted_bytes(optimizer, mesh.size())._asdict(),
         "errors": _errors(model, reference),
         "state_bytes": _state_bytes(optimizer),
         "reference_state_bytes": _state_bytes(reference_opt),
@@ -412,6 +453,31 @@ def _assert_close(errors: dict[str, float], tolerances: dict[str, float], where:
 def test_sharded_step_gives_the_unsharded_parameters(two_ranks, case):
     for rank, result in enumerate(_case_results(two_ranks, case)):
         _assert_close(result["errors"], CASES[case][3], rank)
+
+
+#: the steps of a case with projected parameters under update_proj_gap=2: the first subspace at step 1,
+#: a later one at step 3 (the adaptive case's gap grows only after that refresh)
+LOWRANK_STEP_KINDS = ["refresh", "step", "later_refresh", "step"]
+
+
+def _assert_sent_as_predicted(results: list[dict[str, Any]], case: str) -> None:
+    """Every rank sends, at each step, the bytes lowmem_optim.tools.traffic predicts from the shapes
+    and group keys for that kind of step (the kinds read from the schedules' counts)."""
+    for rank, result in enumerate(results):
+        kinds = result["step_kinds"]
+        assert kinds == (LOWRANK_STEP_KINDS if "rank" in CASES[case][1] else ["step"] * STEPS), (rank, kinds)
+        predicted = [result["predicted"][kind] for kind in kinds]
+        assert result["sent"] == predicted, (rank, kinds, result["sent"], predicted)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bytes_sent_per_step_are_the_predicted(two_ranks, case):
+    _assert_sent_as_predicted(_case_results(two_ranks, case), case)
+
+
+@pytest.mark.parametrize("case", FOUR_RANK_CASES)
+def test_bytes_sent_per_step_on_four_ranks_are_the_predicted(four_ranks, case):
+    _assert_sent_as_predicted(_case_results(four_ranks, case), case)
 
 
 @pytest.mark.parametrize("case", CASES)

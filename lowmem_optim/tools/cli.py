@@ -10,8 +10,16 @@ workspace, and the predicted peak (:mod:`lowmem_optim.tools.memory`).
     lowmem-optim fit --model-config configs/llama_7b.json --memory-gib 12 [--json]
 
 prints the training flags of the low-memory setup that fits a card of that memory, with its
-prediction and the budget (:mod:`lowmem_optim.tools.memory_fit`). Flags shared with the training
-CLI have its names; snake_case spellings are accepted too.
+prediction and the budget (:mod:`lowmem_optim.tools.memory_fit`).
+
+    lowmem-optim traffic --model-config configs/llama_7b.json --world 2 --rank 1024 \\
+        [--optimizer galore_adamw muon ...] [--json]
+
+prints the bytes each rank sends through the optimizers' collectives under FSDP2 per plain step,
+first and later refresh step, and what splitting a left projection's R costs and saves, for every
+optimizer that steps sharded parameters at its defaults with that rank (APOLLO-Mini: its own
+rank 1), float32 gradients (:mod:`lowmem_optim.tools.traffic`; a prediction from the shapes).
+Flags shared with the training CLI have its names; snake_case spellings are accepted too.
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from lowmem_optim.registry import (
     LOWRANK_OPTIMIZERS,
     MATRIX_OPTIMIZERS,
     available_optimizers,
+    build_optimizer,
     check_int8_capable,
+    lowrank_defaults,
     momentum_dtype_optimizers,
 )
 from lowmem_optim.rules.momentum_storage import MOMENTUM_DTYPES
@@ -45,6 +55,7 @@ from lowmem_optim.tools.memory import (
     llama_skeleton,
 )
 from lowmem_optim.tools.memory_fit import budget_bytes, fitting
+from lowmem_optim.tools.traffic import gather_every_gradient_bytes, left_split, predicted_bytes, sharding_optimizers
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -115,6 +126,19 @@ def _parser() -> argparse.ArgumentParser:
     _flag(fit, "seq-len", type=int, default=256)
     _flag(fit, "total-batch-size", type=int, default=512, help="sequences per optimizer step")
     _flag(fit, "json", action="store_true", help="print one JSON object")
+    traffic = commands.add_parser("traffic", help="predict the bytes each rank sends per step under FSDP2")
+    _flag(traffic, "model-config", required=True, help="LLaMA config JSON (HF LlamaConfig fields)")
+    _flag(traffic, "world", type=int, required=True, help="ranks the weights are sharded over (>= 2)")
+    _flag(traffic, "rank", type=int, required=True, help="subspace rank of the low-rank optimizers")
+    _flag(
+        traffic,
+        "optimizer",
+        nargs="+",
+        default=None,
+        choices=sharding_optimizers(),
+        help="optimizers to predict (default: every one that steps FSDP2-sharded parameters)",
+    )
+    _flag(traffic, "json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -170,6 +194,70 @@ def fit_command(args: argparse.Namespace) -> dict[str, Any]:
     return {"flags": found.flags(), "budget_bytes": budget, **found.estimate.as_dict()}
 
 
+def traffic_command(args: argparse.Namespace) -> dict[str, Any]:
+    """Per optimizer, the bytes one rank sends per plain, first-refresh and later-refresh step and
+    :func:`~lowmem_optim.tools.traffic.left_split`, with the naive gather of every gradient;
+    ValueError for bad input."""
+    config = load_llama_config(args.model_config)
+    if args.world < 2:
+        raise ValueError(f"--world {args.world}: one rank sends nothing (allowed: an int >= 2)")
+    if args.rank < 1:
+        raise ValueError(f"--rank {args.rank} (allowed: an int >= 1)")
+    model = llama_skeleton(LlamaShape.from_config(config), torch.float32)
+    check_some_matrix_projected(model, parse_target_modules("all-linear"), args.rank)
+    optimizers = {}
+    for name in args.optimizer or sharding_optimizers():
+        keys = {"rank": lowrank_defaults(name).get("rank", args.rank)} if name in LOWRANK_OPTIMIZERS else {}
+        optimizer = build_optimizer(name, model, **keys)
+        traffic = predicted_bytes(optimizer, args.world)
+        optimizers[name] = {
+            **{f"{kind}_bytes": sent for kind, sent in traffic._asdict().items()},
+            "left_split": left_split(optimizer, args.world),
+        }
+    naive = gather_every_gradient_bytes(model, args.world)
+    return {"world": args.world, "rank": args.rank, "naive_bytes": naive, "optimizers": optimizers}
+
+
+def _size(nbytes: float) -> str:
+    """Bytes below 10 kB as they are, below 10 MiB in KiB, more in MiB (one decimal)."""
+    if nbytes < 10_000:
+        return f"{nbytes:.0f} B"
+    return f"{nbytes / 2**10:.1f} KiB" if nbytes < 10 * 2**20 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _markdown(columns: Sequence[str], rows: list[Sequence[str]]) -> str:
+    lines = [columns, ["---"] * len(columns), *rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def _traffic_tables(result: dict[str, Any]) -> str:
+    """The prediction as two markdown tables: bytes per step, and the left projections' split."""
+    naive = _size(result["naive_bytes"])
+    columns = ("optimizer", "plain step", "first refresh", "later refresh", "naive: gather every gradient")
+    rows = [
+        (name, _size(r["step_bytes"]), _size(r["refresh_bytes"]), _size(r["later_refresh_bytes"]), naive)
+        for name, r in result["optimizers"].items()
+    ]
+    title = f"Bytes each rank sends per optimizer step, {result['world']} ranks, rank {result['rank']} (predicted)"
+    text = f"{title}\n\n{_markdown(columns, rows)}"
+    splits = [
+        (name, r["left_split"]) for name, r in result["optimizers"].items() if r["left_split"]["replicated_state"]
+    ]
+    if splits:
+        columns = ("optimizer", "state of R per rank, split / whole", "sent per step by the split", "split")
+        rows = [
+            (
+                name,
+                f"{_size(s['split_state'])} / {_size(s['replicated_state'])}",
+                _size(s["gather_bytes"]),
+                "yes" if s["split"] else "no",
+            )
+            for name, s in splits
+        ]
+        text += f"\n\nLeft projections (R = P^T G): the rule's state of R\n\n{_markdown(columns, rows)}"
+    return text
+
+
 def _table(result: dict[str, int]) -> str:
     rows = [(name, result[f"{name}_bytes"]) for name in (*COMPONENTS, "total")]
     return "\n".join(f"{name:<22}{value:>16,d} B {value / 2**30:>9.3f} GiB" for name, value in rows)
@@ -178,12 +266,14 @@ def _table(result: dict[str, int]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        result = fit_command(args) if args.command == "fit" else memory_command(args)
+        result = {"fit": fit_command, "memory": memory_command, "traffic": traffic_command}[args.command](args)
     except ValueError as err:
         print(f"lowmem-optim: error: {err}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result))
+    elif args.command == "traffic":
+        print(_traffic_tables(result))
     elif args.command == "fit":
         print(" ".join(result["flags"]))
         print(_table(result))

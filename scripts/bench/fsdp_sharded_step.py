@@ -10,7 +10,7 @@ Protocol:
   (``Shard(0)``); unsharded copy: the same weights, whole, in the same process.
 - Optimizers: every optimizer of this package through ``build_optimizer`` (``all-linear``
   low-rank/matrix group, the rest full-rank AdamW or the optimizer's rule), rank 128 for the
-  low-rank ones, Newton-Schulz in float32, other hyperparameters at their defaults.
+  low-rank ones (APOLLO-Mini: its rank 1), Newton-Schulz in float32, other hyperparameters at their defaults.
 - Gradients: seeded standard-normal whole gradients, the same on every rank; the sharded copy
   receives each rank's rows (``distribute_tensor``), the unsharded copy the whole gradient.
   No forward/backward: only the optimizer is measured.
@@ -22,14 +22,12 @@ Protocol:
   shard), the largest over ranks, against the unsharded optimizer's.
 - Communication: bytes this rank sends through the optimizer's collectives under ring
   algorithms (an all-reduce of B bytes: 2 (w-1)/w B; an all-gather of B bytes: (w-1)/w B),
-  counted by :func:`lowmem_optim.sharding.count_traffic`, per plain step and per refresh step;
-  next to the naive way, gathering every gradient each step ((w-1)/w of all gradient bytes).
-  The same counts are predicted from the shapes alone (:mod:`lowmem_optim.tools.traffic`) for
-  the 60M shape (checked against the count) and for LLaMA-7B (hidden 4096, intermediate 11008,
-  32 layers; rank 1024 for the 7B, fp32 gradients: a prediction, not run).
-- Left projections: the rule's moments of R = P^T G per rank, split by R's rows (what this
-  package does) against kept whole on every rank, and the all-gather of the update the split
-  adds, from shapes (:func:`lowmem_optim.tools.traffic.left_split`), for both shapes.
+  counted by :func:`lowmem_optim.sharding.count_traffic`, per plain step and per refresh step
+  (step 1: every subspace's first choice);
+  next to the naive way, gathering every gradient each step ((w-1)/w of all gradient bytes),
+  and next to the same counts predicted from the shapes alone (:mod:`lowmem_optim.tools.traffic`).
+  Predictions at other shapes (LLaMA-7B), with what splitting a left projection's R costs and
+  saves: ``lowmem-optim traffic --model-config configs/llama_7b.json --world 2 --rank 1024``.
 """
 
 from __future__ import annotations
@@ -42,18 +40,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lowmem_optim import available_optimizers, sharding
-from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer
-from lowmem_optim.tools.traffic import gather_every_gradient_bytes, left_split, predicted_bytes
-from scripts.bench.toolkit import LLAMA_7B, llama, markdown_table, write_json
+from lowmem_optim import sharding
+from lowmem_optim.registry import LOWRANK_OPTIMIZERS, build_optimizer, lowrank_defaults
+from lowmem_optim.tools.traffic import gather_every_gradient_bytes, predicted_bytes, sharding_optimizers
+from scripts.bench.toolkit import llama, markdown_table, write_json
 from train.optim import state_bytes
 
 #: every optimizer of this package (``adamw`` and ``adamw8bit`` are torch's and bitsandbytes' classes)
-OPTIMIZERS = tuple(name for name in available_optimizers() if name not in ("adamw", "adamw8bit"))
+OPTIMIZERS = tuple(sharding_optimizers())
 MIB = 2**20
 
 
 def built(name: str, model: torch.nn.Module, rank: int, gap: int) -> torch.optim.Optimizer:
+    # APOLLO-Mini keeps its own rank 1 (its tensor-wise scaling is defined at rank 1)
+    rank = lowrank_defaults(name).get("rank", rank)
     hp: dict[str, Any] = {"rank": rank, "update_proj_gap": gap} if name in LOWRANK_OPTIMIZERS else {}
     if name in ("hybrid_auon", "muon"):
         hp["ns_dtype"] = "float32"
@@ -63,8 +63,10 @@ def built(name: str, model: torch.nn.Module, rank: int, gap: int) -> torch.optim
 def predicted(name: str, optimizer: torch.optim.Optimizer, model: torch.nn.Module, world: int) -> dict[str, Any]:
     """What :mod:`lowmem_optim.tools.traffic` predicts of ``optimizer`` over ``world`` ranks."""
     row = {"optimizer": name, "naive_bytes": gather_every_gradient_bytes(model, world)}
-    row["predicted_step_bytes"], row["predicted_refresh_bytes"] = predicted_bytes(optimizer, world)
-    return {**row, "left_split": left_split(optimizer, world)}
+    traffic = predicted_bytes(optimizer, world)
+    # step 1 chooses every subspace for the first time
+    row["predicted_step_bytes"], row["predicted_refresh_bytes"] = traffic.step, traffic.refresh
+    return row
 
 
 def timed_step(model: torch.nn.Module, optimizer, seed: int, mesh=None) -> tuple[float, float]:
@@ -112,7 +114,7 @@ def measure(name: str, mesh, steps: int, rank: int) -> dict[str, Any]:
     return row
 
 
-def print_tables(rows: list[dict[str, Any]], big: list[dict[str, Any]], world: int, rank: int) -> None:
+def print_tables(rows: list[dict[str, Any]], world: int, rank: int) -> None:
     print(
         f"LLaMA-60M shape, {world} ranks (gloo, CPU, 1 thread each), rank {rank}, fp32, "
         f"torch {torch.__version__}; largest over ranks\n"
@@ -134,26 +136,6 @@ def print_tables(rows: list[dict[str, Any]], big: list[dict[str, Any]], world: i
         refresh = f"{r['refresh_bytes'] / MIB:.2f} ({r['predicted_refresh_bytes'] / MIB:.2f})"
         cells.append((r["optimizer"], step, refresh, f"{r['naive_bytes'] / MIB:.1f}"))
     print(markdown_table(columns, cells))
-    print("\nLLaMA-7B shape, rank 1024, predicted from shapes (MiB each rank sends)\n")
-    cells = []
-    for r in big:
-        step, refresh = f"{r['predicted_step_bytes'] / MIB:.1f}", f"{r['predicted_refresh_bytes'] / MIB:.0f}"
-        cells.append((r["optimizer"], step, refresh, f"{r['naive_bytes'] / MIB:.0f}"))
-    print(markdown_table(columns, cells))
-    print(
-        "\nLeft projections (R = P^T G, r x n): the rule's state of R per rank with R's rows split over the "
-        "ranks or kept whole on every rank, the bytes the gather of the split update adds per step "
-        "(MiB, from shapes), and the choice\n"
-    )
-    columns = ("shape", "optimizer", "state of R split / whole per rank", "gather of the update per step", "split")
-    cells = []
-    for label, table in (("60M", rows), ("7B", big)):
-        for r in (r for r in table if r["left_split"]["replicated_state"]):
-            split = r["left_split"]
-            state = f"{split['split_state'] / MIB:.1f} / {split['replicated_state'] / MIB:.1f}"
-            yes = "yes" if split["split"] else "no"
-            cells.append((label, r["optimizer"], state, f"{split['gather_bytes'] / MIB:.1f}", yes))
-    print(markdown_table(columns, cells))
 
 
 def main() -> None:
@@ -170,11 +152,9 @@ def main() -> None:
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     rows = [measure(name, mesh, args.steps, args.rank) for name in args.optimizers.split(",")]
-    model_7b = llama(LLAMA_7B, device="meta")
-    big = [predicted(name, built(name, model_7b, 1024, 200), model_7b, world) for name in OPTIMIZERS]
     if dist.get_rank() == 0:
-        print_tables(rows, big, world, args.rank)
-        write_json(args.json, {"llama_60m": rows, "llama_7b": big, "world": world})
+        print_tables(rows, world, args.rank)
+        write_json(args.json, {"llama_60m": rows, "world": world})
     dist.destroy_process_group()
 
 
