@@ -174,7 +174,8 @@ def test_llama7b_recipe_of_each_card_is_the_one_fit_chooses_and_is_predicted_wit
 def test_loss_term_is_the_measured_peak_of_the_head_and_loss(dtype, chunk):
     # the head and the loss alone, forward and backward, on CPU: the bytes of the tensors they
     # create (OpCounter follows every new storage until it is freed) against the model's loss
-    # term, plus the logits the output holds (unchunked) and the head's gradient
+    # term plus the head's gradient; the logits dropped once the loss is computed, as the
+    # training loop drops the model's output
     import torch.nn.functional as F
 
     from lowmem_optim.tools.memory import LlamaShape, activation_memory
@@ -198,13 +199,14 @@ def test_loss_term_is_the_measured_peak_of_the_head_and_loss(dtype, chunk):
         if chunk:
             loss = chunked_causal_lm_loss(hidden, head, labels, chunk)
         else:
-            logits = head(hidden)  # held, as the model's output holds it
-            loss = F.cross_entropy(logits.float().view(-1, vocab)[:-1], labels.view(-1)[1:])
+            loss = F.cross_entropy(head(hidden).float().view(-1, vocab)[:-1], labels.view(-1)[1:])
         loss.backward()
     s = torch.empty((), dtype=torch_dtype).element_size()
     predicted = activation_memory(LlamaShape(vocab, h, 4 * h, 1, 4, 4), setup)["loss"] + s * vocab * h
-    predicted += 0 if chunk else s * vocab * batch * seq
-    assert abs(counter.peak_bytes / predicted - 1) < 0.02
+    if chunk:
+        assert abs(counter.peak_bytes / predicted - 1) < 0.02
+    else:  # the head's gradient comes after the loss tensors are freed: the sum bounds both
+        assert counter.peak_bytes <= predicted < 1.03 * counter.peak_bytes
 
 
 def test_chunked_loss_drops_the_logits_and_one_chunk_covers_a_small_micro_batch():
@@ -218,12 +220,13 @@ def test_chunked_loss_drops_the_logits_and_one_chunk_covers_a_small_micro_batch(
     assert chunked.activations_bytes < estimate().activations_bytes
     assert chunked.total_bytes < estimate().total_bytes
     assert estimate(loss_chunk_tokens=8 * 256) == estimate()  # one chunk: HF's loss
-    # the loss holds one chunk: more tokens add only their per-token terms, not 12 V each
+    # the loss holds one chunk: more tokens add only their per-token terms and the final hidden
+    # states' gradient (bf16: 2 h), not 12 V each
     per_token = (estimate(batch_size=16).activations_bytes - estimate().activations_bytes) / (8 * 256)
     chunked_per_token = (
         estimate(batch_size=16, loss_chunk_tokens=256).activations_bytes - chunked.activations_bytes
     ) / (8 * 256)
-    assert chunked_per_token < per_token - 12 * config["vocab_size"]
+    assert chunked_per_token == per_token - 12 * config["vocab_size"] + 2 * config["hidden_size"]
 
 
 @pytest.mark.parametrize("buffer", ["float32", "bfloat16", "8bit", "full"])

@@ -39,10 +39,15 @@ _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (key, signed dynamic ma
 _CHUNK = 1 << 22
 
 
-def _chunk_bytes(numel: int) -> int:
-    """One eager chunk: g in float32, both moments dequantized, the denominator, the chunk's
-    update, the new codes."""
-    return 22 * min(numel, _CHUNK)
+def _chunk_bytes(numel: int, dtype: torch.dtype) -> int:
+    """The eager chunks' peak, at the denominator of Adam (:func:`adam_update`): g's float32 copy
+    (none when g is float32), g clamped, both moments dequantized, sqrt(V) and the denominator;
+    from the second chunk on, the previous chunk's update and last moment too, which the loop's
+    names hold until they are rebound (measured: :class:`lowmem_optim.tools.op_count.OpCounter`)."""
+    per_value = 20 if dtype == torch.float32 else 24
+    first = per_value * min(numel, _CHUNK)
+    later = per_value * min(numel - _CHUNK, _CHUNK) + 8 * _CHUNK if numel > _CHUNK else 0
+    return max(first, later)
 
 
 def _apply_(w: torch.Tensor, update: torch.Tensor, decay: float) -> None:
@@ -119,15 +124,15 @@ class Adam8bitRule(Part):
         numel = math.prod(shape)
         if numel < group["min_8bit_size"]:
             return 8 * numel  # float32 denominator and update
-        return 4 * numel + _chunk_bytes(numel)  # the float32 update, and one chunk's
+        return 4 * numel + _chunk_bytes(numel, dtype)  # the float32 update, and the chunks'
 
     def step_in_place_workspace_bytes(
         self, params: list[tuple[tuple[int, ...], torch.dtype]], group: dict[str, Any]
     ) -> int:
         """One parameter at a time, each chunk's update applied to the weight as it comes (the
         eager code; bitsandbytes' CUDA kernel allocates nothing)."""
-        sizes = [math.prod(shape) for shape, _ in params]
-        return max((8 * n if n < group["min_8bit_size"] else _chunk_bytes(n) for n in sizes), default=0)
+        sizes = [(math.prod(shape), dtype) for shape, dtype in params]
+        return max((8 * n if n < group["min_8bit_size"] else _chunk_bytes(n, dtype) for n, dtype in sizes), default=0)
 
     def can_step_in_place(self, param: torch.Tensor, grad: torch.Tensor) -> bool:
         """A plain contiguous dense tensor (not FSDP2-sharded, not one that applies its own

@@ -32,11 +32,12 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
 
   times layers x tokens; with activation checkpointing only each layer's input (s h per token
   per layer) is kept, and one layer is rebuilt in backward, with its gradient working set
-  s (h + 2 f) per token. The head keeps the final norm's tensors and the logits the output
-  holds (s V per token); the loss adds, at the start of backward, the float32 log-softmax
-  output and the incoming and outgoing float32 gradients (12 V per token). With the chunked
-  loss (``loss_chunk_tokens`` c below the micro-batch's tokens, the training default;
-  ``train/loss.py``) no logits are kept, and backward rebuilds one chunk at a time:
+  s (h + 2 f) per token. The head keeps the final norm's tensors, and no logits: the training
+  loop keeps only the loss of the model's output through backward (``train/loop.py``), so the
+  logits are freed once the loss is computed; the loss adds, at the start of backward, the
+  float32 log-softmax output and the incoming and outgoing float32 gradients (12 V per token).
+  With the chunked loss (``loss_chunk_tokens`` c below the micro-batch's tokens, the training
+  default; ``train/loss.py``) backward rebuilds one chunk at a time:
 
       loss        max(12 V c, s V c + s h V) + s h tokens
 
@@ -51,7 +52,9 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
   projector's P or Q: a float32 draw and its cast), the rule's temporaries as it reports them
   (:meth:`~lowmem_optim.parts.Part.workspace_bytes`: 8-bit Adam's float32 update of a projected
   gradient and its moments dequantized chunk by chunk, a full-rank weight's chunks only, as
-  they are applied in place; Adam's denominator and update), the INT8 weight's float32
+  they are applied in place, 20 bytes per value of a chunk (24 with g's float32 copy), plus
+  the previous chunk's update and moment from the second chunk on: 32 per value of a bf16
+  embedding's or head's chunk; Adam's denominator and update), the INT8 weight's float32
   re-quantization chunk, and an update form's temporaries (Fira's m x n residual beside the
   back-projected update; :mod:`lowmem_optim.update_forms`) (for a projected parameter the
   rule's temporaries are freed before its float32 low-rank update is back-projected and
@@ -64,7 +67,9 @@ The peak is the largest of the moments a step goes through, on top of the static
 (weights + optimizer_states + projections):
 
     start of backward      kept activations + loss tensors (+ the first gradient, the head's;
-                           with --layerwise only while the loss is chunked)
+                           with --layerwise only while the loss is chunked; every gradient from
+                           the second of several micro-batches, without --layerwise); no logits: the
+                           loop holds the loss, not the output, through backward
     checkpointed backward  kept activations + one rebuilt layer (+ every gradient so far)
     optimizer step         every gradient + workspace                     (ordinary stepping)
     a layer-wise update    kept activations + that gradient + its workspace (+ the rebuilt layer's
@@ -412,9 +417,9 @@ def optimizer_memory(
 # ---- activations ----------------------------------------------------------------------------
 def activation_memory(shape: LlamaShape, setup: TrainingSetup) -> dict[str, int]:
     """Activation bytes (per-token terms in the module docstring): ``stored`` (kept through
-    backward: each layer's saved tensors or checkpoint, the final norm's, the logits held by
-    the output unless the loss is chunked), ``loss`` (the float32 loss tensors at the start of
-    backward, or one chunk's) and ``recompute`` (one checkpointed layer rebuilt in backward,
+    backward: each layer's saved tensors or checkpoint, the final norm's; not the logits, which
+    the training loop frees with the model's output), ``loss`` (the float32 loss tensors at the
+    start of backward, or one chunk's) and ``recompute`` (one checkpointed layer rebuilt in backward,
     with its gradient working set; 0 without checkpointing) and ``rebuilt`` (that layer's saved
     tensors alone)."""
     s = torch.empty((), dtype=setup.torch_dtype()).element_size()
@@ -427,11 +432,12 @@ def activation_memory(shape: LlamaShape, setup: TrainingSetup) -> dict[str, int]
     rebuilt = per_layer if setup.activation_checkpointing else 0
     v, chunk = shape.vocab_size, setup.loss_chunk_tokens
     if loss_is_chunked(setup):
-        logits, loss = 0, max(12 * v * chunk, s * v * (chunk + h)) + s * h * tokens
+        loss = max(12 * v * chunk, s * v * (chunk + h)) + s * h * tokens
     else:
-        logits, loss = s * v * tokens, 12 * v * tokens
+        # the loop keeps the loss, not the output: the logits (s V per token) are gone by backward
+        loss = 12 * v * tokens
     return {
-        "stored": int(tokens * (shape.num_hidden_layers * kept + norm) + logits),
+        "stored": int(tokens * (shape.num_hidden_layers * kept + norm)),
         "loss": loss,
         "recompute": int(tokens * recompute),
         "rebuilt": int(tokens * rebuilt),
@@ -475,8 +481,10 @@ def estimate_memory(config: dict[str, Any], setup: TrainingSetup) -> MemoryEstim
         total = static + act["stored"] + peaks
     else:
         gradients = opt["gradients"]
+        # from the second micro-batch on every gradient is held from the first while the loss runs
+        early = gradients if setup.accumulation_steps() > 1 else opt["largest_gradient"]
         total = static + max(
-            act["stored"] + act["loss"] + opt["largest_gradient"],
+            act["stored"] + act["loss"] + early,
             act["stored"] + act["recompute"] + gradients if act["recompute"] else 0,
             gradients + opt["workspace"],
         )

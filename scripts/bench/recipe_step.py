@@ -7,9 +7,10 @@ Protocol (one process; the flags of ``python -m train``, ``--dtype`` bfloat16 un
   INT8 weights, optimizer groups, layer-wise hooks, accumulation over ``--total-batch-size``).
   The floor (``--floor``): the same model and micro-batch in bfloat16, no optimizer, every gradient
   dropped as it arrives (a post-accumulate hook): what no optimizer of this kind can beat.
-- Both: ``--max-steps`` steps on seeded random tokens (labels = inputs, the output held through
-  backward). Step 1 (ours: optimizer state, every matrix's first subspace) is reported alone;
-  tokens/s and the split over the steps after it, from CUDA events (CPU: wall time) around
+- Both: ``--max-steps`` steps on seeded random tokens (labels = inputs; only the loss is kept
+  through backward, as the training loop keeps it: the logits are freed with the output). Step 1
+  (ours: optimizer state, every matrix's first subspace) is reported alone; tokens/s and the
+  split over the steps after it, from CUDA events (CPU: wall time) around
   forward, backward (with the layer-wise updates), the per-parameter update and, within it, the
   projector's refresh / project / back-project, the rule, the INT8 dequantize and apply_update
   (a nested part counts in its parent too).
@@ -127,10 +128,9 @@ def _run(cfg: TrainConfig, device: torch.device, built: tuple, cpu_peak: str | N
     def step() -> None:
         for _ in range(accum):
             with timer.part("forward"):
-                out = model(input_ids=tokens, labels=tokens)
+                loss = model(input_ids=tokens, labels=tokens).loss
             with timer.part("backward"):
-                (out.loss / accum).backward()
-            del out
+                (loss / accum).backward()
         if optimizer is not None and handle is None:
             with timer.part("optimizer.step"):
                 optimizer.step()
