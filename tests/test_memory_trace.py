@@ -103,6 +103,8 @@ OTHER_SETUPS = {
         "--optimizer adamw --dtype float32 --batch-size 8 --seq-len 128 --loss-chunk-tokens 0",
     ),
     "adamw-accumulated": (512, "--optimizer adamw --dtype bfloat16 --batch-size 4 --total-batch-size 8 --seq-len 64"),
+    # INT8 linear layers under float32 compute (the training CLI's default dtype)
+    "galore-int8-float32": (512, "--optimizer galore_adamw --rank 64 --weight-bits 8 --batch-size 4 --seq-len 64"),
 }
 
 

@@ -17,7 +17,10 @@ def test_the_counted_step_holds_the_loss_tensors_of_the_replaced_vocabulary_and_
     result = main([*argv, "--max-steps", "2", "--output-dir", str(tmp_path)])
     # the float32 log-softmax and its two gradients at the start of backward (llama_tiny has 512 ids)
     loss_tensors = 12 * 2 * 32 * 8192
-    assert result["ours"]["peak_tensor_bytes"] >= loss_tensors and result["ours"]["peak_rss_bytes"] > 0
+    assert result["ours"]["peak_tensor_bytes"] >= loss_tensors
+    # the resident set's growth: 0 where the allocator reuses memory an earlier test freed (the
+    # probe's figure needs a fresh process; tests/test_bench_toolkit.py checks peak_rss_above)
+    assert isinstance(result["ours"]["peak_rss_bytes"], int)
     assert result["ours"]["step_s"] is None  # two steps: the first alone, the second counted, none timed
     assert result["predicted_over_measured"] == result["predicted"]["step_bytes"] / result["ours"]["peak_tensor_bytes"]
     assert json.loads((tmp_path / "recipe_step.jsonl").read_text()) == json.loads(json.dumps(result))

@@ -71,7 +71,8 @@ def training_setup(cfg: TrainConfig) -> TrainingSetup:
     return TrainingSetup(
         optimizer=cfg.optimizer,
         rank=cfg.rank,
-        weight_bits=32 if cfg.torch_dtype_name == "float32" else cfg.weight_bits,  # the model's name for fp32
+        # the memory model's name for float32 weights; INT8 linear layers stay 8-bit in any dtype
+        weight_bits=32 if cfg.torch_dtype_name == "float32" and cfg.weight_bits == 16 else cfg.weight_bits,
         dtype=cfg.torch_dtype_name,
         proj_bits=proj_bits,
         optimizer_kwargs=tuple(flags.items()),

@@ -238,17 +238,18 @@ class TrainingSetup:
         return self.accumulation_buffer if self.layerwise and self.accumulation_steps() > 1 else None
 
     def torch_dtype(self) -> torch.dtype:
-        """``dtype``, defaulting to float32 for 32-bit weights and bfloat16 otherwise."""
+        """``dtype``, defaulting to float32 for 32-bit weights and bfloat16 otherwise (8-bit
+        weights: INT8 linear layers, the other weights and the compute in ``dtype``)."""
         if self.weight_bits not in WEIGHT_BITS:
             raise ValueError(f"Invalid weight_bits: {self.weight_bits!r} (allowed: {', '.join(map(str, WEIGHT_BITS))})")
         name = self.dtype or ("float32" if self.weight_bits == 32 else "bfloat16")
         if name not in DTYPES:
             raise ValueError(f"Invalid dtype: {name!r} (allowed: {', '.join(DTYPES)})")
         dtype = DTYPES[name]
-        if (self.weight_bits == 32) != (dtype == torch.float32):
+        if self.weight_bits != 8 and (self.weight_bits == 32) != (dtype == torch.float32):
             raise ValueError(
                 f"Invalid dtype: {name!r} with weight_bits={self.weight_bits} (allowed: float32 with "
-                "32-bit weights; bfloat16 or float16 with 16- or 8-bit weights)"
+                "32-bit weights; bfloat16 or float16 with 16-bit weights; any with 8-bit weights)"
             )
         return dtype
 
