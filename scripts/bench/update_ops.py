@@ -61,9 +61,9 @@ FULL_RANK_WAYS = (
 )
 
 
-def counted(model: nn.Module, step: Callable[[], Any], seed: int, counter: OpCounter | None = None) -> OpCounter:
+def counted(model: nn.Module, step: Callable[[], Any], seed: int) -> OpCounter:
     """The counts of one ``step`` on seeded gradients of ``model``'s parameters."""
-    counter = counter or OpCounter()
+    counter = OpCounter()
     set_gradients(model, seed)
     with counter:
         step()
