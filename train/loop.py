@@ -281,7 +281,7 @@ def _loop(w: Wiring, start: int, last_good: Path | None) -> None:
     for step in range(start + 1, cfg.max_steps + 1):
         lr = w.optimizer.param_groups[0]["lr"]
         try:
-            loss = _train_step(w)
+            loss = train_step(w)
         except FloatingPointError as err:  # a subspace refresh met non-finite gradients
             raise RunStopped(f"step {step}: {err}. {_last_good(last_good)}") from err
         if loss is None:
@@ -337,9 +337,11 @@ def _loop(w: Wiring, start: int, last_good: Path | None) -> None:
         clock, steps_timed = time.perf_counter(), 0  # tokens/s covers training only, not evaluation and saving
 
 
-def _train_step(w: Wiring) -> torch.Tensor | None:
+def train_step(w: Wiring) -> torch.Tensor | None:
     """One optimizer step over ``w.accum`` micro-batches; its mean loss, still on the device
-    (None: skipped under ``--on-nonfinite skip``, its loss or gradients not finite)."""
+    (None: skipped under ``--on-nonfinite skip``, its loss or gradients not finite). Reads
+    ``w.cfg``, ``w.d``, ``w.accum``, ``w.model``, ``w.optimizer`` and ``w.data.train`` only, so a
+    probe of the step (:mod:`train.memory_trace`, ``scripts/bench/recipe_step.py``) runs this one."""
     cfg, d, accum, model, optimizer = w.cfg, w.d, w.accum, w.model, w.optimizer
     loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
     for micro in range(accum):

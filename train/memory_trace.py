@@ -4,7 +4,7 @@ The model, INT8 conversion, optimizer and layer-wise hooks are built by the func
 ``python -m train`` builds them with (:func:`train.model.build_model`, ``quantize_weights``,
 :func:`train.optim.make_optimizer`, :func:`train.loop.attach_layerwise`), under
 ``FakeTensorMode`` on the CPU (the random initialisation skipped), and the loop's own step
-(``train.loop._train_step``: micro-batches, chunked loss, checkpointed layers, low-rank
+(``train.loop.train_step``: micro-batches, chunked loss, checkpointed layers, low-rank
 accumulation, the update) runs under :class:`lowmem_optim.tools.memory_trace.StorageTrace`. Each
 micro-batch is a phase: its peak and split (parameters, buffers, gradients, optimizer states,
 accumulation buffers, activations, temporaries) are reported, with the memory model's prediction
@@ -52,7 +52,7 @@ from lowmem_optim.tools.memory import TrainingSetup, estimate_memory
 from lowmem_optim.tools.memory_trace import CATEGORIES, StorageTrace, fake_tensors
 from train import distributed
 from train.config import TrainConfig, parse_args
-from train.loop import _train_step, accumulation_steps, attach_layerwise
+from train.loop import accumulation_steps, attach_layerwise, train_step
 from train.model import run_model
 from train.optim import make_optimizer
 
@@ -141,7 +141,7 @@ def trace_training(cfg: TrainConfig, *, steps: int = 2, micro_batches: int = TRA
         with trace:
             for step in range(1, steps + 1):
                 batches.step, batches.micro = step, 0
-                _train_step(wiring)
+                train_step(wiring)
         peaks = trace.finish()
         if handle is not None:
             handle.remove()

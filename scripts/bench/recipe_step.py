@@ -7,8 +7,9 @@ Protocol (one process; the flags of ``python -m train``, ``--dtype`` bfloat16 un
   INT8 weights, optimizer groups, layer-wise hooks, accumulation over ``--total-batch-size``).
   The floor (``--floor``): the same model and micro-batch in bfloat16, no optimizer, every gradient
   dropped as it arrives (a post-accumulate hook): what no optimizer of this kind can beat.
-- Both: ``--max-steps`` steps on seeded random tokens (labels = inputs; only the loss is kept
-  through backward, as the training loop keeps it: the logits are freed with the output). Step 1
+- Both: ``--max-steps`` runs of the training loop's own step (:func:`train.loop.train_step`:
+  micro-batches, loss, backward, clipping and ``optimizer.step`` as ``--layerwise`` and the flags
+  say) on one seeded batch of random tokens (labels = inputs). Step 1
   (ours: optimizer state, every matrix's first subspace) is reported alone; tokens/s and the
   split over the steps after it, from CUDA events (CPU: wall time) around
   forward, backward (with the layer-wise updates), the per-parameter update and, within it, the
@@ -45,7 +46,9 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
@@ -59,7 +62,9 @@ from lowmem_optim.rules import RULES
 from lowmem_optim.tools.llama_config import load_llama_config
 from lowmem_optim.tools.op_count import OpCounter
 from scripts.bench.toolkit import peak_memory, peak_rss_above, predicted_memory, recipe, reset_peak_memory, sync
+from train import distributed
 from train.config import TrainConfig, build_parser
+from train.loop import train_step
 from train.model import run_model
 from train.optim import state_bytes
 
@@ -90,10 +95,13 @@ class PartTimer:
             return {k: sum(a.elapsed_time(b) for a, b in v) / 1000 for k, v in self.marks.items()}
         return {k: sum(b - a for a, b in v) for k, v in self.marks.items()}
 
-    def patches(self) -> list[contextlib.AbstractContextManager]:
-        """Patches that time, while open, the optimizer's per-parameter update, the INT8 weight's
-        passes and every projector's and rule's methods."""
+    def patches(self, model: torch.nn.Module, optimizer: Any) -> list[contextlib.AbstractContextManager]:
+        """Patches that time, while open, the model's forward, the backward of the loss (with
+        the layer-wise updates inside it), ``optimizer.step``, the optimizer's per-parameter
+        update, the INT8 weight's passes and every projector's and rule's methods."""
         parts = {
+            (type(model), "forward"): "forward",
+            (torch.Tensor, "backward"): "backward",
             (ComposedOptimizer, "step_param"): "update",
             (Int8Weight, "dequantized"): "int8 dequantize",
             (Int8Weight, "apply_update"): "int8 apply_update",
@@ -104,6 +112,8 @@ class PartTimer:
                     owner = next((k for k in cls.__mro__ if attr in k.__dict__), None)
                     if owner is not None:
                         parts[owner, attr] = f"{kind} {attr}"
+        if optimizer is not None:
+            parts[type(optimizer), "step"] = "optimizer.step"
 
         def timed(method: Callable, name: str) -> Callable:
             def run(*args: Any, **kwargs: Any) -> Any:
@@ -115,30 +125,39 @@ class PartTimer:
         return [mock.patch.object(k, a, timed(getattr(k, a), name)) for (k, a), name in parts.items()]
 
 
+class _SameBatch:
+    """The loop's training stream, here one seeded batch of random tokens over and over."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.tokens = tokens
+
+    def next_batch(self) -> torch.Tensor:
+        return self.tokens
+
+
 def _run(cfg: TrainConfig, device: torch.device, built: tuple, cpu_peak: str | None = None) -> dict[str, Any]:
-    """``--max-steps`` steps of ``built`` (model, optimizer, layer-wise hooks, accumulation steps, as
+    """``--max-steps`` steps of the training loop's own step (:func:`train.loop.train_step`) over
+    ``built`` (model, optimizer, layer-wise hooks, accumulation steps, as
     :func:`scripts.bench.toolkit.recipe` returns them) on seeded random tokens: step 1 alone,
     tokens/s and the split over the others, and with ``cpu_peak`` the last step untimed under
     MemTracker or OpCounter."""
-    model, optimizer, handle, accum = built
+    model, optimizer, _, accum = built
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.randint(0, model.config.vocab_size, (cfg.batch_size, cfg.seq_len), generator=gen).to(device)
+    one_process = distributed.Dist(rank=0, world=1, local_rank=0, device=device, owns_group=False)
+    wiring = SimpleNamespace(
+        cfg=cfg,
+        d=one_process,
+        accum=accum,
+        model=model,
+        optimizer=optimizer,
+        data=SimpleNamespace(train=_SameBatch(tokens)),
+    )
+    step = partial(train_step, wiring)
     timer = PartTimer(device)
-
-    def step() -> None:
-        for _ in range(accum):
-            with timer.part("forward"):
-                loss = model(input_ids=tokens, labels=tokens).loss
-            with timer.part("backward"):
-                (loss / accum).backward()
-        if optimizer is not None and handle is None:
-            with timer.part("optimizer.step"):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
     reset_peak_memory(device)
     with contextlib.ExitStack() as stack:
-        for patch in timer.patches():
+        for patch in timer.patches(model, optimizer):
             stack.enter_context(patch)
         sync(device)
         begin = time.perf_counter()
@@ -185,7 +204,8 @@ def floor(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     model = run_model(dataclasses.replace(cfg, dtype="bfloat16", weight_bits=16, init_from=None), device, vocab)
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-    return _run(cfg, device, (model, None, None, 1))
+    # to the loop's step, a model whose gradients are consumed inside backward is layer-wise
+    return _run(dataclasses.replace(cfg, layerwise=True), device, (model, None, None, 1))
 
 
 def ours(cfg: TrainConfig, device: torch.device, cpu_peak: str | None = None) -> dict[str, Any]:

@@ -32,7 +32,7 @@ def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _preempted(out: Path, base: list[str], d: distributed.Dist, name: str, flags: list[str]) -> None:
     """A run to ``out/name`` whose rank 1 alone receives SIGTERM during step 2; each rank writes
     what the run said to ``out/<name>_rank<rank>.txt``."""
-    real_step, steps = loop._train_step, []
+    real_step, steps = loop.train_step, []
 
     def step_signalled_on_rank1(w: loop.Wiring) -> torch.Tensor | None:
         steps.append(len(steps) + 1)
@@ -40,7 +40,7 @@ def _preempted(out: Path, base: list[str], d: distributed.Dist, name: str, flags
             os.kill(os.getpid(), signal.SIGTERM)
         return real_step(w)
 
-    loop._train_step = step_signalled_on_rank1
+    loop.train_step = step_signalled_on_rank1
     try:
         with preemption.handled():
             loop.run(parse_args(base + flags + [f"--output-dir={out / name}"]), d)
@@ -48,7 +48,7 @@ def _preempted(out: Path, base: list[str], d: distributed.Dist, name: str, flags
     except preemption.RunPreempted as err:
         said = str(err)
     finally:
-        loop._train_step = real_step
+        loop.train_step = real_step
     (out / f"{name}_rank{d.rank}.txt").write_text(said)
 
 
