@@ -125,16 +125,6 @@ class PartTimer:
         return [mock.patch.object(k, a, timed(getattr(k, a), name)) for (k, a), name in parts.items()]
 
 
-class _SameBatch:
-    """The loop's training stream, here one seeded batch of random tokens over and over."""
-
-    def __init__(self, tokens: torch.Tensor) -> None:
-        self.tokens = tokens
-
-    def next_batch(self) -> torch.Tensor:
-        return self.tokens
-
-
 def _run(cfg: TrainConfig, device: torch.device, built: tuple, cpu_peak: str | None = None) -> dict[str, Any]:
     """``--max-steps`` steps of the training loop's own step (:func:`train.loop.train_step`) over
     ``built`` (model, optimizer, layer-wise hooks, accumulation steps, as
@@ -145,14 +135,9 @@ def _run(cfg: TrainConfig, device: torch.device, built: tuple, cpu_peak: str | N
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.randint(0, model.config.vocab_size, (cfg.batch_size, cfg.seq_len), generator=gen).to(device)
     one_process = distributed.Dist(rank=0, world=1, local_rank=0, device=device, owns_group=False)
-    wiring = SimpleNamespace(
-        cfg=cfg,
-        d=one_process,
-        accum=accum,
-        model=model,
-        optimizer=optimizer,
-        data=SimpleNamespace(train=_SameBatch(tokens)),
-    )
+    stream = SimpleNamespace(next_batch=lambda: tokens)  # the loop's training stream: one batch over and over
+    parts = {"cfg": cfg, "d": one_process, "accum": accum, "model": model, "optimizer": optimizer}
+    wiring = SimpleNamespace(**parts, data=SimpleNamespace(train=stream))
     step = partial(train_step, wiring)
     timer = PartTimer(device)
     reset_peak_memory(device)
