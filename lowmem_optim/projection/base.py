@@ -76,6 +76,15 @@ class MatrixProjector(Part):
             self.storage.basis_bytes(numel, dtype, group) for used, numel in ((left, m * r), (right, r * n)) if used
         )
 
+    def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        """An INT8/INT4 basis is dequantized to ``dtype`` on each use (alive while it multiplies);
+        a basis stored in ``dtype`` is used as it is."""
+        if group["proj_bits"] in (None, 16):
+            return 0
+        left, right = projection_sides(shape, group["proj_type"])
+        m, n = shape
+        return group["rank"] * ((m if left else 0) + (n if right else 0)) * dtype.itemsize
+
     def sharded_layout(self, dim: int) -> StateLayout:
         """A float P has the rows of the weight (a quantized one is whole: ``_rows`` tells them apart)."""
         return StateLayout(rows=frozenset({"proj_left"}))

@@ -103,7 +103,7 @@ from lowmem_optim.layerwise import (
     check_lowrank_accumulation,
 )
 from lowmem_optim.projection.base import projected_shape
-from lowmem_optim.projection.feedback import error_dtype, feedback_bytes
+from lowmem_optim.projection.feedback import error_dtype, feedback_bytes, feedback_workspace_bytes
 from lowmem_optim.quant.int8_linear import UPDATE_CHUNK, Int8Weight, quantize_linear_layers
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, build_optimizer
 from lowmem_optim.rules.adam8bit import Adam8bitRule
@@ -307,8 +307,64 @@ def _baseline_state_bytes(name: str, param: torch.Tensor, optimizer: torch.optim
 
 def _int8_chunk_bytes(param: torch.Tensor) -> int:
     # dequantized fp32 weight, update, scaled values, int64 counters, uniform draws and their
-    # floor, per chunk: 32 bytes per value at their peak, as measured by following every storage
-    return 32 * min(param.numel(), UPDATE_CHUNK) if isinstance(param, Int8Weight) else 0
+    # floor, per chunk: 32 bytes per value at their peak, and the new scale and zero with the
+    # groups' float32 min and max (16 bytes per group), as measured by following every storage
+    if not isinstance(param, Int8Weight):
+        return 0
+    chunk = min(param.numel(), UPDATE_CHUNK)
+    return 32 * chunk + 16 * math.ceil(chunk / param.group_size)
+
+
+def _projected_workspace(p: torch.Tensor, group: dict[str, Any], parts: Any, shape: tuple[int, ...]) -> int:
+    """The peak of one projected update's temporaries, the largest of its phases. R = P^T G (in
+    the gradient's dtype) stays alive from the projection to the end of the step, N = rule(R)
+    from the rule on, and with error feedback A = G + E (float32) and its cast to G's dtype
+    from the start (as measured by following every storage, the replaced state's old tensors
+    freed as they are replaced: :class:`lowmem_optim.tools.op_count.OpCounter`):
+
+        refresh         (A +) the projector's refresh, where it runs every step (the DCT's spectrum)
+        project         the basis the projector regenerates or dequantizes + R
+        store E         A + R + P R (float32 or G's dtype) and E_t = A - P R, then E_t and its
+                        quantization's temporaries (the previous buffer held until replaced);
+                        loading E_{t-1} allocates less
+        rule            (A +) R + the rule's temporaries (N among them), or those of its read of
+                        the weight (Adafactor's RMS(W) of a bfloat16 weight: a float32 copy)
+        back-project    (A +) R + N + U (m x n, in the weight's dtype for bfloat16, else N's) + the
+                        form's temporaries (Fira's residual, APOLLO's factors) + while P N is made,
+                        the regenerated basis and N's cast to U's dtype (forms that back-project N)
+        apply           (A +) R + N + U + an INT8 weight's re-quantization chunk"""
+    matrix = matrix_shape(p)
+    dtype, numel, low = p.dtype, p.numel(), math.prod(shape)
+    projected_grad = low * dtype.itemsize
+    regenerated = parts.projector.workspace_bytes(matrix, dtype, group)
+    refresh = parts.projector.refresh_workspace_bytes(matrix, dtype, group)
+    update_dtype = parts.rule.update_dtype(dtype, group)
+    full_dtype = torch.bfloat16 if dtype == torch.bfloat16 else update_dtype  # the engine's back_projection_dtype
+    update = parts.rule.update_bytes(shape, dtype, group)
+    full = numel * full_dtype.itemsize
+    # an INT8 weight's RMS (Adafactor) is read chunk by chunk, below its update's chunk
+    weight_read = 0 if isinstance(p, Int8Weight) else parts.rule.weight_workspace_bytes(matrix, shape, dtype, group)
+    back = full + parts.form.workspace_bytes(matrix, dtype, group)
+    if parts.form.adds_projected:
+        back += regenerated + (low * full_dtype.itemsize if full_dtype != update_dtype else 0)
+    held, phases = 0, [regenerated + projected_grad]
+    feedback = group["error_feedback"]
+    if feedback is not None:
+        error = numel * error_dtype(dtype).itemsize
+        held = error + (numel * dtype.itemsize if error_dtype(dtype) != dtype else 0)
+        store = max(
+            regenerated + numel * dtype.itemsize,  # P R, in R's dtype
+            numel * dtype.itemsize + error,  # E_t = A - P R
+            error + feedback_workspace_bytes(feedback, matrix, dtype),
+        )
+        phases.append(held + projected_grad + store)
+    phases += [
+        held + refresh,
+        held + projected_grad + max(parts.rule.workspace_bytes(shape, dtype, group), weight_read),
+        held + projected_grad + update + back,
+        held + projected_grad + update + full + _int8_chunk_bytes(p),
+    ]
+    return max(phases)
 
 
 def optimizer_memory(
@@ -378,9 +434,6 @@ def optimizer_memory(
                 shared.update(parts.projector.shared_bytes(matrix, p.dtype, group))
                 states += parts.schedule.state_bytes(matrix, p.dtype, group)
                 shape = projected_shape(matrix, group)
-                workspace += grad  # the back-projected update
-                # a basis the projector regenerates on use (the random projector's P), never state
-                workspace += parts.projector.workspace_bytes(matrix, p.dtype, group)
                 if buffered:
                     low = math.prod(shape)
                     out["accumulation_buffers"] += buffer_bytes(accumulation, low, p.dtype)
@@ -388,23 +441,14 @@ def optimizer_memory(
                         write = grad + accumulation_workspace_bytes(accumulation, low, p.dtype)
                         out["layer_write_peak"] = max(out["layer_write_peak"], write)
                 states += parts.form.state_bytes(matrix, p.dtype, group)
-                form_workspace = parts.form.workspace_bytes(matrix, p.dtype, group)
+                workspace = _projected_workspace(p, group, parts, shape)
                 if group["error_feedback"] is not None:
                     states += feedback_bytes(group["error_feedback"], matrix, p.dtype)
-                    # A = G + E and its back-projected part, in float32 (or float64)
-                    workspace += 2 * p.numel() * torch.empty((), dtype=error_dtype(p.dtype)).element_size()
             states += parts.rule.state_bytes(shape, p.dtype, group)
             if not uses_projection(p, group) and parts.rule.can_step_in_place(p, p):
                 workspace += parts.rule.step_in_place_workspace_bytes([(shape, p.dtype)], group)
                 together.setdefault(id(group), (parts.rule, group, []))[2].append((shape, p.dtype))
-            elif uses_projection(p, group):
-                # the rule's temporaries are freed before its low-rank update (float32) is
-                # back-projected and applied (measured: lowmem_optim.tools.op_count.OpCounter)
-                low_rank_update = 4 * math.prod(shape)
-                workspace = max(
-                    parts.rule.workspace_bytes(shape, p.dtype, group), workspace + low_rank_update + form_workspace
-                )
-            else:
+            elif not uses_projection(p, group):
                 workspace += parts.rule.workspace_bytes(shape, p.dtype, group)
             out["optimizer_states"] += states
             out["workspace"] = max(out["workspace"], workspace)
