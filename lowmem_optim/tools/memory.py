@@ -47,18 +47,20 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
   runs after the last chunk).
 * workspace: the transient memory of one parameter's update (the largest over parameters), or
   of one call over the full-rank parameters a rule steps together (torch's foreach AdamW: one
-  denominator per parameter, alive together; :meth:`~lowmem_optim.parts.Part.step_in_place`):
-  the back-projected update (m x n), a basis the projector regenerates on use (the random
-  projector's P or Q: a float32 draw and its cast), the rule's temporaries as it reports them
-  (:meth:`~lowmem_optim.parts.Part.workspace_bytes`: 8-bit Adam's float32 update of a projected
-  gradient and its moments dequantized chunk by chunk, a full-rank weight's chunks only, as
-  they are applied in place, 20 bytes per value of a chunk (24 with g's float32 copy), plus
-  the previous chunk's update and moment from the second chunk on: 32 per value of a bf16
-  embedding's or head's chunk; Adam's denominator and update), the INT8 weight's float32
-  re-quantization chunk, and an update form's temporaries (Fira's m x n residual beside the
-  back-projected update; :mod:`lowmem_optim.update_forms`) (for a projected parameter the
-  rule's temporaries are freed before its float32 low-rank update is back-projected and
-  applied: the larger of the two sets counts).
+  denominator per parameter, alive together; :meth:`~lowmem_optim.parts.Part.step_in_place`).
+  A projected parameter's is the largest of its update's phases (:func:`_projected_workspace`):
+  R = P^T G stays alive through the step and the rule's N (:meth:`~lowmem_optim.parts.Part.update_bytes`)
+  from the rule on, beside, in turn, the projector's every-step refresh (the DCT's spectrum),
+  error feedback's A = G + E and E's quantization, the rule's temporaries as it reports them
+  (:meth:`~lowmem_optim.parts.Part.workspace_bytes`: 8-bit Adam's float32 update and its moments
+  dequantized chunk by chunk; Adafactor's float32 copy of a bf16 weight for RMS(W)), the
+  back-projected update U with a basis the projector regenerates or dequantizes and an update
+  form's temporaries (Fira's m x n residual, APOLLO's factors; :mod:`lowmem_optim.update_forms`),
+  and U with the INT8 weight's float32 re-quantization chunk. A full-rank weight's: its rule's
+  temporaries; 8-bit Adam's chunks only, as they are applied in place, 20 bytes per value of a
+  chunk (24 with g's float32 copy), plus the previous chunk's update and moment from the second
+  chunk on: 32 per value of a bf16 embedding's or head's chunk. A refresh by SVD (every
+  ``update_proj_gap`` steps) is not counted.
   On CUDA bitsandbytes' fused 8-bit kernel allocates no chunk: there the 8-bit terms are an
   upper bound. Each chunk's bytes per value are those measured by following every storage
   (:class:`lowmem_optim.tools.op_count.OpCounter`).
