@@ -344,10 +344,15 @@ PROJECTED_STEPS = [
     ("apollo", {}),
     ("apollo_mini", {}),
     ("muon", {}),
+    ("muon", {"momentum_dtype": "float32"}),
+    ("muon", {"momentum_dtype": "bfloat16"}),
+    ("muon", {"momentum_dtype": "8bit"}),
+    ("auon", {"momentum_dtype": "4bit"}),
     ("auon", {}),
     ("hybrid_auon", {}),
     ("sinkgd", {}),
     ("scale_sgd", {}),
+    ("scale_sgd", {"momentum": 0.9}),
 ]
 
 

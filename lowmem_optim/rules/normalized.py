@@ -157,6 +157,14 @@ class NormalizedMomentumRule(Part):
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         return momentum_storage.momentum_bytes(shape, dtype, group["momentum_dtype"])
 
+    def update_dtype(self, dtype: torch.dtype, group: dict[str, Any]) -> torch.dtype:
+        # the direction's: M's working dtype (momentum_storage.load); the rules that keep no
+        # momentum_dtype (SinkGD, SCALE) work in g's
+        kind = group.get("momentum_dtype", "auto")
+        if kind == "auto":
+            return dtype
+        return torch.float32 if kind == "float32" else torch.promote_types(dtype, torch.float32)
+
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         numel = math.prod(shape)
         direction = 3 * 4 * numel  # the direction D, its normalized or orthogonalized image, the update
