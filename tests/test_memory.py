@@ -333,6 +333,9 @@ def step_peak_above_start(optimizer: torch.optim.Optimizer) -> int:
 
 PROJECTED_STEPS = [
     ("galore_adamw", {}),
+    ("galore_adamw", {"proj_type": "full"}),  # P^T G Q: P N made before it meets Q
+    ("galore_adamw", {"proj_method": "random"}),  # Flora: P regenerated on use
+    ("galore_adamw", {"error_feedback": "nf4"}),
     ("galore_adamw8bit", {}),
     ("q_galore_adamw8bit", {}),
     ("galore_adafactor", {}),
@@ -340,6 +343,7 @@ PROJECTED_STEPS = [
     ("dct_adamw", {"error_feedback": None}),
     ("dct_adamw", {"error_feedback": "4bit", "dct_fft_threshold": 32}),  # the spectrum from an FFT
     ("dct_adamw", {"error_feedback": "float32"}),
+    ("dct_adamw", {"error_feedback": "8bit"}),
     ("fira", {}),
     ("apollo", {}),
     ("apollo_mini", {}),
