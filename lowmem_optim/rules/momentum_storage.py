@@ -115,7 +115,7 @@ def momentum_bytes(shape: tuple[int, ...], dtype: torch.dtype, kind: str) -> int
     return numel * {"auto": dtype.itemsize, "float32": 4, "bfloat16": 2}[kind]
 
 
-def rounding_workspace_bytes(shape: tuple[int, ...], dtype: torch.dtype, kind: str) -> int:
+def rounding_workspace_bytes(shape: tuple[int, ...], kind: str) -> int:
     """Transient bytes of a rounded form's step besides the direction D: the float32 M (the
     gradient's float32 copy that advanced it is freed by then), the 4-bit form's padded copy of M
     (rows of odd length), the new float32 absmax of the 8-bit and 4-bit forms (one per block,

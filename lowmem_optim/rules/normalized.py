@@ -171,9 +171,7 @@ class NormalizedMomentumRule(Part):
         if not momentum_storage.rounds(group["momentum_dtype"]):
             return direction
         # while M is rounded: the float M, the gradient in float32, D and the rounding's temporaries
-        return max(
-            direction, 4 * numel + momentum_storage.rounding_workspace_bytes(shape, dtype, group["momentum_dtype"])
-        )
+        return max(direction, 4 * numel + momentum_storage.rounding_workspace_bytes(shape, group["momentum_dtype"]))
 
     def scaled_direction(
         self, d: torch.Tensor, group: dict[str, Any], step_size: float, shard: RowShard | None = None

@@ -98,6 +98,7 @@ import torch
 from torch import nn
 
 from lowmem_optim.engine import ComposedOptimizer, group_parts, matrix_shape, uses_projection
+from lowmem_optim.engine.declarations import Parts
 from lowmem_optim.layerwise import (
     ACCUMULATION_BUFFERS,
     accumulation_workspace_bytes,
@@ -317,7 +318,7 @@ def _int8_chunk_bytes(param: torch.Tensor) -> int:
     return 32 * chunk + 16 * math.ceil(chunk / param.group_size)
 
 
-def _projected_workspace(p: torch.Tensor, group: dict[str, Any], parts: Any, shape: tuple[int, ...]) -> int:
+def _projected_workspace(p: torch.Tensor, group: dict[str, Any], parts: Parts, shape: tuple[int, ...]) -> int:
     """The peak of one projected update's temporaries, the largest of its phases. R = P^T G (in
     the gradient's dtype) stays alive from the projection to the end of the step, N = rule(R)
     from the rule on, and with error feedback A = G + E (float32) and its cast to G's dtype
@@ -443,7 +444,7 @@ def optimizer_memory(
                         write = grad + accumulation_workspace_bytes(accumulation, low, p.dtype)
                         out["layer_write_peak"] = max(out["layer_write_peak"], write)
                 states += parts.form.state_bytes(matrix, p.dtype, group)
-                workspace = _projected_workspace(p, group, parts, shape)
+                workspace = _projected_workspace(p, group, parts, shape)  # the INT8 chunk among its phases
                 if group["error_feedback"] is not None:
                     states += feedback_bytes(group["error_feedback"], matrix, p.dtype)
             states += parts.rule.state_bytes(shape, p.dtype, group)
