@@ -209,7 +209,8 @@ class Part:
 
     def refresh_workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         """A projector's: the most transient bytes of a subspace refresh of a matrix gradient of
-        ``shape`` in ``dtype``, where a refresh is cheap enough to run every step (the DCT's)."""
+        ``shape`` in ``dtype``, declared where a refresh is cheap enough to run every step (the
+        DCT's; an SVD's, every ``update_proj_gap`` steps, is not modelled)."""
         return 0
 
     def shared_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> dict[Any, int]:
