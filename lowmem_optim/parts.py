@@ -190,6 +190,29 @@ class Part:
         """Transient bytes this part allocates during one update of that parameter."""
         return 0
 
+    def update_dtype(self, dtype: torch.dtype, group: dict[str, Any]) -> torch.dtype:
+        """A rule's: the dtype of the update N its ``update`` returns for an input in ``dtype``."""
+        return dtype
+
+    def update_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        """A rule's: bytes of what its ``update`` returns for a ``shape`` input in ``dtype`` (N, and
+        a step size it returns as a tensor), alive until the update is applied."""
+        return math.prod(shape) * self.update_dtype(dtype, group).itemsize
+
+    def weight_workspace_bytes(
+        self, shape: tuple[int, ...], low_shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]
+    ) -> int:
+        """A rule's: the most transient bytes alive while its ``update`` reads the weight itself
+        (``shape``, in ``dtype``; the rule's input of ``low_shape``), where that tops
+        :meth:`workspace_bytes`."""
+        return 0
+
+    def refresh_workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        """A projector's: the most transient bytes of a subspace refresh of a matrix gradient of
+        ``shape`` in ``dtype``, declared where a refresh is cheap enough to run every step (the
+        DCT's; an SVD's, every ``update_proj_gap`` steps, is not modelled)."""
+        return 0
+
     def shared_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> dict[Any, int]:
         """Caches this part shares between parameters (key -> bytes; a key is counted once)."""
         return {}

@@ -89,6 +89,8 @@ class UpdateForm(Part):
 
     #: whether U holds G itself (the refusals: error feedback, low-rank accumulation)
     needs_gradient = False
+    #: whether U holds back_project(N) (the memory model: the back-projection's temporaries exist)
+    adds_projected = True
 
     def update(
         self,
@@ -116,7 +118,7 @@ class ScaledGradientForm(UpdateForm):
     )
     #: whether R must keep a channel whole (a projection on both sides keeps none)
     per_channel = True
-    #: whether U is P N + S (Fira) rather than S alone (APOLLO)
+    #: U is S alone (APOLLO); Fira's P N + S sets it
     adds_projected = False
 
     def validate(self, group: dict[str, Any]) -> None:

@@ -53,3 +53,13 @@ def test_a_stale_figure_is_caught():
     held = _table_module().figures(_table_module().load_rows())
     stale = "| LLaMA-7B peak, `scripts/pretrain_llama7b.sh` recipe, batch 16 x 256 | 13.01 GiB (memory model) |"
     assert quoted_7b_figures(stale) == ["13.01"] and "13.01" not in held
+
+
+def test_the_fit_margin_is_the_model_s_largest_error_against_the_traced_recipes():
+    """``lowmem-optim fit`` keeps predictions ``MODEL_MARGIN`` below a card's budget: the model's
+    largest error against the traced 7B rows, to 0.1% (the table's precision), as it is now."""
+    from lowmem_optim.tools.memory_fit import MODEL_MARGIN
+
+    table = _table_module()
+    errors = [table.predicted_bytes(row) / row["traced_bytes"] - 1 for row in table.load_rows()]
+    assert MODEL_MARGIN == round(max(abs(e) for e in errors), 3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -307,6 +308,81 @@ def test_update_forms_add_the_measured_temporaries_to_the_workspace(shape, dtype
             assert predicted == predicted_base and 0 < extra <= 64
         else:
             assert predicted - predicted_base == extra > 0, form
+
+
+def step_peak_above_start(optimizer: torch.optim.Optimizer) -> int:
+    """The peak of the bytes one ``optimizer.step()`` allocates, less those of the state tensors
+    it replaces from the moment each is freed (a new DCT index, re-indexed moments, a new error
+    buffer take their place): the peak above the memory before the step."""
+    counter = OpCounter()
+
+    def release(nbytes: int) -> None:
+        counter._live_bytes -= nbytes
+
+    def watch() -> None:  # keeps no reference to the state: a replaced tensor is freed as it is replaced
+        for state in optimizer.state.values():
+            for t in state.values():
+                if torch.is_tensor(t):
+                    weakref.finalize(t.untyped_storage(), release, t.untyped_storage().nbytes())
+
+    watch()
+    with counter:
+        optimizer.step()
+    return counter.peak_bytes
+
+
+PROJECTED_STEPS = [
+    ("galore_adamw", {}),
+    ("galore_adamw", {"proj_type": "full"}),  # P^T G Q: P N made before it meets Q
+    ("galore_adamw", {"proj_method": "random"}),  # Flora: P regenerated on use
+    ("galore_adamw", {"error_feedback": "nf4"}),
+    ("galore_adamw8bit", {}),
+    ("q_galore_adamw8bit", {}),
+    ("galore_adafactor", {}),
+    ("dct_adamw", {}),  # NF4 error feedback
+    ("dct_adamw", {"error_feedback": None}),
+    ("dct_adamw", {"error_feedback": "4bit", "dct_fft_threshold": 32}),  # the spectrum from an FFT
+    ("dct_adamw", {"error_feedback": "float32"}),
+    ("dct_adamw", {"error_feedback": "8bit"}),
+    ("fira", {}),
+    ("apollo", {}),
+    ("apollo_mini", {}),
+    ("muon", {}),
+    ("muon", {"momentum_dtype": "float32"}),
+    ("muon", {"momentum_dtype": "bfloat16"}),
+    ("muon", {"momentum_dtype": "8bit"}),
+    ("auon", {"momentum_dtype": "4bit"}),
+    ("auon", {}),
+    ("hybrid_auon", {}),
+    ("sinkgd", {}),
+    ("scale_sgd", {}),
+    ("scale_sgd", {"momentum": 0.9}),
+]
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(256, 64), (64, 256)], ids=["right", "left"])
+@pytest.mark.parametrize(
+    ("name", "kwargs"), PROJECTED_STEPS, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values()))
+)
+def test_workspace_of_one_projected_update_is_the_measured_peak(name, kwargs, shape, dtype, int8):
+    """What is alive at the peak of one projected update (R through the whole step, N from the
+    rule on, U in the weight's or N's dtype, the regenerated or dequantized basis, the DCT's
+    spectrum, A = G + E and E's quantization, the form's terms, an INT8 weight's chunk) is the
+    model's workspace, to the byte but for a few 0-D tensors (step size, norms: at most 64
+    bytes), at the second step (the first creates the state)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(shape[1], shape[0], bias=False)).to(dtype)
+    if int8:
+        quantize_linear_layers(model, "all-linear", group_size=256)
+    opt = build_optimizer(name, model, target_modules="all-linear", rank=8, **kwargs)
+    weight = model[0].weight
+    for _ in range(2):
+        weight.grad = torch.randn(shape, dtype=dtype)
+        measured = step_peak_above_start(opt)
+    predicted = optimizer_memory(name, opt)["workspace"]
+    assert 0 <= measured - predicted <= 64, (measured, predicted)
 
 
 @pytest.mark.parametrize(("optimizer", "key"), [("apollo", "update_form='channel'"), ("dct_adamw", "error_feedback")])

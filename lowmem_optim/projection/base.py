@@ -76,6 +76,17 @@ class MatrixProjector(Part):
             self.storage.basis_bytes(numel, dtype, group) for used, numel in ((left, m * r), (right, r * n)) if used
         )
 
+    def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        """An INT8/INT4 basis is dequantized to ``dtype`` on each use (alive while it multiplies;
+        a basis stored in ``dtype`` is used as it is), and a projection on both sides makes P N
+        (m x r) before it meets Q."""
+        left, right = projection_sides(shape, group["proj_type"])
+        m, n = shape
+        both_sides = m * group["rank"] * dtype.itemsize if left and right else 0
+        if group["proj_bits"] in (None, 16):
+            return both_sides
+        return group["rank"] * ((m if left else 0) + (n if right else 0)) * dtype.itemsize + both_sides
+
     def sharded_layout(self, dim: int) -> StateLayout:
         """A float P has the rows of the weight (a quantized one is whole: ``_rows`` tells them apart)."""
         return StateLayout(rows=frozenset({"proj_left"}))

@@ -145,6 +145,25 @@ class DCTProjector(Part):
         d = shape[0] if left else shape[1]
         return {("dct_basis", d, dtype): d * d * dtype.itemsize}  # the d x d basis cache
 
+    def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        left, _ = projection_sides(shape, group["proj_type"])
+        return (shape[0] if left else shape[1]) * group["rank"] * dtype.itemsize  # Q[:, I], gathered on use
+
+    def refresh_workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        """The spectrum S (m x n in ``dtype``) and the scores' float32 copy of it (in a lower
+        precision), |S| or S^2 and the d scores; from an FFT, before S exists, a float32 copy of
+        G (in a lower precision), the half spectrum (complex64, d/2 + 1 per vector), the full one
+        (complex64), its product with the twiddles (float32 pairs) and their sum (float32)."""
+        left, _ = projection_sides(shape, group["proj_type"])
+        d = shape[0] if left else shape[1]
+        numel = shape[0] * shape[1]
+        copy = 0 if dtype == torch.float32 else 4 * numel
+        scores = numel * dtype.itemsize + copy + 4 * numel + 4 * d
+        if group["dct_type"] != 2 or d < group["dct_fft_threshold"]:
+            return scores
+        fft = copy + 8 * (numel // d) * (d // 2 + 1) + 8 * numel + 8 * numel + 4 * numel
+        return max(scores, fft)
+
     def refresh(
         self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int, shard: RowShard | None = None
     ) -> SubspaceChange:

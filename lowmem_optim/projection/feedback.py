@@ -126,3 +126,21 @@ def feedback_bytes(kind: str | None, shape: tuple[int, int], dtype: torch.dtype)
         return numel + 4 * math.ceil(numel / BLOCKSIZE)
     per_block = 8 if kind == "4bit" else 4  # float32 scale and zero, or absmax
     return shape[0] * math.ceil(shape[1] / 2) + per_block * math.ceil(numel / BLOCKSIZE)
+
+
+def feedback_workspace_bytes(kind: str | None, shape: tuple[int, int], dtype: torch.dtype) -> int:
+    """The most transient bytes :func:`store_error` allocates beside E_t (in :func:`error_dtype`)
+    for a weight of matrix ``shape`` and ``dtype``, the previous buffer still held (as measured
+    by following every storage, :class:`lowmem_optim.tools.op_count.OpCounter`)."""
+    if kind in (None, "float32"):
+        return 0  # E_t itself becomes the buffer, the previous one freed as it is replaced
+    numel = shape[0] * shape[1]
+    blocks = math.ceil(numel / BLOCKSIZE)
+    if kind == "8bit":
+        return numel + 4 * blocks  # bitsandbytes' uint8 codes and float32 absmax
+    if kind == "4bit":
+        # the float32 scaled and shifted values, and per group its float32 min, max, scale and zero
+        return 8 * numel + 16 * blocks
+    # NF4, per value of E_t padded to whole blocks: its float32 copy, the scaled values (float32),
+    # bucketize's int64 level indices and their uint8 codes; and the new float32 absmax per block
+    return 17 * blocks * BLOCKSIZE + 4 * blocks

@@ -61,10 +61,13 @@ class RandomProjector(Part):
     storage = None
 
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
-        """The regenerated P and/or Q: a float32 draw and its cast to ``dtype``."""
+        """The regenerated P and/or Q in ``dtype``, alive while they multiply, and on both sides
+        P N (m x r) before it meets Q^T. Each float32 draw lives only until its cast, before R
+        exists: below the back-projection's bytes, which hold the m x n update."""
         left, right = projection_sides(shape, group["proj_type"])
         numel = group["rank"] * ((shape[0] if left else 0) + (shape[1] if right else 0))
-        return numel * (4 + (dtype.itemsize if dtype != torch.float32 else 0))
+        both_sides = shape[0] * group["rank"] if left and right else 0
+        return (numel + both_sides) * dtype.itemsize
 
     def refresh(
         self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int, shard: RowShard | None = None

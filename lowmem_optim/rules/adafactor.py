@@ -81,6 +81,22 @@ class AdafactorRule(Part):
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         return 3 * 4 * math.prod(shape)  # fp32 g, its square, the factored update
 
+    def update_dtype(self, dtype: torch.dtype, group: dict[str, Any]) -> torch.dtype:
+        return torch.float32  # statistics and update in float32
+
+    def update_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        # the float32 update, and with scale_parameter the step size: a 0-D float64 tensor
+        return 4 * math.prod(shape) + (8 if group["scale_parameter"] else 0)
+
+    def weight_workspace_bytes(
+        self, shape: tuple[int, ...], low_shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]
+    ) -> int:
+        """RMS(W) of a weight in a lower precision than float32 reads a float32 copy of it (beside
+        g's float32 copy and the norm, a 0-D float32); a float32 weight is read as it is."""
+        if not group["scale_parameter"] or dtype == torch.float32:
+            return 0
+        return 4 * math.prod(shape) + 4 * math.prod(low_shape) + 4
+
     def _lr(self, group: dict[str, Any], step: int, param: torch.Tensor) -> float | torch.Tensor:
         """The step size: a number, or with ``scale_parameter`` a 0-D float64 tensor on the device."""
         lr = group["lr"]

@@ -79,6 +79,9 @@ class AdamRule(Part):
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         return 2 * math.prod(shape) * dtype.itemsize  # the denominator and the update
 
+    def update_dtype(self, dtype: torch.dtype, group: dict[str, Any]) -> torch.dtype:
+        return moment_dtype(dtype)  # g is cast to the moments' dtype
+
     def can_step_in_place(self, param: torch.Tensor, grad: torch.Tensor) -> bool:
         """A plain dense tensor (not FSDP2-sharded, not one that applies its own updates, as an
         INT8 weight) whose gradient and moments have its dtype (not float16: float32 moments)."""

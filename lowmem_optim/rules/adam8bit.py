@@ -126,6 +126,9 @@ class Adam8bitRule(Part):
             return 8 * numel  # float32 denominator and update
         return 4 * numel + _chunk_bytes(numel, dtype)  # the float32 update, and the chunks'
 
+    def update_dtype(self, dtype: torch.dtype, group: dict[str, Any]) -> torch.dtype:
+        return torch.float32  # dequantized moments: the update is float32 whatever g's dtype
+
     def step_in_place_workspace_bytes(
         self, params: list[tuple[tuple[int, ...], torch.dtype]], group: dict[str, Any]
     ) -> int:

@@ -115,15 +115,19 @@ def momentum_bytes(shape: tuple[int, ...], dtype: torch.dtype, kind: str) -> int
     return numel * {"auto": dtype.itemsize, "float32": 4, "bfloat16": 2}[kind]
 
 
-def rounding_workspace_bytes(shape: tuple[int, ...], dtype: torch.dtype, kind: str) -> int:
-    """Transient bytes of a rounded form's step besides the direction D: the float32 M, the
-    gradient in float32 (unless it is), the 4-bit form's padded copy of M (rows of odd length),
-    and the rounding's per-pass temporaries (written into the stored tensors: no new result)."""
+def rounding_workspace_bytes(shape: tuple[int, ...], kind: str) -> int:
+    """Transient bytes of a rounded form's step besides the direction D: the float32 M (the
+    gradient's float32 copy that advanced it is freed by then), the 4-bit form's padded copy of M
+    (rows of odd length), the new float32 absmax of the 8-bit and 4-bit forms (one per block,
+    beside the stored one until it is replaced) and the rounding's per-pass temporaries (written
+    into the stored tensors: no new result)."""
     numel = math.prod(shape)
     per_value = BFLOAT16_ROUNDING_BYTES if kind == "bfloat16" else ROUNDING_BYTES
     padded = shape[0] * _padded_rows(shape)[2] if kind == "4bit" else numel
     padded_copy = 4 * padded if padded != numel else 0
-    return 4 * numel + (0 if dtype == torch.float32 else 4 * numel) + padded_copy + per_value * min(padded, CHUNK)
+    block = {"8bit": BLOCKSIZE, "4bit": NF4_BLOCKSIZE}.get(kind)
+    absmax = 4 * math.ceil(padded / block) if block else 0
+    return 4 * numel + padded_copy + absmax + per_value * min(padded, CHUNK)
 
 
 def compute_dtype(g: torch.Tensor) -> torch.dtype:

@@ -157,15 +157,21 @@ class NormalizedMomentumRule(Part):
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         return momentum_storage.momentum_bytes(shape, dtype, group["momentum_dtype"])
 
+    def update_dtype(self, dtype: torch.dtype, group: dict[str, Any]) -> torch.dtype:
+        # the direction's: M's working dtype (momentum_storage.load); the rules that keep no
+        # momentum_dtype (SinkGD, SCALE) work in g's
+        kind = group.get("momentum_dtype", "auto")
+        if kind == "auto":
+            return dtype
+        return torch.float32 if kind == "float32" else torch.promote_types(dtype, torch.float32)
+
     def workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         numel = math.prod(shape)
         direction = 3 * 4 * numel  # the direction D, its normalized or orthogonalized image, the update
         if not momentum_storage.rounds(group["momentum_dtype"]):
             return direction
         # while M is rounded: the float M, the gradient in float32, D and the rounding's temporaries
-        return max(
-            direction, 4 * numel + momentum_storage.rounding_workspace_bytes(shape, dtype, group["momentum_dtype"])
-        )
+        return max(direction, 4 * numel + momentum_storage.rounding_workspace_bytes(shape, group["momentum_dtype"]))
 
     def scaled_direction(
         self, d: torch.Tensor, group: dict[str, Any], step_size: float, shard: RowShard | None = None

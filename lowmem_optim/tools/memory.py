@@ -47,18 +47,20 @@ Components (each in bytes; ``total_bytes`` is the predicted peak of a training s
   runs after the last chunk).
 * workspace: the transient memory of one parameter's update (the largest over parameters), or
   of one call over the full-rank parameters a rule steps together (torch's foreach AdamW: one
-  denominator per parameter, alive together; :meth:`~lowmem_optim.parts.Part.step_in_place`):
-  the back-projected update (m x n), a basis the projector regenerates on use (the random
-  projector's P or Q: a float32 draw and its cast), the rule's temporaries as it reports them
-  (:meth:`~lowmem_optim.parts.Part.workspace_bytes`: 8-bit Adam's float32 update of a projected
-  gradient and its moments dequantized chunk by chunk, a full-rank weight's chunks only, as
-  they are applied in place, 20 bytes per value of a chunk (24 with g's float32 copy), plus
-  the previous chunk's update and moment from the second chunk on: 32 per value of a bf16
-  embedding's or head's chunk; Adam's denominator and update), the INT8 weight's float32
-  re-quantization chunk, and an update form's temporaries (Fira's m x n residual beside the
-  back-projected update; :mod:`lowmem_optim.update_forms`) (for a projected parameter the
-  rule's temporaries are freed before its float32 low-rank update is back-projected and
-  applied: the larger of the two sets counts).
+  denominator per parameter, alive together; :meth:`~lowmem_optim.parts.Part.step_in_place`).
+  A projected parameter's is the largest of its update's phases (:func:`_projected_workspace`):
+  R = P^T G stays alive through the step and the rule's N (:meth:`~lowmem_optim.parts.Part.update_bytes`)
+  from the rule on, beside, in turn, the projector's every-step refresh (the DCT's spectrum),
+  error feedback's A = G + E and E's quantization, the rule's temporaries as it reports them
+  (:meth:`~lowmem_optim.parts.Part.workspace_bytes`: 8-bit Adam's float32 update and its moments
+  dequantized chunk by chunk; Adafactor's float32 copy of a bf16 weight for RMS(W)), the
+  back-projected update U with a basis the projector regenerates or dequantizes and an update
+  form's temporaries (Fira's m x n residual, APOLLO's factors; :mod:`lowmem_optim.update_forms`),
+  and U with the INT8 weight's float32 re-quantization chunk. A full-rank weight's: its rule's
+  temporaries; 8-bit Adam's chunks only, as they are applied in place, 20 bytes per value of a
+  chunk (24 with g's float32 copy), plus the previous chunk's update and moment from the second
+  chunk on: 32 per value of a bf16 embedding's or head's chunk. A refresh by SVD (every
+  ``update_proj_gap`` steps) is not counted.
   On CUDA bitsandbytes' fused 8-bit kernel allocates no chunk: there the 8-bit terms are an
   upper bound. Each chunk's bytes per value are those measured by following every storage
   (:class:`lowmem_optim.tools.op_count.OpCounter`).
@@ -96,6 +98,7 @@ import torch
 from torch import nn
 
 from lowmem_optim.engine import ComposedOptimizer, group_parts, matrix_shape, uses_projection
+from lowmem_optim.engine.declarations import Parts
 from lowmem_optim.layerwise import (
     ACCUMULATION_BUFFERS,
     accumulation_workspace_bytes,
@@ -103,7 +106,7 @@ from lowmem_optim.layerwise import (
     check_lowrank_accumulation,
 )
 from lowmem_optim.projection.base import projected_shape
-from lowmem_optim.projection.feedback import error_dtype, feedback_bytes
+from lowmem_optim.projection.feedback import error_dtype, feedback_bytes, feedback_workspace_bytes
 from lowmem_optim.quant.int8_linear import UPDATE_CHUNK, Int8Weight, quantize_linear_layers
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, MATRIX_OPTIMIZERS, build_optimizer
 from lowmem_optim.rules.adam8bit import Adam8bitRule
@@ -307,8 +310,64 @@ def _baseline_state_bytes(name: str, param: torch.Tensor, optimizer: torch.optim
 
 def _int8_chunk_bytes(param: torch.Tensor) -> int:
     # dequantized fp32 weight, update, scaled values, int64 counters, uniform draws and their
-    # floor, per chunk: 32 bytes per value at their peak, as measured by following every storage
-    return 32 * min(param.numel(), UPDATE_CHUNK) if isinstance(param, Int8Weight) else 0
+    # floor, per chunk: 32 bytes per value at their peak, and the new scale and zero with the
+    # groups' float32 min and max (16 bytes per group), as measured by following every storage
+    if not isinstance(param, Int8Weight):
+        return 0
+    chunk = min(param.numel(), UPDATE_CHUNK)
+    return 32 * chunk + 16 * math.ceil(chunk / param.group_size)
+
+
+def _projected_workspace(p: torch.Tensor, group: dict[str, Any], parts: Parts, shape: tuple[int, ...]) -> int:
+    """The peak of one projected update's temporaries, the largest of its phases. R = P^T G (in
+    the gradient's dtype) stays alive from the projection to the end of the step, N = rule(R)
+    from the rule on, and with error feedback A = G + E (float32) and its cast to G's dtype
+    from the start (as measured by following every storage, the replaced state's old tensors
+    freed as they are replaced: :class:`lowmem_optim.tools.op_count.OpCounter`):
+
+        refresh         (A +) the projector's refresh, where it runs every step (the DCT's spectrum)
+        project         the basis the projector regenerates or dequantizes + R
+        store E         A + R + P R (float32 or G's dtype) and E_t = A - P R, then E_t and its
+                        quantization's temporaries (the previous buffer held until replaced);
+                        loading E_{t-1} allocates less
+        rule            (A +) R + the rule's temporaries (N among them), or those of its read of
+                        the weight (Adafactor's RMS(W) of a bfloat16 weight: a float32 copy)
+        back-project    (A +) R + N + U (m x n, in the weight's dtype for bfloat16, else N's) + the
+                        form's temporaries (Fira's residual, APOLLO's factors) + while P N is made,
+                        the regenerated basis and N's cast to U's dtype (forms that back-project N)
+        apply           (A +) R + N + U + an INT8 weight's re-quantization chunk"""
+    matrix = matrix_shape(p)
+    dtype, numel, low = p.dtype, p.numel(), math.prod(shape)
+    projected_grad = low * dtype.itemsize
+    regenerated = parts.projector.workspace_bytes(matrix, dtype, group)
+    refresh = parts.projector.refresh_workspace_bytes(matrix, dtype, group)
+    update_dtype = parts.rule.update_dtype(dtype, group)
+    full_dtype = torch.bfloat16 if dtype == torch.bfloat16 else update_dtype  # the engine's back_projection_dtype
+    update = parts.rule.update_bytes(shape, dtype, group)
+    full = numel * full_dtype.itemsize
+    # an INT8 weight's RMS (Adafactor) is read chunk by chunk, below its update's chunk
+    weight_read = 0 if isinstance(p, Int8Weight) else parts.rule.weight_workspace_bytes(matrix, shape, dtype, group)
+    back = full + parts.form.workspace_bytes(matrix, dtype, group)
+    if parts.form.adds_projected:
+        back += regenerated + (low * full_dtype.itemsize if full_dtype != update_dtype else 0)
+    held, phases = 0, [regenerated + projected_grad]
+    feedback = group["error_feedback"]
+    if feedback is not None:
+        error = numel * error_dtype(dtype).itemsize
+        held = error + (numel * dtype.itemsize if error_dtype(dtype) != dtype else 0)
+        store = max(
+            regenerated + numel * dtype.itemsize,  # P R, in R's dtype
+            numel * dtype.itemsize + error,  # E_t = A - P R
+            error + feedback_workspace_bytes(feedback, matrix, dtype),
+        )
+        phases.append(held + projected_grad + store)
+    phases += [
+        held + refresh,
+        held + projected_grad + max(parts.rule.workspace_bytes(shape, dtype, group), weight_read),
+        held + projected_grad + update + back,
+        held + projected_grad + update + full + _int8_chunk_bytes(p),
+    ]
+    return max(phases)
 
 
 def optimizer_memory(
@@ -378,9 +437,6 @@ def optimizer_memory(
                 shared.update(parts.projector.shared_bytes(matrix, p.dtype, group))
                 states += parts.schedule.state_bytes(matrix, p.dtype, group)
                 shape = projected_shape(matrix, group)
-                workspace += grad  # the back-projected update
-                # a basis the projector regenerates on use (the random projector's P), never state
-                workspace += parts.projector.workspace_bytes(matrix, p.dtype, group)
                 if buffered:
                     low = math.prod(shape)
                     out["accumulation_buffers"] += buffer_bytes(accumulation, low, p.dtype)
@@ -388,23 +444,14 @@ def optimizer_memory(
                         write = grad + accumulation_workspace_bytes(accumulation, low, p.dtype)
                         out["layer_write_peak"] = max(out["layer_write_peak"], write)
                 states += parts.form.state_bytes(matrix, p.dtype, group)
-                form_workspace = parts.form.workspace_bytes(matrix, p.dtype, group)
+                workspace = _projected_workspace(p, group, parts, shape)  # the INT8 chunk among its phases
                 if group["error_feedback"] is not None:
                     states += feedback_bytes(group["error_feedback"], matrix, p.dtype)
-                    # A = G + E and its back-projected part, in float32 (or float64)
-                    workspace += 2 * p.numel() * torch.empty((), dtype=error_dtype(p.dtype)).element_size()
             states += parts.rule.state_bytes(shape, p.dtype, group)
             if not uses_projection(p, group) and parts.rule.can_step_in_place(p, p):
                 workspace += parts.rule.step_in_place_workspace_bytes([(shape, p.dtype)], group)
                 together.setdefault(id(group), (parts.rule, group, []))[2].append((shape, p.dtype))
-            elif uses_projection(p, group):
-                # the rule's temporaries are freed before its low-rank update (float32) is
-                # back-projected and applied (measured: lowmem_optim.tools.op_count.OpCounter)
-                low_rank_update = 4 * math.prod(shape)
-                workspace = max(
-                    parts.rule.workspace_bytes(shape, p.dtype, group), workspace + low_rank_update + form_workspace
-                )
-            else:
+            elif not uses_projection(p, group):
                 workspace += parts.rule.workspace_bytes(shape, p.dtype, group)
             out["optimizer_states"] += states
             out["workspace"] = max(out["workspace"], workspace)
