@@ -13,7 +13,8 @@ import torch
 
 from lowmem_optim import SCALE, GaLoreAdamW, SinkGD, build_optimizer
 from lowmem_optim.quant.int8_linear import Int8Weight, quantize_linear_layers
-from lowmem_optim.tools.memory import TrainingSetup, estimate_memory, optimizer_memory
+from lowmem_optim.tools.memory import TrainingSetup, estimate_memory
+from lowmem_optim.tools.memory_optimizer import optimizer_memory
 from lowmem_optim.tools.op_count import OpCounter
 from tests.helpers.scripts import script_config
 

@@ -225,7 +225,7 @@ def test_cli_passes_a_declared_flag_to_the_low_rank_group():
 def test_the_memory_model_counts_what_each_part_reports_and_that_is_the_real_state(rule, proj_method):
     """lowmem_optim.tools.memory asks the parts for their bytes; after a few steps (adaptive queue full,
     8-bit moments, INT4 bases) those are the bytes of the real state tensors."""
-    from lowmem_optim.tools.memory import optimizer_memory
+    from lowmem_optim.tools.memory_optimizer import optimizer_memory
 
     torch.manual_seed(0)
     low, full = nn.Parameter(torch.randn(24, 40)), nn.Parameter(torch.randn(8, 6))

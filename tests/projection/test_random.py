@@ -8,7 +8,7 @@ from lowmem_optim import GaLoreAdamW
 from lowmem_optim.engine.param_step import refresh_seed
 from lowmem_optim.parts import SubspaceChange, defaults
 from lowmem_optim.projection.random import RandomProjector
-from lowmem_optim.tools.memory import optimizer_memory
+from lowmem_optim.tools.memory_optimizer import optimizer_memory
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:

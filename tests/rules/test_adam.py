@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowmem_optim import GaLoreAdamW
-from lowmem_optim.tools.memory import optimizer_memory
+from lowmem_optim.tools.memory_optimizer import optimizer_memory
 from lowmem_optim.tools.op_count import OpCounter
 from tests.helpers.reference import step_side_by_side
 

@@ -114,7 +114,7 @@ def test_full_rank_8bit_step_has_no_float32_update_of_the_weights_size(monkeypat
     temporaries are one chunk's (with the previous chunk's update and moment once there are
     several), whatever the weight's size, and the memory model predicts them to the byte."""
     from lowmem_optim.rules import adam8bit
-    from lowmem_optim.tools.memory import optimizer_memory
+    from lowmem_optim.tools.memory_optimizer import optimizer_memory
     from lowmem_optim.tools.op_count import OpCounter
 
     monkeypatch.setattr(adam8bit, "_CHUNK", 1024)

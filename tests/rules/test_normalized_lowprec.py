@@ -25,7 +25,7 @@ from lowmem_optim.quant.blockwise import (
 )
 from lowmem_optim.rules import momentum_storage
 from lowmem_optim.rules.normalized import AuONRule
-from lowmem_optim.tools.memory import optimizer_memory
+from lowmem_optim.tools.memory_optimizer import optimizer_memory
 from lowmem_optim.tools.op_count import OpCounter
 from tests.helpers.reference import ns_ref
 
