@@ -66,9 +66,9 @@ def get_optimizer_class(name: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-def package_optimizer_classes() -> list[type]:
-    """The classes of this package's optimizers (not the torch and bitsandbytes baselines)."""
-    return [get_optimizer_class(name) for name, path in OPTIMIZERS.items() if path.startswith("lowmem_optim.")]
+def package_optimizers() -> list[str]:
+    """The names of this package's optimizers (not the torch and bitsandbytes baselines), sorted."""
+    return sorted(name for name, path in OPTIMIZERS.items() if path.startswith("lowmem_optim."))
 
 
 def lowrank_defaults(name: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from lowmem_optim.engine import declared_defaults, lowrank_hparams
 from lowmem_optim.groups import TARGET_MODULES_HELP, parse_target_modules
 from lowmem_optim.layerwise import ACCUMULATION_BUFFERS
 from lowmem_optim.parts import invalid
-from lowmem_optim.registry import package_optimizer_classes
+from lowmem_optim.registry import get_optimizer_class, package_optimizers
 from lowmem_optim.rules.adam import BETAS, EPS
 from lowmem_optim.rules.normalized import MOMENTUM_DTYPE
 from train.loss import CHUNK_TOKENS
@@ -69,10 +69,11 @@ LOWRANK_HPARAMS = lowrank_hparams()
 #: the package defaults away from (DCTAdamW's NF4 error feedback, APOLLO's and Fira's norm-growth
 #: limiter, Q-GaLore's INT4 projections), this value chooses None; elsewhere None is unset
 EXPLICIT_NONE = "none"
+_PACKAGE_DEFAULTS = [declared_defaults(get_optimizer_class(name)) for name in package_optimizers()]
 NONE_CHOOSABLE = tuple(
     name
     for name, hp in LOWRANK_HPARAMS.items()
-    if hp.check(None) and any(declared_defaults(cls).get(name) is not None for cls in package_optimizer_classes())
+    if hp.check(None) and any(defaults.get(name) is not None for defaults in _PACKAGE_DEFAULTS)
 )
 
 
@@ -313,20 +314,13 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (allowed: True, False, 1, 0, yes, no)")
 
 
-def _optional(convert: type):
-    def parse(text: str) -> Any:
-        return None if text.strip().lower() in ("none", "null", "") else convert(text)
-
-    parse.__name__ = convert.__name__
-    return parse
-
-
-def _none_choosable(convert: type):
-    """As :func:`_optional`, but ``none`` / ``null`` given is kept as :data:`EXPLICIT_NONE`."""
+def _optional(convert: type, none: Any = None):
+    """A flag's parser where ``none`` / ``null`` give ``none`` (None: unset; :data:`EXPLICIT_NONE`
+    for a flag whose None is a choice) and an empty value gives None."""
 
     def parse(text: str) -> Any:
         lowered = text.strip().lower()
-        return EXPLICIT_NONE if lowered in ("none", "null") else None if not lowered else convert(text)
+        return None if not lowered else none if lowered in ("none", "null") else convert(text)
 
     parse.__name__ = convert.__name__
     return parse
@@ -361,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
             # "--flag" alone means True; "--flag=False" / "--flag False" as wandb's agent writes them
             kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
         elif f.name in NONE_CHOOSABLE:
-            kwargs["type"] = _none_choosable(base)
+            kwargs["type"] = _optional(base, none=EXPLICIT_NONE)
         else:
             kwargs["type"] = _optional(base) if optional else base
         parser.add_argument(*names, **kwargs)

@@ -36,6 +36,11 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @classmethod
+    def one_process(cls, device: torch.device) -> Dist:
+        """A run of one process on ``device`` that started no process group (probes of the step)."""
+        return cls(rank=0, world=1, local_rank=0, device=device, owns_group=False)
+
 
 def setup() -> Dist:
     """The process's place in the job, from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK)."""

@@ -15,6 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -337,11 +338,20 @@ def _loop(w: Wiring, start: int, last_good: Path | None) -> None:
         clock, steps_timed = time.perf_counter(), 0  # tokens/s covers training only, not evaluation and saving
 
 
+def step_inputs(
+    cfg: TrainConfig, d: distributed.Dist, accum: int, model: nn.Module, optimizer: Any, *, stream: Any
+) -> SimpleNamespace:
+    """What :func:`train_step` reads of a :class:`Wiring`, for a probe that runs the loop's own step
+    outside the loop (:mod:`train.memory_trace`, ``scripts/bench/recipe_step.py``); ``stream``: the
+    training batches (``next_batch()``)."""
+    data = SimpleNamespace(train=stream)
+    return SimpleNamespace(cfg=cfg, d=d, accum=accum, model=model, optimizer=optimizer, data=data)
+
+
 def train_step(w: Wiring) -> torch.Tensor | None:
     """One optimizer step over ``w.accum`` micro-batches; its mean loss, still on the device
-    (None: skipped under ``--on-nonfinite skip``, its loss or gradients not finite). Reads
-    ``w.cfg``, ``w.d``, ``w.accum``, ``w.model``, ``w.optimizer`` and ``w.data.train`` only, so a
-    probe of the step (:mod:`train.memory_trace`, ``scripts/bench/recipe_step.py``) runs this one."""
+    (None: skipped under ``--on-nonfinite skip``, its loss or gradients not finite). Reads only
+    what :func:`step_inputs` holds, so a probe of the step runs this one."""
     cfg, d, accum, model, optimizer = w.cfg, w.d, w.accum, w.model, w.optimizer
     loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
     for micro in range(accum):

@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -52,7 +51,7 @@ from lowmem_optim.tools.memory import TrainingSetup, estimate_memory
 from lowmem_optim.tools.memory_trace import CATEGORIES, StorageTrace, fake_tensors
 from train import distributed
 from train.config import TrainConfig, parse_args
-from train.loop import accumulation_steps, attach_layerwise, train_step
+from train.loop import accumulation_steps, attach_layerwise, step_inputs, train_step
 from train.model import run_model
 from train.optim import make_optimizer
 
@@ -123,7 +122,7 @@ def trace_training(cfg: TrainConfig, *, steps: int = 2, micro_batches: int = TRA
     accum = accumulation_steps(cfg, 1)
     traced = min(accum, micro_batches)
     config = load_llama_config(cfg.model_config)
-    one_process = distributed.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), owns_group=False)
+    one_process = distributed.Dist.one_process(torch.device("cpu"))
     trace = StorageTrace()
     _load_bitsandbytes()
     with fake_tensors():
@@ -134,10 +133,7 @@ def trace_training(cfg: TrainConfig, *, steps: int = 2, micro_batches: int = TRA
         handle = attach_layerwise(cfg, optimizer, traced, one_process) if cfg.layerwise else None
         trace.collect_state(optimizer, handle)
         batches = _Batches(trace, torch.randint(0, config["vocab_size"], (cfg.batch_size, cfg.seq_len)))
-        # what the loop's step reads of its wiring (train.loop.Wiring)
-        wiring = SimpleNamespace(
-            cfg=cfg, d=one_process, accum=traced, model=model, optimizer=optimizer, data=SimpleNamespace(train=batches)
-        )
+        wiring = step_inputs(cfg, one_process, traced, model, optimizer, stream=batches)
         with trace:
             for step in range(1, steps + 1):
                 batches.step, batches.micro = step, 0

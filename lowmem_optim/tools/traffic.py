@@ -28,7 +28,7 @@ import torch
 
 from lowmem_optim.engine import splits_projected_rows
 from lowmem_optim.projection.base import projected_shape, projection_sides
-from lowmem_optim.registry import available_optimizers
+from lowmem_optim.registry import package_optimizers
 from lowmem_optim.rules import RULES
 from lowmem_optim.rules.adam import moment_dtype
 from lowmem_optim.shapes import matrix_shape, uses_projection
@@ -273,8 +273,8 @@ def _carried_momentum_bytes(group: dict[str, Any], rows: int, columns: int, item
 # ---- the choices the counts inform ----------------------------------------------------------------
 def sharding_optimizers() -> list[str]:
     """The registry names whose optimizers step FSDP2-sharded parameters (:mod:`lowmem_optim.sharding`):
-    all but ``adamw`` and ``adamw8bit``, torch's and bitsandbytes' classes."""
-    return [name for name in available_optimizers() if name not in ("adamw", "adamw8bit")]
+    every optimizer of this package (torch's AdamW sends nothing of its own; bitsandbytes' refuses shards)."""
+    return package_optimizers()
 
 
 def left_split(optimizer: torch.optim.Optimizer, world: int) -> dict[str, Any]:

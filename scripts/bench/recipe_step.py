@@ -64,7 +64,7 @@ from lowmem_optim.tools.op_count import OpCounter
 from scripts.bench.toolkit import peak_memory, peak_rss_above, predicted_memory, recipe, reset_peak_memory, sync
 from train import distributed
 from train.config import TrainConfig, build_parser
-from train.loop import train_step
+from train.loop import step_inputs, train_step
 from train.model import run_model
 from train.optim import state_bytes
 
@@ -134,10 +134,8 @@ def _run(cfg: TrainConfig, device: torch.device, built: tuple, cpu_peak: str | N
     model, optimizer, _, accum = built
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.randint(0, model.config.vocab_size, (cfg.batch_size, cfg.seq_len), generator=gen).to(device)
-    one_process = distributed.Dist(rank=0, world=1, local_rank=0, device=device, owns_group=False)
     stream = SimpleNamespace(next_batch=lambda: tokens)  # the loop's training stream: one batch over and over
-    parts = {"cfg": cfg, "d": one_process, "accum": accum, "model": model, "optimizer": optimizer}
-    wiring = SimpleNamespace(**parts, data=SimpleNamespace(train=stream))
+    wiring = step_inputs(cfg, distributed.Dist.one_process(device), accum, model, optimizer, stream=stream)
     step = partial(train_step, wiring)
     timer = PartTimer(device)
     reset_peak_memory(device)

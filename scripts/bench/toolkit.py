@@ -162,8 +162,7 @@ def recipe(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, tor
     model = run_model(cfg, device, load_llama_config(cfg.model_config)["vocab_size"])
     optimizer = make_optimizer(cfg, model)
     accum = accumulation_steps(cfg, 1)
-    one_process = distributed.Dist(rank=0, world=1, local_rank=0, device=device, owns_group=False)
-    handle = attach_layerwise(cfg, optimizer, accum, one_process) if cfg.layerwise else None
+    handle = attach_layerwise(cfg, optimizer, accum, distributed.Dist.one_process(device)) if cfg.layerwise else None
     return model, optimizer, handle, accum
 
 
