@@ -14,6 +14,7 @@ from torch import nn
 
 from lowmem_optim import Fira, GaLoreAdamW, GaLoreAdamW8bit, build_optimizer, layerwise, lowrank_param_groups
 from lowmem_optim.quant.int8_linear import quantize_linear_layers
+from tests.helpers.gloo import gloo_rank
 from tests.helpers.models import batches, loss_of, tiny_model
 
 
@@ -143,17 +144,15 @@ def test_attach_refuses_several_ranks_without_process_group(monkeypatch):
 
 
 def _rank_main(rank: int, init_file: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    model = tiny_model()
-    opt = galore(model)
-    layerwise.attach(opt, process_group=dist.group.WORLD)
-    for tokens in batches(3, seed=10 + rank):  # each rank sees different data
-        loss_of(model, tokens).backward()
-    if rank == 0:
-        torch.save(model.state_dict(), out)
-    # a rank that tears gloo down while its peer still holds the connection can abort the peer
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_rank(rank, 2, init_file):
+        model = tiny_model()
+        opt = galore(model)
+        handle = layerwise.attach(opt, process_group=dist.group.WORLD)
+        for tokens in batches(3, seed=10 + rank):  # each rank sees different data
+            loss_of(model, tokens).backward()
+        if rank == 0:
+            torch.save(model.state_dict(), out)
+        handle.remove()  # its hooks hold the group
 
 
 def test_layerwise_data_parallel_averages_gradients_over_ranks(tmp_path):
