@@ -20,6 +20,10 @@ scheduler on it works unchanged)::
 
 An optimizer is attached once (a second :func:`attach` is refused until ``handle.remove()``);
 a param group added with ``optimizer.add_param_group`` while attached is hooked like the others.
+Until ``handle.remove()``, the hooks keep the optimizer, its parameters and ``process_group``
+alive even when nothing else refers to them: PyTorch holds a post-accumulate-grad hook where the
+garbage collector cannot see it. Remove the handle before dropping them (between trials run in
+one process, before ``destroy_process_group``); the training loop in ``train/`` does.
 
 Never call ``optimizer.step()`` while attached: the hooks step and free each gradient
 themselves, so a training stack that calls ``step()`` (HF ``Trainer``, accelerate, a loop with

@@ -3,8 +3,10 @@ per-parameter clipping, schedulers, data parallel, Q-GaLore on INT8 weights."""
 
 from __future__ import annotations
 
+import gc
 import io
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from torch import nn
 
 from lowmem_optim import Fira, GaLoreAdamW, GaLoreAdamW8bit, build_optimizer, layerwise, lowrank_param_groups
 from lowmem_optim.quant.int8_linear import quantize_linear_layers
-from tests.helpers.gloo import gloo_rank
+from tests.helpers.gloo import run_rank
 from tests.helpers.models import batches, loss_of, tiny_model
 
 
@@ -144,15 +146,16 @@ def test_attach_refuses_several_ranks_without_process_group(monkeypatch):
 
 
 def _rank_main(rank: int, init_file: str, out: str) -> None:
-    with gloo_rank(rank, 2, init_file):
+    def train() -> None:
         model = tiny_model()
-        opt = galore(model)
-        handle = layerwise.attach(opt, process_group=dist.group.WORLD)
+        handle = layerwise.attach(galore(model), process_group=dist.group.WORLD)
         for tokens in batches(3, seed=10 + rank):  # each rank sees different data
             loss_of(model, tokens).backward()
         if rank == 0:
             torch.save(model.state_dict(), out)
-        handle.remove()  # its hooks hold the group
+        handle.remove()  # its hooks hold the group, in a cycle through autograd that gc cannot break
+
+    run_rank(rank, 2, init_file, train)
 
 
 def test_layerwise_data_parallel_averages_gradients_over_ranks(tmp_path):
@@ -168,6 +171,26 @@ def test_layerwise_data_parallel_averages_gradients_over_ranks(tmp_path):
     got = torch.load(out, weights_only=True)
     for name, p in ref.state_dict().items():
         torch.testing.assert_close(got[name], p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_remove_lets_the_parameters_and_optimizer_be_freed_and_only_remove_does():
+    """PyTorch holds post-accumulate-grad hooks out of the garbage collector's sight, so attached
+    hooks keep the optimizer and the parameters alive (as the module docstring says); remove()
+    releases them, which in-process trials and a clean destroy_process_group rely on."""
+
+    def train(remove: bool) -> tuple[weakref.ref, weakref.ref]:  # locals gone on return
+        model = tiny_model()
+        opt = galore(model)
+        handle = layerwise.attach(opt)
+        train_layerwise(model, batches(2))
+        if remove:
+            handle.remove()
+        return weakref.ref(model[1].weight), weakref.ref(opt)
+
+    for remove in (False, True):
+        weight, opt = train(remove)
+        gc.collect()
+        assert (weight() is None, opt() is None) == (remove, remove), f"remove={remove}"
 
 
 @pytest.mark.parametrize("make", [galore, lambda model: torch.optim.AdamW(model.parameters())])

@@ -14,7 +14,7 @@ from torch import nn
 from lowmem_optim import GaLoreAdamW, layerwise, lowrank_param_groups
 from lowmem_optim.layerwise import AccumulationBuffer, buffer_bytes
 from lowmem_optim.quant.blockwise import dynamic_map
-from tests.helpers.gloo import gloo_rank
+from tests.helpers.gloo import run_rank
 from tests.helpers.models import batches, loss_of, tiny_model
 from tests.helpers.reference import svd_basis
 
@@ -209,17 +209,18 @@ def test_resume_across_a_step_boundary_is_exact_with_8bit_buffers():
 
 
 def _rank_main(rank: int, init_file: str, out: str) -> None:
-    with gloo_rank(rank, 2, init_file):
+    def train() -> None:
         model = tiny_model().double()
-        opt = galore(model)
         handle = layerwise.attach(
-            opt, accumulation_steps=K, accumulation_buffer="float32", process_group=dist.group.WORLD
+            galore(model), accumulation_steps=K, accumulation_buffer="float32", process_group=dist.group.WORLD
         )
         for tokens in batches(3 * K, seed=10 + rank):  # each rank sees different data
             (loss_of(model, tokens) / K).backward()
         if rank == 0:
             torch.save(model.state_dict(), out)
-        handle.remove()  # its hooks hold the group
+        handle.remove()  # its hooks hold the group, in a cycle through autograd that gc cannot break
+
+    run_rank(rank, 2, init_file, train)
 
 
 def test_data_parallel_low_rank_accumulation_chooses_one_subspace_from_the_averaged_first_micro_batch(tmp_path):
