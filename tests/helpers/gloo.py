@@ -28,7 +28,15 @@ def run_rank(rank: int, world_size: int, init_file: str, body: Callable[[], T]) 
         finished = True
         return result
     finally:
-        gc.collect()  # reference cycles (modules and their hooks) that still hold the group
-        if finished:  # a rank that tears gloo down while its peer still holds the connection can abort the peer
-            dist.barrier()
-        dist.destroy_process_group()
+        end_group(barrier=finished)
+
+
+def end_group(barrier: bool) -> None:
+    """Destroy the default group after collecting the cycles (modules with their hooks, DDP's
+    reducer) that would otherwise hold it into interpreter finalization. ``barrier``: first wait
+    for every rank, since a rank that tears gloo down while its peer still holds the connection
+    can abort the peer (skip it after a failure, which a peer may never reach)."""
+    gc.collect()
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -18,6 +18,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from lowmem_optim.registry import LOWRANK_OPTIMIZERS, available_optimizers
+from tests.helpers.gloo import end_group
 from train import distributed, loop, preemption
 from train.config import parse_args
 
@@ -111,7 +112,7 @@ def main(out: Path, base: list[str]) -> None:
         except ValueError as err:
             outcomes[name] = {"refused": str(err)}
     (out / f"fsdp_optimizers_rank{rank}.json").write_text(json.dumps(outcomes))
-    dist.destroy_process_group()
+    end_group(barrier=True)
 
 
 if __name__ == "__main__":
