@@ -29,7 +29,7 @@ from torch import nn
 from lowmem_optim import sharding
 from lowmem_optim.registry import MATRIX_OPTIMIZERS, get_optimizer_class
 from lowmem_optim.shapes import uses_projection
-from lowmem_optim.tools.traffic import predicted_bytes
+from lowmem_optim.tools.traffic import predicted_bytes, step_bytes
 from tests.helpers.gloo import end_group
 
 STEPS = 4  # with update_proj_gap=2: refreshes at steps 1 and 3
@@ -75,6 +75,8 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
     "apollo_mini": ("apollo_mini", {**LOWRANK, "rank": 1}, {}, {}),
     "galore_adamw svd int4": ("galore_adamw", {**LOWRANK, "proj_bits": 4, "proj_group_size": 32}, {}, {}),
     "galore_adamw svd int8": ("galore_adamw", {**LOWRANK, "proj_bits": 8, "proj_group_size": 32}, {}, {}),
+    # each matrix refreshes at its own step after the first: steps that mix refreshing and plain parameters
+    "galore_adamw svd stagger": ("galore_adamw", {**LOWRANK, "stagger": True}, {}, {}),
     "galore_adamw adaptive": (
         "galore_adamw",
         {**LOWRANK, "refresh": "adaptive", "queue_size": 1, "cos_threshold": 0.0},
@@ -254,31 +256,34 @@ def _resume_error(case: str, checkpoint: str, mesh, uninterrupted: nn.Module) ->
     return {"errors": _errors(model, uninterrupted)}
 
 
-def _refreshes(optimizer) -> list[int]:
+def _refreshes(optimizer) -> dict[torch.Tensor, int]:
     """How many subspaces each projected parameter has chosen so far (its schedule's count)."""
-    return [
-        int(optimizer.state[p].get("refreshes", 0))
+    return {
+        p: int(optimizer.state[p].get("refreshes", 0))
         for group in optimizer.param_groups
         for p in group["params"]
         if uses_projection(p, group)
-    ]
+    }
 
 
-def _step_kinds(refreshes: list[list[int]]) -> list[str]:
-    """Per step, which of :class:`~lowmem_optim.tools.traffic.PredictedTraffic`'s steps it was, from
-    the schedules' counts after each step: ``refresh`` where every projected parameter chose its
-    first subspace, ``later_refresh`` a later one, ``step`` where none chose; ``mixed`` otherwise
-    (the prediction assumes the parameters refresh together)."""
-    kinds, before = [], [0] * len(refreshes[0])
-    for after in refreshes:
-        chose = [a - b for a, b in zip(after, before)]
-        if not any(chose):
+def _refreshing(before: dict[torch.Tensor, int], after: dict[torch.Tensor, int]) -> dict[torch.Tensor, str]:
+    """The parameters that chose a subspace in a step, with :func:`~lowmem_optim.tools.traffic.step_bytes`'s
+    kind of that choice: ``refresh`` for a first subspace, ``later_refresh`` for a later one."""
+    return {p: "refresh" if n == 1 else "later_refresh" for p, n in after.items() if n != before.get(p, 0)}
+
+
+def _step_kinds(refreshing: list[dict[torch.Tensor, str]], projected: int) -> list[str]:
+    """Per step, which of :class:`~lowmem_optim.tools.traffic.PredictedTraffic`'s steps it was:
+    ``step`` where no projected parameter chose a subspace, ``refresh`` / ``later_refresh`` where
+    every one chose its first / a later one; ``mixed`` otherwise (``stagger``)."""
+    kinds = []
+    for chose in refreshing:
+        if not chose:
             kinds.append("step")
-        elif all(c == 1 for c in chose):
-            kinds.append("refresh" if all(a == 1 for a in after) else "later_refresh")
+        elif len(chose) == projected and len(set(chose.values())) == 1:
+            kinds.append(next(iter(chose.values())))
         else:
             kinds.append("mixed")
-        before = after
     return kinds
 
 
@@ -292,19 +297,22 @@ def _run_case(case: str, mesh, workdir: Path) -> dict[str, Any]:
     model = _shard(Params(_weights()), mesh)
     optimizer = _optimizer(case, model)
     directory = workdir / case.replace(" ", "_")
-    sent, refreshes = [], []
+    sent, refreshing, predicted_steps = [], [], []
     for step in range(1, STEPS + 1):
         _step(reference, reference_opt, step)
+        before = _refreshes(optimizer)
         with sharding.count_traffic() as traffic:
             _step(model, optimizer, step, mesh)
         sent.append(traffic.sent)
-        refreshes.append(_refreshes(optimizer))
+        refreshing.append(_refreshing(before, _refreshes(optimizer)))
+        predicted_steps.append(step_bytes(optimizer, mesh.size(), refreshing[-1]))
         if step == SAVED:
             dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(directory / "sharded"))
     result = {
         "sent": sent,
-        "step_kinds": _step_kinds(refreshes),
+        "step_kinds": _step_kinds(refreshing, len(_refreshes(optimizer))),
         "predicted": predicted_bytes(optimizer, mesh.size())._asdict(),
+        "predicted_steps": predicted_steps,
         "errors": _errors(model, reference),
         "state_bytes": _state_bytes(optimizer),
         "reference_state_bytes": _state_bytes(reference_opt),
@@ -459,16 +467,27 @@ def test_sharded_step_gives_the_unsharded_parameters(two_ranks, case):
 #: the steps of a case with projected parameters under update_proj_gap=2: the first subspace at step 1,
 #: a later one at step 3 (the adaptive case's gap grows only after that refresh)
 LOWRANK_STEP_KINDS = ["refresh", "step", "later_refresh", "step"]
+#: with stagger the three matrices (slots 0, 1, 2) refresh next at steps 3, 2, 3, then every 2 steps
+STAGGERED_STEP_KINDS = ["refresh", "mixed", "mixed", "mixed"]
+
+
+def _expected_kinds(case: str) -> list[str]:
+    keys = CASES[case][1]
+    if "rank" not in keys:
+        return ["step"] * STEPS
+    return STAGGERED_STEP_KINDS if keys.get("stagger") else LOWRANK_STEP_KINDS
 
 
 def _assert_sent_as_predicted(results: list[dict[str, Any]], case: str) -> None:
     """Every rank sends, at each step, the bytes lowmem_optim.tools.traffic predicts from the shapes
-    and group keys for that kind of step (the kinds read from the schedules' counts)."""
+    and group keys for the parameters that refresh in it (read from the schedules' counts), and
+    where they refresh together, the bytes of that kind of step."""
     for rank, result in enumerate(results):
         kinds = result["step_kinds"]
-        assert kinds == (LOWRANK_STEP_KINDS if "rank" in CASES[case][1] else ["step"] * STEPS), (rank, kinds)
-        predicted = [result["predicted"][kind] for kind in kinds]
-        assert result["sent"] == predicted, (rank, kinds, result["sent"], predicted)
+        assert kinds == _expected_kinds(case), (rank, kinds)
+        assert result["sent"] == result["predicted_steps"], (rank, kinds, result["sent"], result["predicted_steps"])
+        together = [(sent, result["predicted"][kind]) for sent, kind in zip(result["sent"], kinds) if kind != "mixed"]
+        assert together and all(sent == predicted for sent, predicted in together), (rank, kinds, together)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -5,10 +5,11 @@ checks the prediction against the bytes counted in runs of every sharded case.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lowmem_optim.registry import build_optimizer
-from lowmem_optim.tools.traffic import gather_every_gradient_bytes, left_split, predicted_bytes
+from lowmem_optim.tools.traffic import gather_every_gradient_bytes, left_split, predicted_bytes, step_bytes
 
 
 class _OneWeight(torch.nn.Module):
@@ -37,3 +38,22 @@ def test_muon_gathers_its_whole_update_every_step_as_gathering_every_gradient_wo
     model = _OneWeight()
     assert predicted_bytes(build_optimizer("muon", model), 2) == (1024, 1024, 1024)
     assert gather_every_gradient_bytes(model, 2) == 1024
+
+
+class _TwoWeights(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(32, 16, bias=False)
+        self.b = torch.nn.Linear(32, 16, bias=False)
+
+
+def test_a_staggered_step_sends_each_refreshing_weights_share_and_one_flag():
+    model = _TwoWeights()
+    galore = build_optimizer("galore_adamw", model, rank=4, stagger=True)
+    # per weight as above: 768 a plain step, +1024 to gather its gradient and +12 for its projector's
+    # flag and the similarity on a later refresh; the optimizer's own flag (4) once per refreshing step
+    assert step_bytes(galore, 2, {}) == 2 * 768
+    assert step_bytes(galore, 2, {model.a.weight: "later_refresh"}) == 2 * 768 + 1024 + 8 + 12 + 4
+    assert step_bytes(galore, 2, dict.fromkeys(model.parameters(), "refresh")) == predicted_bytes(galore, 2).refresh
+    with pytest.raises(ValueError, match="Invalid refreshing: 'first'.*allowed: 'refresh', 'later_refresh'"):
+        step_bytes(galore, 2, {model.a.weight: "first"})

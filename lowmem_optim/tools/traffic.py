@@ -10,10 +10,10 @@ of one per step). Three kinds of step send different bytes (:class:`PredictedTra
 a plain step, a step at which every projected parameter chooses its first subspace, and one at
 which it chooses a later one (a later refresh compares the new subspace with the old and, for
 the DCT with ``dct_keep_moments``, moves the rule's state to the new indices). With
-``stagger``, parameters refresh at different steps: a step then sends the plain bytes plus each
-refreshing parameter's share of the difference. Not predicted: the randomized SVD's fallback to
-gathering G when a Gram matrix has no Cholesky factor (a gradient of rank below k), which the
-values decide.
+``stagger`` (or the adaptive schedule once gaps differ), parameters refresh at different steps:
+:func:`step_bytes` predicts such a step from which parameters refresh in it. Not predicted:
+the randomized SVD's fallback to gathering G when a Gram matrix has no Cholesky factor (a
+gradient of rank below k), which the values decide.
 
 One function per source of traffic, each reading what the code it names sends.
 """
@@ -77,28 +77,45 @@ def _projected(group: dict[str, Any], p: torch.Tensor, world: int) -> _Projected
     return _Projected(shape, projected_shape(shape, group), left, split, p.dtype)
 
 
-def predicted_bytes(optimizer: torch.optim.Optimizer, world: int) -> PredictedTraffic:
-    """The bytes one rank sends per plain step, first-refresh step and later-refresh step."""
-    plain = first = later = 0.0
-    projected_any = False
+def parameter_bytes(optimizer: torch.optim.Optimizer, world: int) -> dict[torch.Tensor, PredictedTraffic]:
+    """Per parameter, the bytes its own share of each kind of step sends (the refresh steps'
+    shared finiteness check not included: :func:`step_bytes` adds it once)."""
+    per_param = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not uses_projection(p, group):
-                shape = tuple(p.shape)
-                rule = _rule_bytes(group, shape, True, p.dtype, world)
-                plain, first, later = plain + rule, first + rule, later + rule
+                rule = _rule_bytes(group, tuple(p.shape), True, p.dtype, world)
+                per_param[p] = PredictedTraffic(rule, rule, rule)
                 continue
-            projected_any = True
             w = _projected(group, p, world)
             step = _projected_step_bytes(group, w, world)
-            plain += step
-            first += step + _refresh_bytes(group, w, world, later=False)
-            later += step + _refresh_bytes(group, w, world, later=True)
-    check = _refresh_check_bytes(world) if projected_any else 0.0
-    return PredictedTraffic(plain, first + check, later + check)
+            first = step + _refresh_bytes(group, w, world, later=False)
+            per_param[p] = PredictedTraffic(step, first, step + _refresh_bytes(group, w, world, later=True))
+    return per_param
 
 
-# ---- every step -----------------------------------------------------------------------------------
+def step_bytes(optimizer: torch.optim.Optimizer, world: int, refreshing: dict[torch.Tensor, str]) -> float:
+    """The bytes one rank sends in a step where the parameters in ``refreshing`` choose a subspace
+    (``"refresh"`` for their first, ``"later_refresh"`` for a later one) and the others do not:
+    the steps of ``stagger`` or of the adaptive schedule, where parameters refresh apart."""
+    per_param = parameter_bytes(optimizer, world)
+    if unknown := [kind for kind in refreshing.values() if kind not in ("refresh", "later_refresh")]:
+        raise ValueError(f"Invalid refreshing: {unknown[0]!r} (allowed: 'refresh', 'later_refresh')")
+    sent = sum(getattr(traffic, refreshing.get(p, "step")) for p, traffic in per_param.items())
+    return sent + (_refresh_check_bytes(world) if refreshing else 0.0)
+
+
+def predicted_bytes(optimizer: torch.optim.Optimizer, world: int) -> PredictedTraffic:
+    """The bytes one rank sends per plain step, first-refresh step and later-refresh step (every
+    projected parameter refreshing together, as without ``stagger``)."""
+    projected = [p for group in optimizer.param_groups for p in group["params"] if uses_projection(p, group)]
+    return PredictedTraffic(
+        step_bytes(optimizer, world, {}),
+        step_bytes(optimizer, world, dict.fromkeys(projected, "refresh")),
+        step_bytes(optimizer, world, dict.fromkeys(projected, "later_refresh")),
+    )
+
+
 def _projected_step_bytes(group: dict[str, Any], w: _Projected, world: int) -> float:
     """A projected weight's step without a refresh: R = P^T G summed over the ranks (a left
     projection), the rule, the gather of a split R's update, the update form."""
