@@ -75,6 +75,10 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, float]]] =
     "apollo_mini": ("apollo_mini", {**LOWRANK, "rank": 1}, {}, {}),
     "galore_adamw svd int4": ("galore_adamw", {**LOWRANK, "proj_bits": 4, "proj_group_size": 32}, {}, {}),
     "galore_adamw svd int8": ("galore_adamw", {**LOWRANK, "proj_bits": 8, "proj_group_size": 32}, {}, {}),
+    # bfloat16 weights: R's partial sums all-reduced in bfloat16 round apart from the one-process
+    # product, and a weight moves by a step of its own rounding: within two ulps of the largest
+    "galore_adamw svd bf16 weights": ("galore_adamw", LOWRANK, {}, dict.fromkeys(SHAPES, 2**-6)),
+    "dct_adamw bf16 weights": ("dct_adamw", {**LOWRANK, "error_feedback": None}, {}, dict.fromkeys(SHAPES, 2**-6)),
     # each matrix refreshes at its own step after the first: steps that mix refreshing and plain parameters
     "galore_adamw svd stagger": ("galore_adamw", {**LOWRANK, "stagger": True}, {}, {}),
     "galore_adamw adaptive": (
@@ -168,6 +172,15 @@ def _gradient(name: str, step: int) -> torch.Tensor:
     return u @ (decay * v) + 0.05 * torch.randn(m, n, generator=g)
 
 
+#: cases whose weights (and so gradients, R and the update's collectives) are bfloat16
+BF16_WEIGHTS = ("galore_adamw svd bf16 weights", "dct_adamw bf16 weights")
+
+
+def _model(case: str, seed: int = 0) -> Params:
+    dtype = torch.bfloat16 if case in BF16_WEIGHTS else torch.float32
+    return Params({name: value.to(dtype) for name, value in _weights(seed).items()})
+
+
 class Params(nn.Module):
     def __init__(self, values: dict[str, torch.Tensor]) -> None:
         super().__init__()
@@ -200,7 +213,7 @@ def _step(model: nn.Module, optimizer, step: int, mesh=None) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     for name, p in model.named_parameters():
-        grad = _gradient(name, step)
+        grad = _gradient(name, step).to(p.dtype)
         p.grad = grad if mesh is None else distribute_tensor(grad, mesh, [Shard(0)])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -242,7 +255,7 @@ def _dcp_load(model: nn.Module, optimizer, checkpoint: str) -> None:
 def _resume_error(case: str, checkpoint: str, mesh, uninterrupted: nn.Module) -> dict[str, Any]:
     """Load ``checkpoint`` (saved after step ``SAVED``) into a fresh copy and step on to
     ``STEPS``: the largest difference to ``uninterrupted``, or the error that refused the load."""
-    model = Params(_weights(seed=1))  # other weights: the load must overwrite them
+    model = _model(case, seed=1)  # other weights: the load must overwrite them
     model = model if mesh is None else _shard(model, mesh)
     optimizer = _optimizer(case, model)
     from torch.distributed.checkpoint.api import CheckpointException
@@ -292,9 +305,9 @@ def _run_case(case: str, mesh, workdir: Path) -> dict[str, Any]:
     that checkpoint resumed on the same world size, and a one-process checkpoint resumed sharded."""
     import torch.distributed.checkpoint as dcp
 
-    reference = Params(_weights())
+    reference = _model(case)
     reference_opt = _optimizer(case, reference)
-    model = _shard(Params(_weights()), mesh)
+    model = _shard(_model(case), mesh)
     optimizer = _optimizer(case, model)
     directory = workdir / case.replace(" ", "_")
     sent, refreshing, predicted_steps = [], [], []
@@ -370,7 +383,7 @@ def _one_process_checkpoints(workdir: Path, cases) -> None:
     import torch.distributed.checkpoint as dcp
 
     for case in cases:
-        model = Params(_weights())
+        model = _model(case)
         optimizer = _optimizer(case, model)
         for step in range(1, SAVED + 1):
             _step(model, optimizer, step)
@@ -413,7 +426,7 @@ def two_ranks(tmp_path_factory) -> list[dict[str, Any]]:
     mp.spawn(_worker, args=(2, str(workdir), tuple(CASES)), nprocs=2, join=True)
     results = [json.loads((workdir / f"rank{rank}.json").read_text()) for rank in range(2)]
     for case in CASES:  # 2 -> 1: the sharded checkpoint resumed in this one process
-        reference = Params(_weights())
+        reference = _model(case)
         optimizer = _optimizer(case, reference)
         for step in range(1, STEPS + 1):
             _step(reference, optimizer, step)
