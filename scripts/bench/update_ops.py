@@ -10,7 +10,8 @@ Protocol (figures in the docs come from this script, as printed):
   (bfloat16, the recipe's): every op runs shape-only, and a sync is a host read of a tensor off
   the CPU, as on a GPU. ``ops`` / ``syncs`` of step 2; ``syncs/load`` of a step after
   ``state_dict()`` -> a new optimizer -> ``load_state_dict()``; ``refresh ops`` / ``refresh
-  syncs`` of step 1; ``alloc MiB`` (every new storage of step 2) and ``peak MiB`` (the most of
+  syncs`` of step 1 (after a step of another matrix has built what the process caches, such
+  as quantization code maps); ``alloc MiB`` (every new storage of step 2) and ``peak MiB`` (the most of
   them alive at once). ``fused ...``: INT8 step 2 as CUDA runs it, each compiled pass of
   :mod:`lowmem_optim.quant.groupwise` one op (:func:`lowmem_optim.tools.op_count.as_one_op`).
   Their CPU time: ``python -m scripts.bench.peers --matrix 4096x11008 --rank 1024``.
@@ -112,10 +113,14 @@ def lowrank_figures(name: str, args: argparse.Namespace, int8: bool) -> dict[str
     """The figures of the module docstring for one optimizer, INT8 weights off or on."""
     shape, rank, dtype = tuple(args.shape), args.rank, getattr(torch, args.dtype)
     build = lambda model, **extra: build_optimizer(name, model, rank=rank, update_proj_gap=NO_REFRESH_GAP, **extra)  # noqa: E731
-    model = OneMatrix(shape, dtype, "meta", int8)
-    optimizer = build(model)
     row: dict[str, Any] = {"optimizer": name, "int8": "on" if int8 else "off"}
     try:
+        # what a process builds once and caches (code maps, DCT tables) is no refresh's cost: a
+        # first step on another matrix builds it, so no figure depends on which optimizer ran first
+        warm = OneMatrix(shape, dtype, "meta", int8)
+        counted(warm, build(warm).step, 1)
+        model = OneMatrix(shape, dtype, "meta", int8)
+        optimizer = build(model)
         refresh = counted(model, optimizer.step, 1)
     except (RuntimeError, NotImplementedError) as err:  # an op with no meta kernel
         print(f"# {name} int8={int8}: no step on the meta device ({str(err).splitlines()[0]})")
