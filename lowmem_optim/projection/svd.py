@@ -48,13 +48,15 @@ def fix_signs(vectors: torch.Tensor, dim: int) -> torch.Tensor:
     return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
-def singular_vectors(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, V^T) of ``grad`` in float32, robust to convergence failures."""
-    a = grad.float()
+def singular_vectors(grad: torch.Tensor, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, V^T) of ``grad`` in float32, robust to convergence failures; with ``count``, only the
+    leading ``count`` singular vectors (their signs fixed and their finiteness checked alone:
+    at 4096 x 11008 the whole V^T's checks and sign fixes would take 2 x 172 MiB)."""
+    # each attempt makes its own copy of G, freed once it returns: no float32 G beside U and V^T
     attempts = (
-        ("float32 SVD", lambda: _svd(a)),
-        ("float64 SVD", lambda: _svd(a.double())),
-        ("eigh", lambda: _eigh_fallback(a)),
+        ("float32 SVD", lambda: _svd(grad.float())),
+        ("float64 SVD", lambda: _svd(grad.double())),
+        ("eigh", lambda: _eigh_fallback(grad)),
     )
     for name, attempt in attempts:
         try:
@@ -62,6 +64,8 @@ def singular_vectors(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         except (torch.linalg.LinAlgError, RuntimeError) as err:
             logger.warning("GaLore projector: %s failed (%s); trying the next method", name, err)
             continue
+        if count is not None:
+            u, vh = u[:, :count], vh[:count]
         if torch.isfinite(u).all() and torch.isfinite(vh).all():
             return fix_signs(u.float(), dim=0), fix_signs(vh.float(), dim=1)
         logger.warning("GaLore projector: %s returned non-finite vectors; trying the next method", name)
@@ -75,4 +79,4 @@ class SVDProjector(MatrixProjector):
         self, grad: torch.Tensor, group: dict[str, Any], seed: int, shard: RowShard | None = None, left: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # sharded, the exact SVD takes the whole matrix: gathered, at refresh steps only
-        return singular_vectors(grad if shard is None else shard.gather_rows(grad))
+        return singular_vectors(grad if shard is None else shard.gather_rows(grad), group["rank"])

@@ -6,6 +6,7 @@ import torch
 
 from lowmem_optim import GaLoreAdamW
 from lowmem_optim.projection import svd as svd_module
+from lowmem_optim.tools.op_count import OpCounter
 
 
 def _param(shape, seed=0, dtype=torch.float32):
@@ -50,3 +51,23 @@ def test_ill_conditioned_and_rank_deficient_gradients_stay_finite():
             opt.step()
         assert torch.isfinite(p).all()
         assert all(torch.isfinite(t).all() for t in opt.state[p].values() if torch.is_tensor(t))
+
+
+def test_the_leading_vectors_alone_are_the_leading_vectors_of_the_whole_factorization():
+    g = torch.randn(24, 40, generator=torch.Generator().manual_seed(4))
+    u, vh = svd_module.singular_vectors(g)
+    u4, vh4 = svd_module.singular_vectors(g, 4)
+    assert u4.shape == (24, 4) and vh4.shape == (4, 40)
+    assert torch.equal(u4, u[:, :4]) and torch.equal(vh4, vh[:4])
+
+
+def test_a_refresh_holds_only_the_svds_float32_copy_of_g_and_its_factors_at_its_peak():
+    """Signs are fixed on the r leading vectors alone and no float32 G outlives the SVD: at LLaMA-7B's
+    4096 x 11008 in bfloat16, rank 1024, a refresh's peak went from 709 MiB to 408 MiB (on meta)."""
+    m, n = 64, 256
+    grad = torch.empty(m, n, dtype=torch.bfloat16, device="meta")
+    group = {"rank": 4, "proj_type": "std", "proj_bits": None, "proj_group_size": 256}
+    counter = OpCounter()
+    with counter:
+        svd_module.SVDProjector().refresh(grad, {}, group, seed=0)
+    assert counter.peak_bytes <= 4 * (m * n + m * m + m + m * n)  # float32 G, U (m x m), S, V^T (m x n)
