@@ -10,9 +10,10 @@ Protocol (figures in the docs come from this script, as printed):
   (bfloat16, the recipe's): every op runs shape-only, and a sync is a host read of a tensor off
   the CPU, as on a GPU. ``ops`` / ``syncs`` of step 2; ``syncs/load`` of a step after
   ``state_dict()`` -> a new optimizer -> ``load_state_dict()``; ``refresh ops`` / ``refresh
-  syncs`` of step 1 (after a step of another matrix has built what the process caches, such
-  as quantization code maps); ``alloc MiB`` (every new storage of step 2) and ``peak MiB`` (the most of
-  them alive at once). ``fused ...``: INT8 step 2 as CUDA runs it, each compiled pass of
+  syncs`` / ``refresh peak MiB`` (the most new storages alive at once) of step 1, after a step
+  of another matrix has built what the process caches (such as quantization code maps);
+  ``alloc MiB`` (every new storage of step 2) and ``peak MiB`` (the most of them alive at once).
+  ``fused ...``: INT8 step 2 as CUDA runs it, each compiled pass of
   :mod:`lowmem_optim.quant.groupwise` one op (:func:`lowmem_optim.tools.op_count.as_one_op`).
   Their CPU time: ``python -m scripts.bench.peers --matrix 4096x11008 --rank 1024``.
 
@@ -130,7 +131,8 @@ def lowrank_figures(name: str, args: argparse.Namespace, int8: bool) -> dict[str
     resumed.load_state_dict(optimizer.state_dict())
     after_load = counted(model, resumed.step, 3)
     row.update(figures(steady), syncs=steady.syncs, syncs_after_load=after_load.syncs)
-    row.update(refresh_ops=refresh.ops, refresh_syncs=refresh.syncs, top_ops=dict(steady.by_op.most_common(8)))
+    row.update(refresh_ops=refresh.ops, refresh_syncs=refresh.syncs, refresh_peak_bytes=refresh.peak_bytes)
+    row.update(top_ops=dict(steady.by_op.most_common(8)))
     if int8:
         with fused_int8_passes():
             model = OneMatrix(shape, dtype, "meta", True)
@@ -186,7 +188,8 @@ DISPATCH_COLUMNS = (
     ("syncs/load", "syncs_after_load"),
     ("refresh ops", "refresh_ops"),
 )
-DISPATCH_COLUMNS += (("refresh syncs", "refresh_syncs"), ("alloc MiB", "alloc_bytes"), ("peak MiB", "peak_bytes"))
+DISPATCH_COLUMNS += (("refresh syncs", "refresh_syncs"), ("refresh peak MiB", "refresh_peak_bytes"))
+DISPATCH_COLUMNS += (("alloc MiB", "alloc_bytes"), ("peak MiB", "peak_bytes"))
 DISPATCH_COLUMNS += (("fused ops", "fused_ops"), ("fused alloc MiB", "fused_alloc_bytes"))
 DISPATCH_COLUMNS += (("fused peak MiB", "fused_peak_bytes"),)
 FULL_RANK_COLUMNS = (("ops", "ops"), ("device ops", "device_ops"), ("syncs", "syncs"), ("alloc MiB", "alloc_bytes"))
