@@ -62,8 +62,8 @@ def test_the_leading_vectors_alone_are_the_leading_vectors_of_the_whole_factoriz
 
 
 def test_a_refresh_holds_only_the_svds_float32_copy_of_g_and_its_factors_at_its_peak():
-    """Signs are fixed on the r leading vectors alone and no float32 G outlives the SVD: at LLaMA-7B's
-    4096 x 11008 in bfloat16, rank 1024, a refresh's peak went from 709 MiB to 408 MiB (on meta)."""
+    """Signs are fixed on the r leading vectors alone and no float32 G outlives the SVD (at LLaMA-7B's
+    4096 x 11008 in bfloat16, rank 1024: 408 MiB, from 709 MiB; ``scripts/bench/update_ops.py``)."""
     m, n = 64, 256
     grad = torch.empty(m, n, dtype=torch.bfloat16, device="meta")
     group = {"rank": 4, "proj_type": "std", "proj_bits": None, "proj_group_size": 256}
