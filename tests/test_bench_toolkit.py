@@ -74,7 +74,9 @@ def test_recipe_builds_the_run_as_the_training_cli_and_predicts_a_float32_run_wi
     assert weights <= predicted_memory(cfg).weights_bytes < 1.01 * weights
 
 
-def test_peak_rss_above_sees_a_tensor_made_and_freed_inside():
+def test_peak_rss_above_sees_a_tensor_made_and_freed_inside_and_no_earlier_peak():
+    torch.ones(32 * 2**20).sum()  # a 128 MiB peak of the process before the measurement
+    assert peak_rss_above(lambda: None) < 16 * 2**20
     assert peak_rss_above(lambda: torch.ones(16 * 2**20).sum()) >= 48 * 2**20  # 64 MiB of float32, touched
 
 
