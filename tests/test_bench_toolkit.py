@@ -38,10 +38,22 @@ def test_state_bytes_reach_nested_tensors_and_retained_bytes_count_a_views_whole
 
 def test_median_seconds_runs_before_untimed_ahead_of_each_call():
     calls: list[str] = []
+    now = [0.0]  # a clock that moves only when a call says so
+    run_seconds = iter([50.0, 3.0, 1.0, 2.0])  # the warm-up, then three timed calls
+
+    def takes(what: str, seconds: float) -> None:
+        calls.append(what)
+        now[0] += seconds
+
     seconds = median_seconds(
-        lambda: calls.append("run"), repeats=3, device="cpu", before=lambda: calls.append("before")
+        lambda: takes("run", next(run_seconds)),
+        repeats=3,
+        device="cpu",
+        before=lambda: takes("before", 100.0),
+        clock=lambda: now[0],
     )
-    assert calls == ["before", "run"] * 4 and seconds >= 0  # one warm-up, three timed
+    assert calls == ["before", "run"] * 4
+    assert seconds == 2.0  # the median of 3, 1, 2: neither `before` nor the warm-up is timed
 
 
 def test_llama_is_built_from_the_shipped_config():
@@ -62,7 +74,9 @@ def test_recipe_builds_the_run_as_the_training_cli_and_predicts_a_float32_run_wi
     assert weights <= predicted_memory(cfg).weights_bytes < 1.01 * weights
 
 
-def test_peak_rss_above_sees_a_tensor_made_and_freed_inside():
+def test_peak_rss_above_sees_a_tensor_made_and_freed_inside_and_no_earlier_peak():
+    torch.ones(32 * 2**20).sum()  # a 128 MiB peak of the process before the measurement
+    assert peak_rss_above(lambda: None) < 16 * 2**20
     assert peak_rss_above(lambda: torch.ones(16 * 2**20).sum()) >= 48 * 2**20  # 64 MiB of float32, touched
 
 

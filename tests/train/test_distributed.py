@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,12 +36,6 @@ BASE = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("torchrun")
@@ -53,7 +46,9 @@ def two_ranks(tmp_path_factory) -> Path:
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            f"--master-port={_free_port()}",
+            # the rendezvous store binds a port the kernel picks and keeps it: a port probed free
+            # here could be taken by another test worker's gloo connection before torchrun binds it
+            "--standalone",
             str(REPO / "tests" / "train" / "ddp_worker.py"),
             str(out),
             *BASE,

@@ -122,8 +122,10 @@ def test_wandb_without_an_api_key_logs_offline_with_config_and_layer_statistics(
         assert key in data
 
 
-@pytest.mark.parametrize("buffer", ["float32", "8bit"])
-def test_layerwise_accumulation_sums_projected_gradients_in_buffers(run_tiny, monkeypatch, buffer):
+@pytest.mark.parametrize(
+    ("buffer", "stored_as"), [("float32", (torch.float32,)), ("8bit", (torch.uint8, torch.float32))]
+)  # 8bit: the codes and a float32 scale per block
+def test_layerwise_accumulation_sums_projected_gradients_in_buffers(run_tiny, monkeypatch, buffer, stored_as):
     """--layerwise with 2 micro-batches per step: the handle accumulates in low-rank buffers of
     --accumulation-buffer's precision (and the run trains)."""
     from lowmem_optim import layerwise
@@ -132,16 +134,18 @@ def test_layerwise_accumulation_sums_projected_gradients_in_buffers(run_tiny, mo
     remove = layerwise.LayerwiseHandle.remove
 
     def record_and_remove(handle):  # the loop removes its handle at the end, which frees the buffers
-        handles.append((handle, handle.buffer_bytes()))
+        handles.append(
+            (handle, handle.buffer_bytes(), {tuple(t.dtype for t in b.tensors) for b in handle.buffers.values()})
+        )
         remove(handle)
 
     monkeypatch.setattr(layerwise.LayerwiseHandle, "remove", record_and_remove)
     records = run_tiny(
         "run", "galore_adamw", layerwise=True, total_batch_size=8, accumulation_buffer=buffer, max_steps=6, save=False
     )
-    ((handle, buffer_bytes),) = handles
+    ((handle, buffer_bytes, dtypes),) = handles
     assert handle.lowrank and handle.accumulation_steps == 2 and handle.accumulation_buffer == buffer
-    assert buffer_bytes > 0
+    assert buffer_bytes > 0 and dtypes == {stored_as}
     assert records[-1]["loss"] < records[0]["loss"] - 0.2
 
 

@@ -133,7 +133,9 @@ def test_unknown_only_names_and_a_sweep_without_one_seed_are_refused(tuning_file
 
 def test_every_shipped_setting_expands_to_trials_that_the_training_cli_accepts(monkeypatch):
     monkeypatch.chdir(REPO)
-    for path in sorted((REPO / "configs" / "tuning").glob("*.yaml")):
+    shipped = sorted((REPO / "configs" / "tuning").glob("*.yaml"))
+    assert shipped, "configs/tuning/ holds no tuning file"  # else the loop below checks nothing
+    for path in shipped:
         tuning = load_tuning(path)
         for name, setting in tuning["settings"].items():
             config = with_parameters(tuning["sweep"], {**setting["set"], "lr": setting["lr"]})
