@@ -57,14 +57,15 @@ def test_adaptive_gap_stays_on_a_rotating_subspace():
 
 def test_adaptive_queue_is_cleared_at_growth_so_the_next_growth_needs_fresh_records():
     schedule = AdaptiveRefresh()
-    state, group = {}, {**defaults(schedule), "update_proj_gap": 3, "queue_size": 2, "cos_threshold": 0.5}
+    group = {**defaults(schedule), "update_proj_gap": 3, "queue_size": 2, "cos_threshold": 0.5, "gamma_proj": 3}
+    state = {}
     schedule.record(state, 1, group, None)
     schedule.record(state, 4, group, 0.9)
     assert state["gap"] == 3 and state["sim_queue"][: state["sim_count"]].tolist() == [0.9]
-    schedule.record(state, 7, group, 0.2)  # mean 0.55 >= 0.5: grows, queue cleared
-    assert state["gap"] == 6 and state["sim_count"] == 0 and state["next_refresh"] == 13
-    schedule.record(state, 13, group, 1.0)
-    assert state["gap"] == 6 and state["refreshes"] == 4
+    schedule.record(state, 7, group, 0.2)  # mean 0.55 >= 0.5: grows by gamma_proj, queue cleared
+    assert state["gap"] == 9 and state["sim_count"] == 0 and state["next_refresh"] == 16
+    schedule.record(state, 16, group, 1.0)
+    assert state["gap"] == 9 and state["refreshes"] == 4
 
 
 @pytest.mark.parametrize(
