@@ -133,6 +133,24 @@ def test_apply_update_draws_do_not_depend_on_the_chunking(monkeypatch):
         assert torch.equal(getattr(layer, key), getattr(whole, key))
 
 
+def test_an_optimizer_step_gives_an_int8_weight_the_float_weights_step_with_its_scale_and_decay():
+    """GaLore (scale 0.5, weight decay 0.5) on an INT8 weight and on its dequantized float copy, the
+    same gradient: the INT8 weight lands within the one quantization step stochastic rounding may
+    move a value, while the step itself moves values by several steps."""
+    torch.manual_seed(4)
+    layer = Int8Linear.from_linear(nn.Linear(48, 32, bias=False), group_size=64)
+    w0 = layer.weight.dequantized(torch.float32)
+    dense = nn.Parameter(w0.clone())
+    grad = torch.randn(32, 48, generator=torch.Generator().manual_seed(5))
+    for weight in (layer.weight, dense):
+        opt = GaLoreAdamW([{"params": [weight], "rank": 4, "scale": 0.5}], lr=0.05, weight_decay=0.5)
+        weight.grad = grad.clone()
+        opt.step()
+    steps = layer.weight_scale.repeat_interleave(64)[: 32 * 48].view(32, 48)
+    assert float(((dense.detach() - w0).abs() / steps).max()) > 5
+    assert bool(((layer.weight.dequantized(torch.float32) - dense).abs() <= steps + 1e-6).all())
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fused_cuda_passes_equal_the_eager_reference():
