@@ -121,7 +121,7 @@ def test_moments_follow_kept_indices_and_new_indices_start_at_zero_against_a_flo
 
 @pytest.mark.parametrize("score", ["l1", "l2"])
 def test_dct_adamw_matches_a_float64_reference_of_its_equations(score):
-    lr, wd, eps, (b1, b2), rank = 0.05, 0.1, 1e-8, (0.9, 0.999), 3
+    lr, wd, eps, (b1, b2), rank = 0.05, 0.1, 1e-6, (0.8, 0.95), 3
     w0 = _randn(12, 9, seed=5).double()
     w = torch.nn.Parameter(w0.clone())
     opt = DCTAdamW(
