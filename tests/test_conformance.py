@@ -265,6 +265,7 @@ def test_zero_gradient_steps_move_nothing_without_weight_decay(case):
         opt.step()
     for (name, p), q in zip(model.named_parameters(), before):
         assert torch.equal(p, q), name
+        assert opt.state[p], name  # stepped, not skipped
         for key, value in opt.state[p].items():
             if torch.is_tensor(value) and value.is_floating_point():
                 assert torch.isfinite(value).all(), (name, key)
