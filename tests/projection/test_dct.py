@@ -4,6 +4,7 @@ import pytest
 import scipy.fft
 import torch
 
+import lowmem_optim
 from lowmem_optim import DCTAdamW
 from lowmem_optim.parts import defaults
 from lowmem_optim.projection.dct import DCTProjector, dct_basis, dct_fft, dct_spectrum, select_indices
@@ -117,6 +118,22 @@ def test_moments_follow_kept_indices_and_new_indices_start_at_zero_against_a_flo
     m2, v2 = 0.9 * m1 + 0.1 * r2, 0.999 * v1 + 0.001 * r2**2
     assert torch.allclose(opt.state[w]["exp_avg"], m2, atol=1e-12)
     assert torch.allclose(opt.state[w]["exp_avg_sq"], v2, atol=1e-12)
+
+
+def test_a_normalized_rules_momentum_follows_kept_indices_too():
+    """AuON in a DCT subspace: M = beta M + (1 - beta) R with M's columns moved where their index
+    stays selected (2, 5) and a new index (7) starting at zero."""
+    w = torch.nn.Parameter(torch.zeros(10, 8, dtype=torch.float64))
+    opt = lowmem_optim.AuON([{"params": [w], "rank": 3, "proj_method": "dct", "update_proj_gap": 1}], lr=0.1)
+    g1, g2 = _spectrum_gradient({0: 3.0, 2: 2.0, 5: 1.0}), _spectrum_gradient({2: 3.0, 5: 2.0, 7: 1.5, 0: 0.5})
+    for g in (g1, g2):
+        w.grad = g
+        opt.step()
+    q = dct_basis(8, torch.float64, CPU)
+    m1 = 0.05 * g1 @ q[:, [0, 2, 5]]
+    carried = torch.cat([m1[:, 1:], torch.zeros_like(m1[:, :1])], dim=1)
+    want = 0.95 * carried + 0.05 * g2 @ q[:, [2, 5, 7]]
+    torch.testing.assert_close(opt.state[w]["momentum_buffer"], want, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("score", ["l1", "l2"])
