@@ -120,20 +120,44 @@ def test_moments_follow_kept_indices_and_new_indices_start_at_zero_against_a_flo
     assert torch.allclose(opt.state[w]["exp_avg_sq"], v2, atol=1e-12)
 
 
-def test_a_normalized_rules_momentum_follows_kept_indices_too():
-    """AuON in a DCT subspace: M = beta M + (1 - beta) R with M's columns moved where their index
-    stays selected (2, 5) and a new index (7) starting at zero."""
+def _two_dct_steps(cls: type, **hparams) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(state, R_1, R_2) of two steps of ``cls`` in a rank-3 DCT subspace: indices 0, 2, 5, then 2, 5, 7."""
     w = torch.nn.Parameter(torch.zeros(10, 8, dtype=torch.float64))
-    opt = lowmem_optim.AuON([{"params": [w], "rank": 3, "proj_method": "dct", "update_proj_gap": 1}], lr=0.1)
+    opt = cls([{"params": [w], "rank": 3, "proj_method": "dct", "update_proj_gap": 1}], **hparams)
     g1, g2 = _spectrum_gradient({0: 3.0, 2: 2.0, 5: 1.0}), _spectrum_gradient({2: 3.0, 5: 2.0, 7: 1.5, 0: 0.5})
     for g in (g1, g2):
         w.grad = g
         opt.step()
     q = dct_basis(8, torch.float64, CPU)
-    m1 = 0.05 * g1 @ q[:, [0, 2, 5]]
-    carried = torch.cat([m1[:, 1:], torch.zeros_like(m1[:, :1])], dim=1)
-    want = 0.95 * carried + 0.05 * g2 @ q[:, [2, 5, 7]]
-    torch.testing.assert_close(opt.state[w]["momentum_buffer"], want, rtol=0, atol=1e-12)
+    return opt.state[w], g1 @ q[:, [0, 2, 5]], g2 @ q[:, [2, 5, 7]]
+
+
+def _carried(m: torch.Tensor) -> torch.Tensor:
+    """Indices 0, 2, 5 -> 2, 5, 7: the values of 2 and 5 move to positions 0 and 1, 7's start at zero."""
+    return torch.cat([m[..., 1:], torch.zeros_like(m[..., :1])], dim=-1)
+
+
+def test_a_normalized_rules_momentum_follows_kept_indices_too():
+    """AuON in a DCT subspace: M = beta M + (1 - beta) R, M's columns moved with their indices."""
+    state, r1, r2 = _two_dct_steps(lowmem_optim.AuON, lr=0.1)
+    want = 0.95 * _carried(0.05 * r1) + 0.05 * r2
+    torch.testing.assert_close(state["momentum_buffer"], want, rtol=0, atol=1e-12)
+
+
+def test_8bit_adams_float_moments_follow_kept_indices_too():
+    """Below min_8bit_size the 8-bit rule keeps float32 moments: moved as Adam's are."""
+    state, r1, r2 = _two_dct_steps(lowmem_optim.GaLoreAdamW8bit, lr=0.1, min_8bit_size=10**9)
+    want = 0.9 * _carried(0.1 * r1) + 0.1 * r2
+    torch.testing.assert_close(state["exp_avg"].double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_adafactors_factored_statistic_of_the_projected_dimension_follows_kept_indices_too():
+    """The column statistic of R (R = G Q_I: its columns are the indices) moves with the indices,
+    V_c = beta2_t V_c + (1 - beta2_t) mean over rows of R^2 (+ eps1), beta2_1 = 0, beta2_2 = 1 - 2^-0.8."""
+    state, r1, r2 = _two_dct_steps(lowmem_optim.GaLoreAdafactor, beta1=0.9)
+    beta2 = 1 - 2**-0.8
+    want = beta2 * _carried((r1**2 + 1e-30).mean(0)) + (1 - beta2) * (r2**2 + 1e-30).mean(0)
+    torch.testing.assert_close(state["exp_avg_sq_col"].double(), want, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("score", ["l1", "l2"])
