@@ -8,7 +8,6 @@ import io
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from lowmem_optim import GaLoreAdamW, layerwise, lowrank_param_groups
@@ -19,6 +18,7 @@ from lowmem_optim.quant.int8_linear import (
     dequantize_linear_layers,
     quantize_linear_layers,
 )
+from tests.helpers.gloo import run_rank
 
 
 class Tiny(nn.Module):
@@ -255,9 +255,8 @@ def test_optimizers_that_write_into_parameters_are_refused_for_int8_weights():
         layerwise.attach(torch.optim.AdamW(model.parameters()))
 
 
-def test_ddp_all_reduces_the_int8_weight_gradient_with_init_sync_off():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
+def test_ddp_all_reduces_the_int8_weight_gradient_with_init_sync_off(tmp_path):
+    def train() -> None:  # DDP, whose reducer holds the group, is gone when it returns
         model = quantize_linear_layers(Tiny())
         ddp = nn.parallel.DistributedDataParallel(model, init_sync=False, broadcast_buffers=False)
         opt = GaLoreAdamW(lowrank_param_groups(model, rank=4), lr=1e-2)
@@ -267,8 +266,10 @@ def test_ddp_all_reduces_the_int8_weight_gradient_with_init_sync_off():
         assert model.up.weight.grad is not None
         opt.step()
         assert not torch.equal(codes, model.up.weight_codes)
-    finally:
-        dist.destroy_process_group()
+
+    # the group is freed by destroy_process_group, not by the reducer's deallocation: that joined
+    # gloo's worker thread holding the GIL the thread needed to free its last work (a hang)
+    run_rank(0, 1, str(tmp_path / "init"), train)
 
 
 @pytest.mark.cuda
