@@ -265,6 +265,7 @@ def test_zero_gradient_steps_move_nothing_without_weight_decay(case):
         opt.step()
     for (name, p), q in zip(model.named_parameters(), before):
         assert torch.equal(p, q), name
+        assert opt.state[p], name  # stepped, not skipped
         for key, value in opt.state[p].items():
             if torch.is_tensor(value) and value.is_floating_point():
                 assert torch.isfinite(value).all(), (name, key)
@@ -424,14 +425,9 @@ def _step_with_gradients_of_scale(case: Case, scale: float, dtype: torch.dtype, 
 
 
 @pytest.mark.parametrize("case, scale, dtype", _scaled_gradient_params(CASES))
-def test_a_finite_gradient_of_any_scale_gives_finite_weights_or_a_floating_point_error_naming_the_parameter(
-    case, scale, dtype
-):
-    try:
-        model, _ = _step_with_gradients_of_scale(case, scale, dtype)
-    except FloatingPointError as err:
-        assert "parameter" in str(err) or "weight" in str(err) or "bias" in str(err), err
-        return
+def test_a_finite_gradient_of_any_scale_gives_finite_weights(case, scale, dtype):
+    """No error either: FloatingPointError is for gradients that hold inf/NaN."""
+    model, _ = _step_with_gradients_of_scale(case, scale, dtype)
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all(), name
 

@@ -90,19 +90,23 @@ def test_state_follows_params_to_another_dtype_keeping_codes_and_scales():
 
 def test_per_group_lr_and_weight_decay_are_honoured():
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(32, 16, generator=gen)
-    a, b = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    w, g = torch.randn(32, 16, generator=gen), torch.randn(32, 16, generator=gen)
+    a, b, c = (torch.nn.Parameter(w.clone()) for _ in range(3))
     opt = GaLoreAdamW(
         [
             {"params": [a], "rank": 4, "lr": 0.0, "weight_decay": 0.5},
             {"params": [b], "rank": 4, "lr": 1e-2, "weight_decay": 0.0},
+            {"params": [c], "rank": 4, "lr": 1e-2, "weight_decay": 0.5},
         ],
         lr=1.0,
+        weight_decay=0.1,
     )
-    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    a.grad, b.grad, c.grad = g.clone(), g.clone(), g.clone()
     opt.step()
     assert torch.equal(a, w)  # lr 0: neither the update nor the (lr-scaled) decay moves it
     assert not torch.equal(b, w)
+    # the same gradient and lr: b and c take the same update, and c alone decays, by its own lr * wd
+    torch.testing.assert_close(c - b, -1e-2 * 0.5 * w, rtol=0, atol=1e-6)  # float32 rounding of w
 
 
 def test_params_without_grad_are_skipped():
@@ -142,14 +146,20 @@ def test_step_and_state_dict_hooks_run():
 def test_closure_is_called_and_its_loss_returned():
     model = _model()
     opt = GaLoreAdamW(_groups(model))
+    losses = []
 
     def closure():
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(_X), _Y)
         loss.backward()
+        losses.append(loss)
         return loss
 
-    assert torch.is_tensor(opt.step(closure))
+    before = [p.detach().clone() for p in model.parameters()]
+    assert opt.step(closure) is losses[0] and len(losses) == 1
+    # the step used the gradients the closure computed
+    assert all(int(opt.state[p]["step"]) == 1 for p in model.parameters())
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 def test_layer_stats_and_state_bytes_report_the_real_state():

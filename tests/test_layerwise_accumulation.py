@@ -150,6 +150,24 @@ def test_low_precision_buffers_are_within_their_rounding_bound_and_unbiased(kind
     assert errors.mean(0).abs().mean() < errors.abs().mean() / 4
 
 
+def test_each_rounded_write_draws_from_its_own_seed(monkeypatch):
+    """Seeded per parameter, step and micro-batch: no two writes of the buffers share their draws."""
+    seeds = []
+    write = AccumulationBuffer.write
+
+    def recorded(self, low, first, seed):
+        seeds.append(seed)
+        write(self, low, first, seed)
+
+    monkeypatch.setattr(AccumulationBuffer, "write", recorded)
+    model = tiny_model()
+    opt = galore(model)
+    layerwise.attach(opt, accumulation_steps=K, accumulation_buffer="bfloat16")
+    accumulated_steps(model, batches(2 * K))
+    assert len(seeds) == 2 * (K - 1) * len(projected(model, opt)) > 0  # the last micro-batch is not written
+    assert len(set(seeds)) == len(seeds)
+
+
 def test_buffers_are_allocated_once_freed_of_gradients_and_sized_as_the_memory_model_says():
     model = tiny_model()
     opt = galore(model)

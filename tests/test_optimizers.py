@@ -103,7 +103,8 @@ def test_galore_adamw_tracks_galore_torch_on_the_same_problem():
     before vs after the bias correction is the only difference); after a refresh galore-torch
     keeps LAPACK's arbitrary singular-vector signs while we fix them, so moments of flipped
     coordinates differ and the comparison is on the loss."""
-    galore_torch = pytest.importorskip("galore_torch")
+    import galore_torch  # a dev dependency: never skipped
+
     torch.manual_seed(0)
     model_a = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
     model_b = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))

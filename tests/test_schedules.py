@@ -4,6 +4,7 @@ import torch
 from lowmem_optim import GaLoreAdamW
 from lowmem_optim.parts import defaults
 from lowmem_optim.schedules import AdaptiveRefresh
+from tests.helpers.reference import svd_basis
 
 
 def _stream(fixed: bool, steps: int, m: int = 48, n: int = 24, seed: int = 0):
@@ -29,6 +30,22 @@ def _refresh_steps(fixed: bool, steps: int, **group):
             refreshes = opt.state[w]["refreshes"]
             done.append(step)
     return done, opt, w
+
+
+@pytest.mark.parametrize("refresh", ["fixed", "adaptive"])
+def test_a_refresh_on_an_all_zero_gradient_is_done_again_at_the_next_step(refresh):
+    """An all-zero gradient (what torch.distributed.checkpoint steps on to make state) holds no
+    subspace: the next gradient chooses it, whatever the gap."""
+    w = torch.nn.Parameter(torch.zeros(48, 24))
+    opt = GaLoreAdamW([{"params": [w], "rank": 2, "update_proj_gap": 10, "refresh": refresh}], lr=1e-3)
+    w.grad = torch.zeros(48, 24)
+    opt.step()
+    g = next(_stream(True, 1))
+    w.grad = g.clone()
+    opt.step()
+    assert opt.state[w]["refreshes"] == 2
+    basis = opt.state[w]["proj_right"].T  # 24 x 2: a right projection
+    torch.testing.assert_close(basis.abs().double(), svd_basis(g, 2, "right").abs(), rtol=0, atol=1e-5)
 
 
 def test_adaptive_gap_doubles_after_each_full_queue_of_similar_subspaces_up_to_max_gap():
@@ -57,14 +74,15 @@ def test_adaptive_gap_stays_on_a_rotating_subspace():
 
 def test_adaptive_queue_is_cleared_at_growth_so_the_next_growth_needs_fresh_records():
     schedule = AdaptiveRefresh()
-    state, group = {}, {**defaults(schedule), "update_proj_gap": 3, "queue_size": 2, "cos_threshold": 0.5}
+    group = {**defaults(schedule), "update_proj_gap": 3, "queue_size": 2, "cos_threshold": 0.5, "gamma_proj": 3}
+    state = {}
     schedule.record(state, 1, group, None)
     schedule.record(state, 4, group, 0.9)
     assert state["gap"] == 3 and state["sim_queue"][: state["sim_count"]].tolist() == [0.9]
-    schedule.record(state, 7, group, 0.2)  # mean 0.55 >= 0.5: grows, queue cleared
-    assert state["gap"] == 6 and state["sim_count"] == 0 and state["next_refresh"] == 13
-    schedule.record(state, 13, group, 1.0)
-    assert state["gap"] == 6 and state["refreshes"] == 4
+    schedule.record(state, 7, group, 0.2)  # mean 0.55 >= 0.5: grows by gamma_proj, queue cleared
+    assert state["gap"] == 9 and state["sim_count"] == 0 and state["next_refresh"] == 16
+    schedule.record(state, 16, group, 1.0)
+    assert state["gap"] == 9 and state["refreshes"] == 4
 
 
 @pytest.mark.parametrize(

@@ -400,6 +400,7 @@ def _worker(rank: int, world: int, workdir: str, cases: tuple[str, ...]) -> None
     )
     mesh = init_device_mesh("cpu", (world,))
     results: dict[str, Any] = {}
+    finished = False
     try:
         for case in cases:
             try:
@@ -409,8 +410,9 @@ def _worker(rank: int, world: int, workdir: str, cases: tuple[str, ...]) -> None
             dist.barrier()
         if world == 2:
             results["placements"] = _placements(mesh)
+        finished = True
     finally:
-        end_group(barrier=False)
+        end_group(barrier=finished)  # no rank tears gloo down while a peer is still at work
         Path(workdir, f"rank{rank}.json").write_text(json.dumps(results))
 
 

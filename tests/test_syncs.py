@@ -74,8 +74,6 @@ def _step(model: nn.Module, optimizer: torch.optim.Optimizer, use_layerwise: boo
 
 @pytest.mark.parametrize(("name", "hparams", "int8"), _cases())
 def test_no_sync_without_a_refresh_also_after_load_state_dict(name, hparams, int8):
-    if name == "adamw8bit":
-        pytest.importorskip("bitsandbytes")
     model = TwoMatrices(int8).to(torch.bfloat16)
     make = lambda: build_optimizer(name, model, **hparams)  # noqa: E731
     optimizer = make()

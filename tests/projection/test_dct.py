@@ -4,9 +4,11 @@ import pytest
 import scipy.fft
 import torch
 
+import lowmem_optim
 from lowmem_optim import DCTAdamW
 from lowmem_optim.parts import defaults
 from lowmem_optim.projection.dct import DCTProjector, dct_basis, dct_fft, dct_spectrum, select_indices
+from lowmem_optim.rules import momentum_storage
 
 CPU = torch.device("cpu")
 
@@ -119,12 +121,63 @@ def test_moments_follow_kept_indices_and_new_indices_start_at_zero_against_a_flo
     assert torch.allclose(opt.state[w]["exp_avg_sq"], v2, atol=1e-12)
 
 
-def test_dct_adamw_matches_a_float64_reference_of_its_equations():
-    lr, wd, eps, (b1, b2), rank = 0.05, 0.1, 1e-8, (0.9, 0.999), 3
+def _two_dct_steps(cls: type, **hparams) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(state, R_1, R_2) of two steps of ``cls`` in a rank-3 DCT subspace: indices 0, 2, 5, then 2, 5, 7."""
+    w = torch.nn.Parameter(torch.zeros(10, 8, dtype=torch.float64))
+    opt = cls([{"params": [w], "rank": 3, "proj_method": "dct", "update_proj_gap": 1}], **hparams)
+    g1, g2 = _spectrum_gradient({0: 3.0, 2: 2.0, 5: 1.0}), _spectrum_gradient({2: 3.0, 5: 2.0, 7: 1.5, 0: 0.5})
+    for g in (g1, g2):
+        w.grad = g
+        opt.step()
+    q = dct_basis(8, torch.float64, CPU)
+    return opt.state[w], g1 @ q[:, [0, 2, 5]], g2 @ q[:, [2, 5, 7]]
+
+
+def _carried(m: torch.Tensor) -> torch.Tensor:
+    """Indices 0, 2, 5 -> 2, 5, 7: the values of 2 and 5 move to positions 0 and 1, 7's start at zero."""
+    return torch.cat([m[..., 1:], torch.zeros_like(m[..., :1])], dim=-1)
+
+
+@pytest.mark.parametrize("kind, tolerance", [("auto", 1e-12), ("bfloat16", 2**-6), ("8bit", 0.03)])
+def test_a_normalized_rules_momentum_follows_kept_indices_too(kind, tolerance):
+    """AuON in a DCT subspace: M = beta M + (1 - beta) R, M's columns moved with their indices, in
+    each stored form (within two roundings of it, relative to the largest value)."""
+    state, r1, r2 = _two_dct_steps(lowmem_optim.AuON, lr=0.1, momentum_dtype=kind)
+    want = 0.95 * _carried(0.05 * r1) + 0.05 * r2
+    stored = momentum_storage._value(state, momentum_storage.stored_kind(state), torch.float64)
+    assert momentum_storage.stored_kind(state) == kind
+    assert float((stored - want).abs().max()) <= tolerance * float(want.abs().max())
+
+
+def test_8bit_adams_float_moments_follow_kept_indices_too():
+    """Below min_8bit_size the 8-bit rule keeps float32 moments: moved as Adam's are."""
+    state, r1, r2 = _two_dct_steps(lowmem_optim.GaLoreAdamW8bit, lr=0.1, min_8bit_size=10**9)
+    want = 0.9 * _carried(0.1 * r1) + 0.1 * r2
+    torch.testing.assert_close(state["exp_avg"].double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_adafactors_factored_statistic_of_the_projected_dimension_follows_kept_indices_too():
+    """The column statistic of R (R = G Q_I: its columns are the indices) moves with the indices,
+    V_c = beta2_t V_c + (1 - beta2_t) mean over rows of R^2 (+ eps1), beta2_1 = 0, beta2_2 = 1 - 2^-0.8."""
+    state, r1, r2 = _two_dct_steps(lowmem_optim.GaLoreAdafactor, beta1=0.9)
+    beta2 = 1 - 2**-0.8
+    want = beta2 * _carried((r1**2 + 1e-30).mean(0)) + (1 - beta2) * (r2**2 + 1e-30).mean(0)
+    torch.testing.assert_close(state["exp_avg_sq_col"].double(), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("score", ["l1", "l2"])
+def test_dct_adamw_matches_a_float64_reference_of_its_equations(score):
+    lr, wd, eps, (b1, b2), rank = 0.05, 0.1, 1e-6, (0.8, 0.95), 3
     w0 = _randn(12, 9, seed=5).double()
     w = torch.nn.Parameter(w0.clone())
     opt = DCTAdamW(
-        [{"params": [w], "rank": rank}], lr=lr, weight_decay=wd, eps=eps, betas=(b1, b2), error_feedback=None
+        [{"params": [w], "rank": rank}],
+        lr=lr,
+        weight_decay=wd,
+        eps=eps,
+        betas=(b1, b2),
+        error_feedback=None,
+        dct_score=score,
     )
     q = dct_basis(9, torch.float64, CPU)
     ref, m, v, index = w0.clone(), None, None, None
@@ -133,7 +186,7 @@ def test_dct_adamw_matches_a_float64_reference_of_its_equations():
         w.grad = g.clone()
         opt.step()
         s = g @ q
-        new = torch.topk(s.abs().sum(0), rank).indices.sort().values
+        new = torch.topk(s.abs().sum(0) if score == "l1" else s.norm(dim=0), rank).indices.sort().values
         if m is None:
             m, v = torch.zeros(12, rank, dtype=torch.float64), torch.zeros(12, rank, dtype=torch.float64)
         else:

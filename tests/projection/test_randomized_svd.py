@@ -51,12 +51,25 @@ def test_draws_come_from_the_seed_not_the_global_rng():
     RandomizedSVDProjector().refresh(g, first, group, seed=11)
     torch.manual_seed(123)  # a different global state must not matter
     RandomizedSVDProjector().refresh(g, second, group, seed=11)
-    RandomizedSVDProjector().refresh(g, other, {**group, "power_iters": 0, "oversample": 0}, seed=12)
+    RandomizedSVDProjector().refresh(g, other, group, seed=12)
     assert torch.equal(first["proj_right"], second["proj_right"])
     assert not torch.equal(first["proj_right"], other["proj_right"])
     torch.random.set_rng_state(before)
     RandomizedSVDProjector().refresh(g, {}, group, seed=11)
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("key, value", [("oversample", 0), ("power_iters", 0)])
+def test_the_groups_oversample_and_power_iters_shape_the_sketch(key, value):
+    """The projector's basis is the sketch of :func:`randomized_singular_vectors` at the group's
+    settings: at another value of either, another basis from the same seed."""
+    g = _decaying(48, 20, torch.arange(1, 21, dtype=torch.float32) ** -0.5, seed=4)
+    projector = RandomizedSVDProjector()
+    group = {**defaults(projector, projector.storage), "rank": 4}
+    default, changed = {}, {}
+    projector.refresh(g, default, group, seed=11)
+    projector.refresh(g, changed, {**group, key: value}, seed=11)
+    assert not torch.allclose(changed["proj_right"], default["proj_right"], atol=1e-4)
 
 
 @pytest.mark.parametrize("key, value", [("oversample", -1), ("power_iters", 1.5)])

@@ -60,8 +60,10 @@ def test_bitsandbytes_fused_8bit_kernel_agrees_with_the_eager_step_on_cpu():
     gen = torch.Generator().manual_seed(1)
     w0 = torch.randn(40, 33, generator=gen)
     grads = [torch.randn(40, 33, generator=gen) for _ in range(4)]
-    eager, eager_state = _full_rank_8bit(w0, grads)
-    rule, group = adam8bit.Adam8bitRule(), {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}
+    # betas and eps other than the defaults: the eager step must read the group's, as the kernel does
+    adam = {"betas": (0.8, 0.95), "eps": 1e-2}
+    eager, eager_state = _full_rank_8bit(w0, grads, **adam)
+    rule, group = adam8bit.Adam8bitRule(), {"lr": 1e-2, **adam, "weight_decay": 0.1}
     group["min_8bit_size"] = 0
     fused, state = w0.clone(), {"step": torch.tensor(0.0)}
     low_state, updates = {"step": torch.tensor(0.0)}, []

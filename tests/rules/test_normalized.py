@@ -89,8 +89,9 @@ def test_auon_later_code_variant_and_lr_adjustments_match_reference(adjust):
 @pytest.mark.parametrize("ns_steps", [1, 3])
 def test_hybrid_auon_float32_matches_float64_reference(shape, ns_steps):
     w0, *grads = gaussians(*shape, count=4)
-    got, _ = run(lowmem_optim.HybridAuON, w0, grads, lr=0.1, weight_decay=0.05, ns_steps=ns_steps, ns_dtype="float32")
-    want = normalized_momentum_ref(w0, grads, kind="hybrid", lr=0.1, weight_decay=0.05, ns_steps=ns_steps)
+    kw = dict(lr=0.1, weight_decay=0.05, ns_steps=ns_steps, gamma=1.5)
+    got, _ = run(lowmem_optim.HybridAuON, w0, grads, ns_dtype="float32", **kw)
+    want = normalized_momentum_ref(w0, grads, kind="hybrid", **kw)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -118,10 +119,14 @@ def test_newton_schulz_is_torch_muons_bit_for_bit(shape):
         assert torch.equal(ours, _zeropower_via_newtonschulz(g, MUON_COEFFICIENTS, steps, 1e-7))
 
 
-@pytest.mark.parametrize("adjust", [None, "match_rms_adamw"])
-def test_muon_matches_torch_optim_muon(adjust):
+@pytest.mark.parametrize(
+    "adjust, coefficients",
+    [(None, MUON_COEFFICIENTS), ("match_rms_adamw", MUON_COEFFICIENTS), (None, (2.0, -1.5, 0.5))],
+    ids=["original", "match_rms_adamw", "other-coefficients"],
+)
+def test_muon_matches_torch_optim_muon(adjust, coefficients):
     w0, *grads = gaussians(48, 32, count=6)
-    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.9)
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.9, ns_coefficients=coefficients)
     ours, _ = run(lowmem_optim.Muon, w0, grads, adjust_lr_fn=adjust or "original", ns_dtype="bfloat16", **kw)
     theirs, _ = run(torch.optim.Muon, w0, grads, adjust_lr_fn=adjust, **kw)
     # torch adds lr*U in one fused op, the engine subtracts a precomputed lr*U: at most an ulp apart

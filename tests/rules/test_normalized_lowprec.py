@@ -1,7 +1,7 @@
 """The normalized rules' momentum stored in bfloat16, in 8-bit blockwise codes and in 4-bit NF4
 codes (``momentum_dtype``): unbiased where rounding to nearest stalls, each step a float64 reference
-from the dequantized momentum, ``"float32"`` equal to ``"auto"`` bit for bit, draws independent
-of the order parameters are stepped in, conversion between forms, and the bytes the memory
+from the dequantized momentum, ``"float32"`` equal to ``"auto"`` bit for bit, draws from the
+group's seed, independent of the order parameters are stepped in, conversion between forms, and the bytes the memory
 model counts. Resume, bfloat16 loads, layer-wise steps and bad values: tests/test_conformance.py;
 FSDP2: tests/test_sharding.py."""
 
@@ -228,6 +228,20 @@ def test_draws_do_not_depend_on_the_order_parameters_are_stepped_in(kind):
         assert torch.equal(a, b)
         for key, value in opt_a.state[a].items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b.state[b][key])), key
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "8bit", "4bit"])
+def test_another_group_seed_draws_other_roundings(kind):
+    grads = gaussians(24, 32, count=2)
+    stored = []
+    for seed in (5, 6):
+        w = torch.nn.Parameter(gaussians(24, 32, count=1, seed=1)[0])
+        opt = lowmem_optim.AuON([w], momentum_dtype=kind, seed=seed)
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        stored.append(opt.state[w][momentum_storage.KEYS[kind][0]])
+    assert not torch.equal(*stored)
 
 
 #: (saved form, resumed form, largest |stored - exact| relative to max |exact|: half a bfloat16
