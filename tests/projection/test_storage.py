@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lowmem_optim import GaLoreAdamW
+from lowmem_optim.projection.base import leading_similarity
 from lowmem_optim.projection.storage import load_basis, store_basis
 
 
@@ -100,3 +101,15 @@ def test_build_optimizer_routes_proj_bits_to_the_low_rank_group():
     state = opt.state[model[0].weight]
     assert "proj_left" not in state and "proj_right" not in state
     assert state["proj_left_codes"].numel() == 64 * 8 // 2  # 64 x 300: the left side (64 x 8), two codes a byte
+
+
+@pytest.mark.parametrize("vector_dim", [1, 0])
+def test_leading_similarity_is_the_cosine_of_the_leading_vectors_whatever_their_norms(vector_dim):
+    """A stored basis is not exactly orthonormal (bf16, INT8/INT4 codes): the |cos| divides by both
+    norms. Leading vectors (2, 0, 0) and -(3, 4, 0): |cos| = 6 / (2 * 5)."""
+    old = torch.tensor([[2.0, 1.0], [0.0, 1.0], [0.0, 1.0]])  # leading vector: column 0
+    new = torch.tensor([[-3.0, 0.0], [-4.0, 0.0], [0.0, 7.0]])
+    if vector_dim == 0:  # a right basis: leading vector is row 0
+        old, new = old.T, new.T
+    assert leading_similarity(old, new, vector_dim) == pytest.approx(0.6)
+    assert leading_similarity(None, new, vector_dim) is None
