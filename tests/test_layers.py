@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("lowmem_optim.projection", "lowmem_optim.rules", "lowmem_optim.schedules", "lowmem_optim.update_forms"),
     (
         "lowmem_optim.parts",
+        "lowmem_optim.finite",
         "lowmem_optim.sharding",
         "lowmem_optim.shapes",
         "lowmem_optim.selection",

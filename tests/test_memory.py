@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lowmem_optim import SCALE, GaLoreAdamW, SinkGD, build_optimizer
+from lowmem_optim.projection import dct
 from lowmem_optim.quant.int8_linear import Int8Weight, quantize_linear_layers
 from lowmem_optim.tools.memory import TrainingSetup, estimate_memory
 from lowmem_optim.tools.memory_optimizer import optimizer_memory
@@ -383,6 +384,32 @@ def test_workspace_of_one_projected_update_is_the_measured_peak(name, kwargs, sh
         weight.grad = torch.randn(shape, dtype=dtype)
         measured = step_peak_above_start(opt)
     predicted = optimizer_memory(name, opt)["workspace"]
+    assert 0 <= measured - predicted <= 64, (measured, predicted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(256, 64), (64, 256)], ids=["right", "left"])
+@pytest.mark.parametrize("fft_threshold", [32, 2048], ids=["fft", "matmul"])
+def test_the_dct_spectrum_and_scores_in_passes_are_the_one_pass_ones_at_the_modelled_peak(
+    monkeypatch, fft_threshold, shape, dtype
+):
+    """Over a few vectors at a time (10 of the 256 per pass here, as 4M values at LLaMA-7B width),
+    the DCT's spectrum and scores are those of one pass, and its refresh's peak is the model's."""
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    dim = 0 if shape[0] < shape[1] else 1
+    whole = dct.dct_spectrum(grad, dim, fft_threshold)
+    whole_scores = dct.scores(whole, dim, "l1")
+    monkeypatch.setattr(dct, "SPECTRUM_CHUNK", 10 * 64)
+    assert torch.equal(dct.dct_spectrum(grad, dim, fft_threshold), whole)
+    torch.testing.assert_close(dct.scores(whole, dim, "l1"), whole_scores, rtol=1e-6, atol=0)
+    model = torch.nn.Sequential(torch.nn.Linear(shape[1], shape[0], bias=False)).to(dtype)
+    opt = build_optimizer(
+        "dct_adamw", model, target_modules="all-linear", rank=8, error_feedback=None, dct_fft_threshold=fft_threshold
+    )
+    for _ in range(2):
+        model[0].weight.grad = grad.clone()
+        measured = step_peak_above_start(opt)
+    predicted = optimizer_memory("dct_adamw", opt)["workspace"]
     assert 0 <= measured - predicted <= 64, (measured, predicted)
 
 

@@ -25,6 +25,7 @@ from lowmem_optim.engine.state_fit import check_state_fits
 from lowmem_optim.engine.state_io import check_same_layout, restore_declared_placement
 from lowmem_optim.engine.statistics import layer_stats, state_bytes
 from lowmem_optim.engine.validation import check_choices, chosen_defaults, hparams_doc, param_label, validate_group
+from lowmem_optim.finite import all_finite
 from lowmem_optim.parts import invalid
 from lowmem_optim.projection.feedback import load_error, store_error
 from lowmem_optim.shapes import is_lowrank_group, matrix_shape, uses_projection
@@ -150,7 +151,7 @@ class ComposedOptimizer(SplitStep, torch.optim.Optimizer):
             state = self.state.get(p, {})
             if entry.parts.schedule.due(state, next_step(state)):
                 shard = row_shard(p, f"parameter {entry.index}")
-                checks.append((entry, shard, torch.isfinite(grad if shard is None else grad.to_local()).all()))
+                checks.append((entry, shard, all_finite(grad if shard is None else grad.to_local())))
         if not checks:
             return
         finite = bool(torch.stack([c[-1] for c in checks]).all())  # the one host read

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lowmem_optim.finite import all_finite
 from lowmem_optim.parts import HParam, Part, SubspaceChange, one_of
 from lowmem_optim.projection.storage import BasisStorage, load_basis, store_basis
 from lowmem_optim.sharding import RowShard, StateLayout
@@ -102,7 +103,7 @@ class MatrixProjector(Part):
     def refresh(
         self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], seed: int, shard: RowShard | None = None
     ) -> SubspaceChange:
-        finite = bool(torch.isfinite(grad).all())
+        finite = bool(all_finite(grad))
         if not (finite if shard is None else not shard.any(not finite)):
             raise FloatingPointError(
                 f"{type(self).__name__}: the gradient holds inf/NaN at a subspace refresh; no subspace can be "

@@ -88,20 +88,49 @@ def projection_basis(d: int, dct_type: int, dtype: torch.dtype, device: torch.de
     return q if dct_type == 2 else q.T
 
 
+#: values per pass of the FFT and of the scores: each vector is transformed (and scored) on its
+#: own, so passes over a few vectors at a time bound their float32 temporaries (about 32 bytes per
+#: value for the FFT) whatever the matrix's size, with the same values
+SPECTRUM_CHUNK = 1 << 22
+
+
+def vectors_per_pass(d: int) -> int:
+    """How many length-``d`` vectors one pass of :func:`dct_spectrum` or :func:`scores` takes."""
+    return max(1, SPECTRUM_CHUNK // d)
+
+
 def dct_spectrum(a: torch.Tensor, dim: int, fft_threshold: int, dct_type: int = 2) -> torch.Tensor:
     """S = Q^T a (dim 0) or a Q (dim 1) for the type's basis Q: for type 2 the DCT-II of ``a``
-    along ``dim`` (C a, a C^T), from an FFT from ``fft_threshold`` on; for type 3 C^T a, a C."""
-    d = a.shape[dim]
+    along ``dim`` (C a, a C^T), from an FFT from ``fft_threshold`` on (over
+    :func:`vectors_per_pass` vectors at a time); for type 3 C^T a, a C."""
+    d, other = a.shape[dim], 1 - dim
     if dct_type == 2 and d >= fft_threshold:
-        return dct_fft(a, dim).to(a.dtype)
+        step, vectors = vectors_per_pass(d), a.shape[other]
+        if vectors <= step:
+            return dct_fft(a, dim).to(a.dtype)
+        spectrum = torch.empty_like(a)
+        for start in range(0, vectors, step):
+            count = min(step, vectors - start)
+            spectrum.narrow(other, start, count).copy_(dct_fft(a.narrow(other, start, count), dim))
+        return spectrum
     basis = projection_basis(d, dct_type, a.dtype, a.device)
     return basis.T @ a if dim == 0 else a @ basis
 
 
 def scores(spectrum: torch.Tensor, dim: int, score: str) -> torch.Tensor:
-    """The L1 norm (or squared L2 norm) of each row (dim 0) / column (dim 1) of the spectrum, float32."""
-    s = spectrum.float()
-    return s.abs().sum(1 - dim) if score == "l1" else s.square().sum(1 - dim)
+    """The L1 norm (or squared L2 norm) of each row (dim 0) / column (dim 1) of the spectrum,
+    float32, summed over :func:`vectors_per_pass` vectors at a time."""
+    other = 1 - dim
+    step, vectors = vectors_per_pass(spectrum.shape[dim]), spectrum.shape[other]
+    total = _vector_scores(spectrum.narrow(other, 0, min(step, vectors)), other, score)
+    for start in range(step, vectors, step):
+        total.add_(_vector_scores(spectrum.narrow(other, start, min(step, vectors - start)), other, score))
+    return total
+
+
+def _vector_scores(part: torch.Tensor, other: int, score: str) -> torch.Tensor:
+    s = part.float()
+    return s.abs().sum(other) if score == "l1" else s.square().sum(other)
 
 
 def top_indices(norms: torch.Tensor, rank: int) -> torch.Tensor:
@@ -150,18 +179,24 @@ class DCTProjector(Part):
         return (shape[0] if left else shape[1]) * group["rank"] * dtype.itemsize  # Q[:, I], gathered on use
 
     def refresh_workspace_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
-        """The spectrum S (m x n in ``dtype``) and the scores' float32 copy of it (in a lower
-        precision), |S| or S^2 and the d scores; from an FFT, before S exists, a float32 copy of
-        G (in a lower precision), the half spectrum (complex64, d/2 + 1 per vector), the full one
-        (complex64), its product with the twiddles (float32 pairs) and their sum (float32)."""
+        """The spectrum S (m x n in ``dtype``) and, per pass of c values (:func:`vectors_per_pass`
+        vectors), the scores' float32 copy of them (in a lower precision), |S| or S^2 and d
+        partial scores, beside the d scores summed so far (from the second pass on); from an FFT,
+        per pass, a float32 copy of G's vectors (in a lower precision), the half spectrum
+        (complex64, d/2 + 1 per vector), the full one (complex64), its product with the twiddles
+        (float32 pairs) and their sum (float32), beside S (allocated first when there are
+        several passes; in one pass, S is the sum's cast, made after the rest is freed)."""
         left, _ = projection_sides(shape, group["proj_type"])
         d = shape[0] if left else shape[1]
-        numel = shape[0] * shape[1]
-        copy = 0 if dtype == torch.float32 else 4 * numel
-        scores = numel * dtype.itemsize + copy + 4 * numel + 4 * d
+        vectors = shape[0] * shape[1] // d
+        step = min(vectors, vectors_per_pass(d))
+        passes, chunk = -(-vectors // step), step * d
+        spectrum = shape[0] * shape[1] * dtype.itemsize
+        copy = 0 if dtype == torch.float32 else 4 * chunk
+        scores = spectrum + copy + 4 * chunk + 4 * d + (4 * d if passes > 1 else 0)
         if group["dct_type"] != 2 or d < group["dct_fft_threshold"]:
             return scores
-        fft = copy + 8 * (numel // d) * (d // 2 + 1) + 8 * numel + 8 * numel + 4 * numel
+        fft = copy + 8 * step * (d // 2 + 1) + 8 * chunk + 8 * chunk + 4 * chunk + (spectrum if passes > 1 else 0)
         return max(scores, fft)
 
     def refresh(

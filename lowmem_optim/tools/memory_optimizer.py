@@ -13,6 +13,7 @@ import torch
 
 from lowmem_optim.engine import ComposedOptimizer, group_parts, matrix_shape, uses_projection
 from lowmem_optim.engine.declarations import Parts
+from lowmem_optim.finite import all_finite_bytes
 from lowmem_optim.layerwise import (
     accumulation_workspace_bytes,
     buffer_bytes,
@@ -53,6 +54,7 @@ def _projected_workspace(p: torch.Tensor, group: dict[str, Any], parts: Parts, s
     from the start (as measured by following every storage, the replaced state's old tensors
     freed as they are replaced: :class:`lowmem_optim.tools.op_count.OpCounter`):
 
+        check           the gradient's finiteness check before a refresh that runs every step
         refresh         (A +) the projector's refresh, where it runs every step (the DCT's spectrum)
         project         the basis the projector regenerates or dequantizes + R
         store E         A + R + P R (float32 or G's dtype) and E_t = A - P R, then E_t and its
@@ -91,6 +93,8 @@ def _projected_workspace(p: torch.Tensor, group: dict[str, Any], parts: Parts, s
         phases.append(held + projected_grad + store)
     phases += [
         held + refresh,
+        # a refresh modelled every step (the DCT's) is preceded by the gradient's finiteness check
+        all_finite_bytes(matrix, dtype) if refresh else 0,
         held + projected_grad + max(parts.rule.workspace_bytes(shape, dtype, group), weight_read),
         held + projected_grad + update + back,
         held + projected_grad + update + full + _int8_chunk_bytes(p),
