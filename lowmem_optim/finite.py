@@ -33,6 +33,5 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
 def all_finite_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """The peak temporaries of :func:`all_finite` on a tensor of ``shape`` and ``dtype``: one
     pass's |t| and three bool tensors."""
-    rows = shape[0] if shape else 1
-    values = math.prod(shape) if rows <= _rows_per_pass(shape) else _rows_per_pass(shape) * math.prod(shape[1:])
-    return values * (dtype.itemsize + 3)
+    rows = min(shape[0], _rows_per_pass(shape)) if shape else 1
+    return rows * math.prod(shape[1:]) * (dtype.itemsize + 3)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -99,18 +100,23 @@ def vectors_per_pass(d: int) -> int:
     return max(1, SPECTRUM_CHUNK // d)
 
 
+def _passes(vectors: int, d: int) -> Iterator[tuple[int, int]]:
+    """(first vector, count) of each pass over ``vectors`` vectors of length ``d``."""
+    step = vectors_per_pass(d)
+    for start in range(0, vectors, step):
+        yield start, min(step, vectors - start)
+
+
 def dct_spectrum(a: torch.Tensor, dim: int, fft_threshold: int, dct_type: int = 2) -> torch.Tensor:
     """S = Q^T a (dim 0) or a Q (dim 1) for the type's basis Q: for type 2 the DCT-II of ``a``
     along ``dim`` (C a, a C^T), from an FFT from ``fft_threshold`` on (over
     :func:`vectors_per_pass` vectors at a time); for type 3 C^T a, a C."""
     d, other = a.shape[dim], 1 - dim
     if dct_type == 2 and d >= fft_threshold:
-        step, vectors = vectors_per_pass(d), a.shape[other]
-        if vectors <= step:
+        if a.shape[other] <= vectors_per_pass(d):
             return dct_fft(a, dim).to(a.dtype)
         spectrum = torch.empty_like(a)
-        for start in range(0, vectors, step):
-            count = min(step, vectors - start)
+        for start, count in _passes(a.shape[other], d):
             spectrum.narrow(other, start, count).copy_(dct_fft(a.narrow(other, start, count), dim))
         return spectrum
     basis = projection_basis(d, dct_type, a.dtype, a.device)
@@ -121,10 +127,11 @@ def scores(spectrum: torch.Tensor, dim: int, score: str) -> torch.Tensor:
     """The L1 norm (or squared L2 norm) of each row (dim 0) / column (dim 1) of the spectrum,
     float32, summed over :func:`vectors_per_pass` vectors at a time."""
     other = 1 - dim
-    step, vectors = vectors_per_pass(spectrum.shape[dim]), spectrum.shape[other]
-    total = _vector_scores(spectrum.narrow(other, 0, min(step, vectors)), other, score)
-    for start in range(step, vectors, step):
-        total.add_(_vector_scores(spectrum.narrow(other, start, min(step, vectors - start)), other, score))
+    passes = _passes(spectrum.shape[other], spectrum.shape[dim])
+    start, count = next(passes)
+    total = _vector_scores(spectrum.narrow(other, start, count), other, score)
+    for start, count in passes:  # each pass's temporaries freed before the next (the model counts one)
+        total.add_(_vector_scores(spectrum.narrow(other, start, count), other, score))
     return total
 
 

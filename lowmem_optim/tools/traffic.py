@@ -98,22 +98,25 @@ def step_bytes(optimizer: torch.optim.Optimizer, world: int, refreshing: dict[to
     """The bytes one rank sends in a step where the parameters in ``refreshing`` choose a subspace
     (``"refresh"`` for their first, ``"later_refresh"`` for a later one) and the others do not:
     the steps of ``stagger`` or of the adaptive schedule, where parameters refresh apart."""
-    per_param = parameter_bytes(optimizer, world)
-    if unknown := [kind for kind in refreshing.values() if kind not in ("refresh", "later_refresh")]:
-        raise ValueError(f"Invalid refreshing: {unknown[0]!r} (allowed: 'refresh', 'later_refresh')")
-    sent = sum(getattr(traffic, refreshing.get(p, "step")) for p, traffic in per_param.items())
-    return sent + (_refresh_check_bytes(world) if refreshing else 0.0)
+    return _step_sum(parameter_bytes(optimizer, world), refreshing, world)
 
 
 def predicted_bytes(optimizer: torch.optim.Optimizer, world: int) -> PredictedTraffic:
     """The bytes one rank sends per plain step, first-refresh step and later-refresh step (every
     projected parameter refreshing together, as without ``stagger``)."""
+    per_param = parameter_bytes(optimizer, world)
     projected = [p for group in optimizer.param_groups for p in group["params"] if uses_projection(p, group)]
-    return PredictedTraffic(
-        step_bytes(optimizer, world, {}),
-        step_bytes(optimizer, world, dict.fromkeys(projected, "refresh")),
-        step_bytes(optimizer, world, dict.fromkeys(projected, "later_refresh")),
-    )
+    every = lambda kind: _step_sum(per_param, dict.fromkeys(projected, kind), world)  # noqa: E731
+    return PredictedTraffic(_step_sum(per_param, {}, world), every("refresh"), every("later_refresh"))
+
+
+def _step_sum(
+    per_param: dict[torch.Tensor, PredictedTraffic], refreshing: dict[torch.Tensor, str], world: int
+) -> float:
+    if unknown := [kind for kind in refreshing.values() if kind not in ("refresh", "later_refresh")]:
+        raise ValueError(f"Invalid refreshing: {unknown[0]!r} (allowed: 'refresh', 'later_refresh')")
+    sent = sum(getattr(traffic, refreshing.get(p, "step")) for p, traffic in per_param.items())
+    return sent + (_refresh_check_bytes(world) if refreshing else 0.0)
 
 
 def _projected_step_bytes(group: dict[str, Any], w: _Projected, world: int) -> float:
